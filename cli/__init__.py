@@ -1,0 +1,1 @@
+"""The `dgo-compile` command line: thin Typer commands over the library."""

@@ -1,0 +1,3 @@
+from dgo_compile.cli.app import main
+
+main()

