@@ -4,7 +4,10 @@ The architecture is google/ddpm-cifar10-32's (4 resolution levels, 2 resnets per
 attention at 16x16) at a quarter of its width, so the block structure mirrors the models
 DiP-GO and Diff-Pruning were published on while one CPU can train it in about an hour.
 
-    python scripts/train_default_model.py --steps 3000 --out runs/mnist_ddpm
+    python scripts/train_default_model.py --steps 3000 --lr 8e-4 --out runs/stage1
+    python scripts/train_default_model.py --steps 2500 --lr 3e-4 --init-from runs/stage1 --out runs/stage2
+
+(the shipped weights are stage 2; recipe.json in the shipped folder records both stages)
 
 writes a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/), the EMA weights
 every --save-every steps (so an interrupted run still leaves a usable model), loss.csv,
@@ -97,13 +100,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/mnist_ddpm"))
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="pipeline folder of an earlier stage to continue from (its EMA weights)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     images, _ = mnist_digits()
-    unet = UNet2DModel(**UNET_CONFIG)
+    unet = UNet2DModel(**UNET_CONFIG) if args.init_from is None else \
+        UNet2DModel.from_pretrained(args.init_from / "unet").train()
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})

@@ -1,0 +1,63 @@
+"""The dgo-compile CLI as a user runs it: real subprocesses, real exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from model_configs import TINY
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_inspect_shipped_model_table():
+    result = run("inspect")
+    assert result.returncode == 0, result.stderr
+    for block in ["down_blocks.0", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.3", "total"]:
+        assert block in result.stdout
+    assert "2,244,609" in result.stdout  # total params of the shipped UNet
+
+
+def test_inspect_json_of_each_family(config_dir):
+    for name in ("sd", "sdxl", "dit", "pixart"):
+        result = run("inspect", config_dir / name / "config.json", "--json")
+        assert result.returncode == 0, (name, result.stderr)
+        data = json.loads(result.stdout)
+        assert data["random_weights"] is True and data["model"] == TINY[name]["_class_name"]
+        gateable = [b for b in data["blocks"] if b["gateable"]]
+        assert gateable and all(b["macs"] > 0 and b["output_shapes"] for b in gateable)
+        assert sum(b["share"] for b in data["blocks"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "runwayml/stable-diffusion-v1-5"], "error: 'runwayml/stable-diffusion-v1-5' is not a local folder"),
+    (["inspect", "/no/such/model"], "error: no such file or folder: /no/such/model"),
+    (["sample", "-n", "0"], "error: -n must be at least 1, got 0"),
+])
+def test_bad_input_is_one_line_and_exit_1(args, message):
+    result = run(*args)
+    assert result.returncode == 1
+    assert result.stderr.strip() == message or result.stderr.strip().startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_sample_refuses_conditional_models(config_dir, tmp_path):
+    result = run("sample", config_dir / "sd" / "config.json", "-o", tmp_path / "g.png")
+    assert result.returncode == 1
+    assert "sample needs an unconditional model; UNet2DConditionModel also takes encoder_hidden_states" in result.stderr
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    result = run("sample", "-n", "4", "--steps", "3", "--seed", "0", "-o", out)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (2 * 32 * 2, 2 * 32 * 2)  # 2x2 grid of 32px tiles, shown at 2x
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temp file left behind
