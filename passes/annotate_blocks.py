@@ -7,11 +7,10 @@ from typing import ClassVar
 
 from torch import fx
 
-from dgo_compile.errors import AnnotationMissingError
 from dgo_compile.families import BlockSpec
 from dgo_compile.tracing import module_path
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, annotate, annotation
 
 META_KEY = "dgo.block"
 
@@ -44,18 +43,12 @@ class AnnotateBlocks(Pass):
             if block is not None:
                 spec = next(b for b in self.config.blocks if b.name == block)
                 unit = _enclosing(path, spec.units)
-            annotation = BlockAnnotation(path, block, unit)
-            if node.meta.get(META_KEY) != annotation:
-                node.meta[META_KEY] = annotation
-                modified = True
+            modified |= annotate(node, META_KEY, BlockAnnotation(path, block, unit))
         return PassResult(graph_module, modified)
 
 
 def block_of(node: fx.Node) -> BlockAnnotation:
-    try:
-        return node.meta[META_KEY]
-    except KeyError:
-        raise AnnotationMissingError(f"node {node.name} has no block annotation: run pass 'annotate_blocks' first") from None
+    return annotation(node, META_KEY, AnnotateBlocks.name)
 
 
 def _enclosing(path: str | None, prefixes) -> str | None:

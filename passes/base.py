@@ -7,13 +7,29 @@ from typing import ClassVar
 
 from torch import fx
 
-from dgo_compile.errors import PassError
+from dgo_compile.errors import AnnotationMissingError, PassError
 
 
 @dataclass(frozen=True)
 class PassResult:
     graph_module: fx.GraphModule
     modified: bool  # measured by the pass, never assumed
+
+
+def annotate(node: fx.Node, key: str, value: object) -> bool:
+    """Write an analysis result into node.meta; returns whether it changed (for `modified`)."""
+    if node.meta.get(key) == value:
+        return False
+    node.meta[key] = value
+    return True
+
+
+def annotation(node: fx.Node, key: str, pass_name: str):
+    """Read an analysis result, or say which pass must run first."""
+    try:
+        return node.meta[key]
+    except KeyError:
+        raise AnnotationMissingError(f"node {node.name} has no '{key}' annotation: run pass '{pass_name}' first") from None
 
 
 class Pass:

@@ -16,9 +16,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from dgo_compile.errors import AnnotationMissingError
-
-from .base import Pass, PassResult
+from .base import Pass, PassResult, annotate, annotation
 
 META_KEY = "dgo.cost"
 aten = torch.ops.aten
@@ -53,24 +51,19 @@ class CountCosts(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            fakes = [torch.empty(s, dtype=d, device=self.config.device) for s, d in zip(self.config.input_shapes, self.config.input_dtypes)]
+            fakes = [torch.empty(shape, dtype=dtype, device=self.config.device)
+                     for shape, dtype in zip(self.config.input_shapes, self.config.input_dtypes)]
         ShapeProp(graph_module, fake_mode=mode).propagate(*fakes)
         params = {name for name, _ in graph_module.named_parameters()}
         modified = False
         for node in graph_module.graph.nodes:
             weight, attention = _macs(node, params)
-            cost = NodeCost(weight, attention, _shape(node))
-            if node.meta.get(META_KEY) != cost:
-                node.meta[META_KEY] = cost
-                modified = True
+            modified |= annotate(node, META_KEY, NodeCost(weight, attention, _shape(node)))
         return PassResult(graph_module, modified)
 
 
 def cost_of(node: fx.Node) -> NodeCost:
-    try:
-        return node.meta[META_KEY]
-    except KeyError:
-        raise AnnotationMissingError(f"node {node.name} has no cost: run pass 'count_costs' first") from None
+    return annotation(node, META_KEY, CountCosts.name)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
