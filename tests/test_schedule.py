@@ -1,0 +1,132 @@
+"""Block schedules: validation, JSON round trip, built-ins, the dependency closure, MACs."""
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dgo_compile import load, trace
+from dgo_compile.cost import analyse, cost_report
+from dgo_compile.schedule import OUTPUT, Schedule, ScheduleError, block_consumers, builtin
+
+UNET = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
+        "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    traced = trace(load(), verify=False)
+    graph_module = analyse(traced)
+    names = tuple(b.name for b in traced.blocks)
+    return traced, names, block_consumers(graph_module, names)
+
+
+def test_unet_consumers_follow_skip_connections(shipped):
+    _, names, consumers = shipped
+    assert names == UNET
+    assert consumers["down_blocks.0"] == {"down_blocks.1", "up_blocks.2", "up_blocks.3"}
+    assert consumers["down_blocks.3"] == {"mid_block", "up_blocks.0"}
+    assert consumers["mid_block"] == {"up_blocks.0"}
+    assert consumers["up_blocks.3"] == {OUTPUT}
+
+
+def test_reusing_the_last_up_block_kills_the_whole_network(shipped):
+    _, names, consumers = shipped
+    row = tuple(n != "up_blocks.3" for n in names)
+    closed = Schedule("x", names, (tuple(True for _ in names), row)).with_closure(consumers)
+    assert closed.compute[1] == tuple(False for _ in names)
+
+
+def test_reusing_mid_block_kills_only_the_deepest_down_block(shipped):
+    _, names, consumers = shipped
+    row = tuple(n not in ("mid_block", "up_blocks.0") for n in names)
+    closed = Schedule("x", names, (tuple(True for _ in names), row)).with_closure(consumers)
+    dead = {n for n, c in zip(names, closed.compute[1]) if not c}
+    assert dead == {"mid_block", "up_blocks.0", "down_blocks.3"}
+
+
+def test_deepcache_schedule_is_the_shallow_path(shipped):
+    _, names, consumers = shipped
+    schedule = builtin("deepcache:3", 7, names).with_closure(consumers)
+    running = [[n for n, c in zip(names, row) if c] for row in schedule.compute]
+    assert running[0] == list(names) and running[3] == list(names) and running[6] == list(names)
+    assert running[1] == running[2] == ["down_blocks.0", "up_blocks.3"]
+    branch1 = builtin("deepcache:2:1", 2, names).with_closure(consumers)
+    assert [n for n, c in zip(names, branch1.compute[1]) if c] == \
+        ["down_blocks.0", "down_blocks.1", "up_blocks.2", "up_blocks.3"]
+
+
+def test_steps_k_computes_k_evenly_spaced_steps():
+    schedule = builtin("steps:10", 50, UNET)
+    computed = [i for i, row in enumerate(schedule.compute) if all(row)]
+    assert computed == list(range(0, 50, 5))
+    assert all(not any(row) for i, row in enumerate(schedule.compute) if i not in computed)
+
+
+def test_kept_macs_per_step(shipped):
+    traced, names, consumers = shipped
+    report = cost_report(traced)
+    block_macs = {r.name: r.cost.macs for r in report.rows if r.gateable}
+    other = report.total.macs - sum(block_macs.values())
+    full = builtin("full", 4, names).kept_macs(block_macs, other)
+    assert full == [report.total.macs] * 4
+    cached = builtin("deepcache:2", 2, names).with_closure(consumers).kept_macs(block_macs, other)
+    assert cached[1] == other + block_macs["down_blocks.0"] + block_macs["up_blocks.3"]
+
+
+@pytest.mark.parametrize("spec, steps, message", [
+    ("fast", 50, "unknown schedule 'fast'; use full, deepcache:N[:branch] or steps:K"),
+    ("steps:60", 50, "steps:K needs 1 <= K <= 50, got 60"),
+    ("deepcache:0", 50, "deepcache interval must be at least 1, got 0"),
+    ("deepcache:3:4", 50, "deepcache branch must be in 0..3, got 4"),
+    ("full", 0, "steps must be at least 1, got 0"),
+])
+def test_bad_specs(spec, steps, message):
+    with pytest.raises(ScheduleError, match=f"^{re.escape(message)}$"):
+        builtin(spec, steps, UNET)
+
+
+def test_deepcache_needs_a_unet():
+    with pytest.raises(ScheduleError, match="deepcache needs a UNet"):
+        builtin("deepcache:2", 10, ("transformer_blocks.0", "transformer_blocks.1"))
+
+
+def test_step_zero_must_compute():
+    with pytest.raises(ScheduleError, match="reuses mid_block at step 0, where no cache exists yet"):
+        Schedule("x", UNET, (tuple(n != "mid_block" for n in UNET),))
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "x", "blocks": ["a"]}, "needs 'name', 'blocks' and 'compute'"),
+    ({"name": "x", "blocks": ["a"], "compute": [[2]]}, "entry 2 is not 0 or 1"),
+    ({"name": "x", "blocks": ["a", "b"], "compute": [[1]]}, "step 0 has 1 entries for 2 blocks"),
+    ({"name": "x", "blocks": ["a"], "compute": []}, "has no steps"),
+])
+def test_invalid_schedule_json(data, message):
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.from_json(data)
+
+
+def test_unreadable_schedule_file(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text("{")
+    with pytest.raises(ScheduleError, match="cannot read schedule .*s.json"):
+        Schedule.load(path)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=1, max_size=12))
+def test_json_round_trip_and_closure_properties(rows):
+    blocks = ("a", "b", "c", "d")
+    rows = [[True] * 4] + rows
+    schedule = Schedule("p", blocks, tuple(map(tuple, rows)))
+    assert Schedule.from_json(json.loads(json.dumps(schedule.to_json()))) == schedule
+    chain = {"a": {"b"}, "b": {"c"}, "c": {"d"}, "d": {OUTPUT}}
+    closed = schedule.with_closure(chain)
+    for before, after in zip(schedule.compute, closed.compute):
+        assert all(b or not a for a, b in zip(after, before))  # closure only ever removes work
+        for i in range(3):  # on a chain, a block runs only if its consumer runs
+            assert not after[i] or after[i + 1]
+    assert closed.with_closure(chain) == closed  # idempotent
