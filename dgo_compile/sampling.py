@@ -32,7 +32,11 @@ def sample_ddim(
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from `noise`; returns images in [-1, 1]."""
+    """Deterministic DDIM (eta = 0) from `noise`; returns images in [-1, 1].
+
+    A denoiser with block caches provides `new_run()`; each batch chunk gets a fresh run, so no
+    cache is ever shared between two sampling runs.
+    """
     if steps < 1:
         raise DgoError(f"steps must be at least 1, got {steps}")
     outputs = []
@@ -40,8 +44,9 @@ def sample_ddim(
         scheduler = DDIMScheduler.from_config(scheduler_config)  # one per run: no state shared between runs
         scheduler.set_timesteps(steps)
         x = chunk.clone()
+        step_fn = denoiser.new_run() if hasattr(denoiser, "new_run") else denoiser
         for t in scheduler.timesteps:
-            eps = denoiser(x, t.expand(x.shape[0]))
+            eps = step_fn(x, t.expand(x.shape[0]))
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
             if progress is not None:
                 progress(len(chunk))

@@ -10,6 +10,9 @@ from torch import fx
 from dgo_compile.errors import AnnotationMissingError, PassError
 
 
+PASSES_RUN = "dgo.passes_run"  # graph_module.meta: names of the passes already run, in order
+
+
 @dataclass(frozen=True)
 class PassResult:
     graph_module: fx.GraphModule
@@ -53,7 +56,7 @@ class PassManager:
         self.passes = list(passes)
 
     def run(self, graph_module: fx.GraphModule) -> PassResult:
-        done: list[str] = []
+        done: list[str] = list(graph_module.meta.get(PASSES_RUN, []))  # earlier runs on this graph count
         modified = False
         for p in self.passes:
             missing = [r for r in p.requires if r not in done]
@@ -68,4 +71,5 @@ class PassManager:
                 raise PassError(f"pass '{p.name}' failed: {exc}") from exc
             graph_module, modified = result.graph_module, modified or result.modified
             done.append(p.name)
+            graph_module.meta[PASSES_RUN] = list(done)
         return PassResult(graph_module, modified)

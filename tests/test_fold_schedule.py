@@ -1,0 +1,121 @@
+"""fold_schedule: reused blocks become cache inputs, dead blocks vanish, numbers stay the same."""
+
+import pytest
+import torch
+
+from dgo_compile import load, trace
+from dgo_compile.cost import analyse
+from dgo_compile.passes import PassManager
+from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig, variant_signature
+from dgo_compile.runtime import fold
+from dgo_compile.sampling import initial_noise, sample_ddim
+from dgo_compile.schedule import builtin
+
+CONV = torch.ops.aten.conv2d.default
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    loaded = load()
+    return loaded, trace(loaded, verify=False)
+
+
+def names(traced):
+    return tuple(b.name for b in traced.blocks)
+
+
+def test_full_schedule_is_bit_identical(shipped):
+    loaded, traced = shipped
+    noise = initial_noise(2, (1, 32, 32), 0)
+    folded = fold(traced, builtin("full", 8, names(traced)))
+    assert len(folded.variants) == 1
+    assert torch.equal(sample_ddim(folded, loaded.scheduler_config, noise, 8),
+                       sample_ddim(traced, loaded.scheduler_config, noise, 8))
+
+
+def test_whole_network_reuse_is_ddim_with_fewer_steps(shipped):
+    # Reusing every block repeats the last noise prediction; with eta 0 and trailing spacing
+    # five DDIM steps on one prediction are one DDIM step five times as large.
+    loaded, traced = shipped
+    noise = initial_noise(3, (1, 32, 32), 1)
+    folded = fold(traced, builtin("steps:10", 50, names(traced)))
+    ddim10 = sample_ddim(traced, loaded.scheduler_config, noise, 10)
+    ours = sample_ddim(folded, loaded.scheduler_config, noise, 50)
+    assert (ours - ddim10).abs().max().item() < 1e-4
+    assert (ours - sample_ddim(traced, loaded.scheduler_config, noise, 50)).abs().max().item() > 1e-2
+
+
+def test_deepcache_shallow_variant_structure(shipped):
+    _, traced = shipped
+    folded = fold(traced, builtin("deepcache:5", 10, names(traced)))
+    full_key, shallow_key = folded.step_variant[0], folded.step_variant[1]
+    shallow = folded.variants[shallow_key]
+    signature = variant_signature(shallow)
+    # The only cached value the shallow path reads is the deep feature entering up_blocks.3.
+    assert signature.cache_inputs == ("cache__up_blocks_2__0",)
+    assert signature.cache_outputs == ()
+    assert variant_signature(folded.variants[full_key]).cache_outputs == ("cache__up_blocks_2__0",)
+    convs = [n for n in shallow.graph.nodes if n.target is CONV]
+    # conv_in, down_blocks.0's 2 resnets x 2 convs (its downsampler only feeds reused/dead blocks,
+    # so it is gone), up_blocks.3's 3 resnets x (2 + skip-concat shortcut), conv_out
+    assert len(convs) == 1 + 4 + 9 + 1
+    assert not any("downsamplers" in str(n.meta.get("nn_module_stack")) for n in convs)
+    used = {n.target for n in shallow.graph.nodes if n.op == "get_attr"}
+    assert not any(t.startswith(("model.down_blocks.1", "model.mid_block", "model.up_blocks.0")) for t in used)
+    assert sum(p.numel() for p in shallow.parameters()) < 0.2 * sum(p.numel() for p in traced.graph_module.parameters())
+
+
+@pytest.mark.parametrize("family, reused", [
+    ("unet2d", {"down_blocks.1", "mid_block", "up_blocks.0"}),
+    ("sd", {"mid_block", "up_blocks.0"}),
+    ("sdxl", {"mid_block"}),
+    ("dit", {"transformer_blocks.1"}),
+])
+def test_fed_its_own_fresh_cache_a_folded_variant_equals_the_full_graph(config_dir, family, reused):
+    traced = trace(load(config_dir / family / "config.json"), verify=False)
+    graph_module = analyse(traced)
+    inputs = tuple(traced.example_inputs(batch=2, seed=3).values())  # batch 2: both halves of a CFG batch
+    exposing = PassManager([FoldSchedule(FoldScheduleConfig(frozenset(), frozenset(reused)))]).run(graph_module)
+    reusing = PassManager([FoldSchedule(FoldScheduleConfig(frozenset(reused), frozenset()))]).run(graph_module)
+    with torch.no_grad():
+        expected = graph_module(*inputs)
+        full_outputs = exposing.graph_module(*inputs)
+        caches = dict(zip(variant_signature(exposing.graph_module).cache_outputs, full_outputs[1:]))
+        signature = variant_signature(reusing.graph_module)
+        actual = reusing.graph_module(*inputs, *(caches[name] for name in signature.cache_inputs))[0]
+    assert signature.cache_inputs
+    assert torch.equal(full_outputs[0], expected)
+    assert (actual - expected).abs().max().item() <= 1e-6
+    assert len(reusing.graph_module.graph.nodes) < len(graph_module.graph.nodes)
+
+
+def test_fold_never_edits_its_input_and_no_op_is_reported(shipped):
+    _, traced = shipped
+    graph_module = analyse(traced)
+    code = graph_module.code
+    result = PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset()))]).run(graph_module)
+    assert result.modified and graph_module.code == code
+    nothing = FoldSchedule(FoldScheduleConfig(frozenset(), frozenset())).call(graph_module)
+    assert nothing.modified is False
+    assert variant_signature(nothing.graph_module).cache_inputs == ()
+
+
+def test_reused_and_exposed_overlap_is_refused(shipped):
+    from dgo_compile import PassError
+
+    _, traced = shipped
+    with pytest.raises(PassError, match="pass 'fold_schedule' failed: block mid_block cannot be both reused and exposed"):
+        PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset({"mid_block"})))]).run(
+            analyse(traced))
+
+
+def test_two_runs_never_share_a_cache(shipped):
+    loaded, traced = shipped
+    folded = fold(traced, builtin("deepcache:3", 6, names(traced)))
+    a, b = folded.new_run(), folded.new_run()
+    inputs = tuple(traced.example_inputs(1).values())
+    a(*inputs)
+    assert a.cache and not b.cache
+    with pytest.raises(KeyError):
+        b.step = 1  # a run that skipped its full step has no cache to read
+        b(*inputs)
