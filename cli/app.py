@@ -72,34 +72,83 @@ def inspect(
 
 
 @app.command()
-def sample(
+def compile(
     model: ModelArg = None,
+    schedule: Annotated[str, typer.Option(help="full, deepcache:N[:branch], steps:K, or a schedule JSON file.")] = "full",
+    steps: Steps = 50,
+    scheduler: Annotated[str, typer.Option(help="Sampler the schedule is folded for.")] = "ddim",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Artifact folder to write.")] = Path("artifact"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder.")] = False,
+) -> None:
+    """Fold a block schedule into static graphs and export them as an ONNX artifact."""
+    from dgo_compile import load, trace
+    from dgo_compile.artifact import compile_artifact
+    from dgo_compile.schedule import Schedule, builtin
+
+    if scheduler != "ddim":
+        raise DgoError(f"scheduler '{scheduler}' is not supported yet; use ddim")
+    loaded = load(model)
+    if loaded.scheduler_config is None:
+        raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
+    traced = trace(loaded)
+    names = tuple(b.name for b in traced.blocks)
+    plan = Schedule.load(schedule) if schedule.endswith(".json") else builtin(schedule, steps, names)
+    with err.status(f"compiling {plan.name} ({plan.steps} steps)"):
+        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite)
+    from dgo_compile.artifact import read_manifest
+
+    macs = read_manifest(path)["macs"]
+    out.print(f"wrote {path}: {len(read_manifest(path)['variants'])} graphs, "
+              f"{macs['total'] / macs['full_total']:.1%} of the full model's MACs per run")
+
+
+@app.command()
+def sample(
+    source: Annotated[Optional[Path], typer.Argument(
+        help="An artifact folder from `compile`, or a model (default: the shipped MNIST model).",
+        show_default=False)] = None,
     n: Annotated[int, typer.Option("-n", help="Number of images.")] = 16,
     seed: Seed = 0,
-    steps: Steps = 50,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (an artifact fixes them).")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write.")] = Path("grid.png"),
 ) -> None:
-    """Sample a grid of images with DDIM through the traced graph of an unconditional model."""
+    """Sample a grid of images with DDIM, from an artifact on onnxruntime or a model's traced graph."""
     from rich.progress import Progress
 
-    from dgo_compile import load, trace
     from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
 
     if n < 1:
         raise DgoError(f"-n must be at least 1, got {n}")
-    loaded = load(model)
+    denoiser, scheduler_config, shape, steps = _denoiser(source, steps)
+    noise = initial_noise(n, shape, seed)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("sampling", total=n * steps)
+        images = sample_ddim(denoiser, scheduler_config, noise, steps,
+                             progress=lambda k: progress.advance(task, k))
+    out.print(f"wrote {save_grid(images, output)} ({n} images, DDIM {steps} steps, seed {seed})")
+
+
+def _denoiser(source: Path | None, steps: int | None):
+    """(denoiser, scheduler config, sample shape, steps) for an artifact folder or a model."""
+    from dgo_compile import load, trace
+
+    if source is not None and (source / "manifest.json").is_file():
+        from dgo_compile.artifact import OrtArtifact
+
+        artifact = OrtArtifact.open(source)
+        if steps is not None and steps != artifact.steps:
+            raise DgoError(f"{source} was compiled for {artifact.steps} steps, not {steps}; "
+                           f"drop --steps or recompile with --steps {steps}")
+        sample_spec = next(i for i in artifact.manifest["inputs"] if i["name"] == "sample")
+        return artifact, artifact.manifest["scheduler"]["config"], tuple(sample_spec["shape"][1:]), artifact.steps
+    loaded = load(source)
     traced = trace(loaded)
     if traced.input_names != ("sample", "timestep"):
         raise DgoError(f"sample needs an unconditional model; {loaded.class_name} also takes "
                        f"{', '.join(traced.input_names[2:])}")
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
-    noise = initial_noise(n, tuple(traced.example_inputs(1)["sample"].shape[1:]), seed)
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("sampling", total=n * steps)
-        images = sample_ddim(traced, loaded.scheduler_config, noise, steps,
-                             progress=lambda k: progress.advance(task, k))
-    out.print(f"wrote {save_grid(images, output)} ({n} images, DDIM {steps} steps, seed {seed})")
+    return traced, loaded.scheduler_config, tuple(traced.example_inputs(1)["sample"].shape[1:]), steps or 50
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ class ExportError(DgoError):
 
 
 def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], path: str | Path,
-                opset: int = 20) -> Path:
+                output_names: tuple[str, ...] = ("prediction",), opset: int = 20) -> Path:
     """Export `graph_module` to `path`; every input's dim 0 is the dynamic batch.
 
     The example batch must be at least 2: export specialises a batch of 1 to a constant.
@@ -31,9 +33,12 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
     try:
         wrapper = _Positional(graph_module)
-        program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamic_shapes=dynamic, dynamo=True,
-                                    input_names=list(inputs), output_names=["prediction"], opset_version=opset,
-                                    external_data=False, verbose=False)
+        with warnings.catch_warnings():  # the exporter's deprecation and torchvision chatter
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamic_shapes=dynamic, dynamo=True,
+                                        input_names=list(inputs), output_names=list(output_names),
+                                        opset_version=opset, external_data=False, verbose=False)
         program.save(str(tmp / path.name))
         os.replace(tmp / path.name, path)
     except ExportError:

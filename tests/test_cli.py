@@ -61,3 +61,25 @@ def test_sample_writes_a_grid(tmp_path):
     image = Image.open(out)
     assert image.size == (2 * 32 * 2, 2 * 32 * 2)  # 2x2 grid of 32px tiles, shown at 2x
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temp file left behind
+
+
+def test_compile_then_sample_the_artifact(tmp_path):
+    artifact = tmp_path / "artifact"
+    result = run("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
+    assert result.returncode == 0, result.stderr
+    assert "2 graphs" in result.stdout and (artifact / "manifest.json").is_file()
+    again = run("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
+    assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
+    wrong_steps = run("sample", artifact, "--steps", "5", "-o", tmp_path / "g.png")
+    assert wrong_steps.returncode == 1
+    assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with --steps 5")
+    sampled = run("sample", artifact, "-n", "2", "-o", tmp_path / "g.png")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "DDIM 4 steps" in sampled.stdout and (tmp_path / "g.png").is_file()
+
+
+def test_compile_bad_schedule_leaves_no_artifact(tmp_path):
+    result = run("compile", "--schedule", "deepcache:0", "--steps", "4", "-o", tmp_path / "a")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: deepcache interval must be at least 1, got 0"
+    assert list(tmp_path.iterdir()) == []
