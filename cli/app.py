@@ -94,7 +94,8 @@ def compile(
     names = tuple(b.name for b in traced.blocks)
     plan = Schedule.load(schedule) if schedule.endswith(".json") else builtin(schedule, steps, names)
     with err.status(f"compiling {plan.name} ({plan.steps} steps)"):
-        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite)
+        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
+                                model_source=str(loaded.source.resolve()))
     from dgo_compile.artifact import read_manifest
 
     macs = read_manifest(path)["macs"]
@@ -126,6 +127,54 @@ def sample(
         images = sample_ddim(denoiser, scheduler_config, noise, steps,
                              progress=lambda k: progress.advance(task, k))
     out.print(f"wrote {save_grid(images, output)} ({n} images, DDIM {steps} steps, seed {seed})")
+
+
+@app.command()
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder from `compile`.")],
+    against: Annotated[Optional[Path], typer.Option(
+        help="Unpruned artifact to compare with. Default: compile `full` from the artifact's model.")] = None,
+    batch: Annotated[int, typer.Option(help="Images per sampling run.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs of each artifact (the median is reported).")] = 5,
+) -> None:
+    """Median wall time of a whole sampling run against the unpruned model on the same provider and batch."""
+    import tempfile
+
+    from dgo_compile.artifact import OrtArtifact, read_manifest
+    from dgo_compile.bench import bench_artifacts
+
+    manifest = read_manifest(artifact)
+    with tempfile.TemporaryDirectory() as tmp:
+        if against is None:
+            source = manifest["model"].get("source")
+            if not source:
+                raise DgoError(f"{artifact} does not record its model; pass --against FULL_ARTIFACT")
+            from dgo_compile import load, trace
+            from dgo_compile.artifact import compile_artifact
+            from dgo_compile.schedule import builtin
+
+            loaded = load(source)
+            traced = trace(loaded)
+            with err.status("compiling the unpruned baseline"):
+                against = compile_artifact(traced, builtin("full", manifest["scheduler"]["steps"],
+                                                           tuple(b.name for b in traced.blocks)),
+                                           manifest["scheduler"]["config"], Path(tmp) / "full", model_source=source)
+        artifacts = {"compiled": OrtArtifact.open(artifact), "full": OrtArtifact.open(against)}
+        if artifacts["full"].steps != artifacts["compiled"].steps:
+            raise DgoError(f"{against} runs {artifacts['full'].steps} steps and {artifact} {artifacts['compiled'].steps}; "
+                           "compare artifacts compiled for the same step count")
+        with err.status(f"timing {repeats} runs of each at batch {batch}"):
+            result = bench_artifacts(artifacts, batch, repeats)
+    provider = artifacts["compiled"].sessions[0].get_providers()[0]
+    table = Table(title=f"{artifact}: {manifest['schedule']['name']}, {manifest['scheduler']['steps']} steps, "
+                        f"batch {batch}, {provider}")
+    for col in ("artifact", "median s/run", "MACs/run", "speedup", "theoretical", "realised/theoretical"):
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    for label in ("full", "compiled"):
+        speedup, theory = result.speedup(label, "full"), result.theoretical(label, "full")
+        table.add_row(label, f"{result.seconds[label]:.3f}", _gb(result.macs[label]), f"{speedup:.2f}x",
+                      f"{theory:.2f}x", f"{speedup / theory:.2f}")
+    out.print(table)
 
 
 def _denoiser(source: Path | None, steps: int | None):

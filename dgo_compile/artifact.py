@@ -38,7 +38,7 @@ class ArtifactError(DgoError):
 
 
 def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_config: dict, output: str | Path,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, model_source: str | None = None) -> Path:
     """Fold `schedule`, export each variant to ONNX and write the artifact folder at `output`."""
     output = Path(output)
     if output.exists() and not overwrite:
@@ -70,7 +70,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
                              "cache_outputs": list(signature.cache_outputs)})
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dgo_compile": __version__,
-            "model": {"class": type(traced.model).__name__, "family": traced.family.name},
+            "model": {"class": type(traced.model).__name__, "family": traced.family.name, "source": model_source},
             "inputs": [{"name": k, "shape": ["batch", *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in example.items()],
             "scheduler": {"steps": schedule.steps, "config": dict(scheduler_config)},

@@ -83,3 +83,14 @@ def test_compile_bad_schedule_leaves_no_artifact(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "error: deepcache interval must be at least 1, got 0"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_compares_with_the_unpruned_model(tmp_path):
+    artifact = tmp_path / "artifact"
+    assert run("compile", "--schedule", "steps:2", "--steps", "4", "-o", artifact).returncode == 0
+    result = run("bench", artifact, "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
+    assert set(rows) >= {"full", "compiled"}
+    assert "2.00x" in rows["compiled"].split("│")[5]  # steps:2 of 4: half the MACs, exactly
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # the baseline lived in a temp dir
