@@ -22,6 +22,7 @@ import torch
 
 from . import __version__
 from .cost import cost_report
+from .passes import cost_of
 from .errors import DgoError
 from .export import export_onnx
 from .runtime import fold
@@ -44,10 +45,11 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     if output.exists() and not overwrite:
         raise ArtifactError(f"{output} already exists; pass --overwrite or choose another -o")
     folded = fold(traced, schedule)
-    report = cost_report(traced, batch=1)
-    block_macs = {r.name: r.cost.macs for r in report.rows if r.gateable}
-    other = report.total.macs - sum(block_macs.values())
-    step_macs = folded.schedule.kept_macs(block_macs, other)
+    full_macs = cost_report(traced, batch=1).total.macs
+    # Exact per-variant MACs: what is left in each folded graph (the stem of a fully reused step is gone too).
+    variant_macs = {key: sum(cost_of(n).macs for n in gm.graph.nodes if n.op == "call_function")
+                    for key, gm in folded.variants.items()}
+    step_macs = [variant_macs[key] for key in folded.step_variant]
     example = traced.example_inputs(batch=2)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
                        for k, v in example.items()],
             "scheduler": {"steps": schedule.steps, "config": dict(scheduler_config)},
             "schedule": folded.schedule.to_json(),
-            "macs": {"per_step": step_macs, "total": sum(step_macs), "full_total": report.total.macs * schedule.steps},
+            "macs": {"per_step": step_macs, "total": sum(step_macs), "full_total": full_macs * schedule.steps},
             "variants": variants,
             "steps": [order.index(key) for key in folded.step_variant],
         }
