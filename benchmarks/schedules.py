@@ -1,0 +1,124 @@
+"""Built-in block schedules on the shipped model: cost, onnxruntime CPU speed and quality.
+
+    python benchmarks/schedules.py          # ~20 min on 2 CPU cores
+
+For `full`, `deepcache:2/3/5` and `steps:K` at the MACs of each deepcache (DDIM 50 steps):
+MACs per run, median whole-run wall time at batch 1 and 8 on onnxruntime CPU (all artifacts timed
+round-robin in one process), speedup against `full`, realised / theoretical; PyTorch eager running
+the same schedule for comparison; PSNR / SSIM against `full` from the same noise and the
+Frechet distance of N samples against N real digits; and ORT-vs-PyTorch whole-run parity.
+Writes results/schedules.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+from dgo_compile import __version__, load, trace
+from dgo_compile.artifact import OrtArtifact, compile_artifact
+from dgo_compile.bench import time_runs
+from dgo_compile.data import mnist_digits
+from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.runtime import fold
+from dgo_compile.sampling import initial_noise, sample_ddim
+from dgo_compile.schedule import builtin
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("-n", type=int, default=500, help="samples per schedule for quality")
+    parser.add_argument("--seed", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    loaded = load()
+    traced = trace(loaded)
+    names = tuple(b.name for b in traced.blocks)
+    config = loaded.scheduler_config
+    shape = (1, 32, 32)
+    options = ort.SessionOptions()
+    classifier = load_digit_classifier()
+    real, _ = mnist_digits()
+    real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.n]]
+    real_features = classifier_features(real, classifier)
+    options.intra_op_num_threads = args.threads
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {}
+
+        def compile_spec(spec: str) -> None:
+            path = compile_artifact(traced, builtin(spec, args.steps, names), config, Path(tmp) / spec.replace(":", "_"))
+            artifacts[spec] = OrtArtifact.open(path, ["CPUExecutionProvider"], args.threads)
+
+        for spec in ("full", "deepcache:2", "deepcache:3", "deepcache:5"):
+            compile_spec(spec)
+        full_macs = artifacts["full"].manifest["macs"]["total"]
+        for spec in ("deepcache:2", "deepcache:3", "deepcache:5"):
+            k = round(args.steps * artifacts[spec].manifest["macs"]["total"] / full_macs)
+            if f"steps:{k}" not in artifacts:
+                compile_spec(f"steps:{k}")
+
+        timing = {b: time_runs(artifacts, config, shape, args.steps, b, args.repeats) for b in (1, 8)}
+        torch_schedules = {spec: fold(traced, builtin(spec, args.steps, names)) for spec in artifacts}
+        eager_batch8 = time_runs(torch_schedules, config, shape, args.steps, 8, max(1, args.repeats // 2))
+
+        noise = initial_noise(args.n, shape, args.seed)
+        samples = {spec: sample_ddim(a, config, noise, args.steps, 100) for spec, a in artifacts.items()}
+        parity_noise = noise[:8]
+        parity = {spec: (sample_ddim(torch_schedules[spec], config, parity_noise, args.steps)
+                         - samples[spec][:8]).abs().max().item() for spec in artifacts}
+
+    rows = []
+    for spec, artifact in artifacts.items():
+        macs = artifact.manifest["macs"]["total"]
+        row = {"schedule": spec, "macs_per_run": macs, "macs_ratio": macs / full_macs,
+               "theoretical_speedup": full_macs / macs,
+               "psnr_vs_full": float(psnr(samples[spec], samples["full"]).clamp(max=100).mean()),
+               "ssim_vs_full": float(ssim(samples[spec], samples["full"]).mean()),
+               "fd_vs_real": frechet_distance(classifier_features(samples[spec], classifier), real_features),
+               "ort_vs_torch_max_abs_diff": parity[spec],
+               "torch_eager_seconds_batch8": eager_batch8[spec]}
+        for b in (1, 8):
+            row[f"ort_seconds_batch{b}"] = timing[b][spec]
+            row[f"speedup_batch{b}"] = timing[b]["full"] / timing[b][spec]
+            row[f"realised_over_theoretical_batch{b}"] = row[f"speedup_batch{b}"] / row["theoretical_speedup"]
+        rows.append(row)
+
+    meta = {"dgo_compile": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "threads": args.threads, "steps": args.steps, "sampler": "DDIM eta 0, trailing spacing",
+            "n_quality_samples": args.n, "noise_seed": args.seed, "repeats": args.repeats}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "schedules.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["# Built-in schedules on the shipped model (DDIM 50, onnxruntime CPU)", "",
+             f"Reproduce: `python benchmarks/schedules.py` (torch {torch.__version__}, onnxruntime {ort.__version__}, "
+             f"{args.threads} threads, median of {args.repeats} whole runs, artifacts timed round-robin).", "",
+             "| schedule | MACs | theory | b1 s/run | b1 speedup | b1 real/theory | b8 s/run | b8 speedup | "
+             "b8 real/theory | eager b8 s/run | PSNR vs full | SSIM vs full | FD | ORT-torch diff |",
+             "|" + "---|" * 14]
+    for r in rows:
+        lines.append(
+            f"| {r['schedule']} | {r['macs_ratio']:.1%} | {r['theoretical_speedup']:.2f}x | {r['ort_seconds_batch1']:.2f} | "
+            f"{r['speedup_batch1']:.2f}x | {r['realised_over_theoretical_batch1']:.2f} | {r['ort_seconds_batch8']:.2f} | "
+            f"{r['speedup_batch8']:.2f}x | {r['realised_over_theoretical_batch8']:.2f} | "
+            f"{r['torch_eager_seconds_batch8']:.2f} | {r['psnr_vs_full']:.1f} | {r['ssim_vs_full']:.3f} | "
+            f"{r['fd_vs_real']:.1f} | {r['ort_vs_torch_max_abs_diff']:.1e} |")
+    lines += ["", f"FD: {args.n} samples vs {args.n} real digits on the shipped classifier's features; "
+              "the real-vs-real floor at this n is in results/shipped_model.md. PSNR is capped at 100 dB "
+              "(identical images)."]
+    (RESULTS / "schedules.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
