@@ -154,16 +154,11 @@ def _unet2d_cond_names(model):
     return tuple(names)
 
 
-def _make_unet2d_cond_call(model):
-    names = _unet2d_cond_names(model)
-
-    def call(m, *inputs):
-        given = dict(zip(names, inputs))
-        added = {"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]} if "text_embeds" in given else None
-        return m(given["sample"], given["timestep"], given["encoder_hidden_states"],
+def _unet2d_cond_call(model, *inputs):
+    given = dict(zip(_unet2d_cond_names(model), inputs))
+    added = {"text_embeds": given["text_embeds"], "time_ids": given["time_ids"]} if "text_embeds" in given else None
+    return model(given["sample"], given["timestep"], given["encoder_hidden_states"],
                  class_labels=given.get("class_labels"), added_cond_kwargs=added, return_dict=False)[0]
-
-    return call
 
 
 def _unet2d_cond_example(model, batch, gen):
@@ -174,8 +169,8 @@ def _unet2d_cond_example(model, batch, gen):
         n_time_ids = 6  # SDXL: original size, crop top-left, target size
         text_dim = cfg.projection_class_embeddings_input_dim - n_time_ids * cfg.addition_time_embed_dim
         inputs["text_embeds"] = torch.randn(batch, text_dim, generator=gen)
-        inputs["time_ids"] = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8] for h, w in [_size(cfg.sample_size)]] * batch,
-                                          dtype=torch.float32)
+        h, w = (8 * side for side in _size(cfg.sample_size))  # pixel size: 8x the latent
+        inputs["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]] * batch, dtype=torch.float32)
     if _has_class_labels(model):
         inputs["class_labels"] = _class_labels(model, batch, gen)
     return inputs
@@ -219,8 +214,8 @@ FAMILIES: dict[str, Family] = {
     f.model_class.__name__: f
     for f in (
         Family("unet2d", UNet2DModel, _unet2d_names, _unet2d_call, _unet2d_example, _unet_blocks),
-        Family("unet2d_condition", UNet2DConditionModel, _unet2d_cond_names,
-               lambda m, *xs: _make_unet2d_cond_call(m)(m, *xs), _unet2d_cond_example, _unet_blocks),
+        Family("unet2d_condition", UNet2DConditionModel, _unet2d_cond_names, _unet2d_cond_call,
+               _unet2d_cond_example, _unet_blocks),
         Family("dit", DiTTransformer2DModel, lambda m: ("sample", "timestep", "class_labels"), _dit_call,
                _dit_example, _transformer_blocks),
         Family("pixart", PixArtTransformer2DModel, _pixart_names, _pixart_call, _pixart_example, _transformer_blocks),
