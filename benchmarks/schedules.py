@@ -23,7 +23,7 @@ import torch
 from dgo_compile import __version__, load, trace
 from dgo_compile.artifact import OrtArtifact, compile_artifact
 from dgo_compile.bench import time_runs
-from dgo_compile.data import mnist_digits
+from dgo_compile.data import real_digit_sample
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.runtime import fold
 from dgo_compile.sampling import initial_noise, sample_ddim
@@ -49,8 +49,7 @@ def main() -> None:
     shape = (1, 32, 32)
     options = ort.SessionOptions()
     classifier = load_digit_classifier()
-    real, _ = mnist_digits()
-    real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.n]]
+    real = real_digit_sample(args.n, args.seed)
     real_features = classifier_features(real, classifier)
     options.intra_op_num_threads = args.threads
 

@@ -25,7 +25,7 @@ import torch
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.cost import cost_report
-from dgo_compile.data import mnist_digits
+from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
 from dgo_compile.metrics import DEFAULT_CLASSIFIER_DIR, classifier_features, frechet_distance, load_digit_classifier
 from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
@@ -63,8 +63,7 @@ def main() -> None:
     save_grid(samples[:64], RESULTS / "shipped_model_samples.png")
 
     classifier = load_digit_classifier()
-    real, _ = mnist_digits()
-    real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[: args.n]]
+    real = real_digit_sample(args.n, args.seed)
     fd = frechet_distance(classifier_features(samples, classifier), classifier_features(real, classifier))
     with torch.no_grad():
         probs = torch.softmax(classifier(samples), dim=1)

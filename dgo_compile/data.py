@@ -33,3 +33,9 @@ def mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.nn.functional.pad(images, (4, 4, 4, 4))
         labels = digits.target
     return images * 2.0 - 1.0, torch.from_numpy(np.asarray(labels)).long()
+
+
+def real_digit_sample(n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of n real digits: the reference set for Frechet distances."""
+    images, _ = mnist_digits()
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
