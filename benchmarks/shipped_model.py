@@ -75,7 +75,7 @@ def main() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(traced.graph_module, traced.example_inputs(2), Path(tmp) / "denoiser.onnx")
+        onnx_path = export_onnx(traced.graph_module, traced.example_inputs(2), Path(tmp) / "denoiser.onnx")[0]
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         for batch in (1, 8):
             inputs = traced.example_inputs(batch)

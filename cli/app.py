@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -76,31 +77,44 @@ def compile(
     model: ModelArg = None,
     schedule: Annotated[str, typer.Option(help="full, deepcache:N[:branch], steps:K, or a schedule JSON file.")] = "full",
     steps: Steps = 50,
-    scheduler: Annotated[str, typer.Option(help="Sampler the schedule is folded for.")] = "ddim",
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="Sampler the schedule is folded for: ddim, ddpm, pndm, heun, euler, dpm. Default: the model's.")] = None,
+    granularity: Annotated[str, typer.Option(help="Gate blocks, or the units (resnets, attentions, samplers) "
+                                                  "inside them.")] = "block",
+    guidance_scale: Annotated[Optional[float], typer.Option(
+        help="Classifier-free guidance scale recorded for sampling a conditional model.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Artifact folder to write.")] = Path("artifact"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder.")] = False,
+    dump_dir: Annotated[Optional[Path], typer.Option(help="Write the graph after every pass into this folder.")] = None,
 ) -> None:
     """Fold a block schedule into static graphs and export them as an ONNX artifact."""
     from dgo_compile import load, trace
-    from dgo_compile.artifact import compile_artifact
+    from dgo_compile.artifact import compile_artifact, read_manifest
+    from dgo_compile.runtime import gateable_elements
+    from dgo_compile.sampling import denoiser_timesteps
     from dgo_compile.schedule import Schedule, builtin
 
-    if scheduler != "ddim":
-        raise DgoError(f"scheduler '{scheduler}' is not supported yet; use ddim")
+    if granularity not in ("block", "unit"):
+        raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
     loaded = load(model)
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
     traced = trace(loaded)
-    names = tuple(b.name for b in traced.blocks)
-    plan = Schedule.load(schedule) if schedule.endswith(".json") else builtin(schedule, steps, names)
-    with err.status(f"compiling {plan.name} ({plan.steps} steps)"):
+    calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
+    if schedule.endswith(".json"):
+        plan = Schedule.load(schedule)
+    else:
+        plan = builtin(schedule, calls, gateable_elements(traced, "block"))
+        if granularity == "unit":
+            plan = plan.for_units({b.name: b.units for b in traced.blocks})
+    with err.status(f"compiling {plan.name} ({plan.steps} denoiser calls)"):
         path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
-                                model_source=str(loaded.source.resolve()))
-    from dgo_compile.artifact import read_manifest
-
-    macs = read_manifest(path)["macs"]
-    out.print(f"wrote {path}: {len(read_manifest(path)['variants'])} graphs, "
-              f"{macs['total'] / macs['full_total']:.1%} of the full model's MACs per run")
+                                model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
+                                guidance_scale=guidance_scale, dump_dir=dump_dir)
+    manifest = read_manifest(path)
+    macs = manifest["macs"]
+    out.print(f"wrote {path}: {len(manifest['variants'])} graphs for {manifest['scheduler']['name']} "
+              f"{steps} steps, {macs['total'] / macs['full_total']:.1%} of the full model's MACs per run")
 
 
 @app.command()
@@ -111,22 +125,37 @@ def sample(
     n: Annotated[int, typer.Option("-n", help="Number of images.")] = 16,
     seed: Seed = 0,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps (an artifact fixes them).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="ddim, ddpm, pndm, heun, euler or dpm (an artifact fixes it). Default: the model's.")] = None,
+    class_label: Annotated[Optional[list[int]], typer.Option(
+        help="Class of each image for class-conditional models (repeat the option; cycled over -n).")] = None,
+    prompt_embeds: Annotated[Optional[Path], typer.Option(
+        help="safetensors of condition inputs by name (e.g. encoder_hidden_states), and uncond.<name> "
+             "for guidance.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(
+        help="Classifier-free guidance scale. Default: the artifact's, else none.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write.")] = Path("grid.png"),
 ) -> None:
-    """Sample a grid of images with DDIM, from an artifact on onnxruntime or a model's traced graph."""
+    """Sample a grid of images, from an artifact on onnxruntime or a model's traced graph."""
     from rich.progress import Progress
 
-    from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
+    from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample, save_grid
 
     if n < 1:
         raise DgoError(f"-n must be at least 1, got {n}")
-    denoiser, scheduler_config, shape, steps = _denoiser(source, steps)
-    noise = initial_noise(n, shape, seed)
+    target = _sampling_target(source, steps, scheduler)
+    guidance_scale = guidance_scale if guidance_scale is not None else target.guidance_scale
+    conditions, guidance = conditions_for(target.input_names, n, class_label, prompt_embeds, guidance_scale,
+                                          target.null_class_label)
+    noise = initial_noise(n, target.shape, seed)
+    calls = len(denoiser_timesteps(target.scheduler_config, target.steps, target.scheduler))
     with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("sampling", total=n * steps)
-        images = sample_ddim(denoiser, scheduler_config, noise, steps,
-                             progress=lambda k: progress.advance(task, k))
-    out.print(f"wrote {save_grid(images, output)} ({n} images, DDIM {steps} steps, seed {seed})")
+        task = progress.add_task("sampling", total=n * calls)
+        images = sample(target.denoiser, target.scheduler_config, noise, target.steps, scheduler=target.scheduler,
+                        conditions=conditions, guidance=guidance, seed=seed,
+                        progress=lambda k: progress.advance(task, k))
+    name = target.scheduler or target.scheduler_config.get("_class_name", "ddim")
+    out.print(f"wrote {save_grid(images[:, :3], output)} ({n} images, {name} {target.steps} steps, seed {seed})")
 
 
 @app.command()
@@ -156,13 +185,17 @@ def bench(
             loaded = load(source)
             traced = trace(loaded)
             with err.status("compiling the unpruned baseline"):
-                against = compile_artifact(traced, builtin("full", manifest["scheduler"]["steps"],
-                                                           tuple(b.name for b in traced.blocks)),
-                                           manifest["scheduler"]["config"], Path(tmp) / "full", model_source=source)
+                calls = manifest["scheduler"]["calls"]
+                against = compile_artifact(traced, builtin("full", calls, tuple(b.name for b in traced.blocks)),
+                                           manifest["scheduler"]["config"], Path(tmp) / "full", model_source=source,
+                                           scheduler=manifest["scheduler"]["name"],
+                                           sampler_steps=manifest["scheduler"]["steps"])
         artifacts = {"compiled": OrtArtifact.open(artifact), "full": OrtArtifact.open(against)}
-        if artifacts["full"].steps != artifacts["compiled"].steps:
-            raise DgoError(f"{against} runs {artifacts['full'].steps} steps and {artifact} {artifacts['compiled'].steps}; "
-                           "compare artifacts compiled for the same step count")
+        samplers = {label: (a.manifest["scheduler"]["name"], a.steps) for label, a in artifacts.items()}
+        if samplers["full"] != samplers["compiled"]:
+            raise DgoError(f"{against} is compiled for {samplers['full'][0]} {samplers['full'][1]} steps and {artifact} "
+                           f"for {samplers['compiled'][0]} {samplers['compiled'][1]}; compare artifacts compiled for "
+                           "the same sampler and step count")
         with err.status(f"timing {repeats} runs of each at batch {batch}"):
             result = bench_artifacts(artifacts, batch, repeats)
     provider = artifacts["compiled"].sessions[0].get_providers()[0]
@@ -177,27 +210,45 @@ def bench(
     out.print(table)
 
 
-def _denoiser(source: Path | None, steps: int | None):
-    """(denoiser, scheduler config, sample shape, steps) for an artifact folder or a model."""
+@dataclass
+class _SamplingTarget:
+    denoiser: object
+    scheduler_config: dict
+    scheduler: str | None
+    steps: int
+    shape: tuple[int, ...]
+    input_names: tuple[str, ...]
+    guidance_scale: float | None = None
+    null_class_label: int | None = None
+
+
+def _sampling_target(source: Path | None, steps: int | None, scheduler: str | None) -> _SamplingTarget:
+    """What `sample` runs: an artifact on onnxruntime (sampler fixed by it) or a model's traced graph."""
     from dgo_compile import load, trace
 
     if source is not None and (source / "manifest.json").is_file():
         from dgo_compile.artifact import OrtArtifact
 
         artifact = OrtArtifact.open(source)
+        manifest = artifact.manifest
         if steps is not None and steps != artifact.steps:
             raise DgoError(f"{source} was compiled for {artifact.steps} steps, not {steps}; "
                            f"drop --steps or recompile with --steps {steps}")
-        sample_spec = next(i for i in artifact.manifest["inputs"] if i["name"] == "sample")
-        return artifact, artifact.manifest["scheduler"]["config"], tuple(sample_spec["shape"][1:]), artifact.steps
+        if scheduler is not None and scheduler != manifest["scheduler"]["name"]:
+            raise DgoError(f"{source} was compiled for the {manifest['scheduler']['name']} sampler, not {scheduler}; "
+                           f"drop --scheduler or recompile with --scheduler {scheduler}")
+        spec = {i["name"]: i for i in manifest["inputs"]}
+        guidance = manifest.get("guidance") or {}
+        return _SamplingTarget(artifact, manifest["scheduler"]["config"], manifest["scheduler"]["name"], artifact.steps,
+                               tuple(spec["sample"]["shape"][1:]), tuple(spec), guidance.get("scale"),
+                               manifest["model"].get("null_class_label"))
     loaded = load(source)
     traced = trace(loaded)
-    if traced.input_names != ("sample", "timestep"):
-        raise DgoError(f"sample needs an unconditional model; {loaded.class_name} also takes "
-                       f"{', '.join(traced.input_names[2:])}")
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
-    return traced, loaded.scheduler_config, tuple(traced.example_inputs(1)["sample"].shape[1:]), steps or 50
+    return _SamplingTarget(traced, loaded.scheduler_config, scheduler, steps or 50,
+                           tuple(traced.example_inputs(1)["sample"].shape[1:]), traced.input_names,
+                           null_class_label=traced.family.null_class_label(loaded.model))
 
 
 def main() -> None:

@@ -19,19 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
 from . import __version__
 from .cost import cost_report
-from .passes import cost_of
 from .errors import DgoError
 from .export import export_onnx
-from .runtime import fold
+from .passes import cost_of, variant_signature
+from .runtime import StepRun, fold
+from .sampling import SCHEDULERS, denoiser_timesteps
 from .schedule import Schedule
 from .tracing import TracedDenoiser
 
 FORMAT = "dgo-compile-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+CONSTANTS_FILE = "timestep_constants.safetensors"
 
 
 class ArtifactError(DgoError):
@@ -39,12 +42,20 @@ class ArtifactError(DgoError):
 
 
 def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_config: dict, output: str | Path,
-                     overwrite: bool = False, model_source: str | None = None) -> Path:
-    """Fold `schedule`, export each variant to ONNX and write the artifact folder at `output`."""
+                     overwrite: bool = False, model_source: str | None = None, *, scheduler: str | None = None,
+                     sampler_steps: int | None = None, guidance_scale: float | None = None,
+                     dump_dir: str | Path | None = None) -> Path:
+    """Fold `schedule`, export each variant to ONNX and write the artifact folder at `output`.
+
+    The schedule has one row per denoiser call of `scheduler` at `sampler_steps` (default: as
+    many steps as the schedule has rows); each call's timestep is folded into constants.
+    """
     output = Path(output)
     if output.exists() and not overwrite:
         raise ArtifactError(f"{output} already exists; pass --overwrite or choose another -o")
-    folded = fold(traced, schedule)
+    sampler_steps = sampler_steps or schedule.steps
+    timesteps = denoiser_timesteps(scheduler_config, sampler_steps, scheduler)
+    folded = fold(traced, schedule, timesteps, dump_dir)
     full_macs = cost_report(traced, batch=1).total.macs
     # Exact per-variant MACs: what is left in each folded graph (the stem of a fully reused step is gone too).
     variant_macs = {key: sum(cost_of(n).macs for n in gm.graph.nodes if n.op == "call_function")
@@ -60,26 +71,38 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
         cache_shapes: dict[str, tuple[int, ...]] = {}
         for index, key in enumerate(order):
             graph_module = folded.variants[key]
-            signature = graph_module.meta["dgo.variant"]
-            feeds = dict(example)
+            signature = variant_signature(graph_module)
+            first_call = folded.step_variant.index(key)
+            feeds = {name: example[name] for name in signature.inputs}
+            feeds.update({name: folded.constants[first_call][name].expand(2, *folded.constants[first_call][name].shape[1:])
+                          for name in signature.constant_inputs})
             feeds.update({name: torch.zeros((2, *cache_shapes[name])) for name in signature.cache_inputs})
             file = f"variant_{index:03d}.onnx"
-            export_onnx(graph_module, feeds, staging / file, ("prediction", *signature.cache_outputs))
+            written = export_onnx(graph_module, feeds, staging / file, ("prediction", *signature.cache_outputs))
             with torch.no_grad():
                 outputs = graph_module(*feeds.values())
             cache_shapes.update({n: tuple(t.shape[1:]) for n, t in zip(signature.cache_outputs, outputs[1:])})
-            variants.append({"file": file, "reused_blocks": sorted(key[0]), "cache_inputs": list(signature.cache_inputs),
+            variants.append({"file": file, "external_data": [w.name for w in written[1:]], "reused": sorted(key[0]), "inputs": list(signature.inputs),
+                             "constant_inputs": list(signature.constant_inputs),
+                             "cache_inputs": list(signature.cache_inputs),
                              "cache_outputs": list(signature.cache_outputs)})
+        if any(folded.constants):
+            save_file({f"{call}/{name}": value.contiguous().numpy() for call, values in enumerate(folded.constants)
+                       for name, value in values.items()}, str(staging / CONSTANTS_FILE))
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dgo_compile": __version__,
-            "model": {"class": type(traced.model).__name__, "family": traced.family.name, "source": model_source},
+            "model": {"class": type(traced.model).__name__, "family": traced.family.name, "source": model_source,
+                      "null_class_label": traced.family.null_class_label(traced.model)},
             "inputs": [{"name": k, "shape": ["batch", *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in example.items()],
-            "scheduler": {"steps": schedule.steps, "config": dict(scheduler_config)},
+            "scheduler": {"name": _scheduler_name(scheduler_config, scheduler), "steps": sampler_steps,
+                          "calls": len(timesteps), "timesteps": list(folded.timesteps), "config": dict(scheduler_config)},
+            "guidance": None if guidance_scale is None else {"scale": guidance_scale, "batch": "uncond, cond"},
             "schedule": folded.schedule.to_json(),
-            "macs": {"per_step": step_macs, "total": sum(step_macs), "full_total": full_macs * schedule.steps},
+            "macs": {"per_call": step_macs, "total": sum(step_macs), "full_total": full_macs * len(timesteps)},
+            "constants_file": CONSTANTS_FILE if any(folded.constants) else None,
             "variants": variants,
-            "steps": [order.index(key) for key in folded.step_variant],
+            "call_variants": [order.index(key) for key in folded.step_variant],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         if output.exists():
@@ -89,6 +112,14 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _scheduler_name(scheduler_config: dict, name: str | None) -> str:
+    """The sampler an artifact is folded for: the one asked for, else the pipeline's own."""
+    if name is not None:
+        return name
+    own = scheduler_config.get("_class_name")
+    return next((key for key, cls in SCHEDULERS.items() if cls.__name__ == own), "ddim")
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -102,9 +133,10 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format {manifest.get('format')} v{manifest.get('format_version')}; "
                             f"this dgo-compile reads {FORMAT} v{FORMAT_VERSION}: recompile the model")
-    for variant in manifest["variants"]:
-        if not (path / variant["file"]).is_file():
-            raise ArtifactError(f"{path} is incomplete: {variant['file']} is missing; recompile the model")
+    files = [f for v in manifest["variants"] for f in (v["file"], *v["external_data"])] + ([manifest["constants_file"]] if manifest["constants_file"] else [])
+    for file in files:
+        if not (path / file).is_file():
+            raise ArtifactError(f"{path} is incomplete: {file} is missing; recompile the model")
     return manifest
 
 
@@ -115,6 +147,7 @@ class OrtArtifact:
     path: Path
     manifest: dict
     sessions: list
+    constants: list[dict[str, np.ndarray]]  # per call, batch 1
 
     @classmethod
     def open(cls, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> OrtArtifact:
@@ -129,35 +162,55 @@ class OrtArtifact:
             options.intra_op_num_threads = threads
         sessions = [ort.InferenceSession(str(Path(path) / v["file"]), options, providers=providers)
                     for v in manifest["variants"]]
-        return cls(Path(path), manifest, sessions)
+        constants: list[dict[str, np.ndarray]] = [{} for _ in manifest["call_variants"]]
+        if manifest["constants_file"]:
+            for key, value in load_file(str(Path(path) / manifest["constants_file"])).items():
+                call, name = key.split("/")
+                constants[int(call)][name] = value
+        return cls(Path(path), manifest, sessions, constants)
 
     @property
     def steps(self) -> int:
+        """Sampler steps the artifact was compiled for."""
         return self.manifest["scheduler"]["steps"]
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.sessions[0].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def new_run(self) -> "OrtRun":
         return OrtRun(self)
 
 
-class OrtRun:
-    """One sampling run over an artifact; call once per sampler step. Caches belong to this run."""
+class OrtRun(StepRun):
+    """One sampling run over an artifact. Caches stay on the provider's device between calls
+    (IO binding), so on CUDA only the sample and the prediction cross the bus."""
 
     def __init__(self, artifact: OrtArtifact):
+        manifest = artifact.manifest
+        super().__init__(len(manifest["call_variants"]), tuple(i["name"] for i in manifest["inputs"]),
+                         tuple(manifest["scheduler"]["timesteps"]))
         self.artifact = artifact
-        self.step = 0
-        self.cache: dict[str, np.ndarray] = {}
+        self.cache: dict = {}  # name -> onnxruntime OrtValue on the artifact's device
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        manifest = self.artifact.manifest
-        if self.step >= len(manifest["steps"]):
-            raise ArtifactError(f"artifact was compiled for {len(manifest['steps'])} steps; "
-                                f"this is step {self.step + 1}: sample with --steps {len(manifest['steps'])}")
-        index = manifest["steps"][self.step]
-        variant = manifest["variants"][index]
-        feeds = {spec["name"]: t.detach().cpu().numpy().astype(spec["dtype"])
-                 for spec, t in zip(manifest["inputs"], inputs)}
-        feeds.update({name: self.cache[name] for name in variant["cache_inputs"]})
-        outputs = self.artifact.sessions[index].run(None, feeds)
+    def _run(self, step: int, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        artifact, device = self.artifact, self.artifact.device
+        index = artifact.manifest["call_variants"][step]
+        variant, session = artifact.manifest["variants"][index], artifact.sessions[index]
+        dtypes = {i["name"]: i["dtype"] for i in artifact.manifest["inputs"]}
+        batch = named["sample"].shape[0]
+        binding = session.io_binding()
+        for name in variant["inputs"]:
+            binding.bind_cpu_input(name, np.ascontiguousarray(named[name].detach().cpu().numpy().astype(dtypes[name])))
+        for name in variant["constant_inputs"]:
+            value = artifact.constants[step][name]
+            binding.bind_cpu_input(name, np.ascontiguousarray(np.broadcast_to(value, (batch, *value.shape[1:]))))
+        for name in variant["cache_inputs"]:
+            binding.bind_ortvalue_input(name, self.cache[name])
+        binding.bind_output("prediction", "cpu")
+        for name in variant["cache_outputs"]:
+            binding.bind_output(name, device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
         self.cache.update(zip(variant["cache_outputs"], outputs[1:]))
-        self.step += 1
-        return torch.from_numpy(outputs[0])
+        return torch.from_numpy(outputs[0].numpy())

@@ -8,6 +8,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from torch import fx
 
@@ -18,11 +19,17 @@ class ExportError(DgoError):
     """torch.onnx could not export a graph, or the file could not be written."""
 
 
-def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], path: str | Path,
-                output_names: tuple[str, ...] = ("prediction",), opset: int = 20) -> Path:
-    """Export `graph_module` to `path`; every input's dim 0 is the dynamic batch.
+EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit: bigger graphs keep their weights beside the file
 
-    The example batch must be at least 2: export specialises a batch of 1 to a constant.
+
+def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], path: str | Path,
+                output_names: tuple[str, ...] = ("prediction",), opset: int = 20,
+                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """Export `graph_module` to `path`; every input's dim 0 is the dynamic batch. Returns the files
+    written: the graph, plus `<name>.data` when its weights reach `external_data_bytes`.
+
+    The example batch must be at least 2: export specialises a batch of 1 to a constant. The
+    graph passes onnx.checker before it is moved into place.
     """
     path = Path(path)
     if next(iter(inputs.values())).shape[0] < 2:
@@ -39,8 +46,13 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
             program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamic_shapes=dynamic, dynamo=True,
                                         input_names=list(inputs), output_names=list(output_names),
                                         opset_version=opset, external_data=False, verbose=False)
-        program.save(str(tmp / path.name))
-        os.replace(tmp / path.name, path)
+        weight_bytes = sum(t.numel() * t.element_size() for t in graph_module.state_dict().values())
+        program.save(str(tmp / path.name), external_data=weight_bytes >= external_data_bytes)
+        onnx.checker.check_model(str(tmp / path.name))  # by path: works past 2 GB too
+        written = []
+        for file in sorted(tmp.iterdir()):
+            os.replace(file, path.parent / file.name)
+            written.append(path.parent / file.name)
     except ExportError:
         raise
     except Exception as exc:
@@ -50,7 +62,7 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
         for leftover in tmp.iterdir():
             leftover.unlink()
         tmp.rmdir()
-    return path
+    return written
 
 
 class _Positional(torch.nn.Module):

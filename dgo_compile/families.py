@@ -59,6 +59,8 @@ class Family:
     call: Callable[..., torch.Tensor]
     example: Callable[[nn.Module, int, torch.Generator], dict[str, torch.Tensor]]
     blocks: Callable[[nn.Module], tuple[BlockSpec, ...]]
+    # The class label meaning "no class" for classifier-free guidance, where the model was trained with one.
+    null_class_label: Callable[[nn.Module], int | None] = lambda model: None
 
     def adapter(self, model: nn.Module) -> DenoiserAdapter:
         return DenoiserAdapter(model, self.call, self.input_names(model))
@@ -79,7 +81,7 @@ def _sample_and_timestep(model: nn.Module, batch: int, gen: torch.Generator) -> 
     h, w = _size(cfg.sample_size)
     return {
         "sample": torch.randn(batch, cfg.in_channels, h, w, generator=gen),
-        "timestep": torch.randint(0, 1000, (batch,), generator=gen),
+        "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),  # float: Euler-type samplers use fractional timesteps
     }
 
 
@@ -217,7 +219,7 @@ FAMILIES: dict[str, Family] = {
         Family("unet2d_condition", UNet2DConditionModel, _unet2d_cond_names, _unet2d_cond_call,
                _unet2d_cond_example, _unet_blocks),
         Family("dit", DiTTransformer2DModel, lambda m: ("sample", "timestep", "class_labels"), _dit_call,
-               _dit_example, _transformer_blocks),
+               _dit_example, _transformer_blocks, null_class_label=lambda m: m.config.num_embeds_ada_norm),
         Family("pixart", PixArtTransformer2DModel, _pixart_names, _pixart_call, _pixart_example, _transformer_blocks),
     )
 }

@@ -13,13 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import fx
-
-from dgo_compile.passes import block_of
+from dgo_compile.passes.boundaries import GRANULARITIES, OUTPUT
 
 from .errors import DgoError
-
-OUTPUT = "(output)"
 SPEC = re.compile(r"^(full|deepcache:(\d+)(?::(\d+))?|steps:(\d+))$")
 
 
@@ -30,10 +26,14 @@ class ScheduleError(DgoError):
 @dataclass(frozen=True)
 class Schedule:
     name: str
-    blocks: tuple[str, ...]
+    blocks: tuple[str, ...]  # gateable elements: blocks, or units inside blocks
     compute: tuple[tuple[bool, ...], ...]  # compute[step][block]: True = run the block
+    granularity: str = "block"
 
     def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ScheduleError(f"schedule '{self.name}' has granularity '{self.granularity}'; "
+                                f"use one of {', '.join(GRANULARITIES)}")
         if not self.compute:
             raise ScheduleError(f"schedule '{self.name}' has no steps")
         for i, row in enumerate(self.compute):
@@ -50,27 +50,40 @@ class Schedule:
         return len(self.compute)
 
     def with_closure(self, consumers: dict[str, set[str]]) -> Schedule:
-        """Also skip blocks whose every consumer is skipped at that step (their output would go unused)."""
-        rows = []
-        for row in self.compute:
-            live = dict(zip(self.blocks, row))
-            changed = True
-            while changed:
-                changed = False
+        """Also skip blocks whose output nobody would read: no consumer runs at that step and no
+        later step reads the cache before the block runs again. Results never change."""
+        rows = [dict(zip(self.blocks, row)) for row in self.compute]
+        changed = True
+        while changed:
+            changed = False
+            for step in range(1, len(rows)):
                 for block in self.blocks:
                     users = consumers.get(block, set())
-                    if live[block] and users and not any(u == OUTPUT or live.get(u, False) for u in users):
-                        live[block] = False
+                    if (rows[step][block] and users and not any(u == OUTPUT or rows[step].get(u, False) for u in users)
+                            and not _cache_read_later(rows, users, block, step)):
+                        rows[step][block] = False
                         changed = True
-            rows.append(tuple(live[b] for b in self.blocks))
-        return Schedule(self.name, self.blocks, tuple(rows))
+        return Schedule(self.name, self.blocks, tuple(tuple(r[b] for b in self.blocks) for r in rows), self.granularity)
+
+    def cache_read_later(self, consumers: dict[str, set[str]], block: str, step: int) -> bool:
+        """Whether some later step reads `block`'s cache before computing it again (so store it now)."""
+        rows = [dict(zip(self.blocks, row)) for row in self.compute]
+        return _cache_read_later(rows, consumers.get(block, set()), block, step)
+
+    def for_units(self, units: dict[str, tuple[str, ...]]) -> Schedule:
+        """The same schedule at unit granularity: every unit follows its block."""
+        if self.granularity == "unit":
+            return self
+        names = tuple(u for b in self.blocks for u in units[b])
+        rows = tuple(tuple(c for b, c in zip(self.blocks, row) for _ in units[b]) for row in self.compute)
+        return Schedule(self.name, names, rows, "unit")
 
     def kept_macs(self, block_macs: dict[str, int], other_macs: int) -> list[int]:
         """MACs of each step: computed blocks plus everything outside the gateable blocks."""
         return [other_macs + sum(block_macs[b] for b, c in zip(self.blocks, row) if c) for row in self.compute]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "blocks": list(self.blocks),
+        return {"name": self.name, "granularity": self.granularity, "blocks": list(self.blocks),
                 "compute": [[int(c) for c in row] for row in self.compute]}
 
     @classmethod
@@ -78,7 +91,7 @@ class Schedule:
         try:
             name, blocks, compute = data["name"], data["blocks"], data["compute"]
             rows = tuple(tuple(_flag(c) for c in row) for row in compute)
-            return cls(str(name), tuple(str(b) for b in blocks), rows)
+            return cls(str(name), tuple(str(b) for b in blocks), rows, str(data.get("granularity", "block")))
         except (KeyError, TypeError) as exc:
             raise ScheduleError(f"schedule JSON needs 'name', 'blocks' and 'compute' (steps x blocks of 0/1): {exc}") \
                 from exc
@@ -92,6 +105,15 @@ class Schedule:
             return cls.from_json(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ScheduleError(f"cannot read schedule {path}: {exc}") from exc
+
+
+def _cache_read_later(rows: list[dict[str, bool]], users: set[str], block: str, step: int) -> bool:
+    for row in rows[step + 1:]:
+        if row[block]:
+            return False
+        if any(u == OUTPUT or row.get(u, False) for u in users):
+            return True
+    return False
 
 
 def _flag(value) -> bool:
@@ -138,25 +160,3 @@ def _deepcache(spec: str, steps: int, blocks: tuple[str, ...], interval: int, br
     shallow = set(downs[: branch + 1]) | set(ups[len(ups) - branch - 1:])
     rows = tuple(tuple(i % interval == 0 or b in shallow for b in blocks) for i in range(steps))
     return Schedule(spec, blocks, rows)
-
-
-def block_consumers(graph_module: fx.GraphModule, blocks: tuple[str, ...]) -> dict[str, set[str]]:
-    """For each gateable block, the blocks (or OUTPUT) that read its outputs, looking through the
-    glue between blocks (skip tuples, stem and head ops). Needs the annotate_blocks pass."""
-    owner: dict[fx.Node, str | None] = {n: block_of(n).block for n in graph_module.graph.nodes}
-    reaches: dict[fx.Node, set[str]] = {}
-    for node in reversed(list(graph_module.graph.nodes)):
-        found: set[str] = set()
-        for user in node.users:
-            if user.op == "output":
-                found.add(OUTPUT)
-            elif owner[user] is not None and owner[user] != owner[node]:
-                found.add(owner[user])
-            elif owner[user] is None or owner[user] == owner[node]:
-                found |= reaches[user]
-        reaches[node] = found
-    consumers: dict[str, set[str]] = {b: set() for b in blocks}
-    for node, block in owner.items():
-        if block is not None:
-            consumers[block] |= {c for c in reaches[node] if c != block}
-    return consumers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from torch import fx
@@ -50,10 +51,15 @@ class Pass:
 
 
 class PassManager:
-    """Runs passes in the given order, linting the graph after each; errors name the failing pass."""
+    """Runs passes in the given order, linting the graph after each; errors name the failing pass.
 
-    def __init__(self, passes: list[Pass]):
+    With `dump_dir`, the graph after each pass is written to `NN_<pass>.txt` there, so a user
+    can see what each pass did.
+    """
+
+    def __init__(self, passes: list[Pass], dump_dir: str | Path | None = None):
         self.passes = list(passes)
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
 
     def run(self, graph_module: fx.GraphModule) -> PassResult:
         done: list[str] = list(graph_module.meta.get(PASSES_RUN, []))  # earlier runs on this graph count
@@ -72,4 +78,12 @@ class PassManager:
             graph_module, modified = result.graph_module, modified or result.modified
             done.append(p.name)
             graph_module.meta[PASSES_RUN] = list(done)
+            if self.dump_dir is not None:
+                self._dump(graph_module, len(done), p.name, result.modified)
         return PassResult(graph_module, modified)
+
+    def _dump(self, graph_module: fx.GraphModule, index: int, name: str, modified: bool) -> None:
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        header = f"# after pass {index} '{name}' (modified: {modified}); {len(graph_module.graph.nodes)} nodes\n"
+        text = header + graph_module.print_readable(print_output=False, include_stride=False, include_device=False)
+        (self.dump_dir / f"{index:02d}_{name}.txt").write_text(text)

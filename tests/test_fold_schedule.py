@@ -7,7 +7,7 @@ from dgo_compile import load, trace
 from dgo_compile.cost import analyse
 from dgo_compile.passes import PassManager
 from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig, variant_signature
-from dgo_compile.runtime import fold
+from dgo_compile.runtime import build_supernet, fold
 from dgo_compile.sampling import initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 
@@ -74,9 +74,10 @@ def test_deepcache_shallow_variant_structure(shipped):
 def test_fed_its_own_fresh_cache_a_folded_variant_equals_the_full_graph(config_dir, family, reused):
     traced = trace(load(config_dir / family / "config.json"), verify=False)
     graph_module = analyse(traced)
+    supernet = build_supernet(traced)
     inputs = tuple(traced.example_inputs(batch=2, seed=3).values())  # batch 2: both halves of a CFG batch
-    exposing = PassManager([FoldSchedule(FoldScheduleConfig(frozenset(), frozenset(reused)))]).run(graph_module)
-    reusing = PassManager([FoldSchedule(FoldScheduleConfig(frozenset(reused), frozenset()))]).run(graph_module)
+    exposing = PassManager([FoldSchedule(FoldScheduleConfig(frozenset(), frozenset(reused)))]).run(supernet)
+    reusing = PassManager([FoldSchedule(FoldScheduleConfig(frozenset(reused), frozenset()))]).run(supernet)
     with torch.no_grad():
         expected = graph_module(*inputs)
         full_outputs = exposing.graph_module(*inputs)
@@ -89,24 +90,25 @@ def test_fed_its_own_fresh_cache_a_folded_variant_equals_the_full_graph(config_d
     assert len(reusing.graph_module.graph.nodes) < len(graph_module.graph.nodes)
 
 
-def test_fold_never_edits_its_input_and_no_op_is_reported(shipped):
+def test_fold_never_edits_its_input(shipped):
     _, traced = shipped
-    graph_module = analyse(traced)
-    code = graph_module.code
-    result = PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset()))]).run(graph_module)
-    assert result.modified and graph_module.code == code
-    nothing = FoldSchedule(FoldScheduleConfig(frozenset(), frozenset())).call(graph_module)
-    assert nothing.modified is False
-    assert variant_signature(nothing.graph_module).cache_inputs == ()
+    supernet = build_supernet(traced)
+    code = supernet.code
+    result = PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset()))]).run(supernet)
+    assert result.modified and supernet.code == code
+    nothing = FoldSchedule(FoldScheduleConfig(frozenset(), frozenset())).call(supernet)
+    signature = variant_signature(nothing.graph_module)
+    assert signature.cache_inputs == () and signature.inputs == ("sample", "timestep")
+    assert not any(n.op == "placeholder" and n.name.startswith("gate__") for n in nothing.graph_module.graph.nodes)
 
 
 def test_reused_and_exposed_overlap_is_refused(shipped):
     from dgo_compile import PassError
 
     _, traced = shipped
-    with pytest.raises(PassError, match="pass 'fold_schedule' failed: block mid_block cannot be both reused and exposed"):
+    with pytest.raises(PassError, match="pass 'fold_schedule' failed: element mid_block cannot be both reused and exposed"):
         PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset({"mid_block"})))]).run(
-            analyse(traced))
+            build_supernet(traced))
 
 
 def test_two_runs_never_share_a_cache(shipped):
@@ -119,3 +121,12 @@ def test_two_runs_never_share_a_cache(shipped):
     with pytest.raises(KeyError):
         b.step = 1  # a run that skipped its full step has no cache to read
         b(*inputs)
+
+
+def test_steps_with_the_same_reuse_share_one_graph(shipped):
+    _, traced = shipped
+    folded = fold(traced, builtin("deepcache:3", 10, names(traced)))
+    # Step 9 computes everything like steps 0, 3 and 6, but nothing reads its caches: it still
+    # runs the exposing graph (extra outputs cost no compute; a third graph would copy the weights).
+    assert len(folded.variants) == 2
+    assert folded.step_variant[9] == folded.step_variant[0]
