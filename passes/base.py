@@ -64,7 +64,7 @@ class PassManager:
     def run(self, graph_module: fx.GraphModule) -> PassResult:
         done: list[str] = list(graph_module.meta.get(PASSES_RUN, []))  # earlier runs on this graph count
         modified = False
-        for p in self.passes:
+        for index, p in enumerate(self.passes, 1):
             missing = [r for r in p.requires if r not in done]
             if missing:
                 raise PassError(f"pass '{p.name}' requires {', '.join(missing)} to run before it")
@@ -79,7 +79,7 @@ class PassManager:
             done.append(p.name)
             graph_module.meta[PASSES_RUN] = list(done)
             if self.dump_dir is not None:
-                self._dump(graph_module, len(done), p.name, result.modified)
+                self._dump(graph_module, index, p.name, result.modified)
         return PassResult(graph_module, modified)
 
     def _dump(self, graph_module: fx.GraphModule, index: int, name: str, modified: bool) -> None:

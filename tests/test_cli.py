@@ -47,11 +47,70 @@ def test_bad_input_is_one_line_and_exit_1(args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_sample_refuses_conditional_models(config_dir, tmp_path):
+def test_sample_asks_for_conditions(config_dir, tmp_path):
     result = run("sample", config_dir / "sd" / "config.json", "-o", tmp_path / "g.png")
     assert result.returncode == 1
-    assert "sample needs an unconditional model; UNet2DConditionModel also takes encoder_hidden_states" in result.stderr
+    assert "has no scheduler/ config; pass a pipeline folder" in result.stderr
+    pipeline = tiny_pipeline(tmp_path / "sd", "sd")
+    result = run("sample", pipeline, "--steps", "2", "-o", tmp_path / "g.png")
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: this model also takes encoder_hidden_states: pass them in a safetensors "
+                                     "file (--prompt-embeds) under those names")
     assert not (tmp_path / "g.png").exists()
+
+
+def tiny_pipeline(path, family):
+    """A pipeline folder (random weights, DDIM scheduler) for a tiny config."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from dgo_compile.families import FAMILIES
+
+    config = TINY[family]
+    torch.manual_seed(0)
+    model = FAMILIES[config["_class_name"]].model_class.from_config(config)
+    folder = "transformer" if "Transformer" in config["_class_name"] else "unet"
+    model.save_pretrained(path / folder)
+    DDIMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DiffusionPipeline",
+                                                       folder: ["diffusers", config["_class_name"]],
+                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    return path
+
+
+def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
+    pipeline = tiny_pipeline(tmp_path / "dit", "dit")
+    artifact = tmp_path / "artifact"
+    result = run("compile", pipeline, "--schedule", "steps:2", "--steps", "3", "--scheduler", "heun",
+                 "--guidance-scale", "4", "-o", artifact)
+    assert result.returncode == 0, result.stderr
+    assert "graphs for heun 3 steps" in result.stdout
+    missing = run("sample", artifact, "-o", tmp_path / "g.png")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: this model is class-conditional: pass --class-label (repeat it for several classes)"
+    sampled = run("sample", artifact, "-n", "3", "--class-label", "1", "--class-label", "7", "-o", tmp_path / "g.png")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "heun 3 steps" in sampled.stdout and Image.open(tmp_path / "g.png").size == (2 * 8 * 2, 2 * 8 * 2)
+    other = run("sample", artifact, "--scheduler", "ddim", "--class-label", "1", "-o", tmp_path / "h.png")
+    assert other.returncode == 1
+    assert other.stderr.strip().endswith("was compiled for the heun sampler, not ddim; drop --scheduler or "
+                                         "recompile with --scheduler ddim")
+
+
+def test_unit_granularity_and_dump_dir(tmp_path):
+    artifact, dump = tmp_path / "artifact", tmp_path / "dump"
+    result = run("compile", "--schedule", "deepcache:2", "--steps", "4", "--granularity", "unit",
+                 "--dump-dir", dump, "-o", artifact)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["schedule"]["granularity"] == "unit"
+    assert manifest["schedule"]["blocks"][:2] == ["down_blocks.0.resnets.0", "down_blocks.0.resnets.1"]
+    assert sorted(p.name for p in (dump / "supernet").iterdir()) == [
+        "01_fold_timestep.txt", "02_insert_backup_edges.txt", "03_attach_gates.txt"]
+    assert sorted(p.name for p in dump.iterdir()) == ["supernet", "variant_000", "variant_001"]
+    assert "gate__down_blocks_0_resnets_0" in (dump / "supernet" / "03_attach_gates.txt").read_text()
+    bad = run("compile", "--granularity", "layer", "-o", tmp_path / "b")
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --granularity must be block or unit, got 'layer'"
 
 
 def test_sample_writes_a_grid(tmp_path):
@@ -75,7 +134,7 @@ def test_compile_then_sample_the_artifact(tmp_path):
     assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with --steps 5")
     sampled = run("sample", artifact, "-n", "2", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
-    assert "DDIM 4 steps" in sampled.stdout and (tmp_path / "g.png").is_file()
+    assert "ddim 4 steps" in sampled.stdout and (tmp_path / "g.png").is_file()
 
 
 def test_compile_bad_schedule_leaves_no_artifact(tmp_path):
