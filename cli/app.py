@@ -210,6 +210,117 @@ def bench(
     out.print(table)
 
 
+@app.command()
+def optimize(
+    model: ModelArg = None,
+    ratio: Annotated[Optional[float], typer.Option(
+        help="Kept-MACs target in (0, 1]: the sparsity loss is off once the schedule keeps no more. [default: 0.25]",
+        show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps. [default: 50]", show_default=False)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
+                                                          "Default: the model's.")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. [default: 100]", show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. [default: 2]", show_default=False)] = None,
+    calibration: Annotated[Optional[int], typer.Option(
+        help="Calibration noises (and conditions) the iterations cycle through. [default: 32]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). [default: 0.1]",
+                                                show_default=False)] = None,
+    granularity: Annotated[Optional[str], typer.Option(
+        help="Gate blocks, units, or whole steps (a learned non-uniform step schedule). [default: block]",
+        show_default=False)] = None,
+    timestep_conditioning: Annotated[Optional[bool], typer.Option(
+        "--timestep-conditioning/--no-timestep-conditioning",
+        help="Feed each call's timestep embedding to the pruner. [default: on]", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the pruner and the calibration noise. [default: 0]",
+                                                show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Iterations between checkpoints. [default: 10]",
+                                                            show_default=False)] = None,
+    class_label: Annotated[Optional[list[int]], typer.Option(
+        help="Calibration classes for class-conditional models (default: random classes).")] = None,
+    prompt_embeds: Annotated[Optional[Path], typer.Option(
+        help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Pruner folder to write.")] = Path("pruner"),
+    resume: Annotated[bool, typer.Option(help="Continue the pruner in -o from its last checkpoint.")] = False,
+) -> None:
+    """Learn a block schedule (DiP-GO): gradient descent through whole sampling trajectories."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dgo_compile import load, trace
+    from dgo_compile.pruner import OptimizeConfig, load_pruner
+    from dgo_compile.pruner import optimize as run_optimize
+
+    given = {k: v for k, v in dict(
+        ratio=ratio, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration, lr=lr,
+        granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
+        checkpoint_every=checkpoint_every, class_labels=tuple(class_label) if class_label else None,
+        prompt_embeds=str(prompt_embeds) if prompt_embeds else None, guidance_scale=guidance_scale).items()
+        if v is not None}
+    if resume:
+        stored = load_pruner(output, allow_unfinished=True).state
+        config = replace(stored.config, **given)
+        model = model or (Path(stored.model_source) if stored.model_source else None)
+    else:
+        config = OptimizeConfig(**given)
+    loaded = load(model)
+    if loaded.scheduler_config is None:
+        raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
+    traced = trace(loaded)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[stats]}")]
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("optimizing", total=config.iters, stats="")
+
+        def show(record: dict) -> None:
+            progress.update(task, completed=record["iteration"],
+                            stats=f"consistency {record['consistency']:.4f}  sparsity {record['sparsity']:.3f}  "
+                                  f"kept MACs {record['kept']:.1%}")
+
+        trained = run_optimize(traced, loaded.scheduler_config, config, output, model_source=str(loaded.source.resolve()),
+                               null_class_label=traced.family.null_class_label(loaded.model), resume=resume,
+                               on_iteration=show)
+    last = trained.state.history[-1] if trained.state.history else {}
+    out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "
+              f"last kept MACs {last.get('kept', 1.0):.1%}; make a schedule with "
+              f"`dgo-compile schedule {output} --ratio R`")
+
+
+@app.command()
+def schedule(
+    pruner: Annotated[Path, typer.Argument(help="Pruner folder from `optimize`.")],
+    ratio: Annotated[float, typer.Option(help="Kept share of the full model's MACs per run, in (0, 1].")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Schedule JSON to write.")] = Path("schedule.json"),
+    heatmap: Annotated[Optional[Path], typer.Option(
+        help="PNG of the scores and the schedule. Default: the JSON's path with .png.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
+) -> None:
+    """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
+    from dgo_compile import load, trace
+    from dgo_compile.pruner import extract_schedule, load_pruner, save_heatmap
+    from dgo_compile.schedule_cost import ScheduleCost
+
+    trained = load_pruner(pruner)
+    state = trained.state
+    loaded = load(model or (Path(state.model_source) if state.model_source else None))
+    cost = ScheduleCost(trace(loaded), state.schedule_granularity)
+    if cost.elements != state.elements:
+        raise DgoError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
+                       f"{list(cost.elements)[:3]}...; pass the pruner's model with --model")
+    scores = trained.reuse_scores()
+    plan, kept = extract_schedule(scores, cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
+    heatmap = heatmap or output.with_suffix(".png")
+    save_heatmap(scores, plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
+                                        f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
+    plan.save(output)
+    reused_calls = sum(not any(row) for row in plan.compute)
+    sampler = state.scheduler["name"]
+    out.print(f"wrote {output} and {heatmap}: {kept:.1%} of the MACs kept, {reused_calls} of {plan.steps} calls "
+              f"reuse every block; compile it with `dgo-compile compile --schedule {output} "
+              f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")
+
+
 @dataclass
 class _SamplingTarget:
     denoiser: object

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import fx
 
 from dgo_compile.passes import PassManager
@@ -46,11 +47,14 @@ class SuperNetRun:
     """One trajectory through the gated SuperNet: call with that step's gates (element -> 0-d tensor).
 
     Caches start at zero, so step 0 must compute everything; afterwards each call's mixed outputs
-    are the next call's caches, exactly what a folded schedule stores. Gradients flow through.
+    are the next call's caches, exactly what a folded schedule stores. Gradients flow through;
+    `checkpointed` recomputes each call in the backward pass instead of keeping its activations,
+    so training memory stays flat in the number of steps.
     """
 
-    def __init__(self, supernet: fx.GraphModule):
+    def __init__(self, supernet: fx.GraphModule, checkpointed: bool = False):
         self.supernet = supernet
+        self.checkpointed = checkpointed
         self.edges = backup_edges(supernet)
         self.gate_names = gates_of(supernet).gates
         self.cache: list[torch.Tensor] | None = None
@@ -69,7 +73,10 @@ class SuperNetRun:
             placeholders = {n.name: n for n in self.supernet.graph.nodes if n.op == "placeholder"}
             self.cache = [inputs[0].new_zeros((batch, *placeholders[e.cache].meta["tensor_meta"].shape[1:]))
                           for e in self.edges.edges]
-        outputs = self.supernet(*inputs, *self.cache, *values)
+        if self.checkpointed:
+            outputs = torch.utils.checkpoint.checkpoint(self.supernet, *inputs, *self.cache, *values, use_reentrant=False)
+        else:
+            outputs = self.supernet(*inputs, *self.cache, *values)
         self.cache = list(outputs[1:])
         return outputs[0]
 
@@ -141,6 +148,20 @@ class ScheduleRun(StepRun):
         return outputs[0]
 
 
+def variant_keys(closed: Schedule, consumers: dict[str, set[str]]) -> list[VariantKey]:
+    """Each call's (reused, exposed) graph key for a closed schedule.
+
+    Calls that reuse the same elements share one graph exposing every value any of them must
+    store: an extra output costs no compute, a second graph costs a second copy of the weights.
+    """
+    reused_at = [frozenset(b for b, c in zip(closed.blocks, row) if not c) for row in closed.compute]
+    exposed_with: dict[frozenset[str], set[str]] = {r: set() for r in reused_at}
+    for t, row in enumerate(closed.compute):
+        exposed_with[reused_at[t]] |= {b for b, c in zip(closed.blocks, row)
+                                       if c and closed.cache_read_later(consumers, b, t)}
+    return [(r, frozenset(exposed_with[r])) for r in reused_at]
+
+
 def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | None = None,
          dump_dir: str | Path | None = None) -> FoldedSchedule:
     """Close the schedule over the model's dataflow and fold one graph per distinct step pattern.
@@ -159,13 +180,7 @@ def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | No
     supernet = build_supernet(traced, schedule.granularity, timesteps is not None, dump and dump / "supernet")
     consumers = element_consumers(analyse(traced), names, schedule.granularity)
     closed = schedule.with_closure(consumers)
-    # Steps that reuse the same elements share one graph exposing every value any of them must
-    # store: an extra output costs no compute, a second graph costs a second copy of the weights.
-    reused_at = [frozenset(b for b, c in zip(names, row) if not c) for row in closed.compute]
-    exposed_with: dict[frozenset[str], set[str]] = {r: set() for r in reused_at}
-    for t, row in enumerate(closed.compute):
-        exposed_with[reused_at[t]] |= {b for b, c in zip(names, row) if c and closed.cache_read_later(consumers, b, t)}
-    keys = [(r, frozenset(exposed_with[r])) for r in reused_at]
+    keys = variant_keys(closed, consumers)
     variants = {}
     for index, key in enumerate(dict.fromkeys(keys)):
         manager = PassManager([FoldSchedule(FoldScheduleConfig(*key))], dump and dump / f"variant_{index:03d}")

@@ -32,6 +32,7 @@ from diffusers import (
 )
 
 from .errors import DgoError
+from .files import write_atomic
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -213,38 +214,64 @@ def sample(
     start = 0
     for index, chunk in enumerate(noise.split(batch_size)):
         b = chunk.shape[0]
-        sched = make_scheduler(scheduler_config, scheduler)  # one per run: no state shared between runs
-        _set_timesteps(sched, steps, chunk.device)
-        step_params = inspect.signature(sched.step).parameters
-        step_kwargs = {}
-        if isinstance(sched, DDIMScheduler):
-            step_kwargs["eta"] = 0.0
-        if "generator" in step_params:
-            step_kwargs["generator"] = torch.Generator().manual_seed(seed + index)
         if guidance is not None:
             extra = tuple(torch.cat([_chunk(uncond[k], start, b, chunk.device),
                                      _chunk(cond[k], start, b, chunk.device)]) for k in names)
         else:
             extra = tuple(_chunk(v, start, b, chunk.device) for v in conditions.values())
         step_fn = denoiser.new_run() if hasattr(denoiser, "new_run") else denoiser
-        x = chunk * sched.init_noise_sigma
-        channels = x.shape[1]
-        for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t)
-            if guidance is not None:
-                x_in = torch.cat([x_in, x_in])
-            pred = step_fn(x_in, t.expand(x_in.shape[0]), *extra)
-            if pred.shape[1] == 2 * channels:  # learned sigma: keep the noise prediction, as DiTPipeline does
-                pred = pred[:, :channels]
-            if guidance is not None:
-                pred_uncond, pred_cond = pred.chunk(2)
-                pred = pred_uncond + guidance.scale * (pred_cond - pred_uncond)
-            x = sched.step(pred, t, x, **step_kwargs).prev_sample
-            if progress is not None:
-                progress(b)
-        outputs.append(x.clamp(-1, 1))
+        outputs.append(trajectory(step_fn, scheduler_config, chunk, steps, scheduler=scheduler, extra=extra,
+                                  guidance_scale=guidance.scale if guidance is not None else None,
+                                  seed=seed + index, progress=progress))
         start += b
     return torch.cat(outputs)
+
+
+def trajectory(
+    step_fn: Denoiser,
+    scheduler_config: dict | None,
+    noise: torch.Tensor,
+    steps: int,
+    *,
+    scheduler: str | None = None,
+    extra: tuple[torch.Tensor, ...] = (),
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    clamp: bool = True,
+) -> torch.Tensor:
+    """One sampling run of one batch, differentiable: `sample`'s loop without `no_grad`, so the
+    pruner can back-propagate from the final images through every denoiser call.
+
+    `step_fn` is called once per scheduler timestep, in order; `extra` are its condition inputs
+    already at the batch it sees (doubled, uncond rows first, with `guidance_scale`). Images are
+    clamped to [-1, 1] unless `clamp` is False.
+    """
+    b = noise.shape[0]
+    sched = make_scheduler(scheduler_config, scheduler)  # one per run: no state shared between runs
+    _set_timesteps(sched, steps, noise.device)
+    step_params = inspect.signature(sched.step).parameters
+    step_kwargs = {}
+    if isinstance(sched, DDIMScheduler):
+        step_kwargs["eta"] = 0.0
+    if "generator" in step_params:
+        step_kwargs["generator"] = torch.Generator().manual_seed(seed)
+    x = noise * sched.init_noise_sigma
+    channels = x.shape[1]
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(x, t)
+        if guidance_scale is not None:
+            x_in = torch.cat([x_in, x_in])
+        pred = step_fn(x_in, t.expand(x_in.shape[0]), *extra)
+        if pred.shape[1] == 2 * channels:  # learned sigma: keep the noise prediction, as DiTPipeline does
+            pred = pred[:, :channels]
+        if guidance_scale is not None:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        x = sched.step(pred, t, x, **step_kwargs).prev_sample
+        if progress is not None:
+            progress(b)
+    return x.clamp(-1, 1) if clamp else x
 
 
 def sample_ddim(
@@ -273,9 +300,4 @@ def save_grid(images: torch.Tensor, path: str | Path, scale: int = 2) -> Path:
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)  # atomic: a failed save never leaves a half-written grid
-    return path
+    return write_atomic(path, lambda p: image.save(p, format="PNG"))  # a failed save never leaves half a grid

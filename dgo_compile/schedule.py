@@ -16,6 +16,8 @@ from pathlib import Path
 from dgo_compile.passes.boundaries import GRANULARITIES, OUTPUT
 
 from .errors import DgoError
+from .files import write_atomic
+
 SPEC = re.compile(r"^(full|deepcache:(\d+)(?::(\d+))?|steps:(\d+))$")
 
 
@@ -97,7 +99,7 @@ class Schedule:
                 from exc
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        write_atomic(path, lambda p: p.write_text(json.dumps(self.to_json(), indent=1)))
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:

@@ -158,3 +158,16 @@ def test_existing_output_is_not_overwritten_unless_asked(shipped_artifact):
     loaded, traced, schedule, path = shipped_artifact
     with pytest.raises(ArtifactError, match="already exists; pass --overwrite or choose another -o"):
         compile_artifact(traced, schedule, loaded.scheduler_config, path)
+
+
+@pytest.mark.gpu
+def test_cuda_provider_keeps_caches_on_the_device_and_matches_cpu(shipped_artifact):
+    loaded, _, _, path = shipped_artifact
+    noise = initial_noise(2, (1, 32, 32), 4)
+    cuda = OrtArtifact.open(path, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda.device == "cuda"
+    run = cuda.new_run()
+    images = sample_ddim(lambda *inputs: run(*inputs), loaded.scheduler_config, noise, 9)
+    assert all(value.device_name() == "cuda" for value in run.cache.values())
+    cpu = sample_ddim(OrtArtifact.open(path, ["CPUExecutionProvider"]), loaded.scheduler_config, noise, 9)
+    assert (images - cpu).abs().max().item() < 1e-3

@@ -1,0 +1,443 @@
+"""DiP-GO's pruner: learn which (denoiser call, element) pairs may reuse their cache.
+
+A small network turns learnable queries (one per call and element, plus the call's timestep
+embedding) into two logits (reuse, keep) per pair; straight-through gates drive the gated
+SuperNet through a whole sampling trajectory, and the loss is the consistency of its final
+images with the full model's from the same noise (1 - SSIM) plus DiP-GO's FLOPs-weighted
+sparsity, switched off once the hard schedule keeps no more than the target share of MACs.
+Unlike the authors' release, the encoder really mixes its tokens (self-attention over every
+call and element). One trained pruner yields a schedule at any budget (`extract_schedule`).
+
+A pruner folder holds `pruner.json` (configs, sampler, history, progress) and `checkpoint.pt`
+(weights, optimizer and learning-rate state); both are replaced atomically at every
+checkpoint, so an interrupted run resumes from its last one and reaches the same weights as an
+uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import DgoError
+from .files import write_atomic
+from .metrics import ssim
+from .runtime import SuperNetRun, build_supernet, gateable_elements
+from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
+from .schedule import Schedule, ScheduleError
+from .schedule_cost import ScheduleCost
+from .tracing import TracedDenoiser
+
+FORMAT = "dgo-compile-pruner"
+FORMAT_VERSION = 1
+STATE_FILE = "pruner.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
+RATIO_TOLERANCE = 0.0125
+
+
+class PrunerError(DgoError):
+    """Bad optimization settings, or a pruner folder that is missing, unfinished or of another format."""
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything that determines a trained pruner; stored in it and checked on `--resume`."""
+
+    ratio: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
+    steps: int = 50
+    scheduler: str | None = None
+    iters: int = 100
+    batch: int = 2
+    calibration: int = 32  # noise seeds (and conditions) cycled through by the iterations
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    alpha: float = 1.0  # weight of the sparsity term
+    granularity: str = "block"
+    dim: int = 128
+    layers: int = 2
+    timestep_conditioning: bool = True
+    seed: int = 0
+    checkpoint_every: int = 10
+    class_labels: tuple[int, ...] | None = None
+    prompt_embeds: str | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
+        if self.granularity not in GRANULARITIES:
+            raise PrunerError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
+        for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise PrunerError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise PrunerError(f"--lr must be positive, got {self.lr}")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "OptimizeConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("class_labels") is not None:
+            values["class_labels"] = tuple(values["class_labels"])
+        return cls(**values)
+
+
+class Pruner(nn.Module):
+    """Queries -> encoder -> per-(call, column) 2-logit heads (reuse, keep), initialised to keep.
+
+    `columns` is the number of elements, or 1 for whole-network gates.
+    """
+
+    HEADS = 4
+
+    def __init__(self, calls: int, columns: int, timesteps: tuple[float, ...], dim: int = 128, layers: int = 2,
+                 timestep_conditioning: bool = True):
+        super().__init__()
+        self.calls, self.columns, self.dim = calls, columns, dim
+        self.queries = nn.Parameter(torch.randn(calls, columns, dim) * 0.02)
+        self.register_buffer("timesteps", torch.tensor(timesteps, dtype=torch.float32))
+        self.time_proj = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) \
+            if timestep_conditioning else None
+        layer = nn.TransformerEncoderLayer(dim, self.HEADS, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # DiP-GO's initialisation: weight 0, bias (reuse 0, keep 1), so training starts from the full model.
+        self.head_weight = nn.Parameter(torch.zeros(calls, columns, dim, 2))
+        self.head_bias = nn.Parameter(torch.tensor([0.0, 1.0]).repeat(calls, columns, 1))
+
+    def logits(self) -> torch.Tensor:
+        """[calls, columns, 2]: (reuse, keep)."""
+        tokens = self.queries
+        if self.time_proj is not None:
+            from diffusers.models.embeddings import get_timestep_embedding
+
+            tokens = tokens + self.time_proj(get_timestep_embedding(self.timesteps, self.dim))[:, None, :]
+        mixed = self.encoder(tokens.reshape(1, -1, self.dim)).reshape(self.calls, self.columns, self.dim)
+        return torch.einsum("tcd,tcdk->tck", mixed, self.head_weight) + self.head_bias
+
+    def gates(self) -> torch.Tensor:
+        """Straight-through keep gates [calls, columns]: 0/1 forward, softmax gradient backward.
+        Call 0 always computes (no cache exists yet)."""
+        logits = self.logits()
+        soft = logits.softmax(-1)[..., 1]
+        hard = (logits[..., 1] >= logits[..., 0]).to(soft.dtype)
+        gates = hard + (soft - soft.detach())  # exactly 0/1 forward
+        return torch.cat([torch.ones_like(gates[:1]), gates[1:]])
+
+    @torch.no_grad()
+    def reuse_scores(self) -> torch.Tensor:
+        """P(reuse) per (call, column); call 0 is 0."""
+        scores = self.logits().softmax(-1)[..., 0]
+        scores[0] = 0
+        return scores
+
+
+@dataclass
+class PrunerState:
+    """What `pruner.json` holds."""
+
+    config: OptimizeConfig
+    model_source: str | None
+    scheduler: dict  # name, steps, calls, timesteps, config
+    elements: tuple[str, ...]  # schedule columns (blocks, or units)
+    schedule_granularity: str  # block or unit: the schedules this pruner extracts
+    cascade_shares: dict[str, float]
+    iterations_done: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.iterations_done >= self.config.iters
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+                "model_source": self.model_source, "scheduler": self.scheduler, "elements": list(self.elements),
+                "schedule_granularity": self.schedule_granularity, "cascade_shares": self.cascade_shares,
+                "iterations_done": self.iterations_done, "complete": self.complete, "seconds": self.seconds,
+                "peak_memory_mb": self.peak_memory_mb, "history": self.history}
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> "PrunerState":
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise PrunerError(f"{path} is not a dgo-compile pruner of format version {FORMAT_VERSION}; "
+                              "re-run `dgo-compile optimize`")
+        return cls(OptimizeConfig.from_json(data["config"]), data["model_source"], data["scheduler"],
+                   tuple(data["elements"]), data["schedule_granularity"], data["cascade_shares"],
+                   data["iterations_done"], data["history"], data.get("seconds", 0.0), data.get("peak_memory_mb"))
+
+
+def build_pruner(state: PrunerState) -> Pruner:
+    config = state.config
+    columns = 1 if config.granularity == "step" else len(state.elements)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        return Pruner(state.scheduler["calls"], columns, tuple(state.scheduler["timesteps"]), config.dim,
+                      config.layers, config.timestep_conditioning)
+
+
+@dataclass
+class TrainedPruner:
+    state: PrunerState
+    pruner: Pruner
+
+    def reuse_scores(self) -> torch.Tensor:
+        """P(reuse) [calls, elements]; whole-network gates are spread over every element."""
+        scores = self.pruner.reuse_scores()
+        return scores.expand(-1, len(self.state.elements)) if scores.shape[1] == 1 else scores
+
+    @property
+    def whole_calls(self) -> bool:
+        return self.state.config.granularity == "step"
+
+
+def load_pruner(path: str | Path, allow_unfinished: bool = False) -> TrainedPruner:
+    path = Path(path)
+    state_file, checkpoint_file = path / STATE_FILE, path / CHECKPOINT_FILE
+    if not state_file.is_file() or not checkpoint_file.is_file():
+        raise PrunerError(f"{path} is not a pruner folder (needs {STATE_FILE} and {CHECKPOINT_FILE}); "
+                          "make one with `dgo-compile optimize`")
+    try:
+        state = PrunerState.from_json(json.loads(state_file.read_text()), path)
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        pruner = build_pruner(state)
+        pruner.load_state_dict(checkpoint["pruner"])
+    except PrunerError:
+        raise
+    except Exception as exc:
+        raise PrunerError(f"cannot read pruner {path}: {exc}; re-run `dgo-compile optimize`") from exc
+    if not state.complete and not allow_unfinished:
+        raise PrunerError(f"{path} stopped at iteration {state.iterations_done} of {state.config.iters}; finish it "
+                          "with `dgo-compile optimize ... --resume`")
+    return TrainedPruner(state, pruner)
+
+
+def _calibration(traced: TracedDenoiser, config: OptimizeConfig, null_class_label: int | None):
+    """Noise, and condition inputs at batch `calibration` (or guidance), for the whole pool."""
+    shape = tuple(traced.example_inputs(1)["sample"].shape[1:])
+    noise = initial_noise(config.calibration, shape, config.seed)
+    labels = list(config.class_labels) if config.class_labels else None
+    if labels is None and "class_labels" in traced.input_names:
+        labels = traced.example_inputs(config.calibration, seed=config.seed)["class_labels"].tolist()
+    conditions, guidance = conditions_for(traced.input_names, config.calibration, labels, config.prompt_embeds,
+                                          config.guidance_scale, null_class_label)
+    return noise, conditions or {}, guidance
+
+
+def _rows(tensors: dict[str, torch.Tensor], index: list[int]) -> tuple[torch.Tensor, ...]:
+    return tuple(t if t.shape[0] == 1 else t[index] for t in tensors.values())
+
+
+def _extra(conditions, guidance, index: list[int]) -> tuple[torch.Tensor, ...]:
+    if guidance is None:
+        return tuple(v.expand(len(index), *v.shape[1:]) if v.shape[0] == 1 else v for v in _rows(conditions, index))
+    return tuple(torch.cat([u.expand(len(index), *u.shape[1:]), c.expand(len(index), *c.shape[1:])])
+                 for u, c in zip(_rows(guidance.uncond, index), _rows(guidance.cond, index)))
+
+
+def consistency(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM, with the window shrunk to fit small (latent) images."""
+    window = min(11, min(images.shape[-2:]) - (1 - min(images.shape[-2:]) % 2))
+    return 1 - ssim(images, reference, window_size=window).mean()
+
+
+def gated_step_fn(supernet, elements: tuple[str, ...], gates: torch.Tensor, checkpointed: bool = True):
+    """A denoiser for `trajectory` that runs the gated SuperNet with row i of `gates` at call i
+    (call 0 computes everything); gradients reach `gates` through every later call."""
+    run = SuperNetRun(supernet, checkpointed=checkpointed)
+    call = iter(range(gates.shape[0]))
+
+    def step_fn(x, t, *extra):
+        i = next(call)
+        return run(x, t, *extra, gates=None if i == 0 else dict(zip(elements, gates[i])))
+
+    return step_fn
+
+
+def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeConfig, output: str | Path, *,
+             model_source: str | None = None, null_class_label: int | None = None, resume: bool = False,
+             on_iteration: Callable[[dict], None] | None = None) -> TrainedPruner:
+    """Train a pruner (or continue one with `resume`) and keep it in the folder `output`."""
+    import time
+
+    output = Path(output)
+    granularity = "block" if config.granularity == "step" else config.granularity
+    if resume:
+        trained = load_pruner(output, allow_unfinished=True)
+        if trained.state.config != config:
+            stored = asdict(trained.state.config)
+            differ = [k for k, v in asdict(config).items() if stored[k] != v]
+            raise PrunerError(f"{output} was optimized with other settings ({', '.join(differ)}); resume with the "
+                              "same options or choose another -o")
+        state, pruner = trained.state, trained.pruner
+    else:
+        if output.exists():
+            raise PrunerError(f"{output} already exists; pass --resume to continue it or choose another -o")
+        timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
+        scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
+                     "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
+        cost = ScheduleCost(traced, granularity)
+        state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares())
+        pruner = build_pruner(state)
+    cost = ScheduleCost(traced, granularity)
+    elements = state.elements
+    noise, conditions, guidance = _calibration(traced, config, null_class_label)
+    supernet = build_supernet(traced, granularity)
+    # SGD as DiP-GO: the gradient's scale carries each gate's FLOPs share, which Adam would normalise away.
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, config.iters) / config.iters)))
+    if resume:
+        checkpoint = torch.load(output / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_schedule.load_state_dict(checkpoint["lr_schedule"])
+
+    def sampler(step_fn, batch_noise, extra):
+        return trajectory(step_fn, scheduler_config, batch_noise, config.steps, scheduler=config.scheduler,
+                          extra=extra, guidance_scale=config.guidance_scale)
+
+    with torch.no_grad():  # the full model's final images: the consistency targets, once for the pool
+        chunks = [list(range(i, min(i + 16, len(noise)))) for i in range(0, len(noise), 16)]
+        targets = torch.cat([sampler(traced, noise[c], _extra(conditions, guidance, c)) for c in chunks])
+    shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
+                          else [state.cascade_shares[e] for e in elements])
+
+    def save() -> None:
+        output.mkdir(parents=True, exist_ok=True)
+        write_atomic(output / CHECKPOINT_FILE, lambda p: torch.save(
+            {"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_schedule": lr_schedule.state_dict()}, p))
+        write_atomic(output / STATE_FILE, lambda p: p.write_text(json.dumps(state.to_json(), indent=1)))
+
+    if not resume:
+        save()  # a resumable folder exists from iteration 0
+    params = [p for p in pruner.parameters()]
+    started = time.perf_counter()
+    for iteration in range(state.iterations_done, config.iters):
+        index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)]
+        gates = pruner.gates()
+        gates_full = gates.expand(-1, len(elements))  # whole-network gates: one column for all
+        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index], _extra(conditions, guidance, index))
+        loss_consistency = consistency(images, targets[index])
+        hard = tuple(tuple(bool(v) for v in row) for row in (gates_full.detach() > 0.5).tolist())
+        kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
+        sparsity = (gates[1:] * shares).sum(1).mean()
+        loss = loss_consistency + (config.alpha * sparsity if kept > config.ratio else 0.0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        lr_schedule.step()
+        state.iterations_done = iteration + 1
+        record = {"iteration": iteration + 1, "consistency": loss_consistency.item(), "sparsity": sparsity.item(),
+                  "kept": kept, "lr": optimizer.param_groups[0]["lr"]}
+        state.history.append(record)
+        state.seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        if torch.cuda.is_available() and noise.is_cuda:
+            state.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            state.peak_memory_mb = _peak_rss_mb()
+        if state.iterations_done % config.checkpoint_every == 0 or state.complete:
+            save()
+        if on_iteration is not None:
+            on_iteration(record)
+    return TrainedPruner(state, pruner)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, name: str,
+                     whole_calls: bool = False, tolerance: float = RATIO_TOLERANCE) -> tuple[Schedule, float]:
+    """The closed schedule that reuses the highest-scoring pairs, with kept MACs within `tolerance`
+    of `ratio`: bisection over how many of the ranked pairs (or whole calls) to reuse, then a
+    greedy sweep down the ranking where one pair's cascade jumps over the budget."""
+    calls, columns = scores.shape
+    if not 0 < ratio <= 1:
+        raise ScheduleError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {ratio}")
+    if whole_calls:
+        ranked = [[(t, b) for b in range(columns)] for t in
+                  sorted(range(1, calls), key=lambda t: (-scores[t].mean().item(), t))]
+    else:
+        ranked = [[(t, b)] for t, b in sorted(((t, b) for t in range(1, calls) for b in range(columns)),
+                                              key=lambda tb: (-scores[tb].item(), tb))]
+
+    def schedule_with(groups) -> Schedule:
+        rows = [[True] * columns for _ in range(calls)]
+        for group in groups:
+            for t, b in group:
+                rows[t][b] = False
+        return cost.close(Schedule(name, cost.elements, tuple(tuple(r) for r in rows), cost.granularity))
+
+    ratios: dict[int, float] = {}
+
+    def kept(k: int) -> float:
+        if k not in ratios:
+            ratios[k] = cost.kept_ratio(schedule_with(ranked[:k]))
+        return ratios[k]
+
+    low, high = 0, len(ranked)  # kept(low) > ratio >= kept(high), when reachable
+    if kept(high) > ratio + tolerance:
+        raise ScheduleError(f"the smallest schedule keeps {kept(high):.1%} of the MACs (call 0 always runs in "
+                            f"full); ask for --ratio {kept(high):.3f} or more")
+    if kept(low) <= ratio + tolerance:
+        return schedule_with([]), kept(low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if kept(middle) > ratio:
+            low = middle
+        else:
+            high = middle
+    best = min((low, high), key=lambda k: abs(kept(k) - ratio))
+    if abs(kept(best) - ratio) <= tolerance:
+        return schedule_with(ranked[:best]), kept(best)
+    # The next pair in rank order overshoots (e.g. it kills a whole call): go on down the ranking,
+    # skipping pairs that would overshoot, until the budget is met.
+    chosen = list(ranked[:low])
+    for group in ranked[low:]:
+        trial = cost.kept_ratio(schedule_with(chosen + [group]))
+        if trial >= ratio - tolerance:
+            chosen.append(group)
+            if trial <= ratio + tolerance:
+                return schedule_with(chosen), trial
+    raise ScheduleError(f"no schedule from these scores keeps {ratio:.1%} of the MACs within {tolerance:.2%} "
+                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another --ratio")
+
+
+def save_heatmap(scores: torch.Tensor, schedule: Schedule, path: str | Path, title: str) -> Path:
+    """One PNG, two panels (elements x denoiser calls): the pruner's P(reuse) and the chosen schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    calls, columns = scores.shape
+    compute = torch.tensor([[float(c) for c in row] for row in schedule.compute])
+    height = 1.2 + 0.22 * columns
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.16 * calls + 3), 2 * height + 0.6), constrained_layout=True)
+    panels = [(scores.T.numpy(), "P(reuse) from the pruner", "viridis"),
+              (compute.T.numpy(), "schedule: dark = compute, light = reuse cached output", "Greys")]
+    for ax, (data, label, cmap) in zip(axes, panels):
+        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(columns), schedule.blocks, fontsize=7)
+        ax.set_xlabel("denoiser call")
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02)
+    fig.suptitle(title, fontsize=10)
+    try:
+        return write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)

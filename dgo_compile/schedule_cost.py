@@ -1,0 +1,82 @@
+"""Exact MACs of a block schedule, read from the graph rather than from per-block sums.
+
+A call's cost is what stays live once reused elements hand on their caches: the stem dies with
+every block it feeds, the head stays while it reads a cached output, and a computed block's
+value that nobody reads now or later (a downsampler before a reused block) is not computed.
+It is counted on the graph
+with the timestep path folded, node for node what `fold_schedule` leaves in each artifact
+variant, so a ratio chosen here is the ratio the manifest reports.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from dgo_compile.passes import FoldTimestep, PassManager, cost_of
+from dgo_compile.passes.boundaries import boundary_values, data_inputs, element_consumers, element_of, sample_dependent
+
+from .cost import analyse
+from .runtime import VariantKey, variant_keys
+from .schedule import Schedule
+from .tracing import TracedDenoiser
+
+
+class ScheduleCost:
+    """Per-step and per-run MACs of schedules over one model's elements at one granularity."""
+
+    def __init__(self, traced: TracedDenoiser, granularity: str = "block"):
+        graph_module = PassManager([FoldTimestep()]).run(analyse(traced)).graph_module
+        self.granularity = granularity
+        self.elements = tuple(b.name for b in traced.blocks) if granularity == "block" else \
+            tuple(u for b in traced.blocks for u in b.units)
+        self.consumers = element_consumers(graph_module, self.elements, granularity)
+        self._dependent = sample_dependent(graph_module)
+        self._owner = {n: element_of(n, granularity) for n in graph_module.graph.nodes}
+        self._roots = boundary_values(graph_module, granularity)
+        self._output = next(n for n in graph_module.graph.nodes if n.op == "output")
+        self._memo: dict[VariantKey, int] = {}
+        self.full_macs = self.step_macs(frozenset())
+
+    def step_macs(self, reused: frozenset[str], exposed: frozenset[str] = frozenset()) -> int:
+        """MACs of one call that reuses `reused` and also stores the outputs of `exposed`."""
+        key = (reused, exposed)
+        if key not in self._memo:
+            stack = list(self._output.all_input_nodes) + [n for e in exposed for n in self._roots.get(e, [])]
+            live: set[fx.Node] = set()
+            while stack:
+                node = stack.pop()
+                if node in live:
+                    continue
+                owner = self._owner[node]
+                if owner in reused and node in self._dependent:
+                    continue  # a reused element's value: read from its cache
+                live.add(node)
+                stack.extend(data_inputs(node))
+            self._memo[key] = sum(cost_of(n).macs for n in live if n.op == "call_function")
+        return self._memo[key]
+
+    def close(self, schedule: Schedule) -> Schedule:
+        return schedule.with_closure(self.consumers)
+
+    def per_call(self, schedule: Schedule) -> list[int]:
+        """MACs of each call of the closed schedule."""
+        return [self.step_macs(*key) for key in variant_keys(self.close(schedule), self.consumers)]
+
+    def kept_ratio(self, schedule: Schedule) -> float:
+        """The closed schedule's MACs per run over the full model's."""
+        return sum(self.per_call(schedule)) / (self.full_macs * schedule.steps)
+
+    def cascade_shares(self) -> dict[str, float]:
+        """DiP-GO's gamma: the share of a call's MACs that reusing one element saves, counting
+        every element that dies with it (reusing a UNet's last up block saves nearly all)."""
+        shares = {}
+        for element in self.elements:
+            rows = [tuple(True for _ in self.elements), tuple(e != element for e in self.elements),
+                    tuple(True for _ in self.elements)]
+            closed = self.close(Schedule("cascade", self.elements, tuple(rows), self.granularity))
+            shares[element] = 1 - self.per_call(closed)[1] / self.full_macs
+        return shares
+
+    def reuse_all_share(self) -> float:
+        """What reusing every element of a call saves (the head on the cached output remains)."""
+        return 1 - self.step_macs(frozenset(self.elements)) / self.full_macs

@@ -1,0 +1,182 @@
+"""DiP-GO's pruner: gradients through the trajectory, schedule extraction, resume, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from dgo_compile import load, trace
+from dgo_compile.passes import cost_of
+from dgo_compile.pruner import (
+    OptimizeConfig, PrunerError, consistency, extract_schedule, gated_step_fn, load_pruner, optimize,
+)
+from dgo_compile.runtime import build_supernet, fold, gateable_elements
+from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
+from dgo_compile.schedule import Schedule, ScheduleError
+from dgo_compile.schedule_cost import ScheduleCost
+
+DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
+        "clip_sample": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(config_dir):
+    return trace(load(config_dir / "unet2d" / "config.json"))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    loaded = load()
+    return loaded, trace(loaded, verify=False)
+
+
+def test_gate_gradients_match_finite_differences_through_later_calls(tiny):
+    supernet = build_supernet(tiny)
+    elements = gateable_elements(tiny)
+    noise = initial_noise(2, (3, 16, 16), 5)
+    with torch.no_grad():
+        reference = trajectory(tiny, DDIM, noise, 5, clamp=False)  # random weights: nearly every pixel clamps
+
+    def loss(gates, checkpointed=True):
+        images = trajectory(gated_step_fn(supernet, elements, gates, checkpointed), DDIM, noise, 5, clamp=False)
+        return (images - reference).pow(2).mean()
+
+    gates = torch.ones(5, len(elements))
+    gates[2, elements.index("mid_block")] = 0.3  # away from the all-keep optimum, where SSIM's gradient is 0
+    gates.requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(gates), gates)
+    (plain,) = torch.autograd.grad(loss(gates, checkpointed=False), gates)
+    torch.testing.assert_close(grad, plain)
+    assert grad[0].abs().sum() == 0  # call 0 always computes: its gates are not used
+    # A gate at call 1 acts on the final image only through calls 2..4: check it numerically.
+    for element in ("down_blocks.1", "up_blocks.0"):
+        b = elements.index(element)
+        eps = 1e-2
+        with torch.no_grad():
+            plus, minus = gates.clone(), gates.clone()
+            plus[1, b] += eps
+            minus[1, b] -= eps
+            numeric = (loss(plus) - loss(minus)) / (2 * eps)
+        assert grad[1, b].abs() > 1e-5
+        assert grad[1, b].item() == pytest.approx(numeric.item(), rel=0.02)
+
+
+def test_consistency_gradient_reaches_the_pruner_parameters(tiny, tmp_path):
+    config = OptimizeConfig(ratio=0.5, steps=4, iters=1, batch=1, calibration=1, dim=16, layers=1)
+    trained = optimize(tiny, DDIM, config, tmp_path / "p")
+    pruner = trained.pruner
+    with torch.no_grad():  # make call 2 reuse every block, so the images differ from the full model's
+        pruner.head_bias[2] = torch.tensor([2.0, 0.0])
+    supernet = build_supernet(tiny)
+    noise = initial_noise(1, (3, 16, 16), 0)
+    with torch.no_grad():
+        reference = trajectory(tiny, DDIM, noise, 4)
+    gates = pruner.gates()
+    assert gates[2].detach().eq(0).all() and gates[1].detach().eq(1).all()
+    images = trajectory(gated_step_fn(supernet, trained.state.elements, gates), DDIM, noise, 4)
+    loss = consistency(images, reference)
+    assert loss.item() > 0
+    grads = dict(zip([n for n, _ in pruner.named_parameters()],
+                     torch.autograd.grad(loss, list(pruner.parameters()), allow_unused=True)))
+    assert grads["head_bias"][2].abs().sum() > 0  # the reused call wants its blocks back
+    assert grads["queries"].abs().sum() > 0 and grads["encoder.layers.0.self_attn.in_proj_weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.25, 0.5, 0.8])
+def test_extracted_schedule_lands_within_tolerance_and_is_valid(shipped, ratio):
+    _, traced = shipped
+    cost = ScheduleCost(traced)
+    scores = torch.rand(50, len(cost.elements), generator=torch.Generator().manual_seed(int(ratio * 100)))
+    schedule, kept = extract_schedule(scores, cost, ratio, "learned")
+    assert abs(kept - ratio) <= 0.0125
+    assert kept == pytest.approx(cost.kept_ratio(schedule))
+    assert all(schedule.compute[0]) and cost.close(schedule) == schedule  # valid and already closed
+    # Reused pairs are the highest-scoring ones among those not killed by the closure.
+    whole, whole_kept = extract_schedule(scores, cost, ratio, "steps", whole_calls=True)
+    assert all(all(row) or not any(row) for row in whole.compute)
+    assert abs(whole_kept - ratio) <= 0.0125
+
+
+def test_schedule_cost_is_what_the_folded_graphs_run(shipped):
+    loaded, traced = shipped
+    cost = ScheduleCost(traced)
+    scores = torch.rand(8, len(cost.elements), generator=torch.Generator().manual_seed(3))
+    schedule, _ = extract_schedule(scores, cost, 0.6, "learned", tolerance=0.1)
+    folded = fold(traced, schedule, denoiser_timesteps(loaded.scheduler_config, 8))
+    folded_macs = [sum(cost_of(n).macs for n in folded.variants[key].graph.nodes if n.op == "call_function")
+                   for key in folded.step_variant]
+    assert cost.per_call(schedule) == folded_macs
+    # Reusing the last up block kills the whole UNet but the head: DiP-GO's cascade share.
+    shares = cost.cascade_shares()
+    assert shares["up_blocks.3"] == pytest.approx(cost.reuse_all_share()) and shares["up_blocks.3"] > 0.95
+    assert shares["down_blocks.0"] < shares["up_blocks.3"]
+
+
+def test_ratio_below_the_smallest_schedule_is_refused(shipped):
+    cost = ScheduleCost(shipped[1])
+    with pytest.raises(ScheduleError, match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for --ratio 0\.02"):
+        extract_schedule(torch.rand(50, len(cost.elements)), cost, 0.005, "learned")
+
+
+def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
+    config = OptimizeConfig(ratio=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1, checkpoint_every=1)
+    straight = optimize(tiny, DDIM, config, tmp_path / "straight")
+
+    def stop_after_two(record):
+        if record["iteration"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize(tiny, DDIM, config, tmp_path / "resumed", on_iteration=stop_after_two)
+    with pytest.raises(PrunerError, match="stopped at iteration 2 of 4; finish it with `dgo-compile optimize"):
+        load_pruner(tmp_path / "resumed")
+    resumed = optimize(tiny, DDIM, config, tmp_path / "resumed", resume=True)
+    assert resumed.state.iterations_done == 4
+    assert [r["kept"] for r in resumed.state.history] == [r["kept"] for r in straight.state.history]
+    for (name, a), b in zip(straight.pruner.state_dict().items(), load_pruner(tmp_path / "resumed").pruner.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(PrunerError, match=r"optimized with other settings \(lr\)"):
+        optimize(tiny, DDIM, OptimizeConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed", resume=True)
+    with pytest.raises(PrunerError, match="already exists; pass --resume"):
+        optimize(tiny, DDIM, config, tmp_path / "straight")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
+    result = run("optimize", "--steps", "4", "--iters", "2", "--batch", "1", "--calibration", "2", "--ratio", "0.5",
+                 "-o", tmp_path / "pruner")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "2 iterations" in result.stdout
+    state = json.loads((tmp_path / "pruner" / "pruner.json").read_text())
+    assert state["complete"] and len(state["history"]) == 2 and state["elements"][0] == "down_blocks.0"
+    result = run("schedule", tmp_path / "pruner", "--ratio", "0.6", "-o", tmp_path / "s.json")
+    assert result.returncode == 0, result.stderr
+    plan = Schedule.load(tmp_path / "s.json")
+    assert plan.steps == 4 and all(plan.compute[0])
+    with Image.open(tmp_path / "s.png") as heatmap:
+        assert heatmap.width > 400 and heatmap.height > 200
+    result = run("compile", "--schedule", tmp_path / "s.json", "--steps", "4", "-o", tmp_path / "artifact")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["schedule"]["compute"] == [[int(c) for c in row] for row in plan.compute]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optimize", "--ratio", "1.5", "-o", "{tmp}/p"], "error: --ratio must be in (0, 1] (the kept share of the full "
+                                                      "model's MACs), got 1.5"),
+    (["optimize", "--granularity", "layer", "-o", "{tmp}/p"], "error: --granularity must be one of block, unit, step"),
+    (["optimize", "--resume", "-o", "{tmp}/p"], "is not a pruner folder (needs pruner.json and checkpoint.pt)"),
+    (["schedule", "{tmp}", "--ratio", "0.5"], "is not a pruner folder"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    result = run(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "p").exists()
