@@ -160,6 +160,9 @@ class OrtArtifact:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if len(manifest["variants"]) > 1:
+            # Variants take turns: a session that spins after its call steals the cores of the next one.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = [ort.InferenceSession(str(Path(path) / v["file"]), options, providers=providers)
                     for v in manifest["variants"]]
         constants: list[dict[str, np.ndarray]] = [{} for _ in manifest["call_variants"]]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -266,10 +267,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
              model_source: str | None = None, null_class_label: int | None = None, resume: bool = False,
              on_iteration: Callable[[dict], None] | None = None) -> TrainedPruner:
     """Train a pruner (or continue one with `resume`) and keep it in the folder `output`."""
-    import time
-
     output = Path(output)
     granularity = "block" if config.granularity == "step" else config.granularity
+    cost = ScheduleCost(traced, granularity)
     if resume:
         trained = load_pruner(output, allow_unfinished=True)
         if trained.state.config != config:
@@ -284,10 +284,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
         scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
                      "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
-        cost = ScheduleCost(traced, granularity)
         state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares())
         pruner = build_pruner(state)
-    cost = ScheduleCost(traced, granularity)
     elements = state.elements
     noise, conditions, guidance = _calibration(traced, config, null_class_label)
     supernet = build_supernet(traced, granularity)
