@@ -33,6 +33,10 @@ from dgo_compile.schedule_cost import ScheduleCost
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.5, 0.25, 0.2)
+# (label, granularity, SGD lr): DiP-GO's lr, a gentler one (the paper's lr saturates the gates
+# within ~60 of our 150 iterations), and the same optimizer restricted to whole-network reuse.
+PRUNERS = (("learned blocks (lr 0.1)", "block", 0.1), ("learned blocks (lr 0.03)", "block", 0.03),
+           ("learned steps (lr 0.1)", "step", 0.1))
 
 
 def main() -> None:
@@ -44,7 +48,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=200, help="evaluation samples per schedule")
     parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pruners", type=Path, default=None, help="keep the trained pruners here (default: temp)")
+    parser.add_argument("--pruners", type=Path, default=None,
+                        help="keep the trained pruners here (default: temp); finished ones found there are reused")
+    parser.add_argument("--train-only", type=int, default=None, help="train only PRUNERS[i] (run them side by side)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -58,24 +64,29 @@ def main() -> None:
     trained = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.pruners or Path(tmp)
-        for label, granularity in (("learned blocks", "block"), ("learned steps", "step")):
+        for index, (label, granularity, lr) in enumerate(PRUNERS):
+            if args.train_only is not None and index != args.train_only:
+                continue
             settings = OptimizeConfig(ratio=args.ratio, steps=args.steps, iters=args.iters, batch=args.batch,
-                                      granularity=granularity)
-            folder = root / f"pruner_{granularity}"
+                                      granularity=granularity, lr=lr)
+            folder = root / f"pruner_{granularity}_lr{lr:g}"
             started = time.perf_counter()
             trained[label] = optimize(traced, config, settings, folder, model_source=None, resume=folder.exists(),
                                       on_iteration=lambda r, g=granularity: print(g, json.dumps(r), flush=True))
             print(f"{label}: {time.perf_counter() - started:.0f} s", flush=True)
+        if args.train_only is not None:
+            return
 
     schedules = {("full", 1.0): builtin("full", args.steps, names)}
     for budget in BUDGETS:
         for label, pruner in trained.items():
-            plan, _ = extract_schedule(pruner.reuse_scores(), cost, budget, f"{label} {budget}", pruner.whole_calls)
+            plan, _ = extract_schedule(pruner.reuse_margins(), cost, budget, f"{label} {budget}", pruner.whole_calls)
             schedules[(label, budget)] = plan
-            if label == "learned blocks":
-                save_heatmap(pruner.reuse_scores(), plan, RESULTS / f"pruner_heatmap_{int(budget * 100)}.png",
-                             f"learned block schedule at {budget:.0%} kept MACs (DDIM {args.steps})")
-                plan.save(RESULTS / f"pruner_schedule_{int(budget * 100)}.json")
+            if not pruner.whole_calls:
+                stem = f"pruner_{label.split('(')[-1].rstrip(')').replace(' ', '_')}_{int(budget * 100)}"
+                save_heatmap(pruner.reuse_scores(), plan, RESULTS / f"{stem}.png",
+                             f"{label} at {budget:.0%} kept MACs (DDIM {args.steps})")
+                plan.save(RESULTS / f"{stem}.json")
         random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
         schedules[("random", budget)] = extract_schedule(random_scores, cost, budget, f"random {budget}")[0]
         k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps, names)) - budget))
@@ -104,7 +115,8 @@ def main() -> None:
                      "fd_vs_real": frechet_distance(classifier_features(images, classifier), real_features)})
     optimization = {label: {"granularity": p.state.config.granularity, "iterations": p.state.iterations_done,
                             "seconds": p.state.seconds, "peak_memory_mb": p.state.peak_memory_mb,
-                            "final_kept": p.state.history[-1]["kept"], "history": p.state.history}
+                            "lr": p.state.config.lr, "final_kept": p.state.history[-1]["kept"],
+                            "history": p.state.history}
                     for label, p in trained.items()}
     (RESULTS / "pruner.json").write_text(json.dumps({
         "dgo_compile": __version__, "torch": torch.__version__, "steps": args.steps, "n": args.n,

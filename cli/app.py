@@ -214,26 +214,26 @@ def bench(
 def optimize(
     model: ModelArg = None,
     ratio: Annotated[Optional[float], typer.Option(
-        help="Kept-MACs target in (0, 1]: the sparsity loss is off once the schedule keeps no more. [default: 0.25]",
+        help="Kept-MACs target in (0, 1]: the sparsity loss is off once the schedule keeps no more. (default: 0.25)",
         show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampler steps. [default: 50]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps. (default: 50)", show_default=False)] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
                                                           "Default: the model's.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. [default: 100]", show_default=False)] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. [default: 2]", show_default=False)] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 100)", show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)", show_default=False)] = None,
     calibration: Annotated[Optional[int], typer.Option(
-        help="Calibration noises (and conditions) the iterations cycle through. [default: 32]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). [default: 0.1]",
+        help="Calibration noises (and conditions) the iterations cycle through. (default: 32)", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). (default: 0.1)",
                                                 show_default=False)] = None,
     granularity: Annotated[Optional[str], typer.Option(
-        help="Gate blocks, units, or whole steps (a learned non-uniform step schedule). [default: block]",
+        help="Gate blocks, units, or whole steps (a learned non-uniform step schedule). (default: block)",
         show_default=False)] = None,
     timestep_conditioning: Annotated[Optional[bool], typer.Option(
         "--timestep-conditioning/--no-timestep-conditioning",
-        help="Feed each call's timestep embedding to the pruner. [default: on]", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the pruner and the calibration noise. [default: 0]",
+        help="Feed each call's timestep embedding to the pruner. (default: on)", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the pruner and the calibration noise. (default: 0)",
                                                 show_default=False)] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Iterations between checkpoints. [default: 10]",
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Iterations between checkpoints. (default: 10)",
                                                             show_default=False)] = None,
     class_label: Annotated[Optional[list[int]], typer.Option(
         help="Calibration classes for class-conditional models (default: random classes).")] = None,
@@ -308,10 +308,9 @@ def schedule(
     if cost.elements != state.elements:
         raise DgoError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
                        f"{list(cost.elements)[:3]}...; pass the pruner's model with --model")
-    scores = trained.reuse_scores()
-    plan, kept = extract_schedule(scores, cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
+    plan, kept = extract_schedule(trained.reuse_margins(), cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
     heatmap = heatmap or output.with_suffix(".png")
-    save_heatmap(scores, plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
+    save_heatmap(trained.reuse_scores(), plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
                                         f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
     plan.save(output)
     reused_calls = sum(not any(row) for row in plan.compute)

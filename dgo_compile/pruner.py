@@ -133,11 +133,13 @@ class Pruner(nn.Module):
         return torch.cat([torch.ones_like(gates[:1]), gates[1:]])
 
     @torch.no_grad()
-    def reuse_scores(self) -> torch.Tensor:
-        """P(reuse) per (call, column); call 0 is 0."""
-        scores = self.logits().softmax(-1)[..., 0]
-        scores[0] = 0
-        return scores
+    def reuse_margins(self) -> torch.Tensor:
+        """logit(reuse) - logit(keep) per (call, column), -inf at call 0: the ranking for extraction,
+        which keeps its order where the softmax has saturated to 0 or 1."""
+        logits = self.logits()
+        margins = logits[..., 0] - logits[..., 1]
+        margins[0] = -math.inf
+        return margins
 
 
 @dataclass
@@ -190,10 +192,14 @@ class TrainedPruner:
     state: PrunerState
     pruner: Pruner
 
+    def reuse_margins(self) -> torch.Tensor:
+        """Reuse-minus-keep logits [calls, elements]; whole-network gates are spread over every element."""
+        margins = self.pruner.reuse_margins()
+        return margins.expand(-1, len(self.state.elements)) if margins.shape[1] == 1 else margins
+
     def reuse_scores(self) -> torch.Tensor:
-        """P(reuse) [calls, elements]; whole-network gates are spread over every element."""
-        scores = self.pruner.reuse_scores()
-        return scores.expand(-1, len(self.state.elements)) if scores.shape[1] == 1 else scores
+        """P(reuse) [calls, elements], for people to read."""
+        return self.reuse_margins().sigmoid()
 
     @property
     def whole_calls(self) -> bool:
@@ -360,7 +366,8 @@ def _peak_rss_mb() -> float:
 
 def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, name: str,
                      whole_calls: bool = False, tolerance: float = RATIO_TOLERANCE) -> tuple[Schedule, float]:
-    """The closed schedule that reuses the highest-scoring pairs, with kept MACs within `tolerance`
+    """The closed schedule that reuses the highest-scoring pairs (scores: any reals, e.g. the
+    pruner's reuse margins; call 0 is never reused), with kept MACs within `tolerance`
     of `ratio`: bisection over how many of the ranked pairs (or whole calls) to reuse, then a
     greedy sweep down the ranking where one pair's cascade jumps over the budget."""
     calls, columns = scores.shape
