@@ -223,7 +223,7 @@ def optimize(
     batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)", show_default=False)] = None,
     calibration: Annotated[Optional[int], typer.Option(
         help="Calibration noises (and conditions) the iterations cycle through. (default: 32)", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). (default: 0.1)",
+    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). (default: 0.03)",
                                                 show_default=False)] = None,
     granularity: Annotated[Optional[str], typer.Option(
         help="Gate blocks, units, or whole steps (a learned non-uniform step schedule). (default: block)",
