@@ -219,7 +219,7 @@ def optimize(
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps. (default: 50)", show_default=False)] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
                                                           "Default: the model's.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 100)", show_default=False)] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 150)", show_default=False)] = None,
     batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)", show_default=False)] = None,
     calibration: Annotated[Optional[int], typer.Option(
         help="Calibration noises (and conditions) the iterations cycle through. (default: 32)", show_default=False)] = None,

@@ -54,7 +54,7 @@ class OptimizeConfig:
     ratio: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
     steps: int = 50
     scheduler: str | None = None
-    iters: int = 100
+    iters: int = 150
     batch: int = 2
     calibration: int = 32  # noise seeds (and conditions) cycled through by the iterations
     # DiP-GO uses 0.1 over 1000 iterations; over our 150 that saturates every gate (benchmarks/results/pruner.md).
