@@ -249,7 +249,7 @@ def optimize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dgo_compile import load, trace
-    from dgo_compile.pruner import OptimizeConfig, load_pruner
+    from dgo_compile.pruner import OptimizeConfig, load_pruner, vae_decoder
     from dgo_compile.pruner import optimize as run_optimize
 
     given = {k: v for k, v in dict(
@@ -280,6 +280,7 @@ def optimize(
 
         trained = run_optimize(traced, loaded.scheduler_config, config, output, model_source=str(loaded.source.resolve()),
                                null_class_label=traced.family.null_class_label(loaded.model), resume=resume,
+                               decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None,
                                on_iteration=show)
     last = trained.state.history[-1] if trained.state.history else {}
     out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "

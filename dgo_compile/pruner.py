@@ -157,6 +157,7 @@ class PrunerState:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_mb: float | None = None
+    decoded_with_vae: bool = False  # consistency on VAE-decoded images rather than latents
 
     @property
     def complete(self) -> bool:
@@ -167,7 +168,8 @@ class PrunerState:
                 "model_source": self.model_source, "scheduler": self.scheduler, "elements": list(self.elements),
                 "schedule_granularity": self.schedule_granularity, "cascade_shares": self.cascade_shares,
                 "iterations_done": self.iterations_done, "complete": self.complete, "seconds": self.seconds,
-                "peak_memory_mb": self.peak_memory_mb, "history": self.history}
+                "peak_memory_mb": self.peak_memory_mb, "decoded_with_vae": self.decoded_with_vae,
+                "history": self.history}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "PrunerState":
@@ -176,7 +178,8 @@ class PrunerState:
                               "re-run `dgo-compile optimize`")
         return cls(OptimizeConfig.from_json(data["config"]), data["model_source"], data["scheduler"],
                    tuple(data["elements"]), data["schedule_granularity"], data["cascade_shares"],
-                   data["iterations_done"], data["history"], data.get("seconds", 0.0), data.get("peak_memory_mb"))
+                   data["iterations_done"], data["history"], data.get("seconds", 0.0), data.get("peak_memory_mb"),
+                   data.get("decoded_with_vae", False))
 
 
 def build_pruner(state: PrunerState) -> Pruner:
@@ -257,6 +260,26 @@ def consistency(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return 1 - ssim(images, reference, window_size=window).mean()
 
 
+def vae_decoder(pipeline: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a latent pipeline folder with a `vae/`: latents -> images in [-1, 1], differentiable, so
+    the consistency loss compares pictures rather than latents. None without a VAE."""
+    folder = Path(pipeline) / "vae"
+    if not (folder / "config.json").is_file():
+        return None
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(folder).eval()
+    except Exception as exc:
+        raise PrunerError(f"cannot load the VAE in {folder}: {exc}") from exc
+    scale = vae.config.scaling_factor
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents / scale).sample.clamp(-1, 1)
+
+    return decode
+
+
 def gated_step_fn(supernet, elements: tuple[str, ...], gates: torch.Tensor, checkpointed: bool = True):
     """A denoiser for `trajectory` that runs the gated SuperNet with row i of `gates` at call i
     (call 0 computes everything); gradients reach `gates` through every later call."""
@@ -272,8 +295,13 @@ def gated_step_fn(supernet, elements: tuple[str, ...], gates: torch.Tensor, chec
 
 def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeConfig, output: str | Path, *,
              model_source: str | None = None, null_class_label: int | None = None, resume: bool = False,
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
              on_iteration: Callable[[dict], None] | None = None) -> TrainedPruner:
-    """Train a pruner (or continue one with `resume`) and keep it in the folder `output`."""
+    """Train a pruner (or continue one with `resume`) and keep it in the folder `output`.
+
+    With `decode` (e.g. `vae_decoder(pipeline)`), final latents are decoded before the
+    consistency loss, and gradients flow back through the decoder.
+    """
     output = Path(output)
     granularity = "block" if config.granularity == "step" else config.granularity
     cost = ScheduleCost(traced, granularity)
@@ -291,7 +319,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
         scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
                      "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
-        state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares())
+        state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares(),
+                            decoded_with_vae=decode is not None)
         pruner = build_pruner(state)
     elements = state.elements
     noise, conditions, guidance = _calibration(traced, config, null_class_label)
@@ -307,8 +336,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         lr_schedule.load_state_dict(checkpoint["lr_schedule"])
 
     def sampler(step_fn, batch_noise, extra):
-        return trajectory(step_fn, scheduler_config, batch_noise, config.steps, scheduler=config.scheduler,
-                          extra=extra, guidance_scale=config.guidance_scale)
+        final = trajectory(step_fn, scheduler_config, batch_noise, config.steps, scheduler=config.scheduler,
+                           extra=extra, guidance_scale=config.guidance_scale, clamp=decode is None)
+        return final if decode is None else decode(final)
 
     with torch.no_grad():  # the full model's final images: the consistency targets, once for the pool
         chunks = [list(range(i, min(i + 16, len(noise)))) for i in range(0, len(noise), 16)]

@@ -180,3 +180,41 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "p").exists()
+
+
+@pytest.fixture(scope="module")
+def latent_pipeline(tmp_path_factory):
+    """A tiny latent text-to-image pipeline folder: UNet2DConditionModel, a VAE, DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from model_configs import TINY_SD
+
+    path = tmp_path_factory.mktemp("latent_pipe")
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(TINY_SD).save_pretrained(path / "unet")
+    AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  ).save_pretrained(path / "vae")
+    DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    save_file({"encoder_hidden_states": torch.randn(2, 4, 32)}, str(path / "prompts.safetensors"))
+    return path
+
+
+def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, tmp_path):
+    from dgo_compile.pruner import vae_decoder
+
+    decode = vae_decoder(latent_pipeline)
+    assert decode(torch.randn(2, 4, 16, 16)).shape == (2, 3, 32, 32)
+    assert vae_decoder(tmp_path) is None
+    result = run("optimize", latent_pipeline, "--prompt-embeds", latent_pipeline / "prompts.safetensors",
+                 "--steps", "3", "--iters", "1", "--batch", "1", "--calibration", "2", "-o", tmp_path / "p")
+    assert result.returncode == 0, result.stderr
+    state = json.loads((tmp_path / "p" / "pruner.json").read_text())
+    assert state["decoded_with_vae"] is True and state["elements"] == ["down_blocks.0", "down_blocks.1", "mid_block",
+                                                                       "up_blocks.0", "up_blocks.1"]
+    result = run("optimize", latent_pipeline, "--steps", "3", "-o", tmp_path / "q")
+    assert result.returncode == 1 and "--prompt-embeds" in result.stderr and not (tmp_path / "q").exists()
