@@ -29,7 +29,7 @@ from torch import nn
 from .errors import DgoError
 from .files import write_atomic
 from .metrics import ssim
-from .runtime import SuperNetRun, build_supernet, gateable_elements
+from .runtime import SuperNetRun, build_supernet
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
 from .schedule import Schedule, ScheduleError
 from .schedule_cost import ScheduleCost
