@@ -261,7 +261,7 @@ def optimize(
     if resume:
         stored = load_pruner(output, allow_unfinished=True).state
         config = replace(stored.config, **given)
-        model = model or (Path(stored.model_source) if stored.model_source else None)
+        model = model or stored.model_path
     else:
         config = OptimizeConfig(**given)
     loaded = load(model)
@@ -304,7 +304,7 @@ def schedule(
 
     trained = load_pruner(pruner)
     state = trained.state
-    loaded = load(model or (Path(state.model_source) if state.model_source else None))
+    loaded = load(model or state.model_path)
     cost = ScheduleCost(trace(loaded), state.schedule_granularity)
     if cost.elements != state.elements:
         raise DgoError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "

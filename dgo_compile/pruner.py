@@ -160,6 +160,10 @@ class PrunerState:
     decoded_with_vae: bool = False  # consistency on VAE-decoded images rather than latents
 
     @property
+    def model_path(self) -> Path | None:
+        return Path(self.model_source) if self.model_source else None
+
+    @property
     def complete(self) -> bool:
         return self.iterations_done >= self.config.iters
 
@@ -416,7 +420,7 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, nam
         for group in groups:
             for t, b in group:
                 rows[t][b] = False
-        return cost.close(Schedule(name, cost.elements, tuple(tuple(r) for r in rows), cost.granularity))
+        return Schedule(name, cost.elements, tuple(tuple(r) for r in rows), cost.granularity)  # kept_ratio closes it
 
     ratios: dict[int, float] = {}
 
@@ -430,7 +434,7 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, nam
         raise ScheduleError(f"the smallest schedule keeps {kept(high):.1%} of the MACs (call 0 always runs in "
                             f"full); ask for --ratio {kept(high):.3f} or more")
     if kept(low) <= ratio + tolerance:
-        return schedule_with([]), kept(low)
+        return cost.close(schedule_with([])), kept(low)
     while high - low > 1:
         middle = (low + high) // 2
         if kept(middle) > ratio:
@@ -439,7 +443,7 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, nam
             high = middle
     best = min((low, high), key=lambda k: abs(kept(k) - ratio))
     if abs(kept(best) - ratio) <= tolerance:
-        return schedule_with(ranked[:best]), kept(best)
+        return cost.close(schedule_with(ranked[:best])), kept(best)
     # The next pair in rank order overshoots (e.g. it kills a whole call): go on down the ranking,
     # skipping pairs that would overshoot, until the budget is met.
     chosen = list(ranked[:low])
@@ -448,7 +452,7 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, nam
         if trial >= ratio - tolerance:
             chosen.append(group)
             if trial <= ratio + tolerance:
-                return schedule_with(chosen), trial
+                return cost.close(schedule_with(chosen)), trial
     raise ScheduleError(f"no schedule from these scores keeps {ratio:.1%} of the MACs within {tolerance:.2%} "
                         f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another --ratio")
 

@@ -3,9 +3,8 @@
 A call's cost is what stays live once reused elements hand on their caches: the stem dies with
 every block it feeds, the head stays while it reads a cached output, and a computed block's
 value that nobody reads now or later (a downsampler before a reused block) is not computed.
-It is counted on the graph
-with the timestep path folded, node for node what `fold_schedule` leaves in each artifact
-variant, so a ratio chosen here is the ratio the manifest reports.
+It is counted on the graph with the timestep path folded, node for node what `fold_schedule`
+leaves in each artifact variant, so a ratio chosen here is the ratio the manifest reports.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dgo_compile.passes import FoldTimestep, PassManager, cost_of
 from dgo_compile.passes.boundaries import boundary_values, data_inputs, element_consumers, element_of, sample_dependent
 
 from .cost import analyse
-from .runtime import VariantKey, variant_keys
+from .runtime import VariantKey, gateable_elements, variant_keys
 from .schedule import Schedule
 from .tracing import TracedDenoiser
 
@@ -27,8 +26,7 @@ class ScheduleCost:
     def __init__(self, traced: TracedDenoiser, granularity: str = "block"):
         graph_module = PassManager([FoldTimestep()]).run(analyse(traced)).graph_module
         self.granularity = granularity
-        self.elements = tuple(b.name for b in traced.blocks) if granularity == "block" else \
-            tuple(u for b in traced.blocks for u in b.units)
+        self.elements = gateable_elements(traced, granularity)
         self.consumers = element_consumers(graph_module, self.elements, granularity)
         self._dependent = sample_dependent(graph_module)
         self._owner = {n: element_of(n, granularity) for n in graph_module.graph.nodes}
