@@ -51,7 +51,7 @@ def inspect(
         return
     total = report.total
     table = Table(title=f"{report.model} from {loaded.source}" + (" (random weights)" if loaded.random_weights else ""),
-                  caption=f"inputs: " + ", ".join(f"{k} {list(v)}" for k, v in report.input_shapes.items()))
+                  caption="inputs: " + ", ".join(f"{k} {list(v)}" for k, v in report.input_shapes.items()))
     for col, justify in [("block", "left"), ("kind", "left"), ("in", "left"), ("out", "left"), ("params", "right"),
                          ("weight MACs", "right"), ("attn MACs", "right"), ("share", "right")]:
         table.add_column(col, justify=justify)
@@ -239,6 +239,8 @@ def optimize(
         help="Calibration classes for class-conditional models (default: random classes).")] = None,
     prompt_embeds: Annotated[Optional[Path], typer.Option(
         help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruner folder to write.")] = Path("pruner"),
     resume: Annotated[bool, typer.Option(help="Continue the pruner in -o from its last checkpoint.")] = False,
@@ -256,7 +258,8 @@ def optimize(
         ratio=ratio, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration, lr=lr,
         granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
         checkpoint_every=checkpoint_every, class_labels=tuple(class_label) if class_label else None,
-        prompt_embeds=str(prompt_embeds) if prompt_embeds else None, guidance_scale=guidance_scale).items()
+        prompt_embeds=str(prompt_embeds) if prompt_embeds else None, prompts=str(prompts.resolve()) if prompts else None,
+        guidance_scale=guidance_scale).items()
         if v is not None}
     if resume:
         stored = load_pruner(output, allow_unfinished=True).state
@@ -270,18 +273,25 @@ def optimize(
     traced = trace(loaded)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[stats]}")]
-    with Progress(*columns, console=err) as progress:
-        task = progress.add_task("optimizing", total=config.iters, stats="")
+    # The bar starts with the first iteration, so input errors found while setting up stay one line.
+    progress = Progress(*columns, console=err)
+    tasks = []
 
-        def show(record: dict) -> None:
-            progress.update(task, completed=record["iteration"],
-                            stats=f"consistency {record['consistency']:.4f}  sparsity {record['sparsity']:.3f}  "
-                                  f"kept MACs {record['kept']:.1%}")
+    def show(record: dict) -> None:
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task("optimizing", total=config.iters, stats=""))
+        progress.update(tasks[0], completed=record["iteration"],
+                        stats=f"consistency {record['consistency']:.4f}  sparsity {record['sparsity']:.3f}  "
+                              f"kept MACs {record['kept']:.1%}")
 
+    try:
         trained = run_optimize(traced, loaded.scheduler_config, config, output, model_source=str(loaded.source.resolve()),
                                null_class_label=traced.family.null_class_label(loaded.model), resume=resume,
                                decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None,
                                on_iteration=show)
+    finally:
+        progress.stop()
     last = trained.state.history[-1] if trained.state.history else {}
     out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "
               f"last kept MACs {last.get('kept', 1.0):.1%}; make a schedule with "
@@ -321,6 +331,71 @@ def schedule(
               f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")
 
 
+@app.command()
+def finetune(
+    model: ModelArg = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. (default: 500)", show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Images per step. (default: 32)", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="AdamW learning rate (cosine decay to 2%). (default: 0.0002)", show_default=False)] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(
+        help="EMA decay of the saved weights; 0 saves the raw weights. (default: 0.999)", show_default=False)] = None,
+    distill: Annotated[Optional[float], typer.Option(
+        help="Weight of the distillation term towards --teacher's predictions. (default: 0)",
+        show_default=False)] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="The unpruned model to distill from.")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup steps. (default: 0)",
+                                                  show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the batches and the noise. (default: 0)",
+                                                show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints. (default: 100)",
+                                                            show_default=False)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write.")] = Path("finetuned"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in -o from its last checkpoint.")] = False,
+) -> None:
+    """Fine-tune a (channel-pruned) model with the denoising loss on the shipped MNIST digits."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dgo_compile.finetune import FINAL_LOSS_WINDOW, FinetuneConfig, read_finetune
+    from dgo_compile.finetune import finetune as run_finetune
+
+    given = {k: v for k, v in dict(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill,
+                                   warmup=warmup, seed=seed, checkpoint_every=checkpoint_every).items()
+             if v is not None}
+    if resume:
+        stored = read_finetune(output)
+        config = replace(stored.config, **given)
+        model = model or stored.model_path
+        teacher = teacher or stored.teacher_path
+    else:
+        config = FinetuneConfig(**given)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[stats]}")]
+    # The bar starts with the first step, so input errors found while setting up stay one line.
+    progress = Progress(*columns, console=err)
+    tasks = []
+
+    def show(entry: dict) -> None:
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task("fine-tuning", total=config.steps, stats=""))
+        progress.update(tasks[0], completed=entry["step"],
+                        stats=f"loss {entry['loss']:.4f}" + (f"  distill {entry['distill']:.4f}" if "distill" in entry
+                                                             else "") + f"  EMA decay {entry['ema_decay']:.3f}")
+
+    try:
+        result = run_finetune(model, config, output, teacher=teacher, resume=resume, on_step=show)
+    finally:
+        progress.stop()
+    record = result.record
+    window = min(len(record.history), FINAL_LOSS_WINDOW)
+    out.print(f"wrote {output}: {record.steps_done} steps in {record.seconds:.0f} s, final loss "
+              f"{record.final_loss:.4f} (mean of the last {window} steps); sample it with "
+              f"`dgo-compile sample {output}`")
+
+
 @dataclass
 class _SamplingTarget:
     denoiser: object
@@ -331,6 +406,92 @@ class _SamplingTarget:
     input_names: tuple[str, ...]
     guidance_scale: float | None = None
     null_class_label: int | None = None
+
+
+@app.command()
+def prune(
+    model: ModelArg = None,
+    ratio: Annotated[float, typer.Option(
+        help="Share of channels removed: of every group (uniform) or of all prunable channels (global).")] = 0.3,
+    importance: Annotated[str, typer.Option(help="taylor (Diff-Pruning), magnitude or random.")] = "taylor",
+    scope: Annotated[str, typer.Option(help="uniform (every group alike) or global (cheapest channels anywhere).")]
+    = "uniform",
+    threshold: Annotated[float, typer.Option(
+        help="Taylor: stop accumulating timesteps once the loss falls below this share of its running max.")] = 0.05,
+    batch: Annotated[int, typer.Option(help="Taylor: images in the fixed calibration batch.")] = 32,
+    max_timesteps: Annotated[int, typer.Option(help="Taylor: most timesteps to accumulate gradients over.")] = 1000,
+    images: Annotated[Optional[Path], typer.Option(
+        help="safetensors with 'images' [N,C,H,W] in [-1,1] (default: the shipped digits for 1x32x32 models).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration batch, noise and random importance.")] = 0,
+    dry_run: Annotated[bool, typer.Option(help="List the dependency groups and the planned cut; write nothing.")]
+    = False,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Pruned model folder to write.")] = Path("pruned"),
+) -> None:
+    """Channel pruning (Diff-Pruning): dependency groups, Taylor importance, real channel removal."""
+    from dgo_compile import load, trace
+    from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels
+    from dgo_compile.channel_pruning import prune as run_prune
+    from dgo_compile.cost import cost_report
+    from dgo_compile.loading import save_denoiser
+
+    config = PruneConfig(ratio=ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
+                         max_timesteps=max_timesteps, seed=seed)
+    if not dry_run and output.exists():
+        raise DgoError(f"{output} already exists; choose another -o or remove it")
+    loaded = load(model)
+    if dry_run:
+        _, plan = plan_channels(loaded)
+        table = Table(title=f"{loaded.source}: {len(plan.groups)} channel groups, {len(plan.prunable())} prunable")
+        for col in ("group", "share", "channels", "cut step", "kept at ratio", "constraints", "modules", "fixed because"):
+            table.add_column(col, justify="right" if col in ("group", "share", "channels", "cut step") else "left")
+        for g in plan.groups:
+            step = g.size // g.steps
+            kept = "-" if not g.prunable else (
+                str(g.size - step * min(round(ratio * g.steps), g.steps - 1)) if scope == "uniform"
+                else "by importance")
+            mods = ", ".join(g.modules[:3]) + (f" +{len(g.modules) - 3}" if len(g.modules) > 3 else "")
+            table.add_row(str(g.id), str(g.share), str(g.size), str(step), kept, "; ".join(g.constraints[:2]) +
+                          (" ..." if len(g.constraints) > 2 else ""), mods, g.fixed or "")
+        out.print(table)
+        return
+    calibration = calibration_images(loaded, images) if importance == "taylor" else None
+    with err.status(f"pruning ({importance}, {scope}, ratio {ratio})"):
+        pruned = run_prune(loaded, config, calibration)
+        before = cost_report(trace(loaded, verify=False)).total
+        after = cost_report(trace(pruned.model, verify=False)).total
+        pruned.pruning["params"] = {"before": before.params, "after": after.params}
+        pruned.pruning["macs"] = {"before": before.macs, "after": after.macs}
+        save_denoiser(loaded, pruned.model, output, pruned.pruning)
+    table = Table(title=f"{output}: {importance} importance, {scope} ratio {ratio}")
+    for col in ("", "params", "MACs/call"):
+        table.add_column(col, justify="right")
+    table.add_row("before", f"{before.params / 1e6:.2f} M", _gb(before.macs))
+    table.add_row("after", f"{after.params / 1e6:.2f} M", _gb(after.macs))
+    table.add_row("kept", f"{after.params / before.params:.1%}", f"{after.macs / before.macs:.1%}")
+    out.print(table)
+    used = f"; Taylor gradients over {len(pruned.taylor_losses)} timesteps" if importance == "taylor" else ""
+    out.print(f"wrote {output}{used}; fine-tune it with `dgo-compile finetune {output}`")
+
+
+@app.command("encode-prompts")
+def encode_prompts_command(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline folder with text_encoder/ and tokenizer/.")],
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="safetensors file to write.")] = Path(
+        "prompt_embeds.safetensors"),
+) -> None:
+    """Encode prompts with a pipeline's own text encoder into a --prompt-embeds file (with the empty
+    prompt as uncond.encoder_hidden_states, for guidance)."""
+    from safetensors.torch import save_file
+
+    from dgo_compile.files import write_atomic
+    from dgo_compile.prompts import encode_prompts, read_prompts
+
+    tensors = encode_prompts(pipeline, read_prompts(prompts))
+    write_atomic(output, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    shape = tuple(tensors["encoder_hidden_states"].shape)
+    out.print(f"wrote {output}: encoder_hidden_states {shape} and uncond.encoder_hidden_states; "
+              f"use it with --prompt-embeds")
 
 
 def _sampling_target(source: Path | None, steps: int | None, scheduler: str | None) -> _SamplingTarget:

@@ -25,6 +25,7 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+PRUNING_FILE = "dgo_pruning.json"  # see channel_surgery
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -38,6 +39,15 @@ class LoadedModel:
     config: dict[str, Any]
     scheduler_config: dict[str, Any] | None
     random_weights: bool
+    pruning: dict[str, Any] | None = None  # dgo_pruning.json of a channel-pruned model
+
+    @property
+    def denoiser_folder(self) -> Path | None:
+        """The folder holding the denoiser's config and weights (None for a bare config.json)."""
+        if self.source.is_file():
+            return None
+        return next((self.source / s for s in DENOISER_SUBFOLDERS if (self.source / s / "config.json").is_file()),
+                    self.source)
 
     @property
     def class_name(self) -> str:
@@ -76,6 +86,8 @@ def load(path: str | os.PathLike | None = None) -> LoadedModel:
         raise ModelLoadError(f"{folder} has no config.json; pass a diffusers model or pipeline folder")
     config = _read_json(folder / "config.json")
     family = _family(config, folder / "config.json")
+    if (folder / PRUNING_FILE).is_file():
+        return _load_pruned(folder, path, config, family, scheduler_config)
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(
             f"{folder} has config.json but no weights ({WEIGHT_FILES[0]} or .bin); "
@@ -93,6 +105,71 @@ def load(path: str | os.PathLike | None = None) -> LoadedModel:
             f"weights in {folder} do not match its config: {len(missing)} tensors missing (first: {missing[0]})"
         )
     return LoadedModel(_prepare(model), family, path, dict(config), scheduler_config, random_weights=False)
+
+
+def _load_pruned(folder: Path, path: Path, config: dict[str, Any], family: Family,
+                 scheduler_config: dict[str, Any] | None) -> LoadedModel:
+    """A channel-pruned model: the original architecture, resized as recorded, then its weights."""
+    from safetensors.torch import load_file
+
+    from .channel_surgery import PRUNING_FORMAT, SurgeryError, apply_record
+
+    pruning = _read_json(folder / PRUNING_FILE)
+    if pruning.get("format") != PRUNING_FORMAT:
+        raise ModelLoadError(f"{folder / PRUNING_FILE} has format {pruning.get('format')!r}; this dgo-compile reads "
+                             f"format {PRUNING_FORMAT}: prune the model again with this version")
+    weights = folder / WEIGHT_FILES[0]
+    try:
+        model = family.model_class.from_config(config)
+        apply_record(model, pruning)
+        state = load_file(str(weights))
+        model.load_state_dict(state, strict=True)
+    except SurgeryError as exc:
+        raise ModelLoadError(f"{folder} is not a consistent pruned model: {exc}") from exc
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"could not read the pruned weights in {weights} (missing, corrupt or truncated?): "
+                             f"{first_line}") from exc
+    return LoadedModel(_prepare(model.float()), family, path, dict(config), scheduler_config, random_weights=False,
+                       pruning=pruning)
+
+
+def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLike,
+                  pruning: dict[str, Any] | None = None) -> Path:
+    """Write `model` (a version of `loaded`'s denoiser) where `load` reads it back exactly.
+
+    A pipeline source gives a pipeline folder (its other parts copied, the denoiser replaced); a
+    model folder or config gives a model folder. Written to a temporary folder, then renamed.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    if output.exists():
+        raise ModelLoadError(f"{output} already exists; choose another output folder or remove it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        denoiser = loaded.denoiser_folder
+        target = tmp
+        if denoiser is not None and denoiser != loaded.source:
+            for item in loaded.source.iterdir():
+                if item != denoiser and item.name not in DENOISER_SUBFOLDERS:
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            target = tmp / denoiser.name
+        target.mkdir(exist_ok=True)
+        (target / "config.json").write_text(json.dumps(loaded.config, indent=2))
+        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(target / WEIGHT_FILES[0]))
+        if pruning is not None:
+            (target / PRUNING_FILE).write_text(json.dumps(pruning, indent=1))
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
 
 
 def _from_config_file(path: Path) -> LoadedModel:

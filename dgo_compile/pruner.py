@@ -32,6 +32,7 @@ from .metrics import ssim
 from .runtime import SuperNetRun, build_supernet
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
 from .schedule import Schedule, ScheduleError
+from .prompts import encode_prompts, read_prompts
 from .schedule_cost import ScheduleCost
 from .tracing import TracedDenoiser
 
@@ -70,6 +71,7 @@ class OptimizeConfig:
     checkpoint_every: int = 10
     class_labels: tuple[int, ...] | None = None
     prompt_embeds: str | None = None
+    prompts: str | None = None  # text file, encoded by the pipeline's own text encoder
     guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -235,15 +237,22 @@ def load_pruner(path: str | Path, allow_unfinished: bool = False) -> TrainedPrun
     return TrainedPruner(state, pruner)
 
 
-def _calibration(traced: TracedDenoiser, config: OptimizeConfig, null_class_label: int | None):
-    """Noise, and condition inputs at batch `calibration` (or guidance), for the whole pool."""
+def _calibration(traced: TracedDenoiser, config: OptimizeConfig, null_class_label: int | None,
+                 pipeline: str | None):
+    """Noise, and condition inputs at batch `calibration` (or guidance), for the whole pool.
+    Prompts cycle over the pool, encoded by the text encoder of the `pipeline` folder."""
     shape = tuple(traced.example_inputs(1)["sample"].shape[1:])
     noise = initial_noise(config.calibration, shape, config.seed)
     labels = list(config.class_labels) if config.class_labels else None
     if labels is None and "class_labels" in traced.input_names:
         labels = traced.example_inputs(config.calibration, seed=config.seed)["class_labels"].tolist()
+    encoded = None
+    if config.prompts is not None:
+        if pipeline is None:
+            raise PrunerError("--prompts needs the model's pipeline folder, whose text encoder encodes them")
+        encoded = encode_prompts(pipeline, read_prompts(config.prompts))
     conditions, guidance = conditions_for(traced.input_names, config.calibration, labels, config.prompt_embeds,
-                                          config.guidance_scale, null_class_label)
+                                          config.guidance_scale, null_class_label, tensors=encoded)
     return noise, conditions or {}, guidance
 
 
@@ -327,7 +336,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
                             decoded_with_vae=decode is not None)
         pruner = build_pruner(state)
     elements = state.elements
-    noise, conditions, guidance = _calibration(traced, config, null_class_label)
+    noise, conditions, guidance = _calibration(traced, config, null_class_label, model_source)
     supernet = build_supernet(traced, granularity)
     # SGD as DiP-GO: the gradient's scale carries each gate's FLOPs share, which Adam would normalise away.
     optimizer = torch.optim.SGD(pruner.parameters(), lr=config.lr, momentum=config.momentum,

@@ -65,24 +65,29 @@ class Guidance:
 
 def conditions_for(input_names: tuple[str, ...], n: int, class_labels: list[int] | None = None,
                    tensors_file: str | Path | None = None, guidance_scale: float | None = None,
-                   null_class_label: int | None = None) -> tuple[dict[str, torch.Tensor] | None, Guidance | None]:
+                   null_class_label: int | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor] | None, Guidance | None]:
     """Condition inputs for sampling `n` images, from class labels and/or a safetensors file.
 
-    The file holds each condition input by name (e.g. `encoder_hidden_states`, batch 1 or n) and,
-    for guidance, `uncond.<name>` (e.g. the empty-prompt embedding). Class-label guidance uses
-    the model's null class. Returns (conditions, None) without guidance, (None, guidance) with it.
+    The file (or `tensors`, e.g. from `prompts.encode_prompts`) holds each condition input by name
+    (e.g. `encoder_hidden_states`, batch 1 or n; other batches cycle over the n images) and, for
+    guidance, `uncond.<name>` (e.g. the empty-prompt embedding). Class-label guidance uses the
+    model's null class. Returns (conditions, None) without guidance, (None, guidance) with it.
     """
     wanted = [name for name in input_names if name not in ("sample", "timestep")]
     cond: dict[str, torch.Tensor] = {}
     uncond: dict[str, torch.Tensor] = {}
+    stored = dict(tensors or {})
     if tensors_file is not None:
         from safetensors.torch import load_file
 
         try:
-            stored = load_file(str(tensors_file))
+            stored.update(load_file(str(tensors_file)))
         except Exception as exc:
             raise DgoError(f"cannot read condition tensors from {tensors_file}: {exc}") from exc
-        cond.update({k: v for k, v in stored.items() if k in wanted})
+    if stored:
+        cond.update({k: v if v.shape[0] in (1, n) else v[torch.arange(n) % v.shape[0]]
+                     for k, v in stored.items() if k in wanted})
         uncond.update({k.removeprefix("uncond."): v for k, v in stored.items() if k.startswith("uncond.")})
     if "class_labels" in wanted:
         if not class_labels:
@@ -94,8 +99,10 @@ def conditions_for(input_names: tuple[str, ...], n: int, class_labels: list[int]
         raise DgoError("--class-label given, but this model takes no class labels")
     missing = [name for name in wanted if name not in cond]
     if missing:
+        text = " (or --prompts, with a pipeline folder that has a text encoder)" \
+            if "encoder_hidden_states" in missing else ""
         raise DgoError(f"this model also takes {', '.join(missing)}: pass them in a safetensors file "
-                       f"(--prompt-embeds) under those names")
+                       f"(--prompt-embeds) under those names{text}")
     if guidance_scale is None or not wanted:
         return (cond or None), None
     missing = [name for name in wanted if name not in uncond]

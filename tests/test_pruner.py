@@ -184,22 +184,12 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 
 @pytest.fixture(scope="module")
 def latent_pipeline(tmp_path_factory):
-    """A tiny latent text-to-image pipeline folder: UNet2DConditionModel, a VAE, DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """A tiny latent text-to-image pipeline folder with a VAE, and a prompt-embeddings file."""
     from safetensors.torch import save_file
 
-    from model_configs import TINY_SD
+    from pipelines import write_text_pipeline
 
-    path = tmp_path_factory.mktemp("latent_pipe")
-    torch.manual_seed(0)
-    UNet2DConditionModel.from_config(TINY_SD).save_pretrained(path / "unet")
-    AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  ).save_pretrained(path / "vae")
-    DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    path = write_text_pipeline(tmp_path_factory.mktemp("latent_pipe"), vae=True)
     save_file({"encoder_hidden_states": torch.randn(2, 4, 32)}, str(path / "prompts.safetensors"))
     return path
 

@@ -1,0 +1,324 @@
+"""Fine-tune a denoiser (typically a channel-pruned one) with the ordinary denoising loss.
+
+Diff-Pruning recovers a pruned model's quality by training it again for a while. The recipe is
+the shipped model's own (scripts/train_default_model.py): epsilon-prediction MSE on the
+shipped MNIST digits, AdamW, gradient clipping at 1, optional linear warmup then cosine decay
+to 2% of the learning rate, and an EMA of the weights with warmup (diffusers' EMAModel). An
+optional distillation term pulls the prediction towards an unpruned teacher's on the same
+noisy input.
+
+The output folder is always a complete model that `load` reads (the EMA weights), plus
+`finetune.json` (settings, sources, progress, loss history) and `finetune_state.pt` (raw
+weights, EMA, optimizer, learning-rate and RNG state). A checkpoint replaces the weights, then
+the state, then the record, each atomically; a resumed run continues from the state file and
+reaches the same weights, bit for bit, as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from .data import IMAGE_SIZE, mnist_digits
+from .errors import DgoError
+from .files import write_atomic
+from .loading import WEIGHT_FILES, LoadedModel, load, save_denoiser
+
+FORMAT = "dgo-compile-finetune"
+FORMAT_VERSION = 1
+RECORD_FILE = "finetune.json"
+STATE_FILE = "finetune_state.pt"
+DATA_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
+DIGIT_CLASSES = 10
+# The shipped model's recipe: cosine decay floor, EMA warmup power, gradient clipping.
+MIN_LR_FACTOR = 0.02
+EMA_POWER = 0.75
+MAX_GRAD_NORM = 1.0
+FINAL_LOSS_WINDOW = 50  # the reported final loss averages this many last steps: one batch is noisy
+
+
+class FinetuneError(DgoError):
+    """Bad fine-tuning settings, a model the shipped data cannot train, or a folder that is not a fine-tuning run."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that determines a fine-tuning run besides its models; stored and checked on `--resume`."""
+
+    steps: int = 500
+    batch: int = 32
+    lr: float = 2e-4  # AdamW
+    ema_decay: float = 0.999  # 0: no EMA, the raw weights are saved
+    distill: float = 0.0  # weight of the distillation term (needs a teacher)
+    warmup: int = 0  # linear learning-rate warmup steps
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise FinetuneError(f"--warmup must be 0 or more, got {self.warmup}")
+        if not self.lr > 0:
+            raise FinetuneError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise FinetuneError(f"--ema-decay must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}")
+        if not self.distill >= 0:
+            raise FinetuneError(f"--distill must be 0 or more, got {self.distill}")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class FinetuneRecord:
+    """What `finetune.json` holds."""
+
+    config: FinetuneConfig
+    model_source: str
+    teacher: str | None = None
+    steps_done: int = 0
+    history: list[dict] = field(default_factory=list)  # per step: loss, distill (with a teacher), lr, ema_decay
+    seconds: float = 0.0
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model_source)
+
+    @property
+    def teacher_path(self) -> Path | None:
+        return Path(self.teacher) if self.teacher else None
+
+    @property
+    def complete(self) -> bool:
+        return self.steps_done >= self.config.steps
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean loss of the last FINAL_LOSS_WINDOW steps."""
+        last = [h["loss"] for h in self.history[-FINAL_LOSS_WINDOW:]]
+        return sum(last) / len(last) if last else None
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+                "model_source": self.model_source, "teacher": self.teacher, "steps_done": self.steps_done,
+                "complete": self.complete, "seconds": self.seconds, "final_loss": self.final_loss,
+                "history": self.history}
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> "FinetuneRecord":
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise FinetuneError(f"{path} is not a dgo-compile fine-tuning run of format version {FORMAT_VERSION}; "
+                                "re-run `dgo-compile finetune`")
+        return cls(FinetuneConfig.from_json(data["config"]), data["model_source"], data.get("teacher"),
+                   data["steps_done"], data["history"], data.get("seconds", 0.0))
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    record: FinetuneRecord
+    model: nn.Module  # what the output folder holds: the EMA weights (the raw ones with ema_decay 0), eval mode
+
+
+def read_finetune(output: str | Path) -> FinetuneRecord:
+    """The record of the fine-tuning run in `output` (finished or not)."""
+    output = Path(output)
+    if not (output / RECORD_FILE).is_file() or not (output / STATE_FILE).is_file():
+        raise FinetuneError(f"{output} is not a fine-tuning output (needs {RECORD_FILE} and {STATE_FILE}); "
+                            "make one with `dgo-compile finetune`")
+    try:
+        data = json.loads((output / RECORD_FILE).read_text())
+        return FinetuneRecord.from_json(data, output)
+    except FinetuneError:
+        raise
+    except Exception as exc:
+        raise FinetuneError(f"cannot read {output / RECORD_FILE}: {exc}; re-run `dgo-compile finetune`") from exc
+
+
+def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, output: str | Path, *,
+             teacher: str | os.PathLike | None = None, resume: bool = False,
+             on_step: Callable[[dict], None] | None = None) -> FinetuneResult:
+    """Fine-tune the model at `model_path` (default: the shipped one) into the folder `output`,
+    or continue the run there with `resume` (same model, teacher and config).
+
+    `teacher`, the unpruned model, adds `config.distill` times the MSE between the two
+    predictions. `on_step` gets each step's history record after any checkpoint of that step.
+    """
+    output = Path(output)
+    stored = read_finetune(output) if resume else None
+    if not resume and output.exists():
+        raise FinetuneError(f"{output} already exists; pass --resume to continue it or choose another -o")
+    if config.distill > 0 and teacher is None:
+        raise FinetuneError("--distill needs --teacher, the unpruned model to distill from")
+    if teacher is not None and config.distill == 0:
+        raise FinetuneError("--teacher needs --distill W > 0, the weight of the distillation term")
+    loaded = load(model_path)
+    conditional = _check_student(loaded)
+    record = FinetuneRecord(config, str(loaded.source.resolve()), str(Path(teacher).resolve()) if teacher else None)
+    if stored is not None:
+        differ = [f"--{k.replace('_', '-')}" for k, v in asdict(config).items() if asdict(stored.config)[k] != v]
+        differ += ["MODEL"] * (stored.model_source != record.model_source)
+        differ += ["--teacher"] * (stored.teacher != record.teacher)
+        if differ:
+            raise FinetuneError(f"{output} was fine-tuned with other settings ({', '.join(differ)}); resume with the "
+                                "same options or choose another -o")
+    teacher_model = _load_teacher(teacher, conditional) if teacher is not None else None
+    images, labels = mnist_digits()
+    noise_scheduler = DDPMScheduler.from_config(loaded.scheduler_config)
+    model = copy.deepcopy(loaded.model).train().requires_grad_(True)  # the loaded model stays untouched
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)), MIN_LR_FACTOR)
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=EMA_POWER) if config.ema_decay else None
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def saved_model() -> nn.Module:
+        weights = copy.deepcopy(model).eval().requires_grad_(False)
+        if ema is not None:
+            ema.copy_to(weights.parameters())
+        return weights
+
+    def training_state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "steps_done": record.steps_done, "history": record.history, "seconds": record.seconds}
+
+    with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from the global RNG: seed it, save it
+        torch.manual_seed(config.seed)
+        if resume:
+            state = torch.load(output / STATE_FILE, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            record.steps_done, record.history, record.seconds = state["steps_done"], state["history"], state["seconds"]
+        else:
+            _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
+        started = time.perf_counter()
+        for step in range(record.steps_done + 1, config.steps + 1):
+            index = torch.randint(0, len(images), (config.batch,), generator=generator)
+            x0 = images[index]
+            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=generator)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            class_labels = labels[index] if conditional else None
+            prediction = model(noisy, t, class_labels=class_labels).sample
+            loss = nn.functional.mse_loss(prediction, noise)
+            distill = None
+            if teacher_model is not None:
+                with torch.no_grad():
+                    target = teacher_model(noisy, t, class_labels=class_labels).sample
+                distill = nn.functional.mse_loss(prediction, target)
+                loss = loss + config.distill * distill
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_schedule.step()
+            if ema is not None:
+                ema.step(params)
+            entry = {"step": step, "loss": loss.item(), **({"distill": distill.item()} if distill is not None else {}),
+                     "lr": lr, "ema_decay": ema.cur_decay_value if ema else 0.0}
+            record.history.append(entry)
+            record.steps_done = step
+            record.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                _write_checkpoint(output, loaded, saved_model(), record, training_state())
+            if on_step is not None:
+                on_step(entry)
+    return FinetuneResult(output, record, saved_model())
+
+
+def _load_teacher(teacher: str | os.PathLike, conditional: bool) -> nn.Module:
+    loaded = load(teacher)
+    if _check_inputs(loaded, "--teacher") != conditional:
+        raise FinetuneError(f"--teacher {teacher} and the model differ in class conditioning; distill from the "
+                            "unpruned version of the same model")
+    return loaded.model
+
+
+def _check_student(loaded: LoadedModel) -> bool:
+    """Refuse a model the recipe cannot train on the shipped digits; True when it takes class labels."""
+    role = "the model"
+    conditional = _check_inputs(loaded, role)
+    if loaded.scheduler_config is None:
+        raise FinetuneError(f"{role} ({loaded.source}) has no scheduler/ config, which sets the noise schedule; "
+                            "pass a pipeline folder")
+    prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise FinetuneError(f"{role} ({loaded.source}) predicts {prediction}; finetune trains epsilon prediction only")
+    return conditional
+
+
+def _check_inputs(loaded: LoadedModel, role: str) -> bool:
+    """Refuse a denoiser the shipped digits cannot feed; True when it takes class labels."""
+    if loaded.class_name != "UNet2DModel":
+        raise FinetuneError(f"{role} ({loaded.source}) is a {loaded.class_name}; finetune trains UNet2DModel "
+                            "denoisers on the shipped MNIST digits")
+    cfg = loaded.model.config
+    size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    shape = (cfg.in_channels, *size)
+    if shape != DATA_SHAPE or cfg.out_channels != cfg.in_channels:
+        raise FinetuneError(f"{role} ({loaded.source}) denoises {'x'.join(map(str, shape))} samples into "
+                            f"{cfg.out_channels} channels; the shipped data (MNIST digits) only fits "
+                            f"{'x'.join(map(str, DATA_SHAPE))} models that predict the noise")
+    if getattr(loaded.model, "class_embedding", None) is None:
+        return False
+    if cfg.class_embed_type is not None or (cfg.num_class_embeds or 0) < DIGIT_CLASSES:
+        raise FinetuneError(f"{role} ({loaded.source}) is conditioned on something other than {DIGIT_CLASSES} "
+                            "class labels; the shipped digits only carry their digit")
+    return True
+
+
+def _write_checkpoint(output: Path, loaded: LoadedModel, weights: nn.Module, record: FinetuneRecord,
+                      state: dict) -> None:
+    """Make `output` hold `weights` as a loadable model, with the record and the training state.
+
+    The first checkpoint renames a complete folder into place; later ones replace the weights
+    file, the state and the record one by one, each atomically, so the folder is always a
+    loadable model and the state file always one whole checkpoint.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        fresh = save_denoiser(loaded, weights, staging / "model", pruning=loaded.pruning)
+        if output.exists():
+            weights_file = loaded.denoiser_folder.relative_to(loaded.source) / WEIGHT_FILES[0]
+            os.replace(fresh / weights_file, output / weights_file)
+            target = output
+        else:
+            target = fresh
+        write_atomic(target / STATE_FILE, lambda p: torch.save(state, p))
+        write_atomic(target / RECORD_FILE, lambda p: p.write_text(json.dumps(record.to_json(), indent=1)))
+        if target is fresh:
+            os.replace(fresh, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

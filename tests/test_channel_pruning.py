@@ -1,0 +1,262 @@
+"""Channel pruning: dependency groups on hand-built graphs, surgery, save/load, ONNX parity, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgo_compile import load, trace
+from dgo_compile.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
+from dgo_compile.export import export_onnx
+from dgo_compile.loading import save_denoiser
+from dgo_compile.passes.channel_groups import RULES, ChannelRuleError, analyse_channels, register_channel_rule
+
+
+def exported(module: nn.Module, *inputs):
+    """The ATen graph `trace` would give, for a plain module: export, minus its runtime guard call."""
+    graph_module = torch.export.export(module.eval(), inputs, strict=False).module()
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph_module.graph.erase_node(node)
+    return graph_module
+
+
+def group_of(plan, param, axis):
+    """The groups (id, start) that slice `param` on `axis`."""
+    return sorted((g.id, s.start) for g in plan.groups for s in g.slices if s.param == param and s.axis == axis)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + self.conv(F.silu(self.norm(h))))
+
+
+def test_residual_add_couples_both_branches_and_groupnorm_keeps_groups_whole():
+    plan = analyse_channels(exported(Residual(), torch.randn(2, 3, 8, 8)))
+    (stream, _), = group_of(plan, "stem.weight", 0)
+    assert group_of(plan, "conv.weight", 0) == [(stream, 0)]  # both branches of the add
+    assert group_of(plan, "head.weight", 1) == [(stream, 0)]
+    assert group_of(plan, "norm.weight", 0) == [(stream, 0)] and group_of(plan, "conv.weight", 1) == [(stream, 0)]
+    group = plan.groups[stream]
+    assert group.atoms == (2, 2, 2, 2) and group.steps == 2 and group.prunable
+    assert group.constraints == ("GroupNorm(4) norm",)
+    (out, _), = group_of(plan, "head.weight", 0)
+    assert plan.groups[out].fixed == "the model output" and not plan.groups[out].prunable
+
+
+class Skip(nn.Module):
+    """A UNet skip: cat([deep, shallow]) read by a GroupNorm whose groups straddle the seam."""
+
+    def __init__(self):
+        super().__init__()
+        self.shallow = nn.Conv2d(3, 4, 3, padding=1)
+        self.deep = nn.Conv2d(4, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(5, 10)
+        self.head = nn.Conv2d(10, 3, 1)
+
+    def forward(self, x):
+        a = self.shallow(x)
+        return self.head(F.silu(self.norm(torch.cat([self.deep(a), a], dim=1))))
+
+
+def test_cat_skip_connection_offsets_and_groupnorm_atoms_across_the_seam():
+    plan = analyse_channels(exported(Skip(), torch.randn(2, 3, 8, 8)))
+    (deep, _), = group_of(plan, "deep.weight", 0)
+    (shallow, _), = group_of(plan, "shallow.weight", 0)
+    assert group_of(plan, "head.weight", 1) == sorted([(deep, 0), (shallow, 6)])  # index offsets of the cat
+    assert group_of(plan, "norm.weight", 0) == sorted([(deep, 0), (shallow, 6)])
+    assert group_of(plan, "deep.weight", 1) == [(shallow, 0)]
+    # GroupNorm(5, 10): groups of 2 at 0,2,4 | 6,8 -> each group keeps the same count
+    assert plan.groups[deep].atoms == (2, 2, 2) and plan.groups[shallow].atoms == (2, 2)
+    assert plan.groups[deep].share == plan.groups[shallow].share  # one GroupNorm: they lose the same share
+    keep = select(plan, {g.id: torch.arange(g.size, dtype=torch.float) for g in plan.prunable()},
+                  PruneConfig(ratio=0.5, importance="magnitude"))
+    kept_channels = torch.cat([keep[deep], keep[shallow] + 6])
+    per_norm_group = torch.bincount(kept_channels // 2, minlength=5)
+    assert per_norm_group.tolist() == [1, 1, 1, 1, 1]  # channels per group stay whole and equal
+    assert keep[deep].tolist() == [1, 3, 5]  # the higher-scored channel of each pair survives
+
+
+class TimeProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.time_proj = nn.Linear(4, 8)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x, emb):
+        return self.out(self.conv(x) + self.time_proj(F.silu(emb))[:, :, None, None])
+
+
+def test_time_embedding_projection_joins_the_resnet_features():
+    plan = analyse_channels(exported(TimeProjection(), torch.randn(2, 3, 8, 8), torch.randn(2, 4)))
+    assert group_of(plan, "time_proj.weight", 0) == group_of(plan, "conv.weight", 0) == group_of(plan, "out.weight", 1)
+    assert group_of(plan, "time_proj.weight", 1) == []  # a model input: never cut
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+        self.attn = DiffusersAttention(query_dim=16, heads=2, dim_head=8)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_attention_heads_shrink_with_the_original_scale():
+    torch.manual_seed(0)
+    module = Attention().eval()
+    x = torch.randn(2, 5, 16)
+    plan = analyse_channels(exported(module, x))
+    (qk, _), = group_of(plan, "attn.to_q.weight", 0)
+    assert group_of(plan, "attn.to_k.weight", 0) == [(qk, 0)]  # q.k contracts the head channels
+    (vo, _), = group_of(plan, "attn.to_v.weight", 0)
+    assert group_of(plan, "attn.to_out.0.weight", 1) == [(vo, 0)] and vo != qk
+    assert plan.groups[qk].atoms == (8, 8) and plan.groups[vo].atoms == (8, 8)
+    assert plan.groups[qk].share == plan.groups[vo].share  # diffusers takes the value head size from the keys
+    assert plan.attention[0].head_dim == 8 and not plan.attention[0].explicit_scale
+
+    keep = {qk: torch.tensor([0, 2, 3, 5, 8, 9, 12, 15]), vo: torch.tensor([1, 2, 3, 4, 9, 10, 11, 12])}
+    pruned, records = apply_pruning(module, plan, keep, lambda m: m(x))
+    assert records["modules"]["attn.to_q"] == {"kind": "Linear", "in": 16, "out": 8}
+    attn = module.attn
+    q = F.linear(x, attn.to_q.weight[keep[qk]])
+    k = F.linear(x, attn.to_k.weight[keep[qk]])
+    v = F.linear(x, attn.to_v.weight[keep[vo]])
+    heads = [slice(0, 4), slice(4, 8)]
+    mixed = torch.cat([torch.softmax(q[..., h] @ k[..., h].transpose(1, 2) * 8 ** -0.5, -1) @ v[..., h]
+                       for h in heads], dim=-1)  # the original 1/sqrt(8), not 1/sqrt(4)
+    expected = F.linear(mixed, attn.to_out[0].weight[:, keep[vo]], attn.to_out[0].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, atol=1e-5, rtol=1e-4)
+    assert module.attn.to_q.weight.shape == (16, 16)  # the user's module is untouched
+
+
+class Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return torch.cumsum(self.conv(x), dim=1)
+
+
+def test_unknown_op_is_named_with_how_to_register_it():
+    graph = exported(Cumsum(), torch.randn(1, 3, 4, 4))
+    with pytest.raises(ChannelRuleError, match=r"node cumsum calls aten\.cumsum\.default, whose channel semantics "
+                                               r"channel pruning does not know; register a rule with "
+                                               r"dgo_compile\.passes\.channel_groups\.register_channel_rule"):
+        analyse_channels(graph)
+    register_channel_rule(torch.ops.aten.cumsum.default, lambda walk, node: walk.axis(node.args[0]))
+    try:
+        plan = analyse_channels(graph)
+    finally:
+        del RULES[torch.ops.aten.cumsum.default]
+    assert plan.groups[group_of(plan, "conv.weight", 0)[0][0]].fixed == "the model output"
+
+
+@pytest.mark.parametrize("family", ["unet2d", "sd", "dit"])
+def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_path):
+    import onnxruntime as ort
+
+    loaded = load(config_dir / family / "config.json")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    pruned = prune(loaded, PruneConfig(ratio=0.5, importance="magnitude"))  # re-traces and checks itself
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())  # user's model untouched
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params(pruned.model) < 0.8 * params(loaded.model)
+    traced = trace(pruned.model)
+    inputs = traced.example_inputs(2)
+    path = export_onnx(traced.graph_module, inputs, tmp_path / "m.onnx")[0]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        expected = traced.family.adapter(pruned.model)(*inputs.values()).numpy()
+    assert abs(actual - expected).max() < 1e-4 * max(1.0, abs(expected).max())
+
+
+def test_pruned_model_saves_and_loads_back_exactly(config_dir, tmp_path):
+    loaded = load(config_dir / "unet2d" / "config.json")
+    model_folder = save_denoiser(loaded, loaded.model, tmp_path / "model")
+    loaded = load(model_folder)
+    pruned = prune(loaded, PruneConfig(ratio=0.5, importance="random", scope="global"))
+    save_denoiser(loaded, pruned.model, tmp_path / "pruned", pruned.pruning)
+    back = load(tmp_path / "pruned")
+    assert back.pruning["modules"] == pruned.pruning["modules"]
+    state, expected = back.model.state_dict(), pruned.model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    inputs = tuple(back.family.example_inputs(back.model, 2).values())
+    with torch.no_grad():
+        assert torch.equal(back.family.adapter(back.model)(*inputs), back.family.adapter(pruned.model)(*inputs))
+
+
+def test_taylor_accumulates_timesteps_until_the_loss_falls_below_the_threshold():
+    loaded = load()
+    from dgo_compile.data import mnist_digits
+
+    config = PruneConfig(ratio=0.3, threshold=0.2, batch=4, max_timesteps=40)
+    pruned = prune(loaded, config, mnist_digits()[0][:64])
+    losses = pruned.taylor_losses
+    assert 1 <= len(losses) <= 40
+    stops = [i for i, loss in enumerate(losses) if loss < config.threshold * max(losses[:i + 1])]
+    assert stops in ([len(losses) - 1], []) and (stops or len(losses) == 40)
+    magnitude = prune(loaded, PruneConfig(ratio=0.3, importance="magnitude"))
+    assert any(not torch.equal(pruned.keep[g], magnitude.keep[g]) for g in pruned.keep)  # the gradients matter
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
+    result = run("prune", "--dry-run", "--ratio", "0.5", "-o", tmp_path / "p")
+    assert result.returncode == 0, result.stderr
+    assert "57 channel groups, 56 prunable" in result.stdout
+    assert "GroupNorm(16) conv_norm_out" in result.stdout and "the model output" in result.stdout
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
+    result = run("prune", "--importance", "magnitude", "--ratio", "0.5", "-o", tmp_path / "p")
+    assert result.returncode == 0, result.stderr
+    stored = json.loads((tmp_path / "p" / "unet" / "dgo_pruning.json").read_text())
+    assert stored["macs"]["after"] < 0.6 * stored["macs"]["before"]
+    result = run("compile", tmp_path / "p", "--schedule", "deepcache:2", "--steps", "4", "-o", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    macs = json.loads((tmp_path / "a" / "manifest.json").read_text())["macs"]
+    assert macs["full_total"] == 4 * stored["macs"]["after"]  # width: the pruned model is what runs
+    assert macs["total"] < 0.8 * macs["full_total"]  # time: deepcache reuses blocks on top
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--ratio", "1.5", "-o", "{tmp}/p"], "error: --ratio must be in [0, 1) (the share of channels removed)"),
+    (["prune", "--importance", "fisher", "-o", "{tmp}/p"], "error: --importance must be one of taylor, magnitude"),
+    (["prune", "--images", "{tmp}/none.safetensors", "-o", "{tmp}/p"], "cannot read 'images' from"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    result = run(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_prune_config_errors():
+    with pytest.raises(PruneError, match="--scope must be one of uniform, global"):
+        PruneConfig(scope="layer")
+    _, plan = plan_channels(load())
+    assert len(plan.prunable()) == 56
