@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dgo_compile.errors import DgoError
@@ -75,17 +76,24 @@ def inspect(
 @app.command()
 def compile(
     model: ModelArg = None,
-    schedule: Annotated[str, typer.Option(help="full, deepcache:N[:branch], steps:K, or a schedule JSON file.")] = "full",
-    steps: Steps = 50,
+    schedule: Annotated[Optional[str], typer.Option(
+        help="full, deepcache:N[:branch], steps:K, a schedule JSON file, or (with --config) learned. "
+             "(default: full)", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps. (default: 50)", show_default=False)] = None,
     scheduler: Annotated[Optional[str], typer.Option(
         help="Sampler the schedule is folded for: ddim, ddpm, pndm, heun, euler, dpm. Default: the model's.")] = None,
-    granularity: Annotated[str, typer.Option(help="Gate blocks, or the units (resnets, attentions, samplers) "
-                                                  "inside them.")] = "block",
+    granularity: Annotated[Optional[str], typer.Option(
+        help="Gate blocks, or the units (resnets, attentions, samplers) inside them. (default: block)",
+        show_default=False)] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(
         help="Classifier-free guidance scale recorded for sampling a conditional model.")] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Artifact folder to write.")] = Path("artifact"),
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Artifact folder to write. "
+                                                   "(default: artifact)", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder.")] = False,
     dump_dir: Annotated[Optional[Path], typer.Option(help="Write the graph after every pass into this folder.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="TOML config running the whole pipeline ([prune], [finetune], [optimize], then compile, verify and "
+             "report.md); options given here win over the file.")] = None,
 ) -> None:
     """Fold a block schedule into static graphs and export them as an ONNX artifact."""
     from dgo_compile import load, trace
@@ -94,6 +102,22 @@ def compile(
     from dgo_compile.sampling import denoiser_timesteps
     from dgo_compile.schedule import Schedule, builtin
 
+    if config is not None:
+        from dgo_compile.pipeline import read_config, run_pipeline
+
+        resolved = read_config(config, dict(
+            model=str(model) if model else None, schedule=schedule, steps=steps, scheduler=scheduler,
+            granularity=granularity, guidance_scale=guidance_scale, output=str(output) if output else None,
+            overwrite=overwrite or None))
+        with err.status("compiling") as status:
+            outcome = run_pipeline(resolved, on_stage=lambda name: status.update(f"{name}..."))
+        r = outcome.report
+        out.print(f"wrote {outcome.artifact}: {r['macs']['kept']:.1%} of the original MACs per run, predicted "
+                  f"{r['predicted_speedup']:.2f}x, measured {r['measured']['speedup']:.2f}x, SSIM vs original "
+                  f"{r['quality']['ssim_vs_original']:.3f}; see {outcome.artifact / 'report.md'}")
+        return
+    schedule, steps, granularity = schedule or "full", steps or 50, granularity or "block"
+    output = output or Path("artifact")
     if granularity not in ("block", "unit"):
         raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
     loaded = load(model)
@@ -530,5 +554,5 @@ def main() -> None:
     except DgoError as exc:
         if os.environ.get("DGO_DEBUG"):
             raise
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)

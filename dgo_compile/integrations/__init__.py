@@ -1,0 +1,1 @@
+"""Drop-in use of compiled denoisers inside other libraries' pipelines (`integrations.diffusers`)."""

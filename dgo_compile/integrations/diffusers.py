@@ -1,0 +1,207 @@
+"""A compiled denoiser as the unet of a diffusers pipeline, so users keep calling `pipe(...)`.
+
+    attach(pipe, "artifact")   # or an OrtArtifact, fold(traced, schedule, timesteps), a TracedDenoiser
+    images = pipe(num_inference_steps=50).images
+    detach(pipe)               # the original unet is back
+
+`pipe.unet` becomes a `CompiledUNet`: an `nn.Module` that keeps the original unet's `config`, so
+the pipeline sizes its latents as before, and sends denoiser call i of a run to the compiled
+graphs for call i.
+
+Runs. A compiled schedule is indexed by call, so the wrapper must see where a run starts. Every
+diffusers pipeline calls `scheduler.set_timesteps` at the start of a run, and every scheduler's
+`set_timesteps` assigns a new `scheduler.timesteps` tensor: a call that finds a
+`pipe.scheduler.timesteps` object it has not seen starts a new run (fresh caches, call 0). This
+needs no hook on the pipeline or scheduler, survives a run that raised half-way and a scheduler
+swapped after `attach`, and never matches timestep values (Heun and PNDM repeat them).
+
+Checks, each a one-line `IntegrationError`: at the start of a run, the scheduler class, step count
+and every call's timestep against the compiled ones; at every call, the call index, its timestep
+(so a run that skips steps, e.g. img2img with strength < 1, is refused), the inputs and their
+shapes.
+
+Guidance. The compiled graphs never apply classifier-free guidance: they map each row of the batch
+to its prediction, whatever the batch. A manifest's guidance scale (`compile --guidance-scale`) is
+the scale `dgo-compile sample` applies and a learned schedule was calibrated at, nothing more.
+diffusers' Stable Diffusion pipelines batch [uncond, cond] rows (the manifest's order) and apply
+guidance themselves, so it is applied once, by diffusers. An artifact compiled with a scale runs
+only at that `guidance_scale`; one compiled without runs at any.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from ..artifact import OrtArtifact
+from ..errors import DgoError
+from ..families import family_of
+from ..runtime import FoldedSchedule
+from ..sampling import SCHEDULERS
+
+TIMESTEP_ATOL = 1e-3  # as the runtime's own per-call check
+
+
+class IntegrationError(DgoError):
+    """A pipeline does not run the way the attached denoiser was compiled to run."""
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A denoiser and what a pipeline run must match for it; None where the denoiser does not say."""
+
+    denoiser: Any  # new_run() gives one run's callable; otherwise called directly
+    label: str  # names it in errors
+    input_names: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]] | None = None  # per input, without the batch
+    scheduler: str | None = None  # diffusers class name
+    steps: int | None = None
+    calls: int | None = None
+    timesteps: tuple[float, ...] | None = None
+    guidance_scale: float | None = None
+
+
+def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
+    if isinstance(denoiser, (str, os.PathLike)):
+        denoiser = OrtArtifact.open(denoiser)
+    if isinstance(denoiser, OrtArtifact):
+        manifest, sampler = denoiser.manifest, denoiser.manifest["scheduler"]
+        shapes = {i["name"]: tuple(i["shape"][1:]) for i in manifest["inputs"]}
+        return _Compiled(denoiser, f"the artifact {denoiser.path}", tuple(shapes), shapes,
+                         SCHEDULERS[sampler["name"]].__name__, sampler["steps"], sampler["calls"],
+                         tuple(sampler["timesteps"]), (manifest["guidance"] or {}).get("scale"))
+    if isinstance(denoiser, FoldedSchedule):
+        return _Compiled(denoiser, "the folded graphs", denoiser.input_names, calls=len(denoiser.step_variant),
+                         timesteps=denoiser.timesteps)
+    if not (callable(denoiser) or hasattr(denoiser, "new_run")):
+        raise IntegrationError(f"cannot attach a {type(denoiser).__name__}: pass an artifact folder, an OrtArtifact, "
+                               "fold(traced, schedule, timesteps) or a denoiser callable")
+    names = getattr(denoiser, "input_names", None) or family_of(unet).input_names(unet)
+    return _Compiled(denoiser, f"the {type(denoiser).__name__}", tuple(names))
+
+
+def _describe(scheduler: str | None, steps: int | None, calls: int | None, timesteps) -> str:
+    what = f"{scheduler} with {steps} steps" if scheduler and steps else f"{calls} denoiser calls"
+    if timesteps is None:
+        return what
+    return f"{what} (timesteps {', '.join(f'{t:g}' for t in timesteps[:3])}{', ...' if len(timesteps) > 3 else ''})"
+
+
+class CompiledUNet(nn.Module):
+    """Stands in for `pipe.unet` (see the module docstring).
+
+    The original unet is held outside the submodules, so `pipe.to()` and `state_dict()` skip it;
+    `device` and `dtype` follow `.to()` through an empty buffer, so the pipeline makes its latents
+    there. Inputs reach the compiled denoiser in float32 and its prediction comes back on the
+    sample's device and dtype (onnxruntime places its own work; PyTorch graphs run where they live).
+    """
+
+    def __init__(self, pipe: Any, original: nn.Module, compiled: _Compiled):
+        super().__init__()
+        self.config = original.config
+        self.compiled = compiled
+        self._pipe = pipe
+        self._original = (original,)
+        self._signature = inspect.signature(original.forward)
+        self.register_buffer("_anchor", torch.empty(0, device=original.device, dtype=original.dtype),
+                             persistent=False)
+        self._seen: torch.Tensor | None = None  # the scheduler.timesteps tensor of the current run
+        self._run: Any = None
+        self._call = 0
+
+    @property
+    def original(self) -> nn.Module:
+        return self._original[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @torch.no_grad()
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        inputs = self._inputs(sample, timestep, *args, **kwargs)
+        self._advance(inputs["timestep"])
+        prediction = self._run(*inputs.values()).to(sample.device, sample.dtype)
+        self._call += 1
+        return UNet2DOutput(sample=prediction) if return_dict else (prediction,)
+
+    def _inputs(self, sample: torch.Tensor, timestep, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The compiled denoiser's inputs, in its order, from what the pipeline passed the unet."""
+        c = self.compiled
+        passed = self._signature.bind_partial(sample, timestep, *args, **kwargs).arguments
+        passed.update(passed.pop("added_cond_kwargs", None) or {})  # SDXL's text_embeds, time_ids
+        passed = {k: v for k, v in passed.items() if v is not None and not (isinstance(v, dict) and not v)}
+        if set(passed) != set(c.input_names):
+            raise IntegrationError(f"{c.label} takes {', '.join(c.input_names)}; the pipeline passes "
+                                   f"{', '.join(passed)}: attach a denoiser compiled from this pipeline's unet")
+        passed["timestep"] = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
+        for name, shape in (c.shapes or {}).items():
+            if tuple(passed[name].shape[1:]) != shape:
+                raise IntegrationError(f"{c.label} takes {name} of shape {list(shape)} per row; the pipeline passes "
+                                       f"{list(passed[name].shape[1:])}: run at the image size and prompt length "
+                                       "it was compiled for")
+        return {n: passed[n].float() if passed[n].is_floating_point() else passed[n] for n in c.input_names}
+
+    def _advance(self, timestep: torch.Tensor) -> None:
+        """Start a run at a scheduler.timesteps tensor not seen before; check this call against the compiled one."""
+        c, scheduler = self.compiled, self._pipe.scheduler
+        if scheduler.timesteps is not self._seen:
+            self._check_run(scheduler)
+            self._seen, self._call = scheduler.timesteps, 0
+            self._run = c.denoiser.new_run() if hasattr(c.denoiser, "new_run") else c.denoiser
+        if c.calls is not None and self._call >= c.calls:
+            raise IntegrationError(f"{c.label} was compiled for {c.calls} denoiser calls per run; the pipeline makes "
+                                   "more (does it call the unet more than once per step?)")
+        if c.timesteps is not None:
+            expected = c.timesteps[self._call]
+            if not torch.allclose(timestep, torch.full_like(timestep, expected), rtol=0, atol=TIMESTEP_ATOL):
+                raise IntegrationError(f"call {self._call + 1} of {c.label} was compiled for timestep {expected:g}; "
+                                       f"the pipeline passed {timestep[0].item():g}: run every step from the first "
+                                       "(no img2img strength, no custom timesteps or sigmas)")
+
+    def _check_run(self, scheduler: Any) -> None:
+        c = self.compiled
+        name, steps = type(scheduler).__name__, getattr(scheduler, "num_inference_steps", None)
+        timesteps = [float(t) for t in scheduler.timesteps]
+        same = (c.scheduler in (None, name) and c.steps in (None, steps) and c.calls in (None, len(timesteps))
+                and (c.timesteps is None or (len(timesteps) == len(c.timesteps) and all(
+                    abs(a - b) <= TIMESTEP_ATOL for a, b in zip(timesteps, c.timesteps)))))
+        if not same:
+            raise IntegrationError(f"{c.label} was compiled for {_describe(c.scheduler, c.steps, c.calls, c.timesteps)}; "
+                                   f"the pipeline runs {_describe(name, steps, len(timesteps), timesteps)}: set "
+                                   "pipe.scheduler and num_inference_steps to match, or compile another artifact")
+        scale = getattr(self._pipe, "guidance_scale", None)
+        if c.guidance_scale is not None and scale != c.guidance_scale:
+            raise IntegrationError(f"{c.label} was compiled for classifier-free guidance at scale {c.guidance_scale:g}; "
+                                   f"the pipeline runs guidance_scale={scale}: pass guidance_scale="
+                                   f"{c.guidance_scale:g}, or compile without --guidance-scale to run at any scale")
+
+
+def attach(pipe: Any, denoiser: Any) -> CompiledUNet:
+    """Make `denoiser` the unet of `pipe`: an artifact folder, an `OrtArtifact`, folded graphs
+    (`runtime.fold(traced, schedule, timesteps)`) or any denoiser `sampling.sample` takes. Attaching
+    again replaces the previous one; `detach` restores the original unet."""
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise IntegrationError(f"{type(pipe).__name__} has no unet; attach works with UNet pipelines "
+                               "(DDPMPipeline, DDIMPipeline, StableDiffusionPipeline)")
+    original = unet.original if isinstance(unet, CompiledUNet) else unet
+    pipe.unet = CompiledUNet(pipe, original, _compiled(denoiser, original))
+    return pipe.unet
+
+
+def detach(pipe: Any) -> None:
+    """Give `pipe` its original unet back; nothing happens when no denoiser is attached."""
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, CompiledUNet):
+        pipe.unet = unet.original

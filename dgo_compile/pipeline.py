@@ -1,0 +1,295 @@
+"""One command from model to artifact: the whole compile pipeline from a TOML config, with a report.
+
+Order (each stage feeds the next; stages without a table in the config are skipped):
+  1. [prune]     Diff-Pruning channel pruning       -> <work>/pruned
+  2. [finetune]  fine-tune the pruned model         -> <work>/finetuned
+  3. schedule    a named one (`full`, `deepcache:N`, `steps:K`, a JSON file), or "learned":
+     [optimize]  DiP-GO's pruner on the (pruned) model, then the schedule at optimize.ratio
+  4. fold + export the ONNX artifact (written to a temp folder, then renamed)
+  5. verify      the artifact against the PyTorch graphs it came from, on the same noise
+  6. report      report.md / report.json / heatmap / sample grid, quality against the unpruned model
+Intermediate models live in `<output>.work/`, so a rerun with the same config reuses them.
+The resolved config is written into the artifact (`dgo_config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .channel_pruning import PruneConfig
+from .errors import DgoError
+from .finetune import FinetuneConfig
+from .pruner import OptimizeConfig
+
+CONFIG_FILE = "dgo_config.json"
+TOP_LEVEL = ("model", "output", "schedule", "steps", "scheduler", "granularity", "guidance_scale", "overwrite",
+             "verify_samples", "seed")
+
+
+class ConfigError(DgoError):
+    """The compile config file is unreadable or names an unknown key."""
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    model: str | None = None
+    output: str = "artifact"
+    schedule: str = "full"  # or "learned" (needs [optimize])
+    steps: int = 50
+    scheduler: str | None = None
+    granularity: str = "block"
+    guidance_scale: float | None = None
+    overwrite: bool = False
+    verify_samples: int = 16  # images sampled from the artifact and the reference for the report
+    seed: int = 0
+    prune: PruneConfig | None = None
+    finetune: FinetuneConfig | None = None
+    optimize: OptimizeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule == "learned" and self.optimize is None:
+            raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
+        if self.verify_samples < 1:
+            raise ConfigError(f"verify_samples must be at least 1, got {self.verify_samples}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _table(cls, data: dict, name: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileConfig:
+    """The config file's values, with `overrides` (the options given on the command line) winning."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read the config {path}: {exc}") from exc
+    tables = {"prune": PruneConfig, "finetune": FinetuneConfig, "optimize": OptimizeConfig}
+    unknown = sorted(k for k in data if k not in TOP_LEVEL and k not in tables)
+    if unknown:
+        raise ConfigError(f"{path} has unknown key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(TOP_LEVEL + tuple(tables))}")
+    values = {k: v for k, v in data.items() if k in TOP_LEVEL}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, cls in tables.items():
+        if name in data:
+            table = dict(data[name])
+            if name == "optimize":  # the sampler is the compile's: one place says it
+                table.setdefault("steps", values.get("steps", 50))
+                table.setdefault("scheduler", values.get("scheduler"))
+                table.setdefault("guidance_scale", values.get("guidance_scale"))
+                if "class_labels" in table:
+                    table["class_labels"] = tuple(table["class_labels"])
+            values[name] = _table(cls, table, name)
+    return _table(CompileConfig, values, "top level")
+
+
+@dataclass
+class CompileOutcome:
+    artifact: Path
+    report: dict[str, Any]
+
+
+def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None = None) -> CompileOutcome:
+    from . import load, trace
+    from .artifact import ArtifactError, compile_artifact
+
+    stage = on_stage or (lambda _: None)
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise ArtifactError(f"{output} already exists; pass --overwrite or choose another -o")
+    work = output.with_name(output.name + ".work")
+    timings: dict[str, float] = {}
+    report: dict[str, Any] = {"config": config.to_json()}
+
+    def timed(name: str, fn):
+        stage(name)
+        started = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - started
+        return result
+
+    original = load(config.model)
+    if original.scheduler_config is None:
+        raise DgoError(f"{original.source} has no scheduler/ config; pass a pipeline folder")
+    model_path = config.model
+    if config.prune is not None:
+        model_path = timed("prune", lambda: _pruned(original, config.prune, work / "pruned"))
+    if config.finetune is not None:
+        if model_path == config.model:
+            raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
+        model_path = timed("finetune", lambda: _finetuned(model_path, config.finetune, work / "finetuned"))
+    loaded = load(model_path)
+    traced = trace(loaded)
+    schedule, heatmap_source = timed("schedule", lambda: _schedule(config, traced, loaded, work))
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        timed("compile", lambda: compile_artifact(
+            traced, schedule, loaded.scheduler_config, tmp, overwrite=True,
+            model_source=str(loaded.source.resolve()), scheduler=config.scheduler, sampler_steps=config.steps,
+            guidance_scale=config.guidance_scale))
+        report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, schedule)))
+        report["timings_s"] = timings
+        _write_report(tmp, report, schedule, heatmap_source, loaded, original)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CompileOutcome(output, report)
+
+
+def _pruned(original, config: PruneConfig, folder: Path) -> str:
+    from .channel_pruning import calibration_images, prune
+    from .loading import save_denoiser
+
+    if (folder / "model_index.json").is_file() or any(folder.glob("*/dgo_pruning.json")) or \
+            (folder / "dgo_pruning.json").is_file():
+        return str(folder)  # a previous run of this config
+    images = calibration_images(original) if config.importance == "taylor" else None
+    pruned = prune(original, config, images)
+    save_denoiser(original, pruned.model, folder, pruned.pruning)
+    return str(folder)
+
+
+def _finetuned(model_path: str, config: FinetuneConfig, folder: Path) -> str:
+    from .finetune import finetune, read_finetune
+
+    resume = folder.exists()
+    if resume and read_finetune(folder).complete:
+        return str(folder)
+    finetune(model_path, config, folder, resume=resume)
+    return str(folder)
+
+
+def _schedule(config: CompileConfig, traced, loaded, work: Path):
+    from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
+    from .runtime import gateable_elements
+    from .sampling import denoiser_timesteps
+    from .schedule import Schedule, builtin
+    from .schedule_cost import ScheduleCost
+
+    if config.schedule == "learned":
+        folder = work / "pruner"
+        done = folder.exists() and load_pruner(folder, allow_unfinished=True).state.complete
+        trained = load_pruner(folder) if done else optimize(
+            traced, loaded.scheduler_config, config.optimize, folder, model_source=str(loaded.source.resolve()),
+            null_class_label=traced.family.null_class_label(loaded.model), resume=folder.exists(),
+            decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None)
+        cost = ScheduleCost(traced, trained.state.schedule_granularity)
+        plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.ratio,
+                                   f"dipgo:{config.optimize.ratio:g}", trained.whole_calls)
+        return plan, trained
+    if config.schedule.endswith(".json"):
+        return Schedule.load(config.schedule), None
+    calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
+    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
+    if config.granularity == "unit":
+        plan = plan.for_units({b.name: b.units for b in traced.blocks})
+    return plan, None
+
+
+def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, schedule) -> dict[str, Any]:
+    """Artifact vs its own PyTorch graphs (parity), and vs the unpruned full model (quality)."""
+    from . import trace
+    from .artifact import OrtArtifact, read_manifest
+    from .cost import cost_report
+    from .metrics import psnr, ssim
+    from .runtime import fold
+    from .sampling import conditions_for, denoiser_timesteps, initial_noise, sample
+
+    manifest = read_manifest(artifact)
+    shape = tuple(traced.example_inputs(1)["sample"].shape[1:])
+    noise = initial_noise(config.verify_samples, shape, config.seed)
+    labels = list(range(10)) if "class_labels" in traced.input_names else None  # cycled over the samples
+    conditions, guidance = conditions_for(traced.input_names, config.verify_samples, labels, None,
+                                          config.guidance_scale, traced.family.null_class_label(loaded.model))
+    run = dict(scheduler=config.scheduler, conditions=conditions, guidance=guidance, seed=config.seed)
+    timesteps = denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler)
+    ours = sample(OrtArtifact.open(artifact), loaded.scheduler_config, noise, config.steps, **run)
+    torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)
+    original_traced = trace(original, verify=False)
+    reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
+    original_macs = cost_report(original_traced).total
+    pruned_cost = cost_report(traced).total
+    parity = float((ours - torch_graphs).norm() / torch_graphs.norm().clamp_min(1e-12))
+    macs = manifest["macs"]
+    full_run = original_macs.macs * len(timesteps)
+    return {
+        "params": {"original": original_macs.params, "compiled": pruned_cost.params},
+        "macs": {"original_per_call": original_macs.macs, "compiled_per_call_full": pruned_cost.macs,
+                 "per_call": macs["per_call"], "per_run": macs["total"], "original_per_run": full_run,
+                 "kept": macs["total"] / full_run},
+        "predicted_speedup": full_run / macs["total"],
+        "parity_rel_l2": parity,
+        "quality": {"samples": config.verify_samples, "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
+                    "ssim_vs_original": float(ssim(ours, reference).mean())},
+        "images": ours,
+    }
+
+
+def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded, original) -> None:
+    from .bench import bench_artifacts
+    from .artifact import OrtArtifact, compile_artifact
+    from . import trace
+    from .pruner import save_heatmap
+    from .sampling import save_grid
+
+    images = report.pop("images")
+    save_grid(images[:, :3], folder / "samples.png")
+    if trained is not None:
+        save_heatmap(trained.reuse_scores(), schedule, folder / "schedule.png", schedule.name)
+    full = folder.parent / f".{folder.name}.full"
+    try:  # measured speedup: the original model's `full` artifact on the same provider and sampler
+        from .schedule import builtin
+        from .runtime import gateable_elements
+
+        original_traced = trace(original, verify=False)
+        calls = schedule.steps
+        compile_artifact(original_traced, builtin("full", calls, gateable_elements(original_traced)),
+                         original.scheduler_config, full, overwrite=True, scheduler=report["config"]["scheduler"],
+                         sampler_steps=report["config"]["steps"])
+        result = bench_artifacts({"full": OrtArtifact.open(full), "compiled": OrtArtifact.open(folder)}, 1, 3)
+        report["measured"] = {"seconds_full": result.seconds["full"], "seconds_compiled": result.seconds["compiled"],
+                              "speedup": result.speedup("compiled", "full")}
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    m, q = report["macs"], report["quality"]
+    lines = [f"# dgo-compile report: {loaded.source}", "",
+             f"Schedule `{schedule.name}`, {report['config']['steps']} sampler steps"
+             + (f", channel pruning ratio {report['config']['prune']['ratio']}" if report["config"]["prune"] else ""),
+             "", "| | original | compiled |", "|---|---|---|",
+             f"| params | {report['params']['original'] / 1e6:.2f} M | {report['params']['compiled'] / 1e6:.2f} M |",
+             f"| MACs per call (all blocks) | {m['original_per_call'] / 1e6:.1f} M | {m['compiled_per_call_full'] / 1e6:.1f} M |",
+             f"| MACs per run | {m['original_per_run'] / 1e9:.2f} G | {m['per_run'] / 1e9:.2f} G ({m['kept']:.1%}) |",
+             f"| predicted speedup (MACs) | 1.00x | {report['predicted_speedup']:.2f}x |",
+             f"| measured speedup (onnxruntime, batch 1, median of 3) | 1.00x | {report['measured']['speedup']:.2f}x |",
+             f"| PSNR / SSIM vs original ({q['samples']} samples, same noise) | 100 / 1.000 | "
+             f"{q['psnr_vs_original']:.1f} / {q['ssim_vs_original']:.3f} |",
+             f"| artifact vs its PyTorch graphs (relative L2) | | {report['parity_rel_l2']:.1e} |",
+             "", "MACs per denoiser call: " + ", ".join(f"{x / 1e6:.0f}M" for x in m["per_call"]), "",
+             "Stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items()), "",
+             "![samples](samples.png)"]
+    if trained is not None:
+        lines += ["", "![schedule](schedule.png)"]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")

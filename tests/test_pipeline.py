@@ -1,0 +1,66 @@
+"""`compile --config`: the whole pipeline from a TOML file, with the CLI winning over it, and a report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dgo_compile.errors import DgoError
+from dgo_compile.pipeline import read_config
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_config_file_with_cli_overrides(tmp_path):
+    path = tmp_path / "dgo.toml"
+    path.write_text('schedule = "learned"\nsteps = 20\n[prune]\nratio = 0.4\nimportance = "magnitude"\n'
+                    "[optimize]\nratio = 0.3\niters = 5\n")
+    config = read_config(path, {"steps": 10, "schedule": None})
+    assert config.steps == 10 and config.schedule == "learned"  # the CLI wins, the file fills the rest
+    assert config.prune.ratio == 0.4 and config.prune.importance == "magnitude"
+    assert config.optimize.steps == 10 and config.optimize.iters == 5  # the optimizer samples like the compile
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stepz = 3\n", "has unknown key(s) stepz"),
+    ("[prune]\nration = 0.3\n", "[prune] has unknown key(s) ration"),
+    ('schedule = "learned"\n', 'schedule = "learned" needs an [optimize] table'),
+    ("[prune]\nratio = 1.5\n", "--ratio must be in [0, 1)"),
+    ("steps = \n", "cannot read the config"),
+])
+def test_bad_config_is_one_line_and_writes_nothing(tmp_path, text, message):
+    path = tmp_path / "dgo.toml"
+    path.write_text(text)
+    with pytest.raises(DgoError) as info:
+        read_config(path, {})
+    assert message in str(info.value)
+    result = run("compile", "--config", path, "-o", tmp_path / "a")
+    assert result.returncode == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_compile_config_runs_prune_compile_verify_report(tmp_path):
+    path = tmp_path / "dgo.toml"
+    path.write_text('schedule = "deepcache:2"\nsteps = 20\nverify_samples = 4\n'
+                    '[prune]\nratio = 0.5\nimportance = "magnitude"\n')
+    result = run("compile", "--config", path, "--steps", "4", "-o", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "a"
+    report = json.loads((folder / "report.json").read_text())
+    stored = json.loads((folder / "dgo_config.json").read_text())
+    assert stored["steps"] == 4 and stored["prune"]["ratio"] == 0.5  # the resolved config, CLI included
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["scheduler"]["steps"] == 4
+    assert report["macs"]["per_run"] == manifest["macs"]["total"]
+    assert report["macs"]["compiled_per_call_full"] < 0.5 * report["macs"]["original_per_call"]  # width
+    assert report["macs"]["per_run"] < 4 * report["macs"]["compiled_per_call_full"]  # and time
+    assert report["parity_rel_l2"] < 1e-4
+    assert -1 <= report["quality"]["ssim_vs_original"] < 0.99 and report["measured"]["speedup"] > 0  # pruned, not tuned
+    text = (folder / "report.md").read_text()
+    assert "| MACs per run |" in text and "measured speedup" in text and (folder / "samples.png").is_file()
+    assert (tmp_path / "a.work" / "pruned" / "unet" / "dgo_pruning.json").is_file()
