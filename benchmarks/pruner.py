@@ -43,8 +43,6 @@ PRUNERS = (
     ("learned steps (lr 0.1)", "pruner_step_lr0.1", dict(granularity="step", lr=0.1)),
     ("learned blocks (lr 0.03, trained to 50%)", "pruner_block_lr0.03_r0.5", dict(granularity="block", lr=0.03, ratio=0.5)),
     ("learned units (lr 0.03)", "pruner_unit_lr0.03", dict(granularity="unit", lr=0.03)),
-    # Unit cascades sum to ~3x the block ones, so the same lr pushes ~3x harder: a gentler one too.
-    ("learned units (lr 0.01)", "pruner_unit_lr0.01", dict(granularity="unit", lr=0.01)),
     ("learned blocks (lr 0.03, no timestep input)", "pruner_block_lr0.03_notime",
      dict(granularity="block", lr=0.03, timestep_conditioning=False)),
 )

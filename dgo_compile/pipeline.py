@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from .channel_pruning import PruneConfig
 from .errors import DgoError
 from .finetune import FinetuneConfig
