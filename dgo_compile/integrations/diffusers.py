@@ -68,6 +68,7 @@ class _Compiled:
 
 
 def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
+    """What `attach` was given, with all it says about the runs it was compiled for."""
     if isinstance(denoiser, (str, os.PathLike)):
         denoiser = OrtArtifact.open(denoiser)
     if isinstance(denoiser, OrtArtifact):
