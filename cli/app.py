@@ -120,14 +120,13 @@ def compile(
     output = output or Path("artifact")
     if granularity not in ("block", "unit"):
         raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
+    plan = Schedule.load(schedule) if schedule.endswith(".json") else None  # a bad file fails before the model loads
     loaded = load(model)
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
     traced = trace(loaded)
     calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
-    if schedule.endswith(".json"):
-        plan = Schedule.load(schedule)
-    else:
+    if plan is None:
         plan = builtin(schedule, calls, gateable_elements(traced, "block"))
         if granularity == "unit":
             plan = plan.for_units({b.name: b.units for b in traced.blocks})

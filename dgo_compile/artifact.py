@@ -11,6 +11,7 @@ never leaves a half-written artifact. `OrtArtifact` runs it on onnxruntime.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from . import __version__
 from .cost import cost_report
 from .errors import DgoError
-from .export import export_onnx
+from .export import ExportError, export_onnx
 from .passes import cost_of, variant_signature
 from .runtime import StepRun, fold
 from .sampling import SCHEDULERS, denoiser_timesteps
@@ -63,8 +64,11 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     step_macs = [variant_macs[key] for key in folded.step_variant]
     example = traced.example_inputs(batch=2)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as exc:
+        raise _write_error(output, exc) from exc
     try:
         variants = []
         order = list(dict.fromkeys(folded.step_variant))
@@ -108,10 +112,20 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        cause = exc.__cause__ if isinstance(exc, ExportError) else exc  # export_onnx wraps its write errors
+        if isinstance(cause, OSError):
+            raise _write_error(output, cause) from exc
         raise
     return output
+
+
+def _write_error(output: Path, exc: OSError) -> ArtifactError:
+    reason = exc.strerror or str(exc)
+    hint = "free some disk space or choose another -o" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "check the folder is writable or choose another -o"
+    return ArtifactError(f"could not write the artifact {output}: {reason}; {hint}, then compile again")
 
 
 def _scheduler_name(scheduler_config: dict, name: str | None) -> str:
@@ -128,16 +142,66 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"{path} is not a dgo-compile artifact (no {MANIFEST})")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise ArtifactError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path / MANIFEST} must hold a JSON object; recompile the model")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format {manifest.get('format')} v{manifest.get('format_version')}; "
                             f"this dgo-compile reads {FORMAT} v{FORMAT_VERSION}: recompile the model")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path / MANIFEST} is malformed ({problem}); recompile the model")
     files = [f for v in manifest["variants"] for f in (v["file"], *v["external_data"])] + ([manifest["constants_file"]] if manifest["constants_file"] else [])
     for file in files:
         if not (path / file).is_file():
             raise ArtifactError(f"{path} is incomplete: {file} is missing; recompile the model")
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the structure the runtime relies on, or None."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    model, scheduler, variants = manifest.get("model"), manifest.get("scheduler"), manifest.get("variants")
+    if not isinstance(model, dict):
+        return "'model' must be an object"
+    inputs = manifest.get("inputs")
+    if not (isinstance(inputs, list) and inputs and all(
+            isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("dtype"), str)
+            and isinstance(i.get("shape"), list) for i in inputs)):
+        return "'inputs' must list objects with name, shape and dtype"
+    if "sample" not in [i["name"] for i in inputs]:
+        return "'inputs' has no 'sample'"
+    if not (isinstance(scheduler, dict) and isinstance(scheduler.get("name"), str)
+            and isinstance(scheduler.get("steps"), int) and not isinstance(scheduler.get("steps"), bool)
+            and isinstance(scheduler.get("config"), dict) and isinstance(scheduler.get("timesteps"), list)
+            and all(number(t) for t in scheduler["timesteps"])):
+        return "'scheduler' must hold name, steps, timesteps and config"
+    if manifest.get("guidance") is not None and not isinstance(manifest["guidance"], dict):
+        return "'guidance' must be an object or null"
+    if not isinstance(manifest.get("schedule"), dict) or not isinstance(manifest.get("macs"), dict):
+        return "'schedule' and 'macs' must be objects"
+    if not (manifest.get("constants_file") is None or isinstance(manifest["constants_file"], str)):
+        return "'constants_file' must be a file name or null"
+    if not (isinstance(variants, list) and variants):
+        return "'variants' must be a non-empty list"
+    keys = ("external_data", "inputs", "constant_inputs", "cache_inputs", "cache_outputs")
+    if not all(isinstance(v, dict) and isinstance(v.get("file"), str) and all(strings(v.get(k)) for k in keys)
+               for v in variants):
+        return "each variant needs a file and lists of external_data, inputs, constant_inputs, cache_inputs and " \
+               "cache_outputs"
+    calls = manifest.get("call_variants")
+    if not (isinstance(calls, list) and calls and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(variants) for c in calls)):
+        return "'call_variants' must list a variant index for each denoiser call"
+    if len(scheduler["timesteps"]) != len(calls):
+        return f"{len(scheduler['timesteps'])} timesteps for {len(calls)} calls"
+    return None
 
 
 @dataclass

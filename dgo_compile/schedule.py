@@ -90,6 +90,9 @@ class Schedule:
 
     @classmethod
     def from_json(cls, data: dict) -> Schedule:
+        if not isinstance(data, dict):
+            raise ScheduleError(f"schedule JSON must be an object with 'name', 'blocks' and 'compute' "
+                                f"(steps x blocks of 0/1), not {type(data).__name__}")
         try:
             name, blocks, compute = data["name"], data["blocks"], data["compute"]
             rows = tuple(tuple(_flag(c) for c in row) for row in compute)
@@ -105,7 +108,7 @@ class Schedule:
     def load(cls, path: str | Path) -> Schedule:
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
             raise ScheduleError(f"cannot read schedule {path}: {exc}") from exc
 
 

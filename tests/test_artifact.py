@@ -149,7 +149,8 @@ def test_failed_compile_leaves_nothing_behind(shipped_artifact, tmp_path, monkey
 
     original = artifact_module.export_onnx
     monkeypatch.setattr(artifact_module, "export_onnx", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ArtifactError, match="could not write the artifact .*artifact: No space left on device; free "
+                                            "some disk space or choose another -o"):
         compile_artifact(traced, schedule, loaded.scheduler_config, tmp_path / "artifact")
     assert list(tmp_path.iterdir()) == []
 
