@@ -223,8 +223,8 @@ def load_pruner(path: str | Path, allow_unfinished: bool = False) -> TrainedPrun
         raise PrunerError(f"{path} is not a pruner folder (needs {STATE_FILE} and {CHECKPOINT_FILE}); "
                           "make one with `dgo-compile optimize`")
     try:
-        state = PrunerState.from_json(json.loads(state_file.read_text()), path)
         checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        state = PrunerState.from_json(json.loads(checkpoint.get("state") or state_file.read_text()), path)
         pruner = build_pruner(state)
         pruner.load_state_dict(checkpoint["pruner"])
     except PrunerError:
@@ -361,9 +361,11 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
 
     def save() -> None:
         output.mkdir(parents=True, exist_ok=True)
+        # The checkpoint carries its own copy of the state: a kill between the two writes leaves the
+        # weights and the iteration count they belong to together (pruner.json is the readable copy).
         write_atomic(output / CHECKPOINT_FILE, lambda p: torch.save(
             {"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_schedule": lr_schedule.state_dict()}, p))
+             "lr_schedule": lr_schedule.state_dict(), "state": json.dumps(state.to_json())}, p))
         write_atomic(output / STATE_FILE, lambda p: p.write_text(json.dumps(state.to_json(), indent=1)))
 
     if not resume:

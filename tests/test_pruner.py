@@ -133,6 +133,9 @@ def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
         optimize(tiny, DDIM, config, tmp_path / "resumed", on_iteration=stop_after_two)
     with pytest.raises(PrunerError, match="stopped at iteration 2 of 4; finish it with `dgo-compile optimize"):
         load_pruner(tmp_path / "resumed")
+    # a kill between the checkpoint and pruner.json writes: the checkpoint's own state wins
+    readable = tmp_path / "resumed" / "pruner.json"
+    readable.write_text(json.dumps({**json.loads(readable.read_text()), "iterations_done": 1}))
     resumed = optimize(tiny, DDIM, config, tmp_path / "resumed", resume=True)
     assert resumed.state.iterations_done == 4
     assert [r["kept"] for r in resumed.state.history] == [r["kept"] for r in straight.state.history]
