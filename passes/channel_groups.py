@@ -358,7 +358,7 @@ _SAME = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.d
          aten.dropout.default, aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.clone.default,
          aten.alias.default, aten.detach.default, aten.neg.default, aten.upsample_nearest2d.vec,
          aten.upsample_bilinear2d.vec, aten.upsample_nearest2d.default, aten.avg_pool2d.default,
-         aten.constant_pad_nd.default, aten.to.dtype_layout, aten.to.device, aten.expand.default)
+         aten.to.dtype_layout, aten.to.device, aten.expand.default)
 
 
 @_rule(*_SAME)
@@ -421,6 +421,17 @@ def _broadcast(walk: _Walk, node: fx.Node):
     for other in found[1:]:
         walk.spaces.unify(found[0].parts, other.parts)
     return found[0]
+
+
+@_rule(aten.pad.default, aten.constant_pad_nd.default)
+def _pad(walk: _Walk, node: fx.Node):
+    incoming = walk.axis(node.args[0])
+    if incoming is None:
+        return None
+    padded = {_ndim(node) - 1 - k // 2 for k in range(len(node.args[1]))}  # F.pad lists pads from the last dim
+    if padded & set(incoming.dims):
+        walk.refuse(node, "pads a channel dim")
+    return incoming
 
 
 @_rule(aten.unsqueeze.default)

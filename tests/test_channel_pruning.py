@@ -271,3 +271,21 @@ def test_prune_config_errors():
         PruneConfig(scope="layer")
     _, plan = plan_channels(load())
     assert len(plan.prunable()) == 56
+
+
+class PaddedDownsample(nn.Module):
+    """diffusers' Downsample2D with downsample_padding=0 pads the spatial dims before its conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.out(self.down(F.pad(self.conv(x), (0, 1, 0, 1))))
+
+
+def test_spatial_padding_keeps_the_channel_axis():
+    plan = analyse_channels(exported(PaddedDownsample(), torch.randn(1, 3, 8, 8)))
+    assert group_of(plan, "conv.weight", 0) == group_of(plan, "down.weight", 1)

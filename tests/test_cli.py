@@ -55,7 +55,8 @@ def test_sample_asks_for_conditions(config_dir, tmp_path):
     result = run("sample", pipeline, "--steps", "2", "-o", tmp_path / "g.png")
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: this model also takes encoder_hidden_states: pass them in a safetensors "
-                                     "file (--prompt-embeds) under those names")
+                                     "file (--prompt-embeds) under those names (or --prompts, with a pipeline folder "
+                                     "that has a text encoder)")
     assert not (tmp_path / "g.png").exists()
 
 
