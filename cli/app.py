@@ -451,10 +451,9 @@ def prune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruned model folder to write.")] = Path("pruned"),
 ) -> None:
     """Channel pruning (Diff-Pruning): dependency groups, Taylor importance, real channel removal."""
-    from dgo_compile import load, trace
+    from dgo_compile import load
     from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels
     from dgo_compile.channel_pruning import prune as run_prune
-    from dgo_compile.cost import cost_report
     from dgo_compile.loading import save_denoiser
 
     config = PruneConfig(ratio=ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
@@ -480,17 +479,14 @@ def prune(
     calibration = calibration_images(loaded, images) if importance == "taylor" else None
     with err.status(f"pruning ({importance}, {scope}, ratio {ratio})"):
         pruned = run_prune(loaded, config, calibration)
-        before = cost_report(trace(loaded, verify=False)).total
-        after = cost_report(trace(pruned.model, verify=False)).total
-        pruned.pruning["params"] = {"before": before.params, "after": after.params}
-        pruned.pruning["macs"] = {"before": before.macs, "after": after.macs}
         save_denoiser(loaded, pruned.model, output, pruned.pruning)
+    params, macs = pruned.pruning["params"], pruned.pruning["macs"]
     table = Table(title=f"{output}: {importance} importance, {scope} ratio {ratio}")
     for col in ("", "params", "MACs/call"):
         table.add_column(col, justify="right")
-    table.add_row("before", f"{before.params / 1e6:.2f} M", _gb(before.macs))
-    table.add_row("after", f"{after.params / 1e6:.2f} M", _gb(after.macs))
-    table.add_row("kept", f"{after.params / before.params:.1%}", f"{after.macs / before.macs:.1%}")
+    table.add_row("before", f"{params['before'] / 1e6:.2f} M", _gb(macs["before"]))
+    table.add_row("after", f"{params['after'] / 1e6:.2f} M", _gb(macs["after"]))
+    table.add_row("kept", f"{params['after'] / params['before']:.1%}", f"{macs['after'] / macs['before']:.1%}")
     out.print(table)
     used = f"; Taylor gradients over {len(pruned.taylor_losses)} timesteps" if importance == "taylor" else ""
     out.print(f"wrote {output}{used}; fine-tune it with `dgo-compile finetune {output}`")

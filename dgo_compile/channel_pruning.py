@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .channel_surgery import PRUNING_FORMAT, module_shape, resized
+from .cost import cost_report
 from .errors import DgoError
 from .loading import LoadedModel
 from .passes import PassManager
@@ -328,9 +329,12 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
     example = tuple(traced.example_inputs(1).values())
     model, records = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
     model = model.eval().requires_grad_(False)
-    trace(model)  # re-trace and check the pruned graph against the pruned eager model
+    pruned_traced = trace(model)  # re-trace and check the pruned graph against the pruned eager model
+    before, after = cost_report(traced).total, cost_report(pruned_traced).total
     pruning = {"format": PRUNING_FORMAT, "config": asdict(config), "source": str(loaded.source),
                "taylor_losses": list(losses), **records,
+               "params": {"before": before.params, "after": after.params},
+               "macs": {"before": before.macs, "after": after.macs},
                "groups": {str(gid): {"size": next(g.size for g in plan.groups if g.id == gid), "kept": len(k)}
                           for gid, k in keep.items()}}
     return PrunedModel(model, pruning, keep, losses)

@@ -143,9 +143,11 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
             traced, schedule, loaded.scheduler_config, tmp, overwrite=True,
             model_source=str(loaded.source.resolve()), scheduler=config.scheduler, sampler_steps=config.steps,
             guidance_scale=config.guidance_scale))
-        report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, schedule)))
+        original_traced = trace(original, verify=False)
+        report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, original_traced,
+                                                        schedule)))
         report["timings_s"] = timings
-        _write_report(tmp, report, schedule, heatmap_source, loaded, original)
+        _write_report(tmp, report, schedule, heatmap_source, loaded, original, original_traced)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
         if output.exists():
             shutil.rmtree(output)
@@ -206,9 +208,9 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path):
     return plan, None
 
 
-def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, schedule) -> dict[str, Any]:
+def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, original_traced,
+            schedule) -> dict[str, Any]:
     """Artifact vs its own PyTorch graphs (parity), and vs the unpruned full model (quality)."""
-    from . import trace
     from .artifact import OrtArtifact, read_manifest
     from .cost import cost_report
     from .metrics import psnr, ssim
@@ -225,7 +227,6 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, sch
     timesteps = denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler)
     ours = sample(OrtArtifact.open(artifact), loaded.scheduler_config, noise, config.steps, **run)
     torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)
-    original_traced = trace(original, verify=False)
     reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
@@ -245,10 +246,10 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, sch
     }
 
 
-def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded, original) -> None:
+def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded, original,
+                  original_traced) -> None:
     from .bench import bench_artifacts
     from .artifact import OrtArtifact, compile_artifact
-    from . import trace
     from .pruner import save_heatmap
     from .sampling import save_grid
 
@@ -261,7 +262,6 @@ def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loade
         from .schedule import builtin
         from .runtime import gateable_elements
 
-        original_traced = trace(original, verify=False)
         calls = schedule.steps
         compile_artifact(original_traced, builtin("full", calls, gateable_elements(original_traced)),
                          original.scheduler_config, full, overwrite=True, scheduler=report["config"]["scheduler"],
