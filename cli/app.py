@@ -21,6 +21,9 @@ app = typer.Typer(help="Compile diffusers denoisers into cheaper static ONNX art
 # Piped output gets a table wide enough to read rather than rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True)
+# Under torchrun only process 0 reports progress and results; every process still reports its errors.
+MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
+out.quiet = not MAIN_PROCESS
 
 ModelArg = Annotated[Optional[Path], typer.Argument(
     help="Local diffusers model or pipeline folder, or a config.json. Default: the shipped MNIST model.",
@@ -297,7 +300,7 @@ def optimize(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[stats]}")]
     # The bar starts with the first iteration, so input errors found while setting up stay one line.
-    progress = Progress(*columns, console=err)
+    progress = Progress(*columns, console=err, disable=not MAIN_PROCESS)
     tasks = []
 
     def show(record: dict) -> None:
@@ -397,7 +400,7 @@ def finetune(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[stats]}")]
     # The bar starts with the first step, so input errors found while setting up stay one line.
-    progress = Progress(*columns, console=err)
+    progress = Progress(*columns, console=err, disable=not MAIN_PROCESS)
     tasks = []
 
     def show(entry: dict) -> None:
@@ -549,5 +552,6 @@ def main() -> None:
     except DgoError as exc:
         if os.environ.get("DGO_DEBUG"):
             raise
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        where = "" if MAIN_PROCESS else f"(process {os.environ['RANK']}) "
+        err.print(f"[red]error:[/red] {where}{escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)

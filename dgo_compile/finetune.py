@@ -11,7 +11,9 @@ The output folder is always a complete model that `load` reads (the EMA weights)
 `finetune.json` (settings, sources, progress, loss history) and `finetune_state.pt` (raw
 weights, EMA, optimizer, learning-rate and RNG state). A checkpoint replaces the weights, then
 the state, then the record, each atomically; a resumed run continues from the state file and
-reaches the same weights, bit for bit, as an uninterrupted run with the same seed.
+reaches the same weights, bit for bit, as an uninterrupted run with the same seed. Under
+`torchrun`, every process draws the same global batch, trains on its share and averages
+gradients (`dgo_compile.distributed`); process 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .data import IMAGE_SIZE, mnist_digits
+from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
 from .loading import WEIGHT_FILES, LoadedModel, load, save_denoiser
@@ -162,6 +165,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     predictions. `on_step` gets each step's history record after any checkpoint of that step.
     """
     output = Path(output)
+    world = current_world()
+    rows = world.shard(config.batch, "--batch")
     stored = read_finetune(output) if resume else None
     if not resume and output.exists():
         raise FinetuneError(f"{output} already exists; pass --resume to continue it or choose another -o")
@@ -218,7 +223,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             record.steps_done, record.history, record.seconds = state["steps_done"], state["history"], state["seconds"]
-        else:
+        world.barrier()  # every process has checked the output folder before process 0 creates it
+        if not resume and world.is_main:
             _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
         started = time.perf_counter()
         for step in range(record.steps_done + 1, config.steps + 1):
@@ -226,6 +232,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             x0 = images[index]
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=generator)
+            index, x0, noise, t = index[rows], x0[rows], noise[rows], t[rows]  # this process's share
             noisy = noise_scheduler.add_noise(x0, noise, t)
             class_labels = labels[index] if conditional else None
             prediction = model(noisy, t, class_labels=class_labels).sample
@@ -238,22 +245,25 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                 loss = loss + config.distill * distill
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            world.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             lr_schedule.step()
             if ema is not None:
                 ema.step(params)
-            entry = {"step": step, "loss": loss.item(), **({"distill": distill.item()} if distill is not None else {}),
+            entry = {"step": step, "loss": world.mean(loss.item()),
+                     **({"distill": world.mean(distill.item())} if distill is not None else {}),
                      "lr": lr, "ema_decay": ema.cur_decay_value if ema else 0.0}
             record.history.append(entry)
             record.steps_done = step
             record.seconds += time.perf_counter() - started
             started = time.perf_counter()
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if world.is_main and (step % config.checkpoint_every == 0 or step == config.steps):
                 _write_checkpoint(output, loaded, saved_model(), record, training_state())
             if on_step is not None:
                 on_step(entry)
+    world.barrier()  # process 0's last checkpoint is on disk before any process returns
     return FinetuneResult(output, record, saved_model())
 
 

@@ -11,7 +11,9 @@ call and element). One trained pruner yields a schedule at any budget (`extract_
 A pruner folder holds `pruner.json` (configs, sampler, history, progress) and `checkpoint.pt`
 (weights, optimizer and learning-rate state); both are replaced atomically at every
 checkpoint, so an interrupted run resumes from its last one and reaches the same weights as an
-uninterrupted run with the same seed.
+uninterrupted run with the same seed. Under `torchrun`, each process takes its share of every
+batch and gradients are averaged (`dgo_compile.distributed`): the same pruner at the same
+global `--batch`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
 from .metrics import ssim
@@ -316,6 +319,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     consistency loss, and gradients flow back through the decoder.
     """
     output = Path(output)
+    world = current_world()
+    rows = world.shard(config.batch, "--batch")
     granularity = "block" if config.granularity == "step" else config.granularity
     cost = ScheduleCost(traced, granularity)
     if resume:
@@ -360,6 +365,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
                           else [state.cascade_shares[e] for e in elements])
 
     def save() -> None:
+        if not world.is_main:
+            return
         output.mkdir(parents=True, exist_ok=True)
         # The checkpoint carries its own copy of the state: a kill between the two writes leaves the
         # weights and the iteration count they belong to together (pruner.json is the readable copy).
@@ -368,12 +375,13 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
              "lr_schedule": lr_schedule.state_dict(), "state": json.dumps(state.to_json())}, p))
         write_atomic(output / STATE_FILE, lambda p: p.write_text(json.dumps(state.to_json(), indent=1)))
 
+    world.barrier()  # every process has checked the output folder before process 0 creates it
     if not resume:
         save()  # a resumable folder exists from iteration 0
     params = [p for p in pruner.parameters()]
     started = time.perf_counter()
     for iteration in range(state.iterations_done, config.iters):
-        index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)]
+        index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)][rows]
         gates = pruner.gates()
         gates_full = gates.expand(-1, len(elements))  # whole-network gates: one column for all
         images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index], _extra(conditions, guidance, index))
@@ -385,10 +393,11 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
+        world.average_gradients(params)
         optimizer.step()
         lr_schedule.step()
         state.iterations_done = iteration + 1
-        record = {"iteration": iteration + 1, "consistency": loss_consistency.item(), "sparsity": sparsity.item(),
+        record = {"iteration": iteration + 1, "consistency": world.mean(loss_consistency.item()), "sparsity": sparsity.item(),
                   "kept": kept, "lr": optimizer.param_groups[0]["lr"]}
         state.history.append(record)
         state.seconds += time.perf_counter() - started
@@ -401,6 +410,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
             save()
         if on_iteration is not None:
             on_iteration(record)
+    world.barrier()  # process 0's last checkpoint is on disk before any process returns
     return TrainedPruner(state, pruner)
 
 
