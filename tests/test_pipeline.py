@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,14 @@ def test_config_file_with_cli_overrides(tmp_path):
     assert config.steps == 10 and config.schedule == "learned"  # the CLI wins, the file fills the rest
     assert config.prune.ratio == 0.4 and config.prune.importance == "magnitude"
     assert config.optimize.steps == 10 and config.optimize.iters == 5  # the optimizer samples like the compile
+
+
+def test_the_readme_example_config_reads_as_documented():
+    """The quick start's `compile --config examples/dgo.toml`: prune, fine-tune, deepcache:3 over 50 DDIM steps."""
+    config = read_config(Path(__file__).parent.parent / "examples" / "dgo.toml", {"output": "artifact"})
+    assert (config.schedule, config.steps, config.output) == ("deepcache:3", 50, "artifact")
+    assert config.prune.ratio == 0.25 and config.prune.importance == "taylor"
+    assert config.finetune.steps == 300 and config.optimize is None
 
 
 @pytest.mark.parametrize("text, message", [

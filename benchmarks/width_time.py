@@ -1,0 +1,186 @@
+"""Width + time on the shipped model: Diff-Pruning with a real fine-tune budget, then DiP-GO on the pruned model.
+
+Reproduce: `python benchmarks/width_time.py` (about 35 min on 2 cores; fine-tuning and the pruner run under
+torchrun with 2 processes, through the CLI a user runs).
+
+1. `dgo-compile prune --ratio 0.25` (Taylor, uniform: ~76% of the MACs per call).
+2. `dgo-compile finetune` for 600 steps at batch 32: ~11% of the 5,500 x 32 samples the shipped model
+   was trained on, the low end of Diff-Pruning's 10-20%.
+3. `dgo-compile optimize` on the fine-tuned pruned model (trained towards the lowest budget), then its
+   schedules at each total budget, counted against the *unpruned* model's full run.
+4. Quality (DDIM 50, n samples from one noise seed; PSNR / SSIM against the unpruned model's images from
+   the same noise, FD against real digits) of: width alone, width + learned schedule, the unpruned
+   model's learned schedules committed by `benchmarks/pruner.py`, and fewer DDIM steps on either model,
+   all at the same total MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from channel_pruning import quality  # noqa: E402  (the same metrics as the channel pruning benchmark)
+
+from dgo_compile import __version__, load, trace  # noqa: E402
+from dgo_compile.data import real_digit_sample  # noqa: E402
+from dgo_compile.finetune import read_finetune  # noqa: E402
+from dgo_compile.metrics import classifier_features, load_digit_classifier  # noqa: E402
+from dgo_compile.pruner import extract_schedule, load_pruner  # noqa: E402
+from dgo_compile.runtime import fold, gateable_elements  # noqa: E402
+from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim  # noqa: E402
+from dgo_compile.schedule import Schedule, builtin  # noqa: E402
+from dgo_compile.schedule_cost import ScheduleCost  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:7.0f} s] {message}", flush=True)
+
+
+def cli(args: list, processes: int = 1) -> float:
+    """Run a dgo-compile command (under torchrun with `processes` > 1); its wall seconds."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    log("dgo-compile " + " ".join(map(str, args)) + (f" (torchrun, {processes} processes)" if processes > 1 else ""))
+    subprocess.run([sys.executable, *launcher, "-m", "dgo_compile.cli", *map(str, args)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def run_images(traced, schedule: Schedule, scheduler_config: dict, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    graphs = fold(traced, schedule, denoiser_timesteps(scheduler_config, steps))
+    return sample_ddim(graphs, scheduler_config, noise, steps, 50)
+
+
+def nearest_steps(cost: ScheduleCost, target: float, steps: int, names) -> tuple[str, float]:
+    """The uniform `steps:K` whose kept share (of this model's full run) is nearest `target`."""
+    k = min(range(1, steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", steps, names)) - target))
+    return f"steps:{k}", cost.kept_ratio(builtin(f"steps:{k}", steps, names))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None, help="keep intermediate models here (default: temp)")
+    parser.add_argument("--ratio", type=float, default=0.25, help="channel pruning ratio (uniform, Taylor)")
+    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--finetune-batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=150, help="pruner iterations")
+    parser.add_argument("--pruner-ratio", type=float, default=0.2, help="the pruner's training target (total MACs)")
+    parser.add_argument("--totals", type=float, nargs="+", default=[0.25, 0.2],
+                        help="total kept MACs per run, relative to the unpruned model's full run")
+    parser.add_argument("--processes", type=int, default=2, help="torchrun processes for finetune and optimize")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("-n", type=int, default=100, help="evaluation samples")
+    parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
+    args = parser.parse_args()
+    torch.set_num_threads(args.processes)
+    temp = None
+    if args.work is None:
+        temp = tempfile.TemporaryDirectory(prefix="width_time_")
+        args.work = Path(temp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    pruned, tuned, pruner = args.work / "pruned", args.work / "finetuned", args.work / "pruner"
+    seconds = {}
+    if not pruned.is_dir():
+        seconds["prune"] = cli(["prune", "--ratio", args.ratio, "--batch", 8, "--max-timesteps", 1000, "-o", pruned])
+    if not (tuned.is_dir() and read_finetune(tuned).complete):
+        seconds["finetune"] = cli(["finetune", pruned, "--steps", args.finetune_steps, "--batch", args.finetune_batch,
+                                   "-o", tuned, *(["--resume"] if tuned.is_dir() else [])], args.processes)
+
+    loaded, tuned_model = load(), load(tuned)
+    full_traced, tuned_traced = trace(loaded, verify=False), trace(tuned_model, verify=False)
+    full_cost, tuned_cost = ScheduleCost(full_traced), ScheduleCost(tuned_traced)
+    width = tuned_cost.full_macs / full_cost.full_macs  # the pruned model's full run, as a share of the unpruned one
+    if not (pruner.is_dir() and load_pruner(pruner, allow_unfinished=True).state.complete):
+        # the pruner's --ratio is the pruned model's own share: the total target divided by the width share
+        seconds["optimize"] = cli(["optimize", tuned, "--ratio", f"{args.pruner_ratio / width:.4f}", "--iters",
+                                   args.iters, "--batch", 2, "--steps", args.steps, "-o", pruner,
+                                   *(["--resume"] if pruner.is_dir() else [])], args.processes)
+    trained = load_pruner(pruner)
+    names = gateable_elements(full_traced)
+    scheduler_config = loaded.scheduler_config
+
+    classifier = load_digit_classifier()
+    real = classifier_features(real_digit_sample(args.n, args.seed), classifier)
+    noise = initial_noise(args.n, (1, 32, 32), args.seed)
+    log("unpruned reference")
+    reference = run_images(full_traced, builtin("full", args.steps, names), scheduler_config, noise, args.steps)
+    rows = [{"total": 1.0, "model": "unpruned", "schedule": "full", "kept_macs": 1.0,
+             **quality(reference, reference, classifier, real)}]
+
+    def measure(total: float, model: str, traced, schedule: Schedule, kept: float) -> None:
+        images = run_images(traced, schedule, scheduler_config, noise, args.steps)
+        rows.append({"total": total, "model": model, "schedule": schedule.name, "kept_macs": kept,
+                     **quality(images, reference, classifier, real)})
+        log(f"{model}, {schedule.name}: {kept:.1%} -> {rows[-1]}")
+
+    pruned_label = f"pruned {args.ratio} + fine-tuned"
+    measure(width, pruned_label, tuned_traced, builtin("full", args.steps, names), width)
+    for total in args.totals:
+        schedule, kept = extract_schedule(trained.reuse_margins(), tuned_cost, total / width, f"dipgo:{total}")
+        measure(total, pruned_label, tuned_traced, schedule, kept * width)
+        schedule.save(args.work / f"pruned_schedule_{total}.json")
+        spec, kept = nearest_steps(tuned_cost, total / width, args.steps, names)
+        measure(total, pruned_label, tuned_traced, builtin(spec, args.steps, names), kept * width)
+        if total in UNPRUNED_SCHEDULES:
+            learned = Schedule.load(RESULTS / UNPRUNED_SCHEDULES[total])
+            measure(total, "unpruned", full_traced, learned, full_cost.kept_ratio(learned))
+        spec, kept = nearest_steps(full_cost, total, args.steps, names)
+        measure(total, "unpruned", full_traced, builtin(spec, args.steps, names), kept)
+
+    finetune_record = read_finetune(tuned)
+    report = {"dgo_compile": __version__, "torch": torch.__version__,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "work"},
+              "width_share": width, "finetune_final_loss": finetune_record.final_loss,
+              "finetune_seconds": finetune_record.seconds, "pruner_seconds": trained.state.seconds,
+              "wall_seconds": seconds, "rows": rows, "total_s": time.perf_counter() - STARTED}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "width_time.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, RESULTS / "width_time.md")
+    log(f"wrote {RESULTS / 'width_time.md'}")
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    s = report["settings"]
+    lines = [
+        "# Width + time on the shipped model",
+        "",
+        f"Reproduce: `python benchmarks/width_time.py` (dgo-compile {report['dgo_compile']}, torch {report['torch']}; "
+        f"{report['total_s'] / 60:.0f} min on 2 cores).",
+        "",
+        f"Channel pruning: Taylor, uniform ratio {s['ratio']} ({report['width_share']:.1%} of the MACs per call), "
+        f"fine-tuned {s['finetune_steps']} steps at batch {s['finetune_batch']} (final loss "
+        f"{report['finetune_final_loss']:.4f}, {report['finetune_seconds'] / 60:.1f} min of process time) under "
+        f"torchrun with {s['processes']} processes. Pruner on the fine-tuned model: {s['iters']} iterations at "
+        f"batch 2 towards {s['pruner_ratio']:.0%} total ({report['pruner_seconds'] / 60:.1f} min). Unpruned learned "
+        "schedules: the ones `benchmarks/pruner.py` committed. Quality: DDIM "
+        f"{s['steps']}, {s['n']} samples from noise seed {s['seed']}; PSNR / SSIM against the unpruned model's "
+        "images from the same noise, FD against real digits. Kept MACs: per run, relative to the unpruned "
+        "model's full run (timestep-only work excluded, as the folded artifact runs it).",
+        "",
+        "| budget | model | schedule | kept MACs per run | PSNR | SSIM | FD |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        psnr = "-" if r["schedule"] == "full" and r["model"] == "unpruned" else f"{r['psnr']:.1f}"
+        ssim = "-" if psnr == "-" else f"{r['ssim']:.3f}"
+        lines.append(f"| {r['total']:.0%} | {r['model']} | {r['schedule']} | {r['kept_macs']:.1%} | {psnr} | {ssim} | "
+                     f"{r['fd']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
