@@ -268,6 +268,9 @@ def optimize(
     prompts: Annotated[Optional[Path], typer.Option(
         help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    device: Annotated[str, typer.Option(help="Where the SuperNet and the pruner run: cpu, cuda, cuda:1.")] = "cpu",
+    precision: Annotated[Optional[str], typer.Option(
+        help="SuperNet autocast precision: fp32, or bf16 on a GPU. (default: fp32)", show_default=False)] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruner folder to write.")] = Path("pruner"),
     resume: Annotated[bool, typer.Option(help="Continue the pruner in -o from its last checkpoint.")] = False,
 ) -> None:
@@ -285,7 +288,7 @@ def optimize(
         granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
         checkpoint_every=checkpoint_every, class_labels=tuple(class_label) if class_label else None,
         prompt_embeds=str(prompt_embeds) if prompt_embeds else None, prompts=str(prompts.resolve()) if prompts else None,
-        guidance_scale=guidance_scale).items()
+        guidance_scale=guidance_scale, precision=precision).items()
         if v is not None}
     if resume:
         stored = load_pruner(output, allow_unfinished=True).state
@@ -315,7 +318,7 @@ def optimize(
         trained = run_optimize(traced, loaded.scheduler_config, config, output, model_source=str(loaded.source.resolve()),
                                null_class_label=traced.family.null_class_label(loaded.model), resume=resume,
                                decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None,
-                               on_iteration=show)
+                               on_iteration=show, device=device)
     finally:
         progress.stop()
     last = trained.state.history[-1] if trained.state.history else {}

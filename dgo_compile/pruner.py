@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
 from .metrics import ssim
-from .runtime import SuperNetRun, build_supernet
+from .runtime import SuperNetRun, build_supernet, graph_on
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
 from .schedule import Schedule, ScheduleError
 from .prompts import encode_prompts, read_prompts
@@ -49,6 +49,9 @@ RATIO_TOLERANCE = 0.0125
 
 class PrunerError(DgoError):
     """Bad optimization settings, or a pruner folder that is missing, unfinished or of another format."""
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,13 @@ class OptimizeConfig:
     prompt_embeds: str | None = None
     prompts: str | None = None  # text file, encoded by the pipeline's own text encoder
     guidance_scale: float | None = None
+    # Autocast precision of the SuperNet's forward (and recomputed backward) passes; the pruner, the
+    # loss and the scheduler's arithmetic stay float32. bf16 needs a GPU (`device`).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise PrunerError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if not 0 < self.ratio <= 1:
             raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
         if self.granularity not in GRANULARITIES:
@@ -291,6 +299,7 @@ def vae_decoder(pipeline: str | Path) -> Callable[[torch.Tensor], torch.Tensor] 
     scale = vae.config.scaling_factor
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        vae.to(latents.device)  # a no-op after the first call
         return vae.decode(latents / scale).sample.clamp(-1, 1)
 
     return decode
@@ -312,13 +321,17 @@ def gated_step_fn(supernet, elements: tuple[str, ...], gates: torch.Tensor, chec
 def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeConfig, output: str | Path, *,
              model_source: str | None = None, null_class_label: int | None = None, resume: bool = False,
              decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             on_iteration: Callable[[dict], None] | None = None) -> TrainedPruner:
+             on_iteration: Callable[[dict], None] | None = None, device: str = "cpu") -> TrainedPruner:
     """Train a pruner (or continue one with `resume`) and keep it in the folder `output`.
+
+    `device` runs the SuperNet, the pruner and the trajectories there (a copy of the graph: the
+    traced model stays where it is); `config.precision` "bf16" autocasts the SuperNet on a GPU.
 
     With `decode` (e.g. `vae_decoder(pipeline)`), final latents are decoded before the
     consistency loss, and gradients flow back through the decoder.
     """
     output = Path(output)
+    device = _device(device, config.precision)
     world = current_world()
     rows = world.shard(config.batch, "--batch")
     granularity = "block" if config.granularity == "step" else config.granularity
@@ -342,7 +355,15 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         pruner = build_pruner(state)
     elements = state.elements
     noise, conditions, guidance = _calibration(traced, config, null_class_label, model_source)
+    noise = noise.to(device)
+    conditions = {k: v.to(device) for k, v in conditions.items()}
+    if guidance is not None:
+        guidance = replace(guidance, cond={k: v.to(device) for k, v in guidance.cond.items()},
+                           uncond={k: v.to(device) for k, v in guidance.uncond.items()})
     supernet = build_supernet(traced, granularity)
+    if device.type != "cpu":
+        supernet = graph_on(supernet, device)  # a copy: the passes share parameters with the user's graph
+    pruner = pruner.to(device)
     # SGD as DiP-GO: the gradient's scale carries each gate's FLOPs share, which Adam would normalise away.
     optimizer = torch.optim.SGD(pruner.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -354,15 +375,20 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         lr_schedule.load_state_dict(checkpoint["lr_schedule"])
 
     def sampler(step_fn, batch_noise, extra):
-        final = trajectory(step_fn, scheduler_config, batch_noise, config.steps, scheduler=config.scheduler,
-                           extra=extra, guidance_scale=config.guidance_scale, clamp=decode is None)
-        return final if decode is None else decode(final)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            final = trajectory(step_fn, scheduler_config, batch_noise, config.steps, scheduler=config.scheduler,
+                               extra=extra, guidance_scale=config.guidance_scale, clamp=decode is None)
+            final = final if decode is None else decode(final)
+        return final.float()
 
-    with torch.no_grad():  # the full model's final images: the consistency targets, once for the pool
+    with torch.no_grad():  # the full model's final images (all gates 1): the consistency targets, once for the pool
         chunks = [list(range(i, min(i + 16, len(noise)))) for i in range(0, len(noise), 16)]
-        targets = torch.cat([sampler(traced, noise[c], _extra(conditions, guidance, c)) for c in chunks])
+        everything = torch.ones(len(denoiser_timesteps(scheduler_config, config.steps, config.scheduler)),
+                                len(elements), device=device)
+        targets = torch.cat([sampler(gated_step_fn(supernet, elements, everything, checkpointed=False), noise[c],
+                                     _extra(conditions, guidance, c)) for c in chunks])
     shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
-                          else [state.cascade_shares[e] for e in elements])
+                          else [state.cascade_shares[e] for e in elements], device=device)
 
     def save() -> None:
         if not world.is_main:
@@ -411,7 +437,19 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         if on_iteration is not None:
             on_iteration(record)
     world.barrier()  # process 0's last checkpoint is on disk before any process returns
-    return TrainedPruner(state, pruner)
+    return TrainedPruner(state, pruner.cpu())
+
+
+def _device(name: str, precision: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise PrunerError(f"--device {name} is not a torch device ({exc}); use cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PrunerError(f"--device {name}: this machine has no CUDA GPU torch can use; use --device cpu")
+    if precision == "bf16" and device.type != "cuda":
+        raise PrunerError("--precision bf16 runs on a GPU; pass --device cuda, or --precision fp32 on the CPU")
+    return device
 
 
 def _peak_rss_mb() -> float:

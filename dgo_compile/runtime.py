@@ -7,12 +7,13 @@ Pipeline (each a pass, see dgo_compile.passes):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from torch import fx
+from torch import fx, nn
 
 from dgo_compile.passes import PassManager
 from dgo_compile.passes.attach_gates import AttachGates, gates_of
@@ -41,6 +42,23 @@ def build_supernet(traced: TracedDenoiser, granularity: str = "block", fold_time
     passes = [FoldTimestep()] if fold_timestep else []
     passes += [InsertBackupEdges(InsertBackupEdgesConfig(granularity)), AttachGates()]
     return PassManager(passes, dump_dir).run(analyse(traced)).graph_module
+
+
+def graph_on(graph_module: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A copy of `graph_module` that runs on `device`: parameters, buffers and tensor constants moved,
+    and the devices that tracing wrote into factory calls (`arange(..., device=cpu)`) rewritten."""
+    moved = copy.deepcopy(graph_module).to(device)
+    for node in moved.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device):
+            node.kwargs = {**node.kwargs, "device": device}
+        elif node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            module = moved.get_submodule(owner) if owner else moved
+            value = getattr(module, name)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
+                setattr(module, name, value.to(device))
+    moved.recompile()
+    return moved
 
 
 class SuperNetRun:

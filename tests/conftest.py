@@ -24,16 +24,19 @@ def config_dir(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run only where CUDA and onnxruntime's CUDA provider are both present."""
+    """Tests marked gpu run only where CUDA and onnxruntime's CUDA provider are both present; tests
+    marked cuda need only a CUDA GPU torch can use."""
     try:
         import onnxruntime
 
-        has_gpu = torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        has_ort_gpu = torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     except ImportError:
-        has_gpu = False
-    if has_gpu:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU with onnxruntime-gpu")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        has_ort_gpu = False
+    for marker, present, reason in (("gpu", has_ort_gpu, "needs a CUDA GPU with onnxruntime-gpu"),
+                                    ("cuda", torch.cuda.is_available(), "needs a CUDA GPU")):
+        if present:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
