@@ -71,6 +71,30 @@ def nearest_steps(cost: ScheduleCost, target: float, steps: int, names) -> tuple
     return f"steps:{k}", cost.kept_ratio(builtin(f"steps:{k}", steps, names))
 
 
+def torch_pruning(loaded, ratio: float, folder: Path) -> float:
+    """Torch-Pruning's global Taylor cut from Diff-Pruning's accumulated gradients (the same batch, noise and
+    stop as ours), saved through our loader so both sides share `finetune`; its wall seconds."""
+    import copy
+
+    from channel_pruning import accumulate_gradients, pruning_record, tp_from_gradients
+
+    from dgo_compile.channel_pruning import PruneConfig, calibration_images
+    from dgo_compile.loading import save_denoiser
+
+    log(f"Torch-Pruning: Taylor gradients, global ratio {ratio}")
+    started = time.perf_counter()
+    model = copy.deepcopy(loaded.model).requires_grad_(True)
+    model.zero_grad()
+    accumulate_gradients(model, calibration_images(loaded), PruneConfig(batch=8, max_timesteps=1000),
+                         loaded.scheduler_config)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    pruned, _, error = tp_from_gradients(loaded.model, grads, ratio, global_pruning=True)
+    if error is not None:
+        raise RuntimeError(f"Torch-Pruning global {ratio} failed: {error}")
+    save_denoiser(loaded, pruned, folder, pruning_record(loaded.model, pruned, f"torch-pruning global {ratio}"))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate models here (default: temp)")
@@ -81,6 +105,8 @@ def main() -> None:
     parser.add_argument("--pruner-ratio", type=float, default=0.2, help="the pruner's training target (total MACs)")
     parser.add_argument("--totals", type=float, nargs="+", default=[0.25, 0.2],
                         help="total kept MACs per run, relative to the unpruned model's full run")
+    parser.add_argument("--tp-ratio", type=float, default=0.425,
+                        help="Torch-Pruning global ratio (its Taylor importance) landing near ours in MACs; 0 skips it")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for finetune and optimize")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("-n", type=int, default=100, help="evaluation samples")
@@ -100,7 +126,15 @@ def main() -> None:
         seconds["finetune"] = cli(["finetune", pruned, "--steps", args.finetune_steps, "--batch", args.finetune_batch,
                                    "-o", tuned, *(["--resume"] if tuned.is_dir() else [])], args.processes)
 
-    loaded, tuned_model = load(), load(tuned)
+    loaded = load()
+    tp_pruned, tp_tuned = args.work / "tp_pruned", args.work / "tp_finetuned"
+    if args.tp_ratio and not tp_pruned.is_dir():
+        seconds["tp_prune"] = torch_pruning(loaded, args.tp_ratio, tp_pruned)
+    if args.tp_ratio and not (tp_tuned.is_dir() and read_finetune(tp_tuned).complete):
+        seconds["tp_finetune"] = cli(["finetune", tp_pruned, "--steps", args.finetune_steps, "--batch",
+                                      args.finetune_batch, "-o", tp_tuned, *(["--resume"] if tp_tuned.is_dir() else [])],
+                                     args.processes)
+    tuned_model = load(tuned)
     full_traced, tuned_traced = trace(loaded, verify=False), trace(tuned_model, verify=False)
     full_cost, tuned_cost = ScheduleCost(full_traced), ScheduleCost(tuned_traced)
     width = tuned_cost.full_macs / full_cost.full_macs  # the pruned model's full run, as a share of the unpruned one
@@ -129,6 +163,11 @@ def main() -> None:
 
     pruned_label = f"pruned {args.ratio} + fine-tuned"
     measure(width, pruned_label, tuned_traced, builtin("full", args.steps, names), width)
+    if args.tp_ratio:
+        tp_traced = trace(load(tp_tuned), verify=False)
+        tp_width = ScheduleCost(tp_traced).full_macs / full_cost.full_macs
+        measure(tp_width, f"Torch-Pruning global {args.tp_ratio} + fine-tuned", tp_traced,
+                builtin("full", args.steps, names), tp_width)
     for total in args.totals:
         schedule, kept = extract_schedule(trained.reuse_margins(), tuned_cost, total / width, f"dipgo:{total}")
         measure(total, pruned_label, tuned_traced, schedule, kept * width)
