@@ -42,6 +42,7 @@ from dgo_compile.schedule_cost import ScheduleCost  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
+READING_MARKER = "<!-- reading: kept by benchmarks/width_time.py on rewrite -->"
 STARTED = time.perf_counter()
 
 
@@ -185,6 +186,8 @@ def main() -> None:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "work"},
               "width_share": width, "finetune_final_loss": finetune_record.final_loss,
               "finetune_seconds": finetune_record.seconds, "pruner_seconds": trained.state.seconds,
+              **({"tp_finetune_final_loss": read_finetune(tp_tuned).final_loss,
+                  "tp_finetune_seconds": read_finetune(tp_tuned).seconds} if args.tp_ratio else {}),
               "wall_seconds": seconds, "rows": rows, "total_s": time.perf_counter() - STARTED}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "width_time.json").write_text(json.dumps(report, indent=1))
@@ -210,6 +213,10 @@ def write_markdown(report: dict, path: Path) -> None:
         "images from the same noise, FD against real digits. Kept MACs: per run, relative to the unpruned "
         "model's full run (timestep-only work excluded, as the folded artifact runs it).",
         "",
+        *([f"Torch-Pruning: its Taylor importance from the same accumulated gradients, global ratio {s['tp_ratio']}, "
+           f"fine-tuned with the same budget (final loss {report['tp_finetune_final_loss']:.4f}). "
+           + (f"Note: {report['tp_row_note']}." if "tp_row_note" in report else ""), ""]
+          if "tp_finetune_final_loss" in report else []),
         "| budget | model | schedule | kept MACs per run | PSNR | SSIM | FD |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -218,7 +225,8 @@ def write_markdown(report: dict, path: Path) -> None:
         ssim = "-" if psnr == "-" else f"{r['ssim']:.3f}"
         lines.append(f"| {r['total']:.0%} | {r['model']} | {r['schedule']} | {r['kept_macs']:.1%} | {psnr} | {ssim} | "
                      f"{r['fd']:.1f} |")
-    path.write_text("\n".join(lines) + "\n")
+    kept = path.read_text().split(READING_MARKER, 1)[1] if path.is_file() and READING_MARKER in path.read_text() else ""
+    path.write_text("\n".join(lines) + f"\n\n{READING_MARKER}{kept}" if kept else "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
