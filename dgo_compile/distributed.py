@@ -3,7 +3,8 @@
 Every process draws the same global batch from the same seed and keeps its own equal slice;
 gradients are averaged over processes before the optimizer step, so N processes follow the
 one-process run at the same global batch (up to the order of float sums). Only process 0
-writes files and prints. Training runs on the CPU, so the collectives use gloo.
+writes files and prints. Data-parallel training runs on CPUs, so the collectives use gloo
+(`optimize --device cuda` is one process; NCCL across GPUs is not built).
 """
 
 from __future__ import annotations

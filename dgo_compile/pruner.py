@@ -333,6 +333,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     output = Path(output)
     device = _device(device, config.precision)
     world = current_world()
+    if world.size > 1 and device.type != "cpu":
+        raise PrunerError("data-parallel optimize runs on CPUs (gloo); NCCL across GPUs is not built: run one "
+                          "process with --device cuda, or torchrun with --device cpu")
     rows = world.shard(config.batch, "--batch")
     granularity = "block" if config.granularity == "step" else config.granularity
     cost = ScheduleCost(traced, granularity)
