@@ -152,7 +152,8 @@ def read_manifest(path: str | Path) -> dict:
     problem = _manifest_problem(manifest)
     if problem:
         raise ArtifactError(f"{path / MANIFEST} is malformed ({problem}); recompile the model")
-    files = [f for v in manifest["variants"] for f in (v["file"], *v["external_data"])] + ([manifest["constants_file"]] if manifest["constants_file"] else [])
+    files = [f for v in manifest["variants"] for f in (v["file"], *v["external_data"])]
+    files += [manifest["constants_file"]] if manifest["constants_file"] else []
     for file in files:
         if not (path / file).is_file():
             raise ArtifactError(f"{path} is incomplete: {file} is missing; recompile the model")
@@ -186,7 +187,8 @@ def _manifest_problem(manifest: dict) -> str | None:
         return "'guidance' must be an object or null"
     if not isinstance(manifest.get("schedule"), dict) or not isinstance(manifest.get("macs"), dict):
         return "'schedule' and 'macs' must be objects"
-    if not (manifest.get("constants_file") is None or isinstance(manifest["constants_file"], str)):
+    if "constants_file" not in manifest or not (manifest["constants_file"] is None
+                                                or isinstance(manifest["constants_file"], str)):
         return "'constants_file' must be a file name or null"
     if not (isinstance(variants, list) and variants):
         return "'variants' must be a non-empty list"

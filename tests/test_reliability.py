@@ -367,6 +367,17 @@ def test_read_manifest_raises_only_artifact_error(artifact, tmp_path_factory):
     check()
 
 
+def test_manifest_without_its_constants_key_is_malformed_not_a_key_error(artifact, tmp_path):
+    """Found by the property test above: a missing 'constants_file' passed the checks, then raised KeyError."""
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.pop("constants_file")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"malformed \('constants_file' must be a file name or null\)"):
+        read_manifest(copy)
+
+
 def test_manifest_with_a_broken_structure_names_the_problem(artifact, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
