@@ -43,11 +43,13 @@ class World:
         return slice(self.rank * rows, (self.rank + 1) * rows)
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Replace every `.grad` by its mean over the processes (a missing one counts as zeros)."""
+        """Replace every `.grad` by its mean over the processes. A missing `.grad` (an unused
+        parameter: the same on every process) stays missing, as in one process, where the
+        optimizer then skips it, weight decay included."""
         if self.size == 1:
             return
-        params = list(params)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        params = [p for p in params if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat)
         flat /= self.size
         offset = 0

@@ -358,11 +358,12 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         pruner = build_pruner(state)
     elements = state.elements
     noise, conditions, guidance = _calibration(traced, config, null_class_label, model_source)
-    noise = noise.to(device)
-    conditions = {k: v.to(device) for k, v in conditions.items()}
+    def on_device(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in tensors.items()}
+
+    noise, conditions = noise.to(device), on_device(conditions)
     if guidance is not None:
-        guidance = replace(guidance, cond={k: v.to(device) for k, v in guidance.cond.items()},
-                           uncond={k: v.to(device) for k, v in guidance.uncond.items()})
+        guidance = replace(guidance, cond=on_device(guidance.cond), uncond=on_device(guidance.uncond))
     supernet = build_supernet(traced, granularity)
     if device.type != "cpu":
         supernet = graph_on(supernet, device)  # a copy: the passes share parameters with the user's graph
@@ -386,8 +387,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
 
     with torch.no_grad():  # the full model's final images (all gates 1): the consistency targets, once for the pool
         chunks = [list(range(i, min(i + 16, len(noise)))) for i in range(0, len(noise), 16)]
-        everything = torch.ones(len(denoiser_timesteps(scheduler_config, config.steps, config.scheduler)),
-                                len(elements), device=device)
+        everything = torch.ones(state.scheduler["calls"], len(elements), device=device)
         targets = torch.cat([sampler(gated_step_fn(supernet, elements, everything, checkpointed=False), noise[c],
                                      _extra(conditions, guidance, c)) for c in chunks])
     shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
