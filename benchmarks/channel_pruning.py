@@ -1,7 +1,7 @@
 """Diff-Pruning as a compiler pass against Torch-Pruning's Taylor pruning (issue 5).
 
     .venv/bin/pip install -e '.[bench]'     # torch-pruning, for the comparison only
-    python benchmarks/channel_pruning.py    # ~40 min on 1 CPU thread
+    python benchmarks/channel_pruning.py --threads 2    # ~90 min on 2 cores
 
 1. Side by side at the same channel ratio (--ratio, 0.3), on (a) the google/ddpm-cifar10-32
    architecture with random weights and random images (structure only), and (b) the shipped model:
@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +44,13 @@ import torch
 from torch import nn
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels, prune
+from dgo_compile.channel_pruning import (PruneConfig, apply_pruning, calibration_images, importance, plan_channels,
+                                         prune, select)
 from dgo_compile.channel_surgery import PRUNING_FORMAT, module_shape
 from dgo_compile.cost import cost_report
 from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
-from dgo_compile.finetune import FinetuneConfig, finetune
+from dgo_compile.finetune import FinetuneConfig, read_finetune
 from dgo_compile.loading import save_denoiser
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.runtime import fold, gateable_elements
@@ -60,8 +62,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4)  # our uniform ratios tried with magnitude (MACs only)
+GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4)  # our global ratios, with our Taylor scores
+LOSS_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep bands of the denoising-loss breakdown
 TP_LOCAL_RATIOS = (0.02, 0.1, 0.25, 0.3)  # Torch-Pruning local (per layer) ratios tried for the MACs match
-TP_GLOBAL_RATIOS = (0.3, 0.35, 0.375, 0.4, 0.425, 0.45, 0.475, 0.5, 0.525, 0.55)  # and global ones (Taylor scores ranked model-wide)
+TP_GLOBAL_RATIOS = (0.3, 0.35, 0.375, 0.4, 0.4125, 0.425, 0.4375, 0.45, 0.4625, 0.475, 0.4875, 0.5, 0.5125, 0.525,
+                    0.55)  # and global ones (Taylor scores ranked model-wide)
 TP_LOCAL_SLACK = 0.1  # also run Torch-Pruning's local mode (Diff-Pruning's) when it lands this near our MACs
 STARTED = time.perf_counter()
 
@@ -409,6 +414,83 @@ def search_tp(loaded, grads: dict, work: Path, base_macs: int) -> dict[str, floa
     return found
 
 
+def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, base_macs: int) -> dict[float, float]:
+    """Kept MACs of our global cut per ratio: it depends on the importance, so our Taylor scores are computed
+    once (as `prune` computes them) and every ratio is selected and cut from them."""
+    file = work / "ours_global_search.json"
+    found = read_json(file) or {}
+    missing = [r for r in GLOBAL_RATIOS if str(r) not in found]
+    if missing:
+        log("search: our Taylor scores for the global cut")
+        traced, plan = plan_channels(loaded)
+        scores, _ = importance(traced, plan, PruneConfig(**taylor), images, loaded.scheduler_config)
+        example = tuple(traced.example_inputs(1).values())
+        for ratio in missing:
+            keep = select(plan, scores, PruneConfig(ratio=ratio, scope="global", **taylor))
+            model, _ = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
+            found[str(ratio)] = cost_of(model).macs / base_macs
+            write_json(file, found)
+            log(f"search: ours global ratio {ratio} keeps {found[str(ratio)]:.1%} of the MACs")
+    return {float(k): v for k, v in found.items()}
+
+
+def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, processes: int):
+    """`dgo-compile finetune` as a user runs it (under torchrun with `processes` > 1); its record."""
+    if output.is_dir() and read_finetune(output).complete:
+        return read_finetune(output)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    command = [sys.executable, *launcher, "-m", "dgo_compile.cli", "finetune", model_folder, "--steps", str(budget.steps),
+               "--batch", str(budget.batch), "-o", str(output)] + (["--resume"] if output.is_dir() else [])
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))})
+    return read_finetune(output)
+
+
+def loss_by_band(model: nn.Module, scheduler_config: dict, images: torch.Tensor, seed: int, batch: int) -> dict:
+    """The denoising (epsilon) MSE per timestep band on one fixed batch, noise and timesteps: where a model with
+    a fair average loss still fails. Errors at high t are amplified ~sqrt(1 - a)/sqrt(a) in the x0 estimate."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    generator = torch.Generator().manual_seed(seed)
+    clean = images[torch.randperm(len(images), generator=generator)[:batch]]
+    out = {}
+    with torch.no_grad():
+        for lo, hi in LOSS_BANDS:
+            t = torch.randint(lo, hi, (len(clean),), generator=generator)
+            noise = torch.randn(clean.shape, generator=generator)
+            prediction = model(scheduler.add_noise(clean, noise, t), t).sample
+            out[f"{lo}-{hi}"] = float(nn.functional.mse_loss(prediction, noise))
+    return out
+
+
+def tp_variants(keys: list[str], target: float, loaded, tp_grads: dict, tp_version: str, tag: str,
+                work: Path) -> list[dict]:
+    """Torch-Pruning cut at each (mode:ratio) key from the shared Taylor gradients, saved through our loader."""
+    variants = []
+    for key in keys:
+        mode, tp_ratio = key.split(":")
+        tp_folder = work / f"tp_shipped_{mode}{tp_ratio}_{tag}"
+        if not tp_folder.is_dir():
+            model, seconds, error = tp_from_gradients(loaded.model, tp_grads["grads"], float(tp_ratio),
+                                                      global_pruning=mode == "global")
+            if error is not None:
+                raise RuntimeError(f"Torch-Pruning {key} worked in the search but now fails: {error}")
+            record = pruning_record(loaded.model, model, f"torch-pruning {tp_version} {key}")
+            tmp = tp_folder.with_name(tp_folder.name + ".saving")
+            save_denoiser(loaded, model, tmp, record)
+            exact = same_state(snapshot(model), snapshot(load(tmp).model))
+            write_json(tmp / "bench_meta.json", {"seconds": tp_grads["seconds"] + seconds, "exact_reload": exact})
+            os.replace(tmp, tp_folder)
+        tp_meta = read_json(tp_folder / "bench_meta.json")
+        variants.append({"target": target, "method": "Torch-Pruning",
+                         "setting": f"Taylor, {mode}{' (as ddpm_prune.py)' if mode == 'local' else ''}, ratio {tp_ratio}",
+                         "folder": str(tp_folder),
+                         "prune_seconds": tp_meta["seconds"], "timesteps": tp_grads["timesteps"],
+                         "persisted_exactly": tp_meta["exact_reload"]})
+    return variants
+
+
 def sample_images(model: nn.Module, scheduler_config: dict, noise: torch.Tensor, steps: int, file: Path,
                   schedule: str = "full") -> torch.Tensor:
     if file.is_file():
@@ -469,11 +551,16 @@ def main() -> None:
     parser.add_argument("--cifar-batch", type=int, default=2, help="Taylor batch on the random-weight CIFAR model")
     parser.add_argument("--cifar-timesteps", type=int, default=4,
                         help="timesteps on the random-weight CIFAR model (its loss never falls: no stop)")
-    parser.add_argument("--finetune-steps", type=int, default=200)
-    parser.add_argument("--finetune-batch", type=int, default=16)
+    parser.add_argument("--finetune-steps", type=int, default=600,
+                        help="~11%% of the shipped model's training samples at batch 32 (Diff-Pruning: 10-20%%)")
+    parser.add_argument("--finetune-batch", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=2, help="torchrun processes for each fine-tune")
+    parser.add_argument("--scopes", nargs="+", default=["uniform", "global"], choices=["uniform", "global"],
+                        help="section 2: our cuts (global: ratios searched with our Taylor scores)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps for the quality samples")
     parser.add_argument("-n", type=int, default=100, help="evaluation samples")
     parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
+    parser.add_argument("--band-batch", type=int, default=256, help="images in the loss-by-timestep breakdown")
     parser.add_argument("--latency-batch", type=int, default=8)
     parser.add_argument("--latency-rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -526,8 +613,9 @@ def main() -> None:
     tag = f"b{args.taylor_batch}_t{args.max_timesteps}_thr{args.threshold}"
     ours_dirs: dict[float, Path] = {}
 
-    def ours_dir(ratio: float) -> Path:
-        return ours_dirs.setdefault(ratio, args.work / f"ours_shipped_r{ratio}_{tag}")
+    def ours_dir(ratio: float, scope: str = "uniform") -> Path:
+        prefix = "ours_shipped" if scope == "uniform" else f"ours_shipped_{scope}"
+        return ours_dirs.setdefault((ratio, scope), args.work / f"{prefix}_r{ratio}_{tag}")
 
     rows, tp_grads = side_by_side("shipped MNIST model", f"shipped_r{args.ratio}_{tag}", loaded, images,
                                   PruneConfig(ratio=args.ratio, **taylor), args.work, ours_dir(args.ratio))
@@ -538,39 +626,32 @@ def main() -> None:
     base = cost_of(loaded.model)
     ours_levels = search_ours(loaded, args.work, base.macs)
     tp_levels = search_tp(loaded, tp_grads["grads"], args.work, base.macs)
-    clock = lap("section 2: MACs search (magnitude for ours, shared Taylor gradients for Torch-Pruning)", clock)
+    levels = {"uniform": ours_levels}
+    if "global" in args.scopes:
+        levels["global"] = search_ours_global(loaded, images, taylor, args.work, base.macs)
+    clock = lap("section 2: MACs search (magnitude for our uniform cut, Taylor for our global cut and Torch-Pruning)",
+                clock)
     variants = []  # (target, label, folder, meta)
     for target in args.targets:
-        ratio = nearest(ours_levels, target)
-        folder = ours_dir(ratio)
-        meta = ours_piece(loaded, images, PruneConfig(ratio=ratio, **taylor), args.work, folder, base)
-        variants.append({"target": target, "method": "ours", "setting": f"Taylor, uniform, ratio {ratio}",
-                         "folder": str(folder), "prune_seconds": meta["seconds"], "timesteps": meta["timesteps"]})
-        achieved = meta["macs"] / base.macs
-        keys = [nearest(tp_levels, achieved)]
-        local = nearest({k: v for k, v in tp_levels.items() if k.startswith("local:")}, achieved)
-        if local != keys[0] and abs(tp_levels[local] - achieved) <= TP_LOCAL_SLACK:
-            keys.append(local)  # Diff-Pruning's own mode too, when it comes near
-        for key in keys:
-            mode, tp_ratio = key.split(":")
-            tp_folder = args.work / f"tp_shipped_{mode}{tp_ratio}_{tag}"
-            if not tp_folder.is_dir():
-                model, seconds, error = tp_from_gradients(loaded.model, tp_grads["grads"], float(tp_ratio),
-                                                          global_pruning=mode == "global")
-                if error is not None:
-                    raise RuntimeError(f"Torch-Pruning {key} worked in the search but now fails: {error}")
-                record = pruning_record(loaded.model, model, f"torch-pruning {tp_version} {key}")
-                tmp = tp_folder.with_name(tp_folder.name + ".saving")
-                save_denoiser(loaded, model, tmp, record)
-                exact = same_state(snapshot(model), snapshot(load(tmp).model))
-                write_json(tmp / "bench_meta.json", {"seconds": tp_grads["seconds"] + seconds, "exact_reload": exact})
-                os.replace(tmp, tp_folder)
-            tp_meta = read_json(tp_folder / "bench_meta.json")
-            variants.append({"target": target, "method": "Torch-Pruning",
-                             "setting": f"Taylor, {mode}{' (as ddpm_prune.py)' if mode == 'local' else ''}, ratio {tp_ratio}",
-                             "folder": str(tp_folder),
-                             "prune_seconds": tp_meta["seconds"], "timesteps": tp_grads["timesteps"],
-                             "persisted_exactly": tp_meta["exact_reload"]})
+        tp_done: set[str] = set()
+        reached: list[float] = []
+        for scope in args.scopes:
+            ratio = nearest(levels[scope], target)
+            if any(abs(levels[scope][ratio] - r) < 0.02 for r in reached):
+                continue  # the other scope already lands here
+            reached.append(levels[scope][ratio])
+            folder = ours_dir(ratio, scope)
+            meta = ours_piece(loaded, images, PruneConfig(ratio=ratio, scope=scope, **taylor), args.work, folder, base)
+            variants.append({"target": target, "method": "ours", "setting": f"Taylor, {scope}, ratio {ratio}",
+                             "folder": str(folder), "prune_seconds": meta["seconds"], "timesteps": meta["timesteps"]})
+            achieved = meta["macs"] / base.macs
+            keys = [nearest(tp_levels, achieved)]
+            local = nearest({k: v for k, v in tp_levels.items() if k.startswith("local:")}, achieved)
+            if local != keys[0] and abs(tp_levels[local] - achieved) <= TP_LOCAL_SLACK:
+                keys.append(local)  # Diff-Pruning's own mode too, when it comes near
+            keys = [k for k in keys if k not in tp_done]
+            tp_done.update(keys)
+            variants += tp_variants(keys, target, loaded, tp_grads, tp_version, tag, args.work)
     clock = lap("section 2: pruning", clock)
 
     classifier = load_digit_classifier()
@@ -581,6 +662,7 @@ def main() -> None:
     config = loaded.scheduler_config
     full_images = sample_images(loaded.model, config, noise, args.steps, samples / "full.pt")
     full_quality = quality(full_images, full_images, classifier, real_features)
+    full_quality["loss_by_band"] = loss_by_band(loaded.model, config, images, args.seed, args.band_batch)
     log(f"full model: FD {full_quality['fd']:.1f}")
     clock = lap("section 2: sampling", clock)
 
@@ -595,13 +677,14 @@ def main() -> None:
                               classifier, real_features)
         clock = lap("section 2: sampling", clock)
         tuned = args.work / f"ft_{name}_s{budget.steps}_b{budget.batch}"
-        log(f"fine-tune {v['method']} {v['setting']} ({budget.steps} steps, batch {budget.batch})")
-        result = finetune(v["folder"], budget, tuned, resume=tuned.is_dir(),
-                          on_step=lambda e: e["step"] % 50 == 0 and log(f"  step {e['step']} loss {e['loss']:.4f}"))
-        v["finetune_seconds"] = result.record.seconds
-        v["finetune_final_loss"] = result.record.final_loss
+        log(f"fine-tune {v['method']} {v['setting']} ({budget.steps} steps, batch {budget.batch}, "
+            f"{args.processes} processes)")
+        record = run_finetune(v["folder"], budget, tuned, args.processes)
+        v["finetune_seconds"] = record.seconds
+        v["finetune_final_loss"] = record.final_loss
         clock = lap("section 2: fine-tuning", clock)
         tuned_model = load(tuned).model
+        v["loss_by_band"] = loss_by_band(tuned_model, config, images, args.seed, args.band_batch)
         v["after"] = quality(sample_images(tuned_model, config, noise, args.steps, samples / f"ft_{name}_s{budget.steps}_"
                                            f"b{budget.batch}.pt"), full_images, classifier, real_features)
         v["tuned_folder"] = str(tuned)
@@ -650,7 +733,8 @@ def main() -> None:
               "settings": settings, "section1": section1,
               "section2": {"unpruned": {"params": base.params, "macs": base.macs, "latency_s": latency["unpruned"],
                                         **full_quality},
-                           "ours_macs_by_ratio": ours_levels, "tp_macs_by_setting": tp_levels,
+                           "ours_macs_by_ratio": ours_levels, "ours_global_macs_by_ratio": levels.get("global", {}),
+                           "tp_macs_by_setting": tp_levels,
                            "finetune": {"steps": budget.steps, "batch": budget.batch, "lr": budget.lr,
                                         "ema_decay": budget.ema_decay},
                            "variants": variants},
@@ -683,7 +767,8 @@ def write_markdown(report: dict, path: Path) -> None:
     s = report["settings"]
     lines = ["# Channel pruning: Diff-Pruning as a pass vs Torch-Pruning", "",
              f"Reproduce: `python benchmarks/channel_pruning.py` (dgo-compile {report['dgo_compile']}, torch "
-             f"{report['torch']}, torch-pruning {report['torch_pruning']}, {s['threads']} thread; "
+             f"{report['torch']}, torch-pruning {report['torch_pruning']}, {s['threads']} thread(s), fine-tunes under "
+             f"torchrun with {s.get('processes', 1)} process(es); "
              f"{report['total_s'] / 60:.0f} min in all).", "",
              f"## 1. Side by side at ratio {s['ratio']}", "",
              f"Both sides take Diff-Pruning's Taylor importance from gradients accumulated over t = 0, 1, ... on the "
@@ -737,6 +822,9 @@ def write_markdown(report: dict, path: Path) -> None:
               "Each side pruned to the kept MACs nearest the target that it can reach (ours: uniform ratio searched "
               "with magnitude, kept MACs per ratio "
               + ", ".join(f"{k}: {v:.1%}" for k, v in sorted(q["ours_macs_by_ratio"].items()))
+              + ("; ours global (one ranking over all groups, our Taylor scores), kept MACs per ratio "
+                 + ", ".join(f"{k}: {v:.1%}" for k, v in sorted(q["ours_global_macs_by_ratio"].items()))
+                 if q.get("ours_global_macs_by_ratio") else "")
               + "; Torch-Pruning: local and global ratios with the shared Taylor gradients, the one nearest our kept "
               "MACs, plus its local mode (Diff-Pruning's) when that lands within "
               f"{TP_LOCAL_SLACK * 100:.0f} points of them: "
@@ -744,7 +832,8 @@ def write_markdown(report: dict, path: Path) -> None:
                           for k, v in sorted(q["tp_macs_by_setting"].items(),
                                              key=lambda kv: (kv[0].split(":")[0], float(kv[0].split(":")[1]))))
               + "). "
-              f"Both fine-tuned by `dgo_compile.finetune` with the same budget: {ft['steps']} steps at batch "
+              f"Both fine-tuned by `dgo-compile finetune` (under torchrun with {s.get('processes', 1)} process(es)) "
+              f"with the same budget: {ft['steps']} steps at batch "
               f"{ft['batch']}, lr {ft['lr']}, EMA {ft['ema_decay']} (Torch-Pruning's model goes through our loader via a "
               "`dgo_pruning.json` written from its module shapes, reloaded bit-exactly). Quality: DDIM "
               f"{s['steps']}, {s['n']} samples from noise seed {s['seed']}; PSNR / SSIM against the unpruned model's "
@@ -763,6 +852,17 @@ def write_markdown(report: dict, path: Path) -> None:
             f"({v['latency_s'] / u['latency_s']:.2f}x) | {b['psnr']:.1f} / {b['ssim']:.3f} / {b['fd']:.1f} | "
             f"{a['psnr']:.1f} / {a['ssim']:.3f} / {a['fd']:.1f} | {v['prune_seconds'] / 60:.1f} min "
             f"({v['timesteps']} timesteps) | {v['finetune_seconds'] / 60:.1f} min |")
+    if "loss_by_band" in u:
+        bands = list(u["loss_by_band"])
+        lines += ["", f"Denoising loss (epsilon MSE) after fine-tuning, by timestep band, on one batch of "
+                  f"{s.get('band_batch', '')} shipped digits with fixed noise and timesteps (the same for every model):",
+                  "", "| method | setting | MACs/call | " + " | ".join(f"t {b}" for b in bands) + " | final training loss |",
+                  "|---|---|---|" + "---|" * len(bands) + "---|",
+                  "| unpruned | | 100% | " + " | ".join(f"{u['loss_by_band'][b]:.4f}" for b in bands) + " | |"]
+        for v in q["variants"]:
+            lines.append(f"| {v['method']} | {v['setting']} | {v['macs'] / u['macs']:.1%} | "
+                         + " | ".join(f"{v['loss_by_band'][b]:.4f}" for b in bands)
+                         + f" | {v['finetune_final_loss']:.4f} |")
     if report["section3"]:
         lines += ["", "## 3. Width + time (the time half is DeepCache, not a learned schedule)", "",
                   "Total MACs of a DDIM-" + str(s["steps"]) + " run relative to the unpruned model's full run "
