@@ -28,7 +28,7 @@ from .cost import cost_report
 from .errors import DgoError
 from .loading import LoadedModel
 from .passes import PassManager
-from .passes.channel_groups import NORMALIZED_SHAPE, ChannelGroup, ChannelGroups, ChannelPlan, channel_plan
+from .passes.channel_groups import NORMALIZED_SHAPE, ChannelGroup, ChannelGroups, ChannelGroupsConfig, ChannelPlan, channel_plan
 from .tracing import TracedDenoiser, trace
 
 IMPORTANCES = ("taylor", "magnitude", "random")
@@ -73,7 +73,7 @@ class PrunedModel:
 
 def plan_channels(source: LoadedModel | nn.Module | TracedDenoiser) -> tuple[TracedDenoiser, ChannelPlan]:
     traced = source if isinstance(source, TracedDenoiser) else trace(source, verify=False)
-    PassManager([ChannelGroups()]).run(traced.graph_module)
+    PassManager([ChannelGroups(ChannelGroupsConfig(traced.family.equal_channel_sizes))]).run(traced.graph_module)
     return traced, channel_plan(traced.graph_module)
 
 
@@ -327,7 +327,13 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
     scores, losses = importance(traced, plan, config, images, loaded.scheduler_config)
     keep = select(plan, scores, config)
     example = tuple(traced.example_inputs(1).values())
-    model, records = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
+    try:
+        model, records = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
+    except RuntimeError as exc:  # a shape in the model's code tying channel counts the graph does not show
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PruneError(f"the pruned {type(traced.model).__name__} does not run ({first}); its code ties the sizes "
+                         "of channels the traced graph does not connect: name the modules in its family's "
+                         "equal_channel_sizes (dgo_compile.families), or leave it unpruned") from exc
     model = model.eval().requires_grad_(False)
     pruned_traced = trace(model)  # re-trace and check the pruned graph against the pruned eager model
     before, after = cost_report(traced).total, cost_report(pruned_traced).total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -39,7 +40,7 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
     try:
-        wrapper = _Positional(graph_module)
+        wrapper = _Positional(_without_noop_squeezes(graph_module))
         with warnings.catch_warnings():  # the exporter's deprecation and torchvision chatter
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -63,6 +64,30 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
             leftover.unlink()
         tmp.rmdir()
     return written
+
+
+def _without_noop_squeezes(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """torch's `squeeze(d)` of a dim whose size is not 1 returns the input; ONNX's Squeeze rejects it
+    (PixArt's output `squeeze(1)` over its tokens). A graph without them, sharing the weights."""
+    squeezes = [node for node in graph_module.graph.nodes
+                if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+                and _keeps_shape(node)]
+    if not squeezes:
+        return graph_module
+    graph = copy.deepcopy(graph_module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.name in {n.name for n in squeezes}:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return fx.GraphModule(graph_module, graph)
+
+
+def _keeps_shape(node: fx.Node) -> bool:
+    source, result = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor) or source.dim() != result.dim():
+        return False
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    return all(isinstance(source.shape[d], int) and source.shape[d] != 1 for d in dims)
 
 
 class _Positional(torch.nn.Module):

@@ -61,6 +61,8 @@ class Family:
     blocks: Callable[[nn.Module], tuple[BlockSpec, ...]]
     # The class label meaning "no class" for classifier-free guidance, where the model was trained with one.
     null_class_label: Callable[[nn.Module], int | None] = lambda model: None
+    # Module pairs whose output channel counts the model's code ties by a shape (see ChannelGroupsConfig).
+    equal_channel_sizes: tuple[tuple[str, str], ...] = ()
 
     def adapter(self, model: nn.Module) -> DenoiserAdapter:
         return DenoiserAdapter(model, self.call, self.input_names(model))
@@ -220,7 +222,9 @@ FAMILIES: dict[str, Family] = {
                _unet2d_cond_example, _unet_blocks),
         Family("dit", DiTTransformer2DModel, lambda m: ("sample", "timestep", "class_labels"), _dit_call,
                _dit_example, _transformer_blocks, null_class_label=lambda m: m.config.num_embeds_ada_norm),
-        Family("pixart", PixArtTransformer2DModel, _pixart_names, _pixart_call, _pixart_example, _transformer_blocks),
+        Family("pixart", PixArtTransformer2DModel, _pixart_names, _pixart_call, _pixart_example, _transformer_blocks,
+               # forward() views the projected captions as [B, -1, hidden_states.shape[-1]]
+               equal_channel_sizes=(("caption_projection.linear_2", "pos_embed.proj"),)),
     )
 }
 

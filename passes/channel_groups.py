@@ -112,7 +112,10 @@ class ChannelPlan:
 
 @dataclass(frozen=True)
 class ChannelGroupsConfig:
-    pass
+    # Pairs of modules whose output channel counts the model's code ties through a shape (PixArt views its
+    # caption embeddings with the hidden width); export bakes such shapes into constants, so the graph cannot
+    # show the tie. Each pair loses the same share, so their sizes stay equal.
+    equal_sizes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -407,6 +410,8 @@ def _broadcast(walk: _Walk, node: fx.Node):
     dims = found[0].dims
     if any(a.dims != dims for a in found):
         walk.refuse(node, "combines tensors whose channels lie on different dims")
+    for other in found[1:]:
+        walk.spaces.unify(found[0].parts, other.parts)
     for arg in node.args:  # a tensor without channel meaning must broadcast over the channel dims
         if isinstance(arg, fx.Node) and walk.axis(arg) is None and _ndim(arg):
             shift = out_ndim - _ndim(arg)
@@ -414,13 +419,47 @@ def _broadcast(walk: _Walk, node: fx.Node):
             spanned = [d - shift for d in dims if 0 <= d - shift < len(shape) and shape[d - shift] != 1]
             if not spanned:
                 continue
-            if arg.op == "get_attr" and len(dims) == 1:  # a model constant (DiT's position table): cut it too
-                walk.uses.append((walk.param(arg, node), spanned[0], found[0].parts))
+            constant = _model_constant(arg)
+            if constant is not None and _cut_constant(walk, node, constant, spanned, found[0]):
                 continue
             walk.fix(found[0].parts, f"combined with the computed tensor {arg.name} at {node.name}")
-    for other in found[1:]:
-        walk.spaces.unify(found[0].parts, other.parts)
     return found[0]
+
+
+def _model_constant(arg: fx.Node) -> tuple[fx.Node, list[int]] | None:
+    """A model parameter or buffer seen through `unsqueeze`s (PixArt's `scale_shift_table[None]`): the
+    get_attr node and, for each dim of `arg`, the parameter's dim (None where unsqueeze added it)."""
+    added: list[int] = []
+    while arg.op == "call_function" and arg.target is aten.unsqueeze.default:
+        added.append(arg.args[1] % _ndim(arg))
+        arg = arg.args[0]
+    if arg.op != "get_attr":
+        return None
+    dims: list[int | None] = list(range(_ndim(arg)))
+    for d in reversed(added):
+        dims.insert(d, None)
+    return arg, dims
+
+
+def _cut_constant(walk: _Walk, node: fx.Node, constant: tuple[fx.Node, list[int]], spanned: list[int],
+                  axis: _Axis) -> bool:
+    """A model constant meeting channels element-wise is cut with them (DiT's position table). When the
+    channels span two dims (PixArt's adaLN rows x hidden), each row of the table meets one stretch of
+    channels, and the table can only lose whole columns: the rows must be the same channels."""
+    source, param_dims = constant
+    param = walk.param(source, node)
+    if len(spanned) == 1:
+        walk.uses.append((param, param_dims[spanned[0]], axis.parts))
+        return True
+    if len(spanned) != 2 or len(axis.dims) != 2:
+        return False
+    rows = _shape(source)[param_dims[spanned[0]]]
+    width = walk.size(axis.parts) // rows
+    pieces = walk.spaces.cut(axis.parts, [width * k for k in range(1, rows)])
+    for piece in pieces[1:]:
+        walk.spaces.unify(pieces[0], piece)
+    walk.uses.append((param, param_dims[spanned[1]], tuple(pieces[0])))
+    return True
 
 
 @_rule(aten.pad.default, aten.constant_pad_nd.default)
@@ -556,11 +595,15 @@ def _chunk(walk: _Walk, node: fx.Node):
         return [None] * len(pieces)
     if dim not in incoming.dims:
         return [incoming] * len(pieces)
-    if incoming.dims != (dim,):
-        walk.refuse(node, "splits a channel dim that spans several tensor dims")
+    if incoming.dims[0] != dim:
+        walk.refuse(node, "splits a channel dim that spans several tensor dims along one of its minor dims")
+    # Along the major channel dim (PixArt's adaLN: [B, 6, D] chunked into six [B, 1, D]) each piece holds
+    # whole rows of the minor dims; a piece with a single row keeps only the minor dims.
+    row = math.prod(_shape(node.args[0])[d] for d in incoming.dims[1:])
     sizes = [p.shape[dim] for p in pieces]
-    bounds = [sum(sizes[:k + 1]) for k in range(len(sizes) - 1)]
-    return [_Axis((dim,), tuple(piece)) for piece in walk.spaces.cut(incoming.parts, bounds)]
+    bounds = [row * sum(sizes[:k + 1]) for k in range(len(sizes) - 1)]
+    return [_Axis(incoming.dims[1:] if size == 1 and len(incoming.dims) > 1 else incoming.dims, tuple(piece))
+            for size, piece in zip(sizes, walk.spaces.cut(incoming.parts, bounds))]
 
 
 @_rule(operator.getitem)
@@ -607,7 +650,7 @@ class ChannelGroups(Pass):
         self.config = config
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        plan = analyse_channels(graph_module)
+        plan = analyse_channels(graph_module, self.config.equal_sizes)
         modified = graph_module.meta.get(META_KEY) != plan
         graph_module.meta[META_KEY] = plan
         return PassResult(graph_module, modified)
@@ -622,7 +665,7 @@ def channel_plan(graph_module: fx.GraphModule) -> ChannelPlan:
         raise AnnotationMissingError(f"the graph has no channel plan: run pass '{ChannelGroups.name}' first") from None
 
 
-def analyse_channels(graph_module: fx.GraphModule) -> ChannelPlan:
+def analyse_channels(graph_module: fx.GraphModule, equal_sizes: tuple[tuple[str, str], ...] = ()) -> ChannelPlan:
     walk = _Walk(graph_module)
     for node in graph_module.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -645,7 +688,20 @@ def analyse_channels(graph_module: fx.GraphModule) -> ChannelPlan:
             walk.axes[node] = rule(walk, node)
         else:
             raise ChannelRuleError(f"node {node.name} is a {node.op}; channel analysis runs on ATen graphs from trace()")
+    for first, second in equal_sizes:
+        a, b = _output_parts(walk, first), _output_parts(walk, second)
+        walk.tied.append((a, b))
+        walk.constraints.append((f"same size as {second} (a shape in the model's code)", 1, a))
+        walk.constraints.append((f"same size as {first} (a shape in the model's code)", 1, b))
     return _plan(walk)
+
+
+def _output_parts(walk: _Walk, module: str) -> tuple[int, ...]:
+    for param, axis, parts in walk.uses:
+        if param == f"{module}.weight" and axis == 0:
+            return parts
+    raise ChannelRuleError(f"{module} has no weight whose output channels the analysis saw; "
+                           "it cannot be tied to another module's size")
 
 
 def _flat_nodes(args):

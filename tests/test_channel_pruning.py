@@ -117,6 +117,79 @@ def test_class_embedding_and_output_keep_their_size(config_dir):
         [(s.param, s.axis, s.start) for s in plan.groups[down].slices]
 
 
+class RowModulation(nn.Module):
+    """PixArt's adaLN-single: one linear gives 3 x D, reshaped to rows [B, 3, D], plus a [3, D] table, chunked."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.ada = nn.Linear(5, 3 * 8)
+        self.table = nn.Parameter(torch.randn(3, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, t):
+        h = self.stem(x)
+        shift, scale, gate = (self.table[None] + self.ada(t).reshape(t.shape[0], 3, -1)).chunk(3, dim=1)
+        return self.head(gate * (h * (1 + scale) + shift))
+
+
+def test_rows_of_a_channel_axis_chunked_and_a_broadcast_table_cut_by_columns():
+    plan = analyse_channels(exported(RowModulation(), torch.randn(2, 6, 4), torch.randn(2, 5)))
+    (group, _), = group_of(plan, "stem.weight", 0)
+    # each row of the adaLN output and every column of the table is the hidden channels
+    assert group_of(plan, "ada.weight", 0) == [(group, 0), (group, 8), (group, 16)]
+    assert group_of(plan, "table", 1) == [(group, 0)] and group_of(plan, "table", 0) == []
+    assert group_of(plan, "head.weight", 1) == [(group, 0)] and plan.groups[group].prunable
+
+
+def test_pruning_rows_modulation_matches_the_unpruned_channels():
+    torch.manual_seed(0)
+    module = RowModulation().eval()
+    x, t = torch.randn(2, 6, 4), torch.randn(2, 5)
+    graph_module = exported(module, x, t)
+    plan = analyse_channels(graph_module)
+    (group, _), = group_of(plan, "stem.weight", 0)
+    keep = {group: torch.tensor([0, 2, 3, 5, 6, 7])}
+    pruned, _ = apply_pruning(module, plan, keep, lambda m: m(x, t))
+    assert pruned.table.shape == (3, 6) and pruned.ada.out_features == 18
+    # zeroing the removed channels in the original gives the same output as removing them
+    with torch.no_grad():
+        reference = RowModulation().eval()
+        reference.load_state_dict(module.state_dict())
+        for channel in (1, 4):
+            reference.head.weight[:, channel] = 0
+        torch.testing.assert_close(pruned(x, t), reference(x, t))
+
+
+class ShapeTie(nn.Module):
+    """PixArt's captions: viewed with the hidden width, a size export bakes into a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 8)
+        self.caption = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 4)
+        self.text_head = nn.Linear(8, 4)
+
+    def forward(self, x, c):
+        h = self.hidden(x)
+        text = self.caption(c).view(c.shape[0], -1, h.shape[-1])
+        return self.head(h), self.text_head(text)
+
+
+def test_modules_tied_by_a_shape_in_the_code_lose_the_same_share():
+    graph_module = exported(ShapeTie(), torch.randn(2, 5, 4), torch.randn(2, 6, 3))
+    free = analyse_channels(graph_module)
+    tied = analyse_channels(graph_module, (("caption", "hidden"),))
+    share = lambda plan, param: plan.groups[group_of(plan, param, 0)[0][0]].share  # noqa: E731
+    assert share(free, "caption.weight") != share(free, "hidden.weight")
+    assert share(tied, "caption.weight") == share(tied, "hidden.weight")
+    caption = tied.groups[group_of(tied, "caption.weight", 0)[0][0]]
+    assert "same size as hidden (a shape in the model's code)" in caption.constraints
+    with pytest.raises(ChannelRuleError, match="nowhere has no weight whose output channels"):
+        analyse_channels(graph_module, (("nowhere", "hidden"),))
+
+
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -180,7 +253,7 @@ def test_unknown_op_is_named_with_how_to_register_it():
     assert plan.groups[group_of(plan, "conv.weight", 0)[0][0]].fixed == "the model output"
 
 
-@pytest.mark.parametrize("family", ["unet2d", "sd", "dit"])
+@pytest.mark.parametrize("family", ["unet2d", "sd", "dit", "pixart"])
 def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_path):
     import onnxruntime as ort
 
@@ -200,8 +273,9 @@ def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_pa
     assert abs(actual - expected).max() < 1e-4 * max(1.0, abs(expected).max())
 
 
-def test_pruned_model_saves_and_loads_back_exactly(config_dir, tmp_path):
-    loaded = load(config_dir / "unet2d" / "config.json")
+@pytest.mark.parametrize("family", ["unet2d", "pixart"])
+def test_pruned_model_saves_and_loads_back_exactly(config_dir, family, tmp_path):
+    loaded = load(config_dir / family / "config.json")
     model_folder = save_denoiser(loaded, loaded.model, tmp_path / "model")
     loaded = load(model_folder)
     pruned = prune(loaded, PruneConfig(ratio=0.5, importance="random", scope="global"))
