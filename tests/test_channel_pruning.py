@@ -253,7 +253,7 @@ def test_unknown_op_is_named_with_how_to_register_it():
     assert plan.groups[group_of(plan, "conv.weight", 0)[0][0]].fixed == "the model output"
 
 
-@pytest.mark.parametrize("family", ["unet2d", "sd", "dit", "pixart"])
+@pytest.mark.parametrize("family", ["unet2d", "sd", "sdxl", "dit", "pixart"])
 def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_path):
     import onnxruntime as ort
 
