@@ -63,6 +63,7 @@ RESULTS = Path(__file__).parent / "results"
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4)  # our uniform ratios tried with magnitude (MACs only)
 GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4)  # our global ratios, with our Taylor scores
+SAME_LEVEL = 0.05  # a later --scopes entry is skipped when it lands this near an earlier one's kept MACs
 LOSS_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep bands of the denoising-loss breakdown
 TP_LOCAL_RATIOS = (0.02, 0.1, 0.25, 0.3)  # Torch-Pruning local (per layer) ratios tried for the MACs match
 TP_GLOBAL_RATIOS = (0.3, 0.35, 0.375, 0.4, 0.4125, 0.425, 0.4375, 0.45, 0.4625, 0.475, 0.4875, 0.5, 0.5125, 0.525,
@@ -555,8 +556,9 @@ def main() -> None:
                         help="~11%% of the shipped model's training samples at batch 32 (Diff-Pruning: 10-20%%)")
     parser.add_argument("--finetune-batch", type=int, default=32)
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for each fine-tune")
-    parser.add_argument("--scopes", nargs="+", default=["uniform", "global"], choices=["uniform", "global"],
-                        help="section 2: our cuts (global: ratios searched with our Taylor scores)")
+    parser.add_argument("--scopes", nargs="+", default=["global", "uniform"], choices=["uniform", "global"],
+                        help="section 2: our cuts, in order (global: ratios searched with our Taylor scores); a "
+                             "later one landing within 5 points of an earlier one's kept MACs is skipped")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps for the quality samples")
     parser.add_argument("-n", type=int, default=100, help="evaluation samples")
     parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
@@ -637,8 +639,8 @@ def main() -> None:
         reached: list[float] = []
         for scope in args.scopes:
             ratio = nearest(levels[scope], target)
-            if any(abs(levels[scope][ratio] - r) < 0.02 for r in reached):
-                continue  # the other scope already lands here
+            if any(abs(levels[scope][ratio] - r) < SAME_LEVEL for r in reached):
+                continue  # an earlier scope already lands about here
             reached.append(levels[scope][ratio])
             folder = ours_dir(ratio, scope)
             meta = ours_piece(loaded, images, PruneConfig(ratio=ratio, scope=scope, **taylor), args.work, folder, base)

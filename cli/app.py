@@ -452,18 +452,20 @@ def prune(
     images: Annotated[Optional[Path], typer.Option(
         help="safetensors with 'images' [N,C,H,W] in [-1,1] (default: the shipped digits for 1x32x32 models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the calibration batch, noise and random importance.")] = 0,
+    min_group_channels: Annotated[int, typer.Option(
+        help="Channels every GroupNorm group keeps at least (1 turns it into an instance norm).")] = 2,
     dry_run: Annotated[bool, typer.Option(help="List the dependency groups and the planned cut; write nothing.")]
     = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruned model folder to write.")] = Path("pruned"),
 ) -> None:
     """Channel pruning (Diff-Pruning): dependency groups, Taylor importance, real channel removal."""
     from dgo_compile import load
-    from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels
+    from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels, uniform_step
     from dgo_compile.channel_pruning import prune as run_prune
     from dgo_compile.loading import save_denoiser
 
     config = PruneConfig(ratio=ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
-                         max_timesteps=max_timesteps, seed=seed)
+                         max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels)
     if not dry_run and output.exists():
         raise DgoError(f"{output} already exists; choose another -o or remove it")
     loaded = load(model)
@@ -472,11 +474,11 @@ def prune(
         table = Table(title=f"{loaded.source}: {len(plan.groups)} channel groups, {len(plan.prunable())} prunable")
         for col in ("group", "share", "channels", "cut step", "kept at ratio", "constraints", "modules", "fixed because"):
             table.add_column(col, justify="right" if col in ("group", "share", "channels", "cut step") else "left")
+        shares = plan.shares()
         for g in plan.groups:
             step = g.size // g.steps
             kept = "-" if not g.prunable else (
-                str(g.size - step * min(round(ratio * g.steps), g.steps - 1)) if scope == "uniform"
-                else "by importance")
+                str(g.size - step * uniform_step(shares[g.share], config)) if scope == "uniform" else "by importance")
             mods = ", ".join(g.modules[:3]) + (f" +{len(g.modules) - 3}" if len(g.modules) > 3 else "")
             table.add_row(str(g.id), str(g.share), str(g.size), str(step), kept, "; ".join(g.constraints[:2]) +
                           (" ..." if len(g.constraints) > 2 else ""), mods, g.fixed or "")

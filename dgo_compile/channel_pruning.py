@@ -48,6 +48,11 @@ class PruneConfig:
     batch: int = 32  # the fixed batch the Taylor gradients are taken on
     max_timesteps: int = 1000
     seed: int = 0
+    # GroupNorm groups keep at least this many channels (or all they had). One channel per group is an
+    # instance norm: it discards every channel's spatial mean, so the model can no longer predict the
+    # noise's per-image mean, and DDIM integrates that error into images that drift (measured:
+    # benchmarks/results/channel_pruning.md).
+    min_group_channels: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -58,7 +63,7 @@ class PruneConfig:
             raise PruneError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
         if not 0 < self.threshold < 1:
             raise PruneError(f"--threshold must be in (0, 1), got {self.threshold}")
-        for name in ("batch", "max_timesteps"):
+        for name in ("batch", "max_timesteps", "min_group_channels"):
             if getattr(self, name) < 1:
                 raise PruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
@@ -141,21 +146,38 @@ def select(plan: ChannelPlan, scores: dict[int, torch.Tensor], config: PruneConf
     steps = {share: 0 for share in shares}
     if config.scope == "uniform":
         for share, members in shares.items():
-            count = members[0].steps
-            steps[share] = min(round(config.ratio * count), count - 1)
+            steps[share] = uniform_step(members, config)
     else:  # global: remove the cheapest step anywhere until `ratio` of all prunable channels are gone
         total = sum(g.size for g in plan.prunable())
         removed = 0
         normalised = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in plan.prunable()}
+        limits = {share: max_step(members, config.min_group_channels) for share, members in shares.items()}
         while removed < config.ratio * total:
             candidates = [(share, _step_cost(members, normalised, steps[share] + 1))
-                          for share, members in shares.items() if steps[share] + 1 < members[0].steps]
+                          for share, members in shares.items() if steps[share] < limits[share]]
             if not candidates:
                 break
             share, _ = min(candidates, key=lambda c: c[1])
             steps[share] += 1
             removed += sum(g.size // g.steps for g in shares[share])
     return {g.id: _kept(g, scores[g.id], steps[share]) for share, members in shares.items() for g in members}
+
+
+def max_step(members: tuple[ChannelGroup, ...], min_group_channels: int) -> int:
+    """The most steps a share may be cut: every atom keeps a channel, every GroupNorm group keeps
+    `min_group_channels` (or all it had)."""
+    steps = members[0].steps
+    limit = steps - 1
+    for group in members:
+        if group.norm_group:
+            keep = min(min_group_channels, group.norm_group)
+            limit = min(limit, (group.norm_group - keep) * steps // group.norm_group)
+    return limit
+
+
+def uniform_step(members: tuple[ChannelGroup, ...], config: PruneConfig) -> int:
+    """Steps a uniform cut at `config.ratio` takes from a share."""
+    return min(round(config.ratio * members[0].steps), max_step(members, config.min_group_channels))
 
 
 def _atoms(group: ChannelGroup):

@@ -63,6 +63,7 @@ class ChannelGroup:
     constraints: tuple[str, ...]  # human-readable: "GroupNorm(16) down_blocks.0.resnets.0.norm1", "8 heads ..."
     share: int  # groups with the same share id sit under one GroupNorm / head split: they lose the same share
     steps: int  # the share is cut in this many equal steps; each removes atom/steps channels of every atom
+    norm_group: int = 0  # channels per group of the finest GroupNorm over these channels (0: none)
 
     @property
     def prunable(self) -> bool:
@@ -237,6 +238,7 @@ class _Walk:
         self.axes: dict[fx.Node, object] = {}
         self.uses: list[tuple[str, int, tuple[int, ...]]] = []  # (param, axis, parts)
         self.constraints: list[tuple[str, int, tuple[int, ...]]] = []  # (label, groups, parts)
+        self.norms: list[tuple[int, tuple[int, ...]]] = []  # (GroupNorm groups, parts)
         self.attention: list[tuple[fx.Node, fx.Node]] = []  # (sdpa node, query producer)
         self.tied: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # must lose the same share
 
@@ -325,6 +327,7 @@ def _group_norm(walk: _Walk, node: fx.Node):
         walk.refuse(node, "normalizes a tensor whose channels are not on dim 1")
     label = (walk.param(weight, node).rsplit(".", 1)[0] if weight is not None else node.name)
     walk.constraints.append((f"GroupNorm({groups}) {label}", int(groups), incoming.parts))
+    walk.norms.append((int(groups), incoming.parts))
     for p in (weight, bias):
         if p is not None:
             walk.uses.append((walk.param(p, node), 0, incoming.parts))
@@ -727,6 +730,11 @@ def _plan(walk: _Walk) -> ChannelPlan:
     for param, axis, parts in walk.uses:
         for leaf, offset in spans(parts):
             slices.setdefault(leaf, []).append(ParamSlice(param, axis, offset))
+    norm_group: dict[int, int] = {}
+    for groups, parts in walk.norms:
+        per_group = walk.size(parts) // groups
+        for leaf, _ in spans(parts):
+            norm_group[leaf] = min(norm_group.get(leaf, per_group), per_group)
     for label, groups, parts in walk.constraints:
         total = walk.size(parts)
         step = total // groups
@@ -769,7 +777,7 @@ def _plan(walk: _Walk) -> ChannelPlan:
         share = share_of[leaf]
         groups.append(ChannelGroup(len(groups), size, tuple(dict.fromkeys(slices[leaf])), atoms,
                                    own or share_fixed[share], tuple(dict.fromkeys(labels.get(leaf, ()))),
-                                   share, share_steps[share]))
+                                   share, share_steps[share], norm_group.get(leaf, 0)))
     attention = []
     for node, query in walk.attention:
         producer = query

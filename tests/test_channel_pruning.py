@@ -81,12 +81,38 @@ def test_cat_skip_connection_offsets_and_groupnorm_atoms_across_the_seam():
     # GroupNorm(5, 10): groups of 2 at 0,2,4 | 6,8 -> each group keeps the same count
     assert plan.groups[deep].atoms == (2, 2, 2) and plan.groups[shallow].atoms == (2, 2)
     assert plan.groups[deep].share == plan.groups[shallow].share  # one GroupNorm: they lose the same share
-    keep = select(plan, {g.id: torch.arange(g.size, dtype=torch.float) for g in plan.prunable()},
-                  PruneConfig(ratio=0.5, importance="magnitude"))
+    scores = {g.id: torch.arange(g.size, dtype=torch.float) for g in plan.prunable()}
+    keep = select(plan, scores, PruneConfig(ratio=0.5, importance="magnitude", min_group_channels=1))
     kept_channels = torch.cat([keep[deep], keep[shallow] + 6])
     per_norm_group = torch.bincount(kept_channels // 2, minlength=5)
     assert per_norm_group.tolist() == [1, 1, 1, 1, 1]  # channels per group stay whole and equal
     assert keep[deep].tolist() == [1, 3, 5]  # the higher-scored channel of each pair survives
+    # by default a GroupNorm group keeps 2 channels: groups of 2 are not cut at any ratio
+    for scope in ("uniform", "global"):
+        keep = select(plan, scores, PruneConfig(ratio=0.9, importance="magnitude", scope=scope))
+        assert keep[deep].tolist() == [0, 1, 2, 3, 4, 5] and keep[shallow].tolist() == [0, 1, 2, 3]
+
+
+class WideGroups(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 16)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        return self.head(F.silu(self.norm(self.stem(x))))
+
+
+@pytest.mark.parametrize("minimum, ratio, kept", [(2, 0.9, 2), (2, 0.5, 4), (3, 0.9, 3), (1, 0.9, 1), (8, 0.5, 8)])
+def test_groupnorm_groups_keep_the_minimum_channels(minimum, ratio, kept):
+    plan = analyse_channels(exported(WideGroups(), torch.randn(2, 3, 8, 8)))
+    (stem, _), = group_of(plan, "stem.weight", 0)
+    assert plan.groups[stem].norm_group == 8 and plan.groups[stem].steps == 8
+    for scope in ("uniform", "global"):
+        keep = select(plan, {stem: torch.rand(16)}, PruneConfig(ratio=ratio, importance="magnitude", scope=scope,
+                                                              min_group_channels=minimum))
+        assert torch.bincount(keep[stem] // 8, minlength=2).tolist() == [kept, kept]
 
 
 class TimeProjection(nn.Module):
@@ -343,6 +369,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 def test_prune_config_errors():
     with pytest.raises(PruneError, match="--scope must be one of uniform, global"):
         PruneConfig(scope="layer")
+    with pytest.raises(PruneError, match="--min-group-channels must be at least 1, got 0"):
+        PruneConfig(min_group_channels=0)
     _, plan = plan_channels(load())
     assert len(plan.prunable()) == 56
 
