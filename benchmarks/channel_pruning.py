@@ -1,7 +1,7 @@
 """Diff-Pruning as a compiler pass against Torch-Pruning's Taylor pruning (issue 5).
 
     .venv/bin/pip install -e '.[bench]'     # torch-pruning, for the comparison only
-    python benchmarks/channel_pruning.py --threads 2    # ~90 min on 2 cores
+    python benchmarks/channel_pruning.py --threads 2    # ~45 min on 2 cores
 
 1. Side by side at the same channel ratio (--ratio, 0.3), on (a) the google/ddpm-cifar10-32
    architecture with random weights and random images (structure only), and (b) the shipped model:
@@ -61,8 +61,8 @@ from dgo_compile.schedule_cost import ScheduleCost
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
-SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4)  # our uniform ratios tried with magnitude (MACs only)
-GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4)  # our global ratios, with our Taylor scores
+SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)
+GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4, 0.45, 0.5)  # our global ratios, with our Taylor scores
 SAME_LEVEL = 0.05  # a later --scopes entry is skipped when it lands this near an earlier one's kept MACs
 LOSS_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep bands of the denoising-loss breakdown
 TP_LOCAL_RATIOS = (0.02, 0.1, 0.25, 0.3)  # Torch-Pruning local (per layer) ratios tried for the MACs match
@@ -387,13 +387,18 @@ def tp_checks(loaded, model: nn.Module | None, seconds: float, error: str | None
 
 # --------------------------------------------------------------------------- section 2 helpers
 
-def search_ours(loaded, work: Path, base_macs: int) -> dict[str, float]:
+def minimum_suffix(minimum: int) -> str:
+    """Work-folder suffix of our cuts by GroupNorm minimum (none for 1: the cut before that option)."""
+    return "" if minimum == 1 else f"_g{minimum}"
+
+
+def search_ours(loaded, work: Path, base_macs: int, minimum: int) -> dict[str, float]:
     """Kept MACs of our uniform cut per ratio: independent of the importance, so magnitude finds it fast."""
-    file = work / "ours_ratio_search.json"
+    file = work / f"ours_ratio_search{minimum_suffix(minimum)}.json"
     found = read_json(file) or {}
     for ratio in SEARCH_RATIOS:
         if str(ratio) not in found:
-            pruned = prune(loaded, PruneConfig(ratio=ratio, importance="magnitude"))
+            pruned = prune(loaded, PruneConfig(ratio=ratio, importance="magnitude", min_group_channels=minimum))
             found[str(ratio)] = cost_of(pruned.model).macs / base_macs
             write_json(file, found)
             log(f"search: ours ratio {ratio} keeps {found[str(ratio)]:.1%} of the MACs")
@@ -415,10 +420,11 @@ def search_tp(loaded, grads: dict, work: Path, base_macs: int) -> dict[str, floa
     return found
 
 
-def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, base_macs: int) -> dict[float, float]:
+def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, base_macs: int,
+                       minimum: int) -> dict[float, float]:
     """Kept MACs of our global cut per ratio: it depends on the importance, so our Taylor scores are computed
     once (as `prune` computes them) and every ratio is selected and cut from them."""
-    file = work / "ours_global_search.json"
+    file = work / f"ours_global_search{minimum_suffix(minimum)}.json"
     found = read_json(file) or {}
     missing = [r for r in GLOBAL_RATIOS if str(r) not in found]
     if missing:
@@ -427,7 +433,7 @@ def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, b
         scores, _ = importance(traced, plan, PruneConfig(**taylor), images, loaded.scheduler_config)
         example = tuple(traced.example_inputs(1).values())
         for ratio in missing:
-            keep = select(plan, scores, PruneConfig(ratio=ratio, scope="global", **taylor))
+            keep = select(plan, scores, PruneConfig(ratio=ratio, scope="global", min_group_channels=minimum, **taylor))
             model, _ = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
             found[str(ratio)] = cost_of(model).macs / base_macs
             write_json(file, found)
@@ -556,6 +562,10 @@ def main() -> None:
                         help="~11%% of the shipped model's training samples at batch 32 (Diff-Pruning: 10-20%%)")
     parser.add_argument("--finetune-batch", type=int, default=32)
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for each fine-tune")
+    parser.add_argument("--min-group-channels", type=int, nargs="+", default=[2, 1],
+                        help="section 2: our cuts with each GroupNorm minimum (2: the default; 1: the ablation)")
+    parser.add_argument("--ablation-targets", type=float, nargs="+", default=[0.7],
+                        help="targets where the later --min-group-channels run (global scope)")
     parser.add_argument("--scopes", nargs="+", default=["global", "uniform"], choices=["uniform", "global"],
                         help="section 2: our cuts, in order (global: ratios searched with our Taylor scores); a "
                              "later one landing within 5 points of an earlier one's kept MACs is skipped")
@@ -613,11 +623,13 @@ def main() -> None:
     taylor = dict(importance="taylor", threshold=args.threshold, batch=args.taylor_batch,
                   max_timesteps=args.max_timesteps)
     tag = f"b{args.taylor_batch}_t{args.max_timesteps}_thr{args.threshold}"
-    ours_dirs: dict[float, Path] = {}
+    ours_dirs: dict[tuple, Path] = {}
+    default_minimum = PruneConfig().min_group_channels
 
-    def ours_dir(ratio: float, scope: str = "uniform") -> Path:
+    def ours_dir(ratio: float, scope: str = "uniform", minimum: int = default_minimum) -> Path:
         prefix = "ours_shipped" if scope == "uniform" else f"ours_shipped_{scope}"
-        return ours_dirs.setdefault((ratio, scope), args.work / f"{prefix}_r{ratio}_{tag}")
+        return ours_dirs.setdefault((ratio, scope, minimum),
+                                    args.work / f"{prefix}_r{ratio}_{tag}{minimum_suffix(minimum)}")
 
     rows, tp_grads = side_by_side("shipped MNIST model", f"shipped_r{args.ratio}_{tag}", loaded, images,
                                   PruneConfig(ratio=args.ratio, **taylor), args.work, ours_dir(args.ratio))
@@ -626,34 +638,41 @@ def main() -> None:
 
     # ---- section 2: quality near the kept-MACs targets
     base = cost_of(loaded.model)
-    ours_levels = search_ours(loaded, args.work, base.macs)
     tp_levels = search_tp(loaded, tp_grads["grads"], args.work, base.macs)
-    levels = {"uniform": ours_levels}
-    if "global" in args.scopes:
-        levels["global"] = search_ours_global(loaded, images, taylor, args.work, base.macs)
+    levels = {}
+    for minimum in args.min_group_channels:
+        levels[("uniform", minimum)] = search_ours(loaded, args.work, base.macs, minimum)
+        if "global" in args.scopes:
+            levels[("global", minimum)] = search_ours_global(loaded, images, taylor, args.work, base.macs, minimum)
     clock = lap("section 2: MACs search (magnitude for our uniform cut, Taylor for our global cut and Torch-Pruning)",
                 clock)
     variants = []  # (target, label, folder, meta)
     for target in args.targets:
         tp_done: set[str] = set()
-        reached: list[float] = []
-        for scope in args.scopes:
-            ratio = nearest(levels[scope], target)
-            if any(abs(levels[scope][ratio] - r) < SAME_LEVEL for r in reached):
-                continue  # an earlier scope already lands about here
-            reached.append(levels[scope][ratio])
-            folder = ours_dir(ratio, scope)
-            meta = ours_piece(loaded, images, PruneConfig(ratio=ratio, scope=scope, **taylor), args.work, folder, base)
-            variants.append({"target": target, "method": "ours", "setting": f"Taylor, {scope}, ratio {ratio}",
-                             "folder": str(folder), "prune_seconds": meta["seconds"], "timesteps": meta["timesteps"]})
-            achieved = meta["macs"] / base.macs
-            keys = [nearest(tp_levels, achieved)]
-            local = nearest({k: v for k, v in tp_levels.items() if k.startswith("local:")}, achieved)
-            if local != keys[0] and abs(tp_levels[local] - achieved) <= TP_LOCAL_SLACK:
-                keys.append(local)  # Diff-Pruning's own mode too, when it comes near
-            keys = [k for k in keys if k not in tp_done]
-            tp_done.update(keys)
-            variants += tp_variants(keys, target, loaded, tp_grads, tp_version, tag, args.work)
+        for minimum in args.min_group_channels:
+            ablation = minimum != args.min_group_channels[0]
+            if ablation and target not in args.ablation_targets:
+                continue
+            reached: list[float] = []
+            for scope in (["global"] if ablation else args.scopes):
+                ratio = nearest(levels[(scope, minimum)], target)
+                if any(abs(levels[(scope, minimum)][ratio] - r) < SAME_LEVEL for r in reached):
+                    continue  # an earlier scope already lands about here
+                reached.append(levels[(scope, minimum)][ratio])
+                folder = ours_dir(ratio, scope, minimum)
+                meta = ours_piece(loaded, images, PruneConfig(ratio=ratio, scope=scope, min_group_channels=minimum, **taylor),
+                                  args.work, folder, base)
+                variants.append({"target": target, "method": "ours", "minimum": minimum,
+                                 "setting": f"Taylor, {scope}, ratio {ratio}, GroupNorm groups keep >= {minimum}",
+                                 "folder": str(folder), "prune_seconds": meta["seconds"], "timesteps": meta["timesteps"]})
+                achieved = meta["macs"] / base.macs
+                keys = [nearest(tp_levels, achieved)]
+                local = nearest({k: v for k, v in tp_levels.items() if k.startswith("local:")}, achieved)
+                if local != keys[0] and abs(tp_levels[local] - achieved) <= TP_LOCAL_SLACK:
+                    keys.append(local)  # Diff-Pruning's own mode too, when it comes near
+                keys = [k for k in keys if k not in tp_done]
+                tp_done.update(keys)
+                variants += tp_variants(keys, target, loaded, tp_grads, tp_version, tag, args.work)
     clock = lap("section 2: pruning", clock)
 
     classifier = load_digit_classifier()
@@ -702,7 +721,8 @@ def main() -> None:
     # ---- section 3: width + time
     section3 = []
     if not args.no_width_time:
-        half = min((v for v in variants if v["method"] == "ours"), key=lambda v: abs(v["macs"] / base.macs - 0.5))
+        half = min((v for v in variants if v["method"] == "ours" and v["minimum"] == args.min_group_channels[0]),
+                   key=lambda v: abs(v["macs"] / base.macs - 0.5))
         pruned_model = load(half["tuned_folder"]).model
         full_cost = ScheduleCost(trace(loaded.model))
         pruned_cost = ScheduleCost(trace(pruned_model))
@@ -735,7 +755,8 @@ def main() -> None:
               "settings": settings, "section1": section1,
               "section2": {"unpruned": {"params": base.params, "macs": base.macs, "latency_s": latency["unpruned"],
                                         **full_quality},
-                           "ours_macs_by_ratio": ours_levels, "ours_global_macs_by_ratio": levels.get("global", {}),
+                           "ours_macs_by_ratio": levels[("uniform", args.min_group_channels[0])],
+                           "ours_global_macs_by_ratio": levels.get(("global", args.min_group_channels[0]), {}),
                            "tp_macs_by_setting": tp_levels,
                            "finetune": {"steps": budget.steps, "batch": budget.batch, "lr": budget.lr,
                                         "ema_decay": budget.ema_decay},
