@@ -451,7 +451,7 @@ def _cut_constant(walk: _Walk, node: fx.Node, constant: tuple[fx.Node, list[int]
     channels, and the table can only lose whole columns: the rows must be the same channels."""
     source, param_dims = constant
     param = walk.param(source, node)
-    if len(spanned) == 1:
+    if len(spanned) == 1 and len(axis.dims) == 1:
         walk.uses.append((param, param_dims[spanned[0]], axis.parts))
         return True
     if len(spanned) != 2 or len(axis.dims) != 2:
