@@ -66,7 +66,9 @@ def test_compile_config_runs_prune_compile_verify_report(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["scheduler"]["steps"] == 4
     assert report["macs"]["per_run"] == manifest["macs"]["total"]
-    assert report["macs"]["compiled_per_call_full"] < 0.5 * report["macs"]["original_per_call"]  # width
+    # width: uniform 0.5 halves the 64-channel spaces; the 32-channel ones keep 2 per GroupNorm group (57% kept)
+    assert report["macs"]["compiled_per_call_full"] < 0.6 * report["macs"]["original_per_call"]
+    assert stored["prune"]["min_group_channels"] == 2
     assert report["macs"]["per_run"] < 4 * report["macs"]["compiled_per_call_full"]  # and time
     assert report["parity_rel_l2"] < 1e-4
     assert -1 <= report["quality"]["ssim_vs_original"] < 0.99 and report["measured"]["speedup"] > 0  # pruned, not tuned
