@@ -441,15 +441,23 @@ def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, b
     return {float(k): v for k, v in found.items()}
 
 
+def cli(args: list, processes: int = 1) -> float:
+    """Run a dgo-compile command (under torchrun with `processes` > 1); its wall seconds."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
+    started = time.perf_counter()
+    log("dgo-compile " + " ".join(map(str, args)) + (f" (torchrun, {processes} processes)" if processes > 1 else ""))
+    subprocess.run([sys.executable, *launcher, "-m", "dgo_compile.cli", *map(str, args)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
 def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, processes: int):
     """`dgo-compile finetune` as a user runs it (under torchrun with `processes` > 1); its record."""
     if output.is_dir() and read_finetune(output).complete:
         return read_finetune(output)
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    command = [sys.executable, *launcher, "-m", "dgo_compile.cli", "finetune", model_folder, "--steps", str(budget.steps),
-               "--batch", str(budget.batch), "-o", str(output)] + (["--resume"] if output.is_dir() else [])
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))})
+    cli(["finetune", model_folder, "--steps", budget.steps, "--batch", budget.batch, "-o", output]
+        + (["--resume"] if output.is_dir() else []), processes)
     return read_finetune(output)
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from channel_pruning import quality  # noqa: E402  (the same metrics as the channel pruning benchmark)
+from channel_pruning import cli, quality  # noqa: E402  (the same helpers as the channel pruning benchmark)
 
 from dgo_compile import __version__, load, trace  # noqa: E402
 from dgo_compile.data import real_digit_sample  # noqa: E402
@@ -48,17 +46,6 @@ STARTED = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:7.0f} s] {message}", flush=True)
-
-
-def cli(args: list, processes: int = 1) -> float:
-    """Run a dgo-compile command (under torchrun with `processes` > 1); its wall seconds."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = time.perf_counter()
-    log("dgo-compile " + " ".join(map(str, args)) + (f" (torchrun, {processes} processes)" if processes > 1 else ""))
-    subprocess.run([sys.executable, *launcher, "-m", "dgo_compile.cli", *map(str, args)], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
 
 
 def run_images(traced, schedule: Schedule, scheduler_config: dict, noise: torch.Tensor, steps: int) -> torch.Tensor:

@@ -69,14 +69,14 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
 def _without_noop_squeezes(graph_module: fx.GraphModule) -> fx.GraphModule:
     """torch's `squeeze(d)` of a dim whose size is not 1 returns the input; ONNX's Squeeze rejects it
     (PixArt's output `squeeze(1)` over its tokens). A graph without them, sharing the weights."""
-    squeezes = [node for node in graph_module.graph.nodes
+    squeezes = {node.name for node in graph_module.graph.nodes
                 if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
-                and _keeps_shape(node)]
+                and _keeps_shape(node)}
     if not squeezes:
         return graph_module
     graph = copy.deepcopy(graph_module.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.name in {n.name for n in squeezes}:
+    for node in list(graph.nodes):
+        if node.name in squeezes:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     return fx.GraphModule(graph_module, graph)
