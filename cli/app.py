@@ -94,6 +94,9 @@ def compile(
                                                    "(default: artifact)", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder.")] = False,
     dump_dir: Annotated[Optional[Path], typer.Option(help="Write the graph after every pass into this folder.")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="fp32 or fp16: fp16 halves weights, caches and timestep constants; norms and softmax stay fp32. "
+             "Default fp32.")] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="TOML config running the whole pipeline ([prune], [finetune], [optimize], then compile, verify and "
              "report.md); options given here win over the file.")] = None,
@@ -111,7 +114,7 @@ def compile(
         resolved = read_config(config, dict(
             model=str(model) if model else None, schedule=schedule, steps=steps, scheduler=scheduler,
             granularity=granularity, guidance_scale=guidance_scale, output=str(output) if output else None,
-            overwrite=overwrite or None))
+            overwrite=overwrite or None, precision=precision))
         with err.status("compiling") as status:
             outcome = run_pipeline(resolved, on_stage=lambda name: status.update(f"{name}..."))
         r = outcome.report
@@ -120,9 +123,11 @@ def compile(
                   f"{r['quality']['ssim_vs_original']:.3f}; see {outcome.artifact / 'report.md'}")
         return
     schedule, steps, granularity = schedule or "full", steps or 50, granularity or "block"
-    output = output or Path("artifact")
+    output, precision = output or Path("artifact"), precision or "fp32"
     if granularity not in ("block", "unit"):
         raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
+    if precision not in ("fp32", "fp16"):
+        raise DgoError(f"--precision must be fp32 or fp16, got '{precision}'")
     plan = Schedule.load(schedule) if schedule.endswith(".json") else None  # a bad file fails before the model loads
     loaded = load(model)
     if loaded.scheduler_config is None:
@@ -136,7 +141,7 @@ def compile(
     with err.status(f"compiling {plan.name} ({plan.steps} denoiser calls)"):
         path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
                                 model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
-                                guidance_scale=guidance_scale, dump_dir=dump_dir)
+                                guidance_scale=guidance_scale, dump_dir=dump_dir, precision=precision)
     manifest = read_manifest(path)
     macs = manifest["macs"]
     out.print(f"wrote {path}: {len(manifest['variants'])} graphs for {manifest['scheduler']['name']} "

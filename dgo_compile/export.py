@@ -25,17 +25,18 @@ EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit: bigger graphs keep their
 
 def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], path: str | Path,
                 output_names: tuple[str, ...] = ("prediction",), opset: int = 20,
-                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+                external_data_bytes: int = EXTERNAL_DATA_BYTES, max_batch: int | None = None) -> list[Path]:
     """Export `graph_module` to `path`; every input's dim 0 is the dynamic batch. Returns the files
     written: the graph, plus `<name>.data` when its weights reach `external_data_bytes`.
 
     The example batch must be at least 2: export specialises a batch of 1 to a constant. The
-    graph passes onnx.checker before it is moved into place.
+    graph passes onnx.checker before it is moved into place. `max_batch` bounds the batch dim where
+    tracing could not prove the graph right past a guard (TracedDenoiser.max_batch).
     """
     path = Path(path)
     if next(iter(inputs.values())).shape[0] < 2:
         raise ExportError("export needs example inputs with batch >= 2 so the batch stays dynamic")
-    batch = torch.export.Dim("batch")
+    batch = torch.export.Dim("batch", max=max_batch) if max_batch else torch.export.Dim("batch")
     dynamic = (tuple({0: batch} for _ in inputs),)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))

@@ -25,11 +25,12 @@ from typing import Any, Callable
 from .channel_pruning import PruneConfig
 from .errors import DgoError
 from .finetune import FinetuneConfig
+from .precision import PRECISIONS
 from .pruner import OptimizeConfig
 
 CONFIG_FILE = "dgo_config.json"
 TOP_LEVEL = ("model", "output", "schedule", "steps", "scheduler", "granularity", "guidance_scale", "overwrite",
-             "verify_samples", "seed")
+             "precision", "verify_samples", "seed")
 
 
 class ConfigError(DgoError):
@@ -46,6 +47,7 @@ class CompileConfig:
     granularity: str = "block"
     guidance_scale: float | None = None
     overwrite: bool = False
+    precision: str = "fp32"  # or "fp16": see dgo_compile.precision
     verify_samples: int = 16  # images sampled from the artifact and the reference for the report
     seed: int = 0
     prune: PruneConfig | None = None
@@ -55,6 +57,8 @@ class CompileConfig:
     def __post_init__(self) -> None:
         if self.schedule == "learned" and self.optimize is None:
             raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.verify_samples < 1:
             raise ConfigError(f"verify_samples must be at least 1, got {self.verify_samples}")
 
@@ -142,7 +146,7 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
         timed("compile", lambda: compile_artifact(
             traced, schedule, loaded.scheduler_config, tmp, overwrite=True,
             model_source=str(loaded.source.resolve()), scheduler=config.scheduler, sampler_steps=config.steps,
-            guidance_scale=config.guidance_scale))
+            guidance_scale=config.guidance_scale, precision=config.precision))
         original_traced = trace(original, verify=False)
         report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, original_traced,
                                                         schedule)))

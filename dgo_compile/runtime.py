@@ -109,6 +109,7 @@ class FoldedSchedule:
     input_names: tuple[str, ...]  # what a sampler passes, in order
     timesteps: tuple[float, ...] | None = None  # per call, when the timestep path was folded
     constants: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per call, at batch 1
+    cache_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # cache name -> shape past the batch
 
     def new_run(self) -> "ScheduleRun":
         return ScheduleRun(self)
@@ -204,8 +205,12 @@ def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | No
         manager = PassManager([FoldSchedule(FoldScheduleConfig(*key))], dump and dump / f"variant_{index:03d}")
         variants[key] = manager.run(supernet).graph_module
     constants = _timestep_constants(traced, supernet, timesteps) if timesteps is not None else []
+    placeholders = {n.name: n for n in supernet.graph.nodes if n.op == "placeholder"}
+    cache_shapes = {e.cache: tuple(placeholders[e.cache].meta["tensor_meta"].shape[1:])
+                    for e in backup_edges(supernet).edges}
     return FoldedSchedule(closed, variants, keys, traced.input_names,
-                          tuple(float(t) for t in timesteps) if timesteps is not None else None, constants)
+                          tuple(float(t) for t in timesteps) if timesteps is not None else None, constants,
+                          cache_shapes)
 
 
 @torch.no_grad()

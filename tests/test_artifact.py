@@ -52,7 +52,7 @@ def test_manifest_describes_how_to_run(shipped_artifact):
     assert per_call[0] == per_call[3] > per_call[1] == per_call[2]
     assert manifest["macs"]["total"] == sum(per_call) < manifest["macs"]["full_total"]
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "timestep_constants.safetensors",
-                                                      "variant_000.onnx", "variant_001.onnx"]
+                                                      "variant_000.onnx", "variant_001.onnx", "weights.bin"]
 
 
 def test_ort_run_refuses_another_sampler(shipped_artifact):
@@ -124,7 +124,7 @@ def test_artifact_errors(shipped_artifact, tmp_path):
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="has format dgo-compile-artifact v99; this dgo-compile reads "
-                                            "dgo-compile-artifact v2: recompile the model"):
+                                            "dgo-compile-artifact v3: recompile the model"):
         read_manifest(copy)
 
 
