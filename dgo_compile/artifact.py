@@ -27,6 +27,7 @@ from .cost import cost_report
 from .errors import DgoError
 from .export import ExportError, export_onnx
 from .passes import cost_of, variant_signature
+from .resolution import artifact_resolution
 from .runtime import StepRun, fold
 from .sampling import SCHEDULERS, denoiser_timesteps
 from .schedule import Schedule
@@ -99,6 +100,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
                       "null_class_label": traced.family.null_class_label(traced.model)},
             "inputs": [{"name": k, "shape": ["batch", *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in example.items()],
+            "resolution": artifact_resolution(tuple(example["sample"].shape[-2:]), model_source),
             "scheduler": {"name": _scheduler_name(scheduler_config, scheduler), "steps": sampler_steps,
                           "calls": len(timesteps), "timesteps": list(folded.timesteps), "config": dict(scheduler_config)},
             "guidance": None if guidance_scale is None else {"scale": guidance_scale, "batch": "uncond, cond"},

@@ -17,8 +17,9 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .families import BlockSpec, Family, family_of
+from .families import BlockSpec, Family, config_size, family_of
 from .loading import LoadedModel
+from .resolution import check_size
 
 MODEL_PREFIX = "model."
 # Eager vs graph tolerance in float32: the graph runs the same kernels, so differences are
@@ -37,24 +38,30 @@ class TracedDenoiser:
     blocks: tuple[BlockSpec, ...]
     model: nn.Module = field(repr=False)  # the source diffusers model, for configs and eager checks
     guards: tuple[str, ...] = ()
+    sample_size: tuple[int, int] | None = None  # the latent (h, w) traced at; None: the config's
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-        return self.family.example_inputs(self.model, batch, seed)
+        return self.family.example_inputs(self.model, batch, seed, self.sample_size)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.graph_module(*inputs)
 
 
-def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = True) -> TracedDenoiser:
+def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = True,
+          size: tuple[int, int] | None = None) -> TracedDenoiser:
     """Trace `source` at `batch` with a dynamic batch dimension; check it against eager if `verify`.
+
+    `size` is the latent (h, w) the graph is static at (default: the config's sample_size); a size
+    the architecture cannot run at is a ResolutionError.
 
     The source model is not modified. Verification runs the graph and the eager model on example
     inputs at `batch` and at batch 1 and raises TraceError on any mismatch above tolerance.
     """
     model = source.model if isinstance(source, LoadedModel) else source
     family = family_of(model)
+    size = _checked_size(model, size)
     adapter = family.adapter(model)
-    inputs = family.example_inputs(model, batch)
+    inputs = family.example_inputs(model, batch, size=size)
     names = tuple(inputs)
     dynamic = (tuple({0: torch.export.Dim.AUTO} for _ in names),)  # one entry: the adapter's *inputs
     try:
@@ -65,7 +72,7 @@ def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = Tru
         raise TraceError(f"torch.export could not trace {type(model).__name__}: {first_line}") from exc
     guards = tuple(f"{sym} in {rng}" for sym, rng in exported.range_constraints.items())
     graph_module = _plain_graph_module(exported.module(), names)
-    traced = TracedDenoiser(graph_module, family, names, family.blocks(model), model, guards)
+    traced = TracedDenoiser(graph_module, family, names, family.blocks(model), model, guards, size)
     if verify:
         batches = {batch, 1}
         upper = max((rng.upper for rng in exported.range_constraints.values()), default=None)
@@ -74,6 +81,13 @@ def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = Tru
         for b in sorted(batches):
             check_against_eager(traced, batch=b)
     return traced
+
+
+def _checked_size(model: nn.Module, size: tuple[int, int] | None) -> tuple[int, int]:
+    if size is None:
+        return config_size(model)  # the size the model was built for, as it always traced
+    check_size(model, *size, names=("latent height", "latent width"))
+    return tuple(size)
 
 
 def check_against_eager(traced: TracedDenoiser, *, batch: int, seed: int = 1) -> float:
