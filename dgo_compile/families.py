@@ -136,7 +136,8 @@ def _transformer_blocks(model: nn.Module) -> tuple[BlockSpec, ...]:
 
 def _unet_size_rule(model: nn.Module) -> SizeRule:
     downsamplers = sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
-    return SizeRule(2 ** downsamplers, f"the UNet's {2 ** downsamplers}: {downsamplers} downsamplers")
+    plural = "" if downsamplers == 1 else "s"
+    return SizeRule(2 ** downsamplers, f"the UNet's {2 ** downsamplers}: {downsamplers} downsampler{plural}")
 
 
 def _patch_size_rule(square: bool) -> Callable[[nn.Module], SizeRule]:
