@@ -561,7 +561,7 @@ def _sampling_target(source: Path | None, steps: int | None, scheduler: str | No
             raise DgoError(f"{source} was compiled for the {manifest['scheduler']['name']} sampler, not {scheduler}; "
                            f"drop --scheduler or recompile with --scheduler {scheduler}")
         compiled = manifest.get("resolution") or {}
-        if (height, width) != (None, None) and (height, width) != (compiled.get("height"), compiled.get("width")):
+        if any(given is not None and given != compiled.get(key) for key, given in (("height", height), ("width", width))):
             raise DgoError(f"{source} was compiled for height {compiled.get('height')}, width {compiled.get('width')} "
                            f"({compiled.get('unit', 'latent')}); drop --height/--width or recompile with them")
         spec = {i["name"]: i for i in manifest["inputs"]}
