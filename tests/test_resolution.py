@@ -86,7 +86,8 @@ def test_conditions_that_encode_the_size_follow_it():
 
 def _assert_matches_pytorch(path, model, size, unit="latent", scale=1):
     """The artifact's graph is static at `size` and its first call matches the eager model there."""
-    manifest = OrtArtifact.open(path).manifest
+    artifact = OrtArtifact.open(path)
+    manifest = artifact.manifest
     assert next(i for i in manifest["inputs"] if i["name"] == "sample")["shape"][2:] == list(size)
     assert manifest["resolution"] == {"height": size[0] * scale, "width": size[1] * scale, "unit": unit}
     family = FAMILIES[type(model).__name__]
@@ -94,7 +95,7 @@ def _assert_matches_pytorch(path, model, size, unit="latent", scale=1):
     inputs["timestep"] = torch.full((2,), manifest["scheduler"]["timesteps"][0])
     with torch.no_grad():
         expected = family.adapter(model)(*inputs.values())
-    actual = OrtArtifact.open(path).new_run()(*inputs.values())
+    actual = artifact.new_run()(*inputs.values())
     assert actual.shape == expected.shape and actual.shape[-2:] == size
     assert ((actual - expected).norm() / expected.norm()).item() < PARITY
 
