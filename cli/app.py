@@ -30,6 +30,19 @@ ModelArg = Annotated[Optional[Path], typer.Argument(
     show_default=False)]
 Seed = Annotated[int, typer.Option(help="Seed of the initial noise.")]
 Steps = Annotated[int, typer.Option(help="Sampler steps.")]
+Height = Annotated[int | None, typer.Option(
+    help="Image height: pixels for a pipeline with a vae/, else the sample (latent) size. Default: the config's.",
+    show_default=False)]
+Width = Annotated[int | None, typer.Option(
+    help="Image width: pixels for a pipeline with a vae/, else the sample (latent) size. Default: the config's.",
+    show_default=False)]
+
+
+def _resolution(loaded, height: int | None, width: int | None):
+    """The checked resolution of --height/--width for `loaded` (errors name the options)."""
+    from dgo_compile.resolution import resolve
+
+    return resolve(loaded.model, loaded.source, height, width, names=("--height", "--width"))
 
 
 def _gb(macs: int) -> str:
@@ -42,13 +55,15 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     units: Annotated[bool, typer.Option(help="Also list the units inside each block.")] = False,
     batch: Annotated[int, typer.Option(help="Batch size the MACs are counted at.")] = 1,
+    height: Height = None,
+    width: Width = None,
 ) -> None:
     """Blocks of a denoiser with their shapes, parameters and MACs per call."""
     from dgo_compile import load, trace
     from dgo_compile.cost import cost_report
 
     loaded = load(model)
-    report = cost_report(trace(loaded), batch=batch)
+    report = cost_report(trace(loaded, size=_resolution(loaded, height, width).latent), batch=batch)
     if as_json:
         print(json.dumps({"source": str(loaded.source), "random_weights": loaded.random_weights, **report.to_json()},
                          indent=2))
@@ -97,6 +112,8 @@ def compile(
     precision: Annotated[Optional[str], typer.Option(
         help="fp32 or fp16: fp16 halves weights, caches and timestep constants; norms and softmax stay fp32. "
              "Default fp32.")] = None,
+    height: Height = None,
+    width: Width = None,
     config: Annotated[Optional[Path], typer.Option(
         help="TOML config running the whole pipeline ([prune], [finetune], [optimize], then compile, verify and "
              "report.md); options given here win over the file.")] = None,
@@ -114,7 +131,7 @@ def compile(
         resolved = read_config(config, dict(
             model=str(model) if model else None, schedule=schedule, steps=steps, scheduler=scheduler,
             granularity=granularity, guidance_scale=guidance_scale, output=str(output) if output else None,
-            overwrite=overwrite or None, precision=precision))
+            overwrite=overwrite or None, precision=precision, height=height, width=width))
         with err.status("compiling") as status:
             outcome = run_pipeline(resolved, on_stage=lambda name: status.update(f"{name}..."))
         r = outcome.report
@@ -132,7 +149,8 @@ def compile(
     loaded = load(model)
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
-    traced = trace(loaded)
+    resolution = _resolution(loaded, height, width)
+    traced = trace(loaded, size=resolution.latent)
     calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
     if plan is None:
         plan = builtin(schedule, calls, gateable_elements(traced, "block"))
@@ -145,7 +163,7 @@ def compile(
     manifest = read_manifest(path)
     macs = manifest["macs"]
     out.print(f"wrote {path}: {len(manifest['variants'])} graphs for {manifest['scheduler']['name']} "
-              f"{steps} steps, {macs['total'] / macs['full_total']:.1%} of the full model's MACs per run")
+              f"{steps} steps at {resolution}, {macs['total'] / macs['full_total']:.1%} of the full model's MACs per run")
 
 
 @app.command()
@@ -165,6 +183,10 @@ def sample(
              "for guidance.")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(
         help="Classifier-free guidance scale. Default: the artifact's, else none.")] = None,
+    height: Annotated[int | None, typer.Option(
+        help="Sample height of a model (an artifact fixes it): pixels with a vae/, else latent.")] = None,
+    width: Annotated[int | None, typer.Option(
+        help="Sample width of a model (an artifact fixes it): pixels with a vae/, else latent.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write.")] = Path("grid.png"),
 ) -> None:
     """Sample a grid of images, from an artifact on onnxruntime or a model's traced graph."""
@@ -174,7 +196,7 @@ def sample(
 
     if n < 1:
         raise DgoError(f"-n must be at least 1, got {n}")
-    target = _sampling_target(source, steps, scheduler)
+    target = _sampling_target(source, steps, scheduler, height, width)
     guidance_scale = guidance_scale if guidance_scale is not None else target.guidance_scale
     conditions, guidance = conditions_for(target.input_names, n, class_label, prompt_embeds, guidance_scale,
                                           target.null_class_label)
@@ -211,10 +233,11 @@ def bench(
                 raise DgoError(f"{artifact} does not record its model; pass --against FULL_ARTIFACT")
             from dgo_compile import load, trace
             from dgo_compile.artifact import compile_artifact
+            from dgo_compile.resolution import manifest_latent
             from dgo_compile.schedule import builtin
 
             loaded = load(source)
-            traced = trace(loaded)
+            traced = trace(loaded, size=manifest_latent(manifest))  # at the artifact's resolution
             with err.status("compiling the unpruned baseline"):
                 calls = manifest["scheduler"]["calls"]
                 against = compile_artifact(traced, builtin("full", calls, tuple(b.name for b in traced.blocks)),
@@ -526,7 +549,8 @@ def encode_prompts_command(
               f"use it with --prompt-embeds")
 
 
-def _sampling_target(source: Path | None, steps: int | None, scheduler: str | None) -> _SamplingTarget:
+def _sampling_target(source: Path | None, steps: int | None, scheduler: str | None, height: int | None = None,
+                     width: int | None = None) -> _SamplingTarget:
     """What `sample` runs: an artifact on onnxruntime (sampler fixed by it) or a model's traced graph."""
     from dgo_compile import load, trace
 
@@ -541,13 +565,17 @@ def _sampling_target(source: Path | None, steps: int | None, scheduler: str | No
         if scheduler is not None and scheduler != manifest["scheduler"]["name"]:
             raise DgoError(f"{source} was compiled for the {manifest['scheduler']['name']} sampler, not {scheduler}; "
                            f"drop --scheduler or recompile with --scheduler {scheduler}")
+        compiled = manifest.get("resolution") or {}
+        if any(given is not None and given != compiled.get(key) for key, given in (("height", height), ("width", width))):
+            raise DgoError(f"{source} was compiled for height {compiled.get('height')}, width {compiled.get('width')} "
+                           f"({compiled.get('unit', 'latent')}); drop --height/--width or recompile with them")
         spec = {i["name"]: i for i in manifest["inputs"]}
         guidance = manifest.get("guidance") or {}
         return _SamplingTarget(artifact, manifest["scheduler"]["config"], manifest["scheduler"]["name"], artifact.steps,
                                tuple(spec["sample"]["shape"][1:]), tuple(spec), guidance.get("scale"),
                                manifest["model"].get("null_class_label"))
     loaded = load(source)
-    traced = trace(loaded)
+    traced = trace(loaded, size=_resolution(loaded, height, width).latent)
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
     return _SamplingTarget(traced, loaded.scheduler_config, scheduler, steps or 50,

@@ -32,6 +32,7 @@ from .export import ExportError, export_onnx
 from .onnx_weights import WEIGHTS_FILE, SharedWeights, SharedWeightsWriter
 from .passes import cost_of, variant_signature
 from .precision import KEEP_FLOAT_INPUTS, check_precision, to_fp16
+from .resolution import artifact_resolution
 from .runtime import StepRun, fold
 from .sampling import SCHEDULERS, denoiser_timesteps
 from .schedule import Schedule
@@ -114,6 +115,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             "inputs": [{"name": k, "shape": ["batch", *v.shape[1:]],
                         "dtype": float_dtype if v.is_floating_point() and k not in KEEP_FLOAT_INPUTS
                         else str(v.dtype).removeprefix("torch.")} for k, v in example.items()],
+            "resolution": artifact_resolution(tuple(example["sample"].shape[-2:]), model_source),
             "scheduler": {"name": _scheduler_name(scheduler_config, scheduler), "steps": sampler_steps,
                           "calls": len(timesteps), "timesteps": list(folded.timesteps), "config": dict(scheduler_config)},
             "guidance": None if guidance_scale is None else {"scale": guidance_scale, "batch": "uncond, cond"},

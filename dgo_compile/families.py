@@ -3,7 +3,7 @@
 Each family knows three things the rest of the compiler must not guess: the flat tensor
 signature of its denoiser (so graphs and ONNX files have named, batch-major inputs), example
 inputs derived from the model config, and which submodules are DiP-GO's gateable blocks and
-the finer units inside them.
+the finer units inside them, and the latent sizes its architecture accepts.
 """
 
 from __future__ import annotations
@@ -52,13 +52,24 @@ class DenoiserAdapter(nn.Module):
 
 
 @dataclass(frozen=True)
+class SizeRule:
+    """The latent sizes a model accepts: heights and widths that are multiples of `multiple`."""
+
+    multiple: int
+    why: str  # what the multiple comes from, e.g. "the UNet's 8: 3 downsamplers"
+    square: bool = False  # height must equal width (diffusers' DiT unpatchifies a square token grid)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_class: type
     input_names: Callable[[nn.Module], tuple[str, ...]]
     call: Callable[..., torch.Tensor]
-    example: Callable[[nn.Module, int, torch.Generator], dict[str, torch.Tensor]]
+    # (model, batch, generator, latent (h, w)) -> inputs; conditions that encode the size follow it
+    example: Callable[[nn.Module, int, torch.Generator, tuple[int, int]], dict[str, torch.Tensor]]
     blocks: Callable[[nn.Module], tuple[BlockSpec, ...]]
+    size_rule: Callable[[nn.Module], SizeRule]
     # The class label meaning "no class" for classifier-free guidance, where the model was trained with one.
     null_class_label: Callable[[nn.Module], int | None] = lambda model: None
     # Module pairs whose output channel counts the model's code ties by a shape (see ChannelGroupsConfig).
@@ -67,20 +78,26 @@ class Family:
     def adapter(self, model: nn.Module) -> DenoiserAdapter:
         return DenoiserAdapter(model, self.call, self.input_names(model))
 
-    def example_inputs(self, model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Example inputs from the config: sample at the model's resolution and each condition."""
-        inputs = self.example(model, batch, torch.Generator().manual_seed(seed))
+    def example_inputs(self, model: nn.Module, batch: int = 2, seed: int = 0,
+                       size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Example inputs: the sample at latent `size` (h, w; default the config's sample_size) and
+        each condition, those that encode the size (SDXL time_ids, PixArt resolution) at that size."""
+        size = tuple(size) if size is not None else config_size(model)
+        inputs = self.example(model, batch, torch.Generator().manual_seed(seed), size)
         device = next(model.parameters()).device  # "meta" when only costs are wanted
         return {name: inputs[name].to(device) for name in self.input_names(model)}
 
 
-def _size(sample_size: int | tuple | list) -> tuple[int, int]:
+def config_size(model: nn.Module) -> tuple[int, int]:
+    """The latent (h, w) of the model config's sample_size."""
+    sample_size = model.config.sample_size
     return (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
 
 
-def _sample_and_timestep(model: nn.Module, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _sample_and_timestep(model: nn.Module, batch: int, gen: torch.Generator,
+                         size: tuple[int, int]) -> dict[str, torch.Tensor]:
     cfg = model.config
-    h, w = _size(cfg.sample_size)
+    h, w = size
     return {
         "sample": torch.randn(batch, cfg.in_channels, h, w, generator=gen),
         "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),  # float: Euler-type samplers use fractional timesteps
@@ -117,6 +134,17 @@ def _transformer_blocks(model: nn.Module) -> tuple[BlockSpec, ...]:
     return tuple(specs)
 
 
+def _unet_size_rule(model: nn.Module) -> SizeRule:
+    downsamplers = sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
+    plural = "" if downsamplers == 1 else "s"
+    return SizeRule(2 ** downsamplers, f"the UNet's {2 ** downsamplers}: {downsamplers} downsampler{plural}")
+
+
+def _patch_size_rule(square: bool) -> Callable[[nn.Module], SizeRule]:
+    # PatchEmbed recomputes its sin-cos table for another grid (no pos_embed_max_size bound in DiT/PixArt)
+    return lambda model: SizeRule(model.config.patch_size, f"the patch size {model.config.patch_size}", square)
+
+
 def _has_class_labels(model: nn.Module) -> bool:
     return getattr(model, "class_embedding", None) is not None
 
@@ -136,8 +164,8 @@ def _class_labels(model, batch, gen):
     return torch.randint(0, n, (batch,), generator=gen)
 
 
-def _unet2d_example(model, batch, gen):
-    inputs = _sample_and_timestep(model, batch, gen)
+def _unet2d_example(model, batch, gen, size):
+    inputs = _sample_and_timestep(model, batch, gen, size)
     if _has_class_labels(model):
         inputs["class_labels"] = _class_labels(model, batch, gen)
     return inputs
@@ -165,15 +193,15 @@ def _unet2d_cond_call(model, *inputs):
                  class_labels=given.get("class_labels"), added_cond_kwargs=added, return_dict=False)[0]
 
 
-def _unet2d_cond_example(model, batch, gen):
+def _unet2d_cond_example(model, batch, gen, size):
     cfg = model.config
-    inputs = _sample_and_timestep(model, batch, gen)
+    inputs = _sample_and_timestep(model, batch, gen, size)
     inputs["encoder_hidden_states"] = torch.randn(batch, CLIP_TOKENS, cfg.cross_attention_dim, generator=gen)
     if _is_text_time(model):
         n_time_ids = 6  # SDXL: original size, crop top-left, target size
         text_dim = cfg.projection_class_embeddings_input_dim - n_time_ids * cfg.addition_time_embed_dim
         inputs["text_embeds"] = torch.randn(batch, text_dim, generator=gen)
-        h, w = (8 * side for side in _size(cfg.sample_size))  # pixel size: 8x the latent
+        h, w = (8 * side for side in size)  # pixel size: 8x the latent
         inputs["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]] * batch, dtype=torch.float32)
     if _has_class_labels(model):
         inputs["class_labels"] = _class_labels(model, batch, gen)
@@ -186,8 +214,8 @@ def _dit_call(model, sample, timestep, class_labels):
     return model(sample, timestep, class_labels=class_labels, return_dict=False)[0]
 
 
-def _dit_example(model, batch, gen):
-    inputs = _sample_and_timestep(model, batch, gen)
+def _dit_example(model, batch, gen, size):
+    inputs = _sample_and_timestep(model, batch, gen, size)
     inputs["class_labels"] = torch.randint(0, model.config.num_embeds_ada_norm, (batch,), generator=gen)
     return inputs
 
@@ -203,12 +231,12 @@ def _pixart_call(model, sample, timestep, encoder_hidden_states, resolution=None
                  added_cond_kwargs=added, return_dict=False)[0]
 
 
-def _pixart_example(model, batch, gen):
+def _pixart_example(model, batch, gen, size):
     cfg = model.config
-    inputs = _sample_and_timestep(model, batch, gen)
+    inputs = _sample_and_timestep(model, batch, gen, size)
     inputs["encoder_hidden_states"] = torch.randn(batch, T5_TOKENS, cfg.caption_channels, generator=gen)
     if model.use_additional_conditions:
-        h, w = _size(cfg.sample_size)
+        h, w = size
         inputs["resolution"] = torch.tensor([[h * 8.0, w * 8.0]] * batch)
         inputs["aspect_ratio"] = torch.tensor([[h / w]] * batch)
     return inputs
@@ -217,12 +245,16 @@ def _pixart_example(model, batch, gen):
 FAMILIES: dict[str, Family] = {
     f.model_class.__name__: f
     for f in (
-        Family("unet2d", UNet2DModel, _unet2d_names, _unet2d_call, _unet2d_example, _unet_blocks),
+        Family("unet2d", UNet2DModel, _unet2d_names, _unet2d_call, _unet2d_example, _unet_blocks,
+               _unet_size_rule),
         Family("unet2d_condition", UNet2DConditionModel, _unet2d_cond_names, _unet2d_cond_call,
-               _unet2d_cond_example, _unet_blocks),
+               _unet2d_cond_example, _unet_blocks, _unet_size_rule),
+        # DiT's forward unpatchifies with height = width = sqrt(tokens): square sizes only
         Family("dit", DiTTransformer2DModel, lambda m: ("sample", "timestep", "class_labels"), _dit_call,
-               _dit_example, _transformer_blocks, null_class_label=lambda m: m.config.num_embeds_ada_norm),
+               _dit_example, _transformer_blocks, _patch_size_rule(square=True),
+               null_class_label=lambda m: m.config.num_embeds_ada_norm),
         Family("pixart", PixArtTransformer2DModel, _pixart_names, _pixart_call, _pixart_example, _transformer_blocks,
+               _patch_size_rule(square=False),
                # forward() views the projected captions as [B, -1, hidden_states.shape[-1]]
                equal_channel_sizes=(("caption_projection.linear_2", "pos_embed.proj"),)),
     )

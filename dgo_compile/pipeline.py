@@ -18,7 +18,7 @@ import json
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,10 +27,11 @@ from .errors import DgoError
 from .finetune import FinetuneConfig
 from .precision import PRECISIONS
 from .pruner import OptimizeConfig
+from .resolution import resolve
 
 CONFIG_FILE = "dgo_config.json"
 TOP_LEVEL = ("model", "output", "schedule", "steps", "scheduler", "granularity", "guidance_scale", "overwrite",
-             "precision", "verify_samples", "seed")
+             "precision", "verify_samples", "seed", "height", "width")
 
 
 class ConfigError(DgoError):
@@ -50,6 +51,8 @@ class CompileConfig:
     precision: str = "fp32"  # or "fp16": see dgo_compile.precision
     verify_samples: int = 16  # images sampled from the artifact and the reference for the report
     seed: int = 0
+    height: int | None = None  # pixels for a pipeline with a vae/, else latent; None: the config's sample_size
+    width: int | None = None
     prune: PruneConfig | None = None
     finetune: FinetuneConfig | None = None
     optimize: OptimizeConfig | None = None
@@ -130,6 +133,9 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
     original = load(config.model)
     if original.scheduler_config is None:
         raise DgoError(f"{original.source} has no scheduler/ config; pass a pipeline folder")
+    resolution = resolve(original.model, original.source, config.height, config.width)
+    config = replace(config, height=resolution.height, width=resolution.width)  # the resolved config records it
+    report.update(config=config.to_json(), resolution=resolution.to_json())
     model_path = config.model
     if config.prune is not None:
         model_path = timed("prune", lambda: _pruned(original, config.prune, work / "pruned"))
@@ -138,7 +144,7 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
             raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
         model_path = timed("finetune", lambda: _finetuned(model_path, config.finetune, work / "finetuned"))
     loaded = load(model_path)
-    traced = trace(loaded)
+    traced = trace(loaded, size=resolution.latent)
     schedule, heatmap_source = timed("schedule", lambda: _schedule(config, traced, loaded, work))
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +153,7 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
             traced, schedule, loaded.scheduler_config, tmp, overwrite=True,
             model_source=str(loaded.source.resolve()), scheduler=config.scheduler, sampler_steps=config.steps,
             guidance_scale=config.guidance_scale, precision=config.precision))
-        original_traced = trace(original, verify=False)
+        original_traced = trace(original, verify=False, size=resolution.latent)
         report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, original_traced,
                                                         schedule)))
         report["timings_s"] = timings
@@ -278,7 +284,8 @@ def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loade
     (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
     m, q = report["macs"], report["quality"]
     lines = [f"# dgo-compile report: {loaded.source}", "",
-             f"Schedule `{schedule.name}`, {report['config']['steps']} sampler steps"
+             f"Schedule `{schedule.name}`, {report['config']['steps']} sampler steps at height "
+             f"{report['resolution']['height']}, width {report['resolution']['width']} {report['resolution']['unit']}"
              + (f", channel pruning ratio {report['config']['prune']['ratio']}" if report["config"]["prune"] else ""),
              "", "| | original | compiled |", "|---|---|---|",
              f"| params | {report['params']['original'] / 1e6:.2f} M | {report['params']['compiled'] / 1e6:.2f} M |",

@@ -26,8 +26,9 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .families import BlockSpec, Family, family_of
+from .families import BlockSpec, Family, config_size, family_of
 from .loading import LoadedModel
+from .resolution import check_size
 
 MODEL_PREFIX = "model."
 # Eager vs graph tolerance in float32: the graph runs the same kernels, so differences are
@@ -47,16 +48,21 @@ class TracedDenoiser:
     model: nn.Module = field(repr=False)  # the source diffusers model, for configs and eager checks
     guards: tuple[str, ...] = ()
     max_batch: int | None = None  # the largest batch the graph is known to be right at; None: any
+    sample_size: tuple[int, int] | None = None  # the latent (h, w) traced at; None: the config's
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-        return self.family.example_inputs(self.model, batch, seed)
+        return self.family.example_inputs(self.model, batch, seed, self.sample_size)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.graph_module(*inputs)
 
 
-def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = True) -> TracedDenoiser:
+def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = True,
+          size: tuple[int, int] | None = None) -> TracedDenoiser:
     """Trace `source` at `batch` with a dynamic batch dimension; check it against eager if `verify`.
+
+    `size` is the latent (h, w) the graph is static at (default: the config's sample_size); a size
+    the architecture cannot run at is a ResolutionError.
 
     The source model is not modified. Verification runs the graph and the eager model once, at
     batch 1, and raises TraceError on a mismatch above tolerance (see the module docstring for why
@@ -64,19 +70,21 @@ def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = Tru
     """
     model = source.model if isinstance(source, LoadedModel) else source
     family = family_of(model)
+    size = _checked_size(model, size)
     adapter = family.adapter(model)
-    inputs = family.example_inputs(model, batch)
+    inputs = family.example_inputs(model, batch, size=size)
     names = tuple(inputs)
     exported = _export(adapter, inputs, type(model).__name__)
     guards = tuple(f"{sym} in {rng}" for sym, rng in exported.range_constraints.items())
     graph_module = _plain_graph_module(exported.module(), names)
     max_batch = batch_bound(exported)
     if max_batch is not None:
-        past = family.example_inputs(model, max_batch + 1)
+        past = family.example_inputs(model, max_batch + 1, size=size)
         beyond = _plain_graph_module(_export(adapter, past, type(model).__name__).module(), names)
         if same_computation(graph_module, beyond):
             max_batch = None
-    traced = TracedDenoiser(graph_module, family, names, family.blocks(model), model, guards, max_batch)
+    traced = TracedDenoiser(graph_module, family, names, family.blocks(model), model, guards,
+                            max_batch=max_batch, sample_size=size)
     if verify:
         check_against_eager(traced, batch=1)
     return traced
@@ -133,6 +141,13 @@ def _hashable(value):
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("sym",)
     return repr(value)
+
+
+def _checked_size(model: nn.Module, size: tuple[int, int] | None) -> tuple[int, int]:
+    if size is None:
+        return config_size(model)  # the size the model was built for, as it always traced
+    check_size(model, *size, names=("latent height", "latent width"))
+    return tuple(size)
 
 
 def check_against_eager(traced: TracedDenoiser, *, batch: int, seed: int = 1) -> float:

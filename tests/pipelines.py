@@ -7,8 +7,7 @@ import string
 from pathlib import Path
 
 import torch
-
-from model_configs import TINY_SD
+from model_configs import TINY_SD, TINY_SDXL
 
 TOKENS = 8  # tokenizer.model_max_length: the tiny text encoder's sequence length
 
@@ -26,27 +25,82 @@ def write_clip_tokenizer(folder: Path) -> None:
     CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TOKENS).save_pretrained(folder)
 
 
+def _clip_config(hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=2 + 2 * len(string.ascii_lowercase), hidden_size=hidden, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKENS, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1, **extra)
+
+
+def _write_vae(path: Path) -> None:
+    """A tiny AutoencoderKL: 2 blocks, so 2 pixels per latent."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  ).save_pretrained(path)
+
+
+def write_sdxl_pipeline(path: Path) -> Path:
+    """A StableDiffusionXLPipeline-shaped folder: the tiny SDXL UNet (text_time conditioning), two CLIP
+    text encoders whose hidden states concatenate to its cross-attention width (16 + 16) and whose
+    second one's projection (32) plus 6 time ids x 8 is its added-embedding width, tokenizers, DDIM
+    scheduler and a tiny VAE."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    half = TINY_SDXL["cross_attention_dim"] // 2
+    projection = TINY_SDXL["projection_class_embeddings_input_dim"] - 6 * TINY_SDXL["addition_time_embed_dim"]
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(TINY_SDXL).save_pretrained(path / "unet")
+    CLIPTextModel(_clip_config(half)).save_pretrained(path / "text_encoder")
+    CLIPTextModelWithProjection(_clip_config(half, projection_dim=projection)).save_pretrained(path / "text_encoder_2")
+    write_clip_tokenizer(path / "tokenizer")
+    write_clip_tokenizer(path / "tokenizer_2")
+    DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
+    _write_vae(path / "vae")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
+    return path
+
+
+def write_model_pipeline(path: Path, config: dict) -> Path:
+    """A pipeline folder without a VAE (random weights, DDIM scheduler) around a tiny model config."""
+    from diffusers import DDIMScheduler
+
+    from dgo_compile.families import FAMILIES
+
+    torch.manual_seed(0)
+    folder = "transformer" if "Transformer" in config["_class_name"] else "unet"
+    FAMILIES[config["_class_name"]].model_class.from_config(config).save_pretrained(path / folder)
+    DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DiffusionPipeline",
+                                                       folder: ["diffusers", config["_class_name"]],
+                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    return path
+
+
 def write_text_pipeline(path: Path, vae: bool = False) -> Path:
     """A StableDiffusionPipeline-shaped folder: tiny UNet2DConditionModel, CLIP text encoder and
     tokenizer, DDIM scheduler and, with `vae`, a tiny AutoencoderKL."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     UNet2DConditionModel.from_config(TINY_SD).save_pretrained(path / "unet")
     write_clip_tokenizer(path / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=2 + 2 * len(string.ascii_lowercase), hidden_size=TINY_SD["cross_attention_dim"],
-        intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TOKENS,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(path / "text_encoder")
+    CLIPTextModel(_clip_config(TINY_SD["cross_attention_dim"])).save_pretrained(path / "text_encoder")
     DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "DDIMScheduler"]}
     if vae:
-        AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
-                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                      ).save_pretrained(path / "vae")
+        _write_vae(path / "vae")
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (path / "model_index.json").write_text(json.dumps(index))
     return path

@@ -12,6 +12,7 @@ from dgo_compile.artifact import OrtArtifact, compile_artifact
 from dgo_compile.families import CLIP_TOKENS
 from dgo_compile.integrations.diffusers import CompiledUNet, IntegrationError, attach, detach
 from dgo_compile.loading import DEFAULT_MODEL
+from dgo_compile.resolution import resolve
 from dgo_compile.runtime import fold, gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample
 from dgo_compile.schedule import builtin
@@ -147,19 +148,23 @@ def test_wrong_scheduler_or_steps_is_one_line_and_breaks_nothing(ddim_deepcache)
     np.testing.assert_array_equal(_images(pipe), plain)
 
 
+# Pixels: the tiny VAE's 2 x latent 24 x 12. The config's sample_size gives 32 x 32.
+SD_SIZE = {"height": 48, "width": 24}
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """A tiny SD pipeline with CLIP's 77-token prompts (the length artifacts are compiled for), and
-    `full` artifacts without and with a guidance scale."""
+    `full` artifacts at SD_SIZE (not the config's) without and with a guidance scale."""
     root = tmp_path_factory.mktemp("sd")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipelines, "TOKENS", CLIP_TOKENS)
         folder = pipelines.write_text_pipeline(root / "pipeline", vae=True)
     loaded = load(folder)
-    traced = trace(loaded, verify=False)
+    traced = trace(loaded, verify=False, size=resolve(loaded.model, folder, **SD_SIZE).latent)
     schedule = builtin("full", SD_STEPS, gateable_elements(traced))
     return folder, {scale: compile_artifact(traced, schedule, loaded.scheduler_config, root / f"guidance_{scale}",
-                                            guidance_scale=scale) for scale in (None, 4.0)}
+                                            model_source=str(folder), guidance_scale=scale) for scale in (None, 4.0)}
 
 
 def _sd(folder):
@@ -167,9 +172,9 @@ def _sd(folder):
                                                           feature_extractor=None))
 
 
-def _prompted(pipe, guidance_scale=4.0):
+def _prompted(pipe, guidance_scale=4.0, output_type="np", size=SD_SIZE):
     return pipe(prompt="a cat", num_inference_steps=SD_STEPS, guidance_scale=guidance_scale,
-                generator=torch.Generator().manual_seed(0), output_type="np").images
+                generator=torch.Generator().manual_seed(0), output_type=output_type, **size).images
 
 
 def test_stable_diffusion_guidance_is_applied_once_by_diffusers(sd):
@@ -181,6 +186,22 @@ def test_stable_diffusion_guidance_is_applied_once_by_diffusers(sd):
     attached = _prompted(pipe, 2.0)  # any scale
     detach(pipe)
     assert np.abs(attached - _prompted(pipe, 2.0)).max() < 1e-4
+
+
+def test_stable_diffusion_runs_the_artifact_at_its_resolution_only(sd):
+    folder, artifacts = sd
+    assert OrtArtifact.open(artifacts[None]).manifest["resolution"] == {**SD_SIZE, "unit": "pixels"}
+    pipe = _sd(folder)
+    plain = _prompted(pipe, output_type="latent")
+    attach(pipe, artifacts[None])
+    latents = _prompted(pipe, output_type="latent")
+    assert latents.shape == (1, 4, 24, 12)
+    assert ((latents - plain).norm() / plain.norm()).item() < 1e-4  # measured ~1e-6 (guidance 4, float32)
+    with pytest.raises(IntegrationError) as error:
+        _prompted(pipe, size={})  # the config's 32 x 32
+    assert str(error.value) == (f"the artifact {artifacts[None]} was compiled for height=48, width=24; the pipeline "
+                                "runs height=32, width=32: run it at height=48, width=24, or compile another "
+                                "artifact with --height/--width")
 
 
 def test_artifact_compiled_with_a_guidance_scale_runs_only_at_it(sd):

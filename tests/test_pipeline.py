@@ -24,6 +24,8 @@ def test_config_file_with_cli_overrides(tmp_path):
     assert config.steps == 10 and config.schedule == "learned"  # the CLI wins, the file fills the rest
     assert config.prune.ratio == 0.4 and config.prune.importance == "magnitude"
     assert config.optimize.steps == 10 and config.optimize.iters == 5  # the optimizer samples like the compile
+    path.write_text("height = 48\nwidth = 64\n")
+    assert (read_config(path, {"width": 24}).height, read_config(path, {"width": 24}).width) == (48, 24)
 
 
 def test_the_readme_example_config_reads_as_documented():
@@ -63,7 +65,9 @@ def test_compile_config_runs_prune_compile_verify_report(tmp_path):
     report = json.loads((folder / "report.json").read_text())
     stored = json.loads((folder / "dgo_config.json").read_text())
     assert stored["steps"] == 4 and stored["prune"]["ratio"] == 0.5  # the resolved config, CLI included
+    assert (stored["height"], stored["width"]) == (32, 32)  # the shipped model's sample_size (no VAE: latent)
     manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["resolution"] == {"height": 32, "width": 32, "unit": "latent"}
     assert manifest["scheduler"]["steps"] == 4
     assert report["macs"]["per_run"] == manifest["macs"]["total"]
     # width: uniform 0.5 halves the 64-channel spaces; the 32-channel ones keep 2 per GroupNorm group (57% kept)

@@ -42,6 +42,7 @@ from torch import nn
 from ..artifact import OrtArtifact
 from ..errors import DgoError
 from ..families import family_of
+from ..resolution import manifest_latent
 from ..runtime import FoldedSchedule
 from ..sampling import SCHEDULERS
 
@@ -65,6 +66,7 @@ class _Compiled:
     calls: int | None = None
     timesteps: tuple[float, ...] | None = None
     guidance_scale: float | None = None
+    latent: tuple[int, int] | None = None  # the sample's (h, w) the denoiser was compiled at
 
 
 def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
@@ -76,15 +78,32 @@ def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
         shapes = {i["name"]: tuple(i["shape"][1:]) for i in manifest["inputs"]}
         return _Compiled(denoiser, f"the artifact {denoiser.path}", tuple(shapes), shapes,
                          SCHEDULERS[sampler["name"]].__name__, sampler["steps"], sampler["calls"],
-                         tuple(sampler["timesteps"]), (manifest["guidance"] or {}).get("scale"))
+                         tuple(sampler["timesteps"]), (manifest["guidance"] or {}).get("scale"),
+                         manifest_latent(manifest))
     if isinstance(denoiser, FoldedSchedule):
         return _Compiled(denoiser, "the folded graphs", denoiser.input_names, calls=len(denoiser.step_variant),
-                         timesteps=denoiser.timesteps)
+                         timesteps=denoiser.timesteps, latent=_folded_latent(denoiser))
     if not (callable(denoiser) or hasattr(denoiser, "new_run")):
         raise IntegrationError(f"cannot attach a {type(denoiser).__name__}: pass an artifact folder, an OrtArtifact, "
                                "fold(traced, schedule, timesteps) or a denoiser callable")
     names = getattr(denoiser, "input_names", None) or family_of(unet).input_names(unet)
-    return _Compiled(denoiser, f"the {type(denoiser).__name__}", tuple(names))
+    latent = getattr(denoiser, "sample_size", None)  # a TracedDenoiser's static size
+    return _Compiled(denoiser, f"the {type(denoiser).__name__}", tuple(names), latent=latent and tuple(latent))
+
+
+def _folded_latent(folded: FoldedSchedule) -> tuple[int, int] | None:
+    """The sample size the folded graphs are static at, from their `sample` input's traced shape."""
+    graph = next(iter(folded.variants.values())).graph
+    value = next((n.meta.get("val") for n in graph.nodes if n.op == "placeholder" and n.name == "sample"), None)
+    return tuple(int(s) for s in value.shape[-2:]) if isinstance(value, torch.Tensor) else None
+
+
+def _size(latent: tuple[int, ...], pipe: Any) -> str:
+    """A latent size as the pipeline's caller gives it: pixels through the pipeline's VAE, if it has one."""
+    scale = getattr(pipe, "vae_scale_factor", None) if getattr(pipe, "vae", None) is not None else None
+    if scale:
+        return f"height={latent[0] * scale}, width={latent[1] * scale}"
+    return f"a {latent[0]}x{latent[1]} (height x width) sample"
 
 
 def _describe(scheduler: str | None, steps: int | None, calls: int | None, timesteps) -> str:
@@ -125,6 +144,11 @@ class CompiledUNet(nn.Module):
         return self._anchor.device
 
     @property
+    def add_embedding(self) -> nn.Module | None:
+        """SDXL pipelines read the width of the original's added-conditions embedding to check their time_ids."""
+        return getattr(self.original, "add_embedding", None)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._anchor.dtype
 
@@ -146,6 +170,10 @@ class CompiledUNet(nn.Module):
             raise IntegrationError(f"{c.label} takes {', '.join(c.input_names)}; the pipeline passes "
                                    f"{', '.join(passed)}: attach a denoiser compiled from this pipeline's unet")
         passed["timestep"] = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
+        if c.latent is not None and tuple(sample.shape[-2:]) != c.latent:
+            raise IntegrationError(f"{c.label} was compiled for {_size(c.latent, self._pipe)}; the pipeline runs "
+                                   f"{_size(tuple(sample.shape[-2:]), self._pipe)}: run it at {_size(c.latent, self._pipe)}, "
+                                   "or compile another artifact with --height/--width")
         for name, shape in (c.shapes or {}).items():
             if tuple(passed[name].shape[1:]) != shape:
                 raise IntegrationError(f"{c.label} takes {name} of shape {list(shape)} per row; the pipeline passes "
@@ -195,7 +223,7 @@ def attach(pipe: Any, denoiser: Any) -> CompiledUNet:
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, nn.Module):
         raise IntegrationError(f"{type(pipe).__name__} has no unet; attach works with UNet pipelines "
-                               "(DDPMPipeline, DDIMPipeline, StableDiffusionPipeline)")
+                               "(DDPMPipeline, DDIMPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)")
     original = unet.original if isinstance(unet, CompiledUNet) else unet
     pipe.unet = CompiledUNet(pipe, original, _compiled(denoiser, original))
     return pipe.unet
