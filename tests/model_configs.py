@@ -66,3 +66,19 @@ PUBLISHED_MACS = {
     "ddpm_cifar10": (DDPM_CIFAR10_UNET, 6.1e9, "weight"),
     "dit_xl_2": (DIT_XL_2, 118.6e9, "both"),
 }
+SD21_768_UNET = {
+    **SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 96,
+    "use_linear_projection": True, "upcast_attention": True,
+}
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+}
+# Full-size UNets for benchmarks/full_size.py, each at its own resolution (64, 96 and 128 latent).
+FULL_SIZE = {"sd15": SD15_UNET, "sd21_768": SD21_768_UNET, "sdxl": SDXL_UNET}
