@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from . import __version__
 from .cost import cost_report
-from .errors import DgoError
+from .artifact_files import ArtifactError, check_files, file_record, load_graph
 from .export import ExportError, export_onnx
 from .onnx_weights import WEIGHTS_FILE, SharedWeights, SharedWeightsWriter
 from .passes import cost_of, variant_signature
@@ -42,10 +42,6 @@ FORMAT = "dgo-compile-artifact"
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 CONSTANTS_FILE = "timestep_constants.safetensors"
-
-
-class ArtifactError(DgoError):
-    """An artifact folder is missing, incomplete, or from another format version."""
 
 
 def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_config: dict, output: str | Path,
@@ -126,7 +122,8 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             "variants": variants,
             "call_variants": [order.index(key) for key in folded.step_variant],
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        manifest["files"] = {p.name: file_record(p) for p in sorted(staging.iterdir())}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str, allow_nan=False))
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -172,7 +169,9 @@ def _scheduler_name(scheduler_config: dict, name: str | None) -> str:
     return next((key for key, cls in SCHEDULERS.items() if cls.__name__ == own), "ddim")
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path, *, checksums: bool = False) -> dict:
+    """The checked manifest of the artifact at `path`: structure, file names, sizes (and, with
+    `checksums`, SHA-256 of every file: `OrtArtifact.open` does so before loading anything)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise ArtifactError(f"{path} is not a dgo-compile artifact (no {MANIFEST})")
@@ -190,9 +189,7 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"{path / MANIFEST} is malformed ({problem}); recompile the model")
     files = [v["file"] for v in manifest["variants"]] + [manifest["weights"]["file"]]
     files += [manifest["constants_file"]] if manifest["constants_file"] else []
-    for file in files:
-        if not (path / file).is_file():
-            raise ArtifactError(f"{path} is incomplete: {file} is missing; recompile the model")
+    check_files(path, files, manifest.get("files"), checksums=checksums)
     return manifest
 
 
@@ -257,7 +254,7 @@ class OrtArtifact:
     def open(cls, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> OrtArtifact:
         import onnxruntime as ort
 
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, checksums=True)
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -272,7 +269,7 @@ class OrtArtifact:
                 # Variants take turns: a session that spins after its call steals the cores of the next one.
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             file = Path(path) / variant["file"]
-            shared.add_to(options, onnx.load(str(file), load_external_data=False))
+            shared.add_to(options, load_graph(file, manifest["weights"]["file"], shared.path.stat().st_size))
             sessions.append(ort.InferenceSession(str(file), options, providers=providers))
         constants: list[dict[str, np.ndarray]] = [{} for _ in manifest["call_variants"]]
         if manifest["constants_file"]:

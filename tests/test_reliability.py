@@ -382,10 +382,10 @@ def test_manifest_with_a_broken_structure_names_the_problem(artifact, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["variants"][0].pop("external_data")
+    manifest["variants"][0].pop("cache_inputs")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"manifest.json is malformed \(each variant needs a file and lists of "
-                                            r"external_data, .*\); recompile the model$"):
+                                            r"inputs, .*\); recompile the model$"):
         read_manifest(copy)
     (copy / "manifest.json").write_text("[]")
     with pytest.raises(ArtifactError, match="manifest.json must hold a JSON object; recompile the model"):
