@@ -88,7 +88,7 @@ def measure_one(artifact: Path, mode: str, repeats: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from dgo_compile.artifact import OrtArtifact
+    from dgo_compile.ort_runner import OrtArtifact
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     if mode == "one_session":
@@ -123,7 +123,7 @@ def parity_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     import torch
 
     from dgo_compile import load, trace
-    from dgo_compile.artifact import OrtArtifact
+    from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.runtime import fold
     from dgo_compile.sampling import denoiser_timesteps
     from dgo_compile.schedule import Schedule, builtin
@@ -218,6 +218,7 @@ def main() -> None:
                     cell, wall, peak = _child("_compile", model, precision, schedule, str(work))
                     cell.update(compile_wall_s=wall, compile_peak_rss=peak,
                                 artifact_bytes=sum(f.stat().st_size for f in (work / "artifact").iterdir()))
+                    print(key, "compiled", json.dumps(cell), flush=True)
                     opened, _, _ = _child("_measure", str(work / "artifact"), "artifact", str(args.repeats))
                     one, _, _ = _child("_measure", str(work / "artifact"), "one_session", "1")
                     cell.update(open_rss=opened["rss_bytes"], one_session_rss=one["rss_bytes"],

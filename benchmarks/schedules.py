@@ -21,7 +21,8 @@ import onnxruntime as ort
 import torch
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.artifact import OrtArtifact, compile_artifact
+from dgo_compile.artifact import compile_artifact
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.bench import time_runs
 from dgo_compile.data import real_digit_sample
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
@@ -62,9 +63,9 @@ def main() -> None:
 
         for spec in ("full", "deepcache:2", "deepcache:3", "deepcache:5"):
             compile_spec(spec)
-        full_macs = artifacts["full"].manifest["macs"]["total"]
+        full_macs = artifacts["full"].manifest.macs.total
         for spec in ("deepcache:2", "deepcache:3", "deepcache:5"):
-            k = round(args.steps * artifacts[spec].manifest["macs"]["total"] / full_macs)
+            k = round(args.steps * artifacts[spec].manifest.macs.total / full_macs)
             if f"steps:{k}" not in artifacts:
                 compile_spec(f"steps:{k}")
 
@@ -83,7 +84,7 @@ def main() -> None:
 
     rows = []
     for spec, artifact in artifacts.items():
-        macs = artifact.manifest["macs"]["total"]
+        macs = artifact.manifest.macs.total
         row = {"schedule": spec, "macs_per_run": macs, "macs_ratio": macs / full_macs,
                "theoretical_speedup": full_macs / macs,
                "psnr_vs_full": float(psnr(samples[spec], samples["full"]).clamp(max=100).mean()),

@@ -161,9 +161,9 @@ def compile(
                                 model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
                                 guidance_scale=guidance_scale, dump_dir=dump_dir, precision=precision)
     manifest = read_manifest(path)
-    macs = manifest["macs"]
-    out.print(f"wrote {path}: {len(manifest['variants'])} graphs for {manifest['scheduler']['name']} "
-              f"{steps} steps at {resolution}, {macs['total'] / macs['full_total']:.1%} of the full model's MACs per run")
+    macs = manifest.macs
+    out.print(f"wrote {path}: {len(manifest.variants)} graphs for {manifest.scheduler.name} {steps} steps at "
+              f"{resolution}, {precision}, {macs.total / macs.full_total:.1%} of the full model's MACs per run")
 
 
 @app.command()
@@ -222,30 +222,30 @@ def bench(
     """Median wall time of a whole sampling run against the unpruned model on the same provider and batch."""
     import tempfile
 
-    from dgo_compile.artifact import OrtArtifact, read_manifest
+    from dgo_compile.artifact import read_manifest
+    from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.bench import bench_artifacts
 
     manifest = read_manifest(artifact)
     with tempfile.TemporaryDirectory() as tmp:
         if against is None:
-            source = manifest["model"].get("source")
+            source = manifest.model.source
             if not source:
                 raise DgoError(f"{artifact} does not record its model; pass --against FULL_ARTIFACT")
             from dgo_compile import load, trace
             from dgo_compile.artifact import compile_artifact
-            from dgo_compile.resolution import manifest_latent
             from dgo_compile.schedule import builtin
 
             loaded = load(source)
-            traced = trace(loaded, size=manifest_latent(manifest))  # at the artifact's resolution
+            traced = trace(loaded, size=manifest.latent_size)  # at the artifact's resolution
             with err.status("compiling the unpruned baseline"):
-                calls = manifest["scheduler"]["calls"]
+                calls = manifest.scheduler.calls
                 against = compile_artifact(traced, builtin("full", calls, tuple(b.name for b in traced.blocks)),
-                                           manifest["scheduler"]["config"], Path(tmp) / "full", model_source=source,
-                                           scheduler=manifest["scheduler"]["name"],
-                                           sampler_steps=manifest["scheduler"]["steps"])
+                                           manifest.scheduler.config, Path(tmp) / "full", model_source=source,
+                                           scheduler=manifest.scheduler.name, sampler_steps=manifest.scheduler.steps,
+                                           precision=manifest.precision)
         artifacts = {"compiled": OrtArtifact.open(artifact), "full": OrtArtifact.open(against)}
-        samplers = {label: (a.manifest["scheduler"]["name"], a.steps) for label, a in artifacts.items()}
+        samplers = {label: (a.manifest.scheduler.name, a.steps) for label, a in artifacts.items()}
         if samplers["full"] != samplers["compiled"]:
             raise DgoError(f"{against} is compiled for {samplers['full'][0]} {samplers['full'][1]} steps and {artifact} "
                            f"for {samplers['compiled'][0]} {samplers['compiled'][1]}; compare artifacts compiled for "
@@ -253,7 +253,7 @@ def bench(
         with err.status(f"timing {repeats} runs of each at batch {batch}"):
             result = bench_artifacts(artifacts, batch, repeats)
     provider = artifacts["compiled"].sessions[0].get_providers()[0]
-    table = Table(title=f"{artifact}: {manifest['schedule']['name']}, {manifest['scheduler']['steps']} steps, "
+    table = Table(title=f"{artifact}: {manifest.schedule['name']}, {manifest.scheduler.steps} steps, "
                         f"batch {batch}, {provider}")
     for col in ("artifact", "median s/run", "MACs/run", "speedup", "theoretical", "realised/theoretical"):
         table.add_column(col, justify="left" if col == "artifact" else "right")
@@ -555,25 +555,26 @@ def _sampling_target(source: Path | None, steps: int | None, scheduler: str | No
     from dgo_compile import load, trace
 
     if source is not None and (source / "manifest.json").is_file():
-        from dgo_compile.artifact import OrtArtifact
+        from dgo_compile.ort_runner import OrtArtifact
 
         artifact = OrtArtifact.open(source)
         manifest = artifact.manifest
         if steps is not None and steps != artifact.steps:
             raise DgoError(f"{source} was compiled for {artifact.steps} steps, not {steps}; "
                            f"drop --steps or recompile with --steps {steps}")
-        if scheduler is not None and scheduler != manifest["scheduler"]["name"]:
-            raise DgoError(f"{source} was compiled for the {manifest['scheduler']['name']} sampler, not {scheduler}; "
+        if scheduler is not None and scheduler != manifest.scheduler.name:
+            raise DgoError(f"{source} was compiled for the {manifest.scheduler.name} sampler, not {scheduler}; "
                            f"drop --scheduler or recompile with --scheduler {scheduler}")
-        compiled = manifest.get("resolution") or {}
-        if any(given is not None and given != compiled.get(key) for key, given in (("height", height), ("width", width))):
-            raise DgoError(f"{source} was compiled for height {compiled.get('height')}, width {compiled.get('width')} "
-                           f"({compiled.get('unit', 'latent')}); drop --height/--width or recompile with them")
-        spec = {i["name"]: i for i in manifest["inputs"]}
-        guidance = manifest.get("guidance") or {}
-        return _SamplingTarget(artifact, manifest["scheduler"]["config"], manifest["scheduler"]["name"], artifact.steps,
-                               tuple(spec["sample"]["shape"][1:]), tuple(spec), guidance.get("scale"),
-                               manifest["model"].get("null_class_label"))
+        compiled = manifest.resolution
+        if any(given is not None and given != getattr(compiled, key, None)
+               for key, given in (("height", height), ("width", width))):
+            raise DgoError(f"{source} was compiled for height {getattr(compiled, 'height', None)}, width "
+                           f"{getattr(compiled, 'width', None)} ({getattr(compiled, 'unit', 'latent')}); "
+                           "drop --height/--width or recompile with them")
+        spec = manifest.input
+        return _SamplingTarget(artifact, manifest.scheduler.config, manifest.scheduler.name, artifact.steps,
+                               tuple(spec["sample"].shape[1:]), tuple(spec), manifest.guidance_scale,
+                               manifest.model.null_class_label)
     loaded = load(source)
     traced = trace(loaded, size=_resolution(loaded, height, width).latent)
     if loaded.scheduler_config is None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .artifact import OrtArtifact
+from .ort_runner import OrtArtifact
 from .sampling import initial_noise, sample
 
 
@@ -47,9 +47,9 @@ def time_runs(denoisers: dict, scheduler_config: dict, shape: tuple[int, ...], s
 def bench_artifacts(artifacts: dict[str, OrtArtifact], batch: int = 1, repeats: int = 5) -> BenchResult:
     """Time artifacts compiled for the same sampler. Conditions are zeros: values do not change the work."""
     first = next(iter(artifacts.values())).manifest
-    inputs = {i["name"]: i for i in first["inputs"]}
-    conditions = {name: torch.zeros((1, *spec["shape"][1:]), dtype=getattr(torch, spec["dtype"]))
+    inputs = first.input
+    conditions = {name: torch.zeros((1, *spec.shape[1:]), dtype=getattr(torch, spec.dtype))
                   for name, spec in inputs.items() if name not in ("sample", "timestep")} or None
-    seconds = time_runs(artifacts, first["scheduler"]["config"], tuple(inputs["sample"]["shape"][1:]),
-                        first["scheduler"]["steps"], batch, repeats, first["scheduler"]["name"], conditions)
-    return BenchResult(seconds, {label: a.manifest["macs"]["total"] for label, a in artifacts.items()})
+    seconds = time_runs(artifacts, first.scheduler.config, tuple(inputs["sample"].shape[1:]),
+                        first.scheduler.steps, batch, repeats, first.scheduler.name, conditions)
+    return BenchResult(seconds, {label: a.manifest.macs.total for label, a in artifacts.items()})

@@ -221,7 +221,8 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path):
 def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, original_traced,
             schedule) -> dict[str, Any]:
     """Artifact vs its own PyTorch graphs (parity), and vs the unpruned full model (quality)."""
-    from .artifact import OrtArtifact, read_manifest
+    from .artifact import read_manifest
+    from .ort_runner import OrtArtifact
     from .cost import cost_report
     from .metrics import psnr, ssim
     from .runtime import fold
@@ -241,14 +242,14 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
     parity = float((ours - torch_graphs).norm() / torch_graphs.norm().clamp_min(1e-12))
-    macs = manifest["macs"]
+    macs = manifest.macs
     full_run = original_macs.macs * len(timesteps)
     return {
         "params": {"original": original_macs.params, "compiled": pruned_cost.params},
         "macs": {"original_per_call": original_macs.macs, "compiled_per_call_full": pruned_cost.macs,
-                 "per_call": macs["per_call"], "per_run": macs["total"], "original_per_run": full_run,
-                 "kept": macs["total"] / full_run},
-        "predicted_speedup": full_run / macs["total"],
+                 "per_call": list(macs.per_call), "per_run": macs.total, "original_per_run": full_run,
+                 "kept": macs.total / full_run},
+        "predicted_speedup": full_run / macs.total,
         "parity_rel_l2": parity,
         "quality": {"samples": config.verify_samples, "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
                     "ssim_vs_original": float(ssim(ours, reference).mean())},
@@ -259,7 +260,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
 def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded, original,
                   original_traced) -> None:
     from .bench import bench_artifacts
-    from .artifact import OrtArtifact, compile_artifact
+    from .artifact import compile_artifact
+    from .ort_runner import OrtArtifact
     from .pruner import save_heatmap
     from .sampling import save_grid
 

@@ -109,7 +109,4 @@ def artifact_resolution(latent: tuple[int, int], model_source: str | os.PathLike
     return Resolution(latent[0] * scale, latent[1] * scale, PIXELS if scale > 1 else LATENT, scale).to_json()
 
 
-def manifest_latent(manifest: dict) -> tuple[int, int]:
-    """The latent (h, w) an artifact runs at, from its sample input's shape."""
-    shape = next(i["shape"] for i in manifest["inputs"] if i["name"] == "sample")
-    return int(shape[-2]), int(shape[-1])
+

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import ArtifactError, OrtArtifact, compile_artifact, read_manifest
+from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.export import export_onnx
 from dgo_compile.runtime import fold, gateable_elements
 from dgo_compile.sampling import Guidance, denoiser_timesteps, initial_noise, sample, sample_ddim
@@ -34,7 +35,7 @@ def test_onnxruntime_run_matches_pytorch_schedule(shipped_artifact):
 
 def test_manifest_describes_how_to_run(shipped_artifact):
     _, traced, _, path = shipped_artifact
-    manifest = read_manifest(path)
+    manifest = read_manifest(path).to_json()
     assert manifest["call_variants"] == [0, 1, 1, 0, 1, 1, 0, 1, 1]
     assert [v["file"] for v in manifest["variants"]] == ["variant_000.onnx", "variant_001.onnx"]
     assert manifest["variants"][1]["cache_inputs"] == ["cache__up_blocks_2__0"]
@@ -84,7 +85,7 @@ def test_conditional_families_with_guidance_match_pytorch(config_dir, tmp_path, 
     run = lambda denoiser: sample(denoiser, config, noise, 3, scheduler=scheduler, guidance=guidance)
     ours, reference = run(OrtArtifact.open(path, ["CPUExecutionProvider"])), run(fold(traced, schedule))
     assert (ours - reference).abs().max().item() < 1e-4
-    manifest = read_manifest(path)
+    manifest = read_manifest(path).to_json()
     assert manifest["guidance"] == {"scale": 4.0, "batch": "uncond, cond"}
     assert manifest["scheduler"]["calls"] == calls == (5 if scheduler == "heun" else 3)
     assert len(manifest["variants"]) == 2

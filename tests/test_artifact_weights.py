@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import OrtArtifact, compile_artifact, read_manifest
+from dgo_compile.artifact import compile_artifact, read_manifest
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.runtime import gateable_elements
 from dgo_compile.metrics import psnr
 from dgo_compile.sampling import initial_noise, sample_ddim
@@ -44,7 +45,7 @@ def compiled(request, config_dir, tmp_path_factory):
 def test_variants_share_one_weights_file(compiled):
     traced, _, paths = compiled
     path = paths["fp32"]
-    manifest = read_manifest(path)
+    manifest = read_manifest(path).to_json()
     assert len(manifest["variants"]) == 2
     model_bytes = sum(p.numel() * p.element_size() for p in traced.model.parameters())
     weights = path / "weights.bin"
@@ -63,7 +64,7 @@ def test_variants_share_one_weights_file(compiled):
 def test_a_variant_opens_on_its_own_and_matches_the_shared_session(compiled):
     traced, _, paths = compiled
     path = paths["fp32"]
-    manifest = read_manifest(path)
+    manifest = read_manifest(path).to_json()
     shared = OrtArtifact.open(path, ["CPUExecutionProvider"])
     variant = manifest["variants"][0]
     alone = ort.InferenceSession(str(path / variant["file"]), providers=["CPUExecutionProvider"])
@@ -88,16 +89,16 @@ def test_fp16_artifact_call_is_as_close_to_fp32_as_pytorch_fp16(compiled):
     traced, schedule, paths = compiled
     half = OrtArtifact.open(paths["fp16"], ["CPUExecutionProvider"])
     inputs = traced.example_inputs(2, seed=1)
-    inputs["timestep"] = torch.full_like(inputs["timestep"], half.manifest["scheduler"]["timesteps"][0])
+    inputs["timestep"] = torch.full_like(inputs["timestep"], half.manifest.scheduler.timesteps[0])
     reference = traced.graph_module(*inputs.values())
     relative = lambda y: ((y - reference).abs().max() / reference.abs().max()).item()
     ours, theirs = relative(half.new_run()(*inputs.values())), relative(_torch_fp16(traced.model, traced.family, inputs))
     assert ours < FP16_CALL_BOUND and ours <= 1.5 * theirs + 2e-4, (ours, theirs)
-    manifest = read_manifest(paths["fp16"])
+    manifest = read_manifest(paths["fp16"]).to_json()
     assert manifest["precision"] == "fp16"
     assert manifest["inputs"][0] == {"name": "sample", "shape": ["batch", *inputs["sample"].shape[1:]],
                                      "dtype": "float16"}
-    assert manifest["weights"]["bytes"] < 0.55 * read_manifest(paths["fp32"])["weights"]["bytes"]
+    assert manifest["weights"]["bytes"] < 0.55 * read_manifest(paths["fp32"]).weights.bytes
 
 
 def test_fp16_artifact_over_a_whole_run_deviates_like_pytorch_fp16(tmp_path):

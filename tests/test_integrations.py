@@ -8,7 +8,8 @@ from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusion
 
 import pipelines
 from dgo_compile import load, trace
-from dgo_compile.artifact import OrtArtifact, compile_artifact
+from dgo_compile.artifact import compile_artifact
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.families import CLIP_TOKENS
 from dgo_compile.integrations.diffusers import CompiledUNet, IntegrationError, attach, detach
 from dgo_compile.loading import DEFAULT_MODEL
@@ -190,7 +191,7 @@ def test_stable_diffusion_guidance_is_applied_once_by_diffusers(sd):
 
 def test_stable_diffusion_runs_the_artifact_at_its_resolution_only(sd):
     folder, artifacts = sd
-    assert OrtArtifact.open(artifacts[None]).manifest["resolution"] == {**SD_SIZE, "unit": "pixels"}
+    assert OrtArtifact.open(artifacts[None]).manifest.to_json()["resolution"] == {**SD_SIZE, "unit": "pixels"}
     pipe = _sd(folder)
     plain = _prompted(pipe, output_type="latent")
     attach(pipe, artifacts[None])

@@ -14,7 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import OrtArtifact, compile_artifact
+from dgo_compile.artifact import compile_artifact
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.families import CLIP_TOKENS, FAMILIES
 from dgo_compile.integrations.diffusers import IntegrationError, attach, detach
 from dgo_compile.resolution import (

@@ -39,10 +39,9 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from ..artifact import OrtArtifact
+from ..ort_runner import OrtArtifact
 from ..errors import DgoError
 from ..families import family_of
-from ..resolution import manifest_latent
 from ..runtime import FoldedSchedule
 from ..sampling import SCHEDULERS
 
@@ -74,12 +73,11 @@ def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
     if isinstance(denoiser, (str, os.PathLike)):
         denoiser = OrtArtifact.open(denoiser)
     if isinstance(denoiser, OrtArtifact):
-        manifest, sampler = denoiser.manifest, denoiser.manifest["scheduler"]
-        shapes = {i["name"]: tuple(i["shape"][1:]) for i in manifest["inputs"]}
+        manifest, sampler = denoiser.manifest, denoiser.manifest.scheduler
+        shapes = {i.name: tuple(i.shape[1:]) for i in manifest.inputs}
         return _Compiled(denoiser, f"the artifact {denoiser.path}", tuple(shapes), shapes,
-                         SCHEDULERS[sampler["name"]].__name__, sampler["steps"], sampler["calls"],
-                         tuple(sampler["timesteps"]), (manifest["guidance"] or {}).get("scale"),
-                         manifest_latent(manifest))
+                         SCHEDULERS[sampler.name].__name__, sampler.steps, sampler.calls,
+                         sampler.timesteps, manifest.guidance_scale, manifest.latent_size)
     if isinstance(denoiser, FoldedSchedule):
         return _Compiled(denoiser, "the folded graphs", denoiser.input_names, calls=len(denoiser.step_variant),
                          timesteps=denoiser.timesteps, latent=_folded_latent(denoiser))
