@@ -9,7 +9,6 @@ which is how the pruner learns them. Outputs 1.. now carry the mixed values: the
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,7 +16,7 @@ import torch
 from torch import fx
 
 from .annotate_blocks import META_KEY as BLOCK_KEY
-from .base import Pass, PassResult
+from .base import Pass, PassResult, editable_copy
 from .boundaries import element_of, gate_name
 from .count_costs import META_KEY as COST_KEY, NodeCost
 from .insert_backup_edges import GLUE, InsertBackupEdges, backup_edges
@@ -55,7 +54,7 @@ class AttachGates(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if META_KEY in graph_module.meta:
             return PassResult(graph_module, False)
-        supernet = copy.deepcopy(graph_module)
+        supernet = editable_copy(graph_module)
         graph = supernet.graph
         edges = backup_edges(supernet)
         nodes = {n.name: n for n in graph.nodes}

@@ -8,14 +8,13 @@ values of `exposed` elements (those a later step will read from the cache) stay 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import fx
 
 from .attach_gates import AttachGates, gates_of
-from .base import Pass, PassResult
+from .base import Pass, PassResult, editable_copy
 from .fold_timestep import CONSTANTS_KEY
 from .insert_backup_edges import backup_edges
 
@@ -58,7 +57,7 @@ class FoldSchedule(Pass):
         if unknown:
             raise ValueError(f"no gateable element '{unknown[0]}' at {edges.granularity} granularity; "
                              f"elements are {', '.join(edges.elements[:4])}...")
-        folded = copy.deepcopy(graph_module)
+        folded = editable_copy(graph_module)
         graph = folded.graph
         nodes = {n.name: n for n in graph.nodes}
         for edge in gates.edges:

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .annotate_blocks import META_KEY as BLOCK_KEY
-from .base import Pass, PassResult
+from .base import Pass, PassResult, editable_copy
 from .boundaries import data_inputs
 from .count_costs import META_KEY as COST_KEY, NodeCost
 from .insert_backup_edges import GLUE
@@ -57,7 +57,7 @@ class FoldTimestep(Pass):
         embedder_graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
         embedder = fx.GraphModule(graph_module, embedder_graph, class_name="TimestepEmbedder")
 
-        folded = copy.deepcopy(graph_module)
+        folded = editable_copy(graph_module)
         graph = folded.graph
         by_name = {n.name: n for n in graph.nodes}
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]

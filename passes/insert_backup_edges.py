@@ -8,7 +8,6 @@ the cache inputs yet: attach_gates decides, per step, between fresh and cached v
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,7 +15,7 @@ import torch
 from torch import fx
 
 from .annotate_blocks import META_KEY as BLOCK_KEY, BlockAnnotation
-from .base import Pass, PassResult
+from .base import Pass, PassResult, editable_copy
 from .boundaries import GRANULARITIES, Granularity, boundary_values, cache_name
 from .count_costs import META_KEY as COST_KEY, NodeCost
 
@@ -59,7 +58,7 @@ class InsertBackupEdges(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if META_KEY in graph_module.meta:
             return PassResult(graph_module, False)
-        supernet = copy.deepcopy(graph_module)  # never edit the caller's graph
+        supernet = editable_copy(graph_module)  # never edit the caller's graph
         graph = supernet.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         last = placeholders[-1]
