@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from . import __version__
 from .cost import cost_report
 from .errors import DgoError
 from .export import ExportError, export_onnx
+from .outputs import check_output, make_staging, publish
 from .passes import cost_of, variant_signature
 from .runtime import StepRun, fold
 from .sampling import SCHEDULERS, denoiser_timesteps
@@ -51,9 +51,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     The schedule has one row per denoiser call of `scheduler` at `sampler_steps` (default: as
     many steps as the schedule has rows); each call's timestep is folded into constants.
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ArtifactError(f"{output} already exists; pass --overwrite or choose another -o")
+    output = check_output(output, "artifact", overwrite=overwrite, error=ArtifactError)
     sampler_steps = sampler_steps or schedule.steps
     timesteps = denoiser_timesteps(scheduler_config, sampler_steps, scheduler)
     folded = fold(traced, schedule, timesteps, dump_dir)
@@ -65,8 +63,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     example = traced.example_inputs(batch=2)
 
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        staging = make_staging(output)
     except OSError as exc:
         raise _write_error(output, exc) from exc
     try:
@@ -109,9 +106,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             "call_variants": [order.index(key) for key in folded.step_variant],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        publish(staging, output, "artifact", overwrite=overwrite)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         cause = exc.__cause__ if isinstance(exc, ExportError) else exc  # export_onnx wraps its write errors

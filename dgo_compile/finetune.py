@@ -39,6 +39,7 @@ from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
 from .loading import WEIGHT_FILES, LoadedModel, load, save_denoiser
+from .options import check
 
 FORMAT = "dgo-compile-finetune"
 FORMAT_VERSION = 1
@@ -71,6 +72,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
+        check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
         for name in ("steps", "batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

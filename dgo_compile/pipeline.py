@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .channel_pruning import PruneConfig
 from .errors import DgoError
 from .finetune import FinetuneConfig
+from .options import check
 from .pruner import OptimizeConfig
 
 CONFIG_FILE = "dgo_config.json"
@@ -53,6 +54,8 @@ class CompileConfig:
     optimize: OptimizeConfig | None = None
 
     def __post_init__(self) -> None:
+        check("top level", {f.name: getattr(self, f.name) for f in fields(self) if f.name in TOP_LEVEL}, config=True,
+              error=ConfigError, skip_none=False)
         if self.schedule == "learned" and self.optimize is None:
             raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
         if self.verify_samples < 1:
@@ -84,10 +87,16 @@ def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileCo
         raise ConfigError(f"{path} has unknown key(s) {', '.join(unknown)}; known: "
                           f"{', '.join(TOP_LEVEL + tuple(tables))}")
     values = {k: v for k, v in data.items() if k in TOP_LEVEL}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    check("top level", values, config=True, error=ConfigError)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    check("top level", given, error=ConfigError)  # the command line's, named as options
+    values.update(given)
     for name, cls in tables.items():
         if name in data:
+            if not isinstance(data[name], dict):
+                raise ConfigError(f"{name} must be a table ([{name}] with its keys), got {data[name]!r}")
             table = dict(data[name])
+            check(name, table, config=True, error=ConfigError)
             if name == "optimize":  # the sampler is the compile's: one place says it
                 table.setdefault("steps", values.get("steps", 50))
                 table.setdefault("scheduler", values.get("scheduler"))

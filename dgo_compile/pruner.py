@@ -32,6 +32,7 @@ from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
 from .metrics import ssim
+from .options import check
 from .runtime import SuperNetRun, build_supernet, graph_on
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
 from .schedule import Schedule, ScheduleError
@@ -84,6 +85,7 @@ class OptimizeConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
         if self.precision not in PRECISIONS:
             raise PrunerError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if not 0 < self.ratio <= 1:
