@@ -25,6 +25,7 @@ from . import __version__
 from .cost import cost_report
 from .errors import DgoError
 from .export import ExportError, export_onnx
+from .finite import check_finite
 from .outputs import check_output, make_staging, publish
 from .passes import cost_of, variant_signature
 from .runtime import StepRun, fold
@@ -231,6 +232,7 @@ class OrtArtifact:
             for key, value in load_file(str(Path(path) / manifest["constants_file"])).items():
                 call, name = key.split("/")
                 constants[int(call)][name] = value
+                check_finite(value, f"timestep constant {key} of {path}", "the artifact is damaged: recompile the model")
         return cls(Path(path), manifest, sessions, constants)
 
     @property

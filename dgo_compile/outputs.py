@@ -94,7 +94,8 @@ def check_output(path: str | Path, kind: str | None, *, overwrite: bool = False,
                  exists_hint: str = "pass --overwrite or choose another -o",
                  error: type[DgoError] | None = None) -> Path:
     """Refuse an output before any work is done (see the module docstring). `kind` None is a file
-    output, which is replaced as any file is; `resume` accepts an existing folder of `kind`. Refusals
+    output, which is replaced as any file is; "into" a folder that files are added to; `resume`
+    accepts an existing folder of `kind`. Refusals
     raise `error` (default OutputError), so each command keeps its own error type."""
     error = error or OutputError
     path = Path(path)
@@ -116,6 +117,9 @@ def check_output(path: str | Path, kind: str | None, *, overwrite: bool = False,
     if kind is None:
         if path.is_dir():
             raise error(f"{option} {path} is a folder; give a file path")
+    elif kind == "into":  # a folder that files are added to (--dump-dir)
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise error(f"{option} {path} is not a folder; give a folder path")
     elif path.exists() or path.is_symlink():
         if resume:
             if not is_own(path, kind):
@@ -167,6 +171,29 @@ def staged(target: str | Path, kind: str, *, overwrite: bool = False) -> Iterato
         publish(folder, target, kind, overwrite=overwrite)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, option: str = "-o") -> Iterator[Path]:
+    """Hold `folder` (created if missing) for this process: a second run using it fails at once in one
+    line rather than mixing its files in. The lock goes with the process, even a killed one."""
+    import fcntl
+
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".dgo-lock"
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OutputError(f"another dgo-compile run is using {folder}; wait for it to finish or choose another "
+                              f"{option}") from exc
+        try:
+            yield folder
+        finally:
+            if created and [p.name for p in folder.iterdir()] == [lock.name]:
+                shutil.rmtree(folder, ignore_errors=True)  # nothing was made in it: leave no trace
 
 
 def publish(staging: str | Path, target: str | Path, kind: str, *, overwrite: bool = False) -> Path:
