@@ -95,7 +95,7 @@ def compile(
         help="Classifier-free guidance scale recorded for sampling a conditional model.")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Artifact folder to write. "
                                                    "(default: artifact)", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder (never anything else).")] = False,
     dump_dir: Annotated[Optional[Path], typer.Option(help="Write the graph after every pass into this folder.")] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="TOML config running the whole pipeline ([prune], [finetune], [optimize], then compile, verify and "
@@ -192,7 +192,7 @@ def sample(
         images = sample(target.denoiser, target.scheduler_config, noise, target.steps, scheduler=target.scheduler,
                         conditions=conditions, guidance=guidance, seed=seed,
                         progress=lambda k: progress.advance(task, k))
-    check_finite(images, f"the images sampled from {source or DEFAULT_MODEL}", "the model or artifact is broken; "
+    check_finite(images, f"the image batch sampled from {source or DEFAULT_MODEL}", "the model or artifact is broken; "
                  f"nothing was written to {output}")
     name = target.scheduler or target.scheduler_config.get("_class_name", "ddim")
     out.print(f"wrote {save_grid(images[:, :3], output)} ({n} images, {name} {target.steps} steps, seed {seed})")

@@ -69,6 +69,16 @@ def follow_umask(path: str | Path, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~umask())
 
 
+def _follow_umask_tree(root: Path) -> None:
+    mask = umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o100 else 0o666) & ~mask)
+
+
 def is_own(path: str | Path, kind: str) -> bool:
     """Whether the folder `path` holds this tool's own output of `kind`."""
     path = Path(path)
@@ -200,6 +210,7 @@ def publish(staging: str | Path, target: str | Path, kind: str, *, overwrite: bo
     """Move the finished folder `staging` to `target`. Without `overwrite` nothing at `target` is ever
     replaced; with it only this tool's own output of `kind`, and only once the new one is in place."""
     staging, target = Path(staging), Path(target)
+    _follow_umask_tree(staging)  # some writers (safetensors, mkstemp) make files private
     exists = target.exists() or target.is_symlink()
     if exists and overwrite and not is_own(target, kind):
         raise OutputError(f"{target} changed while this command ran and is no longer a dgo-compile {NAMES[kind]}; "

@@ -244,7 +244,7 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)
     reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
     for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"), (reference, "the original model")):
-        check_finite(images, f"the verification images sampled from {what}", "nothing was written to -o")
+        check_finite(images, f"the verification image batch sampled from {what}", "nothing was written to -o")
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
     parity = float((ours - torch_graphs).norm() / torch_graphs.norm().clamp_min(1e-12))
