@@ -87,7 +87,8 @@ def check_record(model: torch.nn.Module | None, pruning: dict[str, Any], where: 
     """Every size a pruning record gives a module is a whole number from 1 to the original module's size."""
     from .channel_surgery import SurgeryError, module_shape
 
-    check_numbers(pruning, where)
+    for part in ("modules", "tensors", "attributes"):  # sizes; its "params" and "macs" are counts, not sizes
+        check_numbers(pruning.get(part), where, part)
     modules = pruning.get("modules", {})
     if not isinstance(modules, dict) or model is None:
         return

@@ -229,6 +229,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         world.barrier()  # every process has checked the output folder before process 0 creates it
         if not resume and world.is_main:
             _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
+        checkpointed = record.steps_done  # the step the folder's checkpoint holds
         started = time.perf_counter()
         for step in range(record.steps_done + 1, config.steps + 1):
             index = torch.randint(0, len(images), (config.batch,), generator=generator)
@@ -248,7 +249,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                 loss = loss + config.distill * distill
             mean_loss = world.mean(loss.item())
             check_finite(torch.tensor(mean_loss), f"the training loss at step {step}",
-                         f"training stopped; {output} keeps its last checkpoint (step {record.steps_done}): lower "
+                         f"training stopped; {output} keeps its last checkpoint (step {checkpointed}): lower "
                          f"--lr (now {config.lr:g}) and start again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -268,6 +269,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             started = time.perf_counter()
             if world.is_main and (step % config.checkpoint_every == 0 or step == config.steps):
                 _write_checkpoint(output, loaded, saved_model(), record, training_state())
+                checkpointed = step
             if on_step is not None:
                 on_step(entry)
     world.barrier()  # process 0's last checkpoint is on disk before any process returns

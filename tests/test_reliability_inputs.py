@@ -88,6 +88,15 @@ def _model_folder(root, config, name="m"):
     return folder
 
 
+@pytest.fixture(scope="module")
+def pruned_tiny(tiny, tmp_path_factory):
+    from dgo_compile.channel_pruning import PruneConfig, prune
+
+    loaded, _, _ = tiny
+    pruned = prune(loaded, PruneConfig(ratio=0.5, importance="magnitude"))
+    return save_denoiser(loaded, pruned.model, tmp_path_factory.mktemp("pruned") / "p", pruned.pruning)
+
+
 class TestSizesAreBoundedFirst:
     @pytest.mark.parametrize("change, message", [
         ({"block_out_channels": [16, 320_000]}, "B parameters; dgo-compile accepts at most 20 B"),
@@ -110,14 +119,6 @@ class TestSizesAreBoundedFirst:
             handle.truncate(100 << 20)  # sparse: no disk used
         with pytest.raises(ModelLoadError, match="config.json is 100 MB; a diffusers config or pruning record"):
             load(folder)
-
-    @pytest.fixture(scope="class")
-    def pruned_tiny(self, tiny, tmp_path_factory):
-        from dgo_compile.channel_pruning import PruneConfig, prune
-
-        loaded, _, _ = tiny
-        pruned = prune(loaded, PruneConfig(ratio=0.5, importance="magnitude"))
-        return save_denoiser(loaded, pruned.model, tmp_path_factory.mktemp("pruned") / "p", pruned.pruning)
 
     @pytest.mark.parametrize("key, value", [("out", 4_000_000), ("out", 0), ("in", "16"), ("channels", 10**6)])
     def test_pruning_record_beyond_the_original_is_refused(self, pruned_tiny, tmp_path, key, value):
