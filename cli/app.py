@@ -127,7 +127,7 @@ def compile(
 
     if granularity is not None and granularity not in ("block", "unit"):
         raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
-    check("top level", dict(steps=steps, scheduler=scheduler, guidance_scale=guidance_scale))
+    check("top level", {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale})
     schedule, steps, granularity = schedule or "full", 50 if steps is None else steps, granularity or "block"
     output = check_output(output or Path("artifact"), "artifact", overwrite=overwrite, protected=[model or DEFAULT_MODEL])
     if dump_dir is not None:
@@ -179,7 +179,8 @@ def sample(
     from dgo_compile.outputs import check_output
     from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample, save_grid
 
-    check("sample", dict(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, class_label=class_label))
+    check("sample", {"n": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
+                    "class_label": class_label})
     check_output(output, None, protected=[source or DEFAULT_MODEL, prompt_embeds])
     target = _sampling_target(source, steps, scheduler)
     guidance_scale = guidance_scale if guidance_scale is not None else target.guidance_scale
@@ -212,7 +213,7 @@ def bench(
     from dgo_compile.artifact import OrtArtifact, read_manifest
     from dgo_compile.bench import bench_artifacts
 
-    check("bench", dict(batch=batch, repeats=repeats))
+    check("bench", {"batch": batch, "repeats": repeats})
     manifest = read_manifest(artifact)
     with tempfile.TemporaryDirectory() as tmp:
         if against is None:
@@ -592,8 +593,26 @@ def main() -> None:
     if not any(isinstance(h, _Notices) for h in library.handlers):
         library.addHandler(_Notices())
         library.propagate = False
+    try:  # typer vendors click as typer._click from 0.2x on
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors come here too, to be rendered in one line
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(2)
+    except click_errors.ClickException as exc:  # a bad option value, an unknown option, a missing argument
+        command = f"dgo-compile {exc.ctx.info_name} --help" if getattr(exc, "ctx", None) else "dgo-compile --help"
+        err.print(f"[red]error:[/red] {escape(' '.join(exc.format_message().split()))} (see `{command}`)",
+                  soft_wrap=True, highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("[red]error:[/red] aborted", highlight=False)
+        sys.exit(1)
     except (DgoError, OSError) as exc:
         if os.environ.get("DGO_DEBUG"):
             raise

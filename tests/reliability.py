@@ -15,7 +15,7 @@ from pathlib import Path
 def run(*args, cwd=None):
     """The CLI in a fresh process (for kills, torchrun and anything that needs a real process)."""
     return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600, check=False)
 
 
 @dataclass

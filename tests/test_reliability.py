@@ -162,7 +162,9 @@ def _mutations(manifest: dict):
 
 
 class TestOneLineErrors:
-    """Models that do not load, artifacts of another version or missing a file, schedule files that are not schedules, ratios out of range: one line, nothing written."""
+    """Models that do not load, artifacts of another version or missing a file, schedule files that are not
+    schedules, ratios out of range, a malformed command line: one line, nothing written. (Run in this
+    process by `cli`: the same entry point as `dgo-compile`, without 7 s of imports per call.)"""
 
     @pytest.mark.parametrize("command", ["inspect", "compile"])
     @pytest.mark.parametrize("kind, fragments", [
@@ -173,7 +175,7 @@ class TestOneLineErrors:
     def test_model_that_does_not_load(self, bad_models, tmp_path, command, kind, fragments):
         output = tmp_path / "out"
         args = [command, bad_models[kind]] + (["--steps", "2", "-o", output] if command == "compile" else [])
-        assert_one_line_error(run(*args), *fragments)
+        assert_one_line_error(cli(*args), *fragments)
         assert_nothing_left(output)
 
     @pytest.mark.parametrize("command", ["sample", "bench"])
@@ -184,7 +186,7 @@ class TestOneLineErrors:
         manifest["format_version"] = 1
         (copy / "manifest.json").write_text(json.dumps(manifest))
         args = [command, copy] + (["-o", tmp_path / "grid.png"] if command == "sample" else ["--repeats", "1"])
-        assert_one_line_error(run(*args), f"{copy} has format dgo-compile-artifact v1; this dgo-compile reads "
+        assert_one_line_error(cli(*args), f"{copy} has format dgo-compile-artifact v1; this dgo-compile reads "
                                           "dgo-compile-artifact v2: recompile the model")
         assert not (tmp_path / "grid.png").exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
@@ -198,7 +200,7 @@ class TestOneLineErrors:
         shutil.copytree(artifact, copy)
         (copy / removed).unlink()
         args = [command, copy] + (["-o", tmp_path / "grid.png"] if command == "sample" else ["--repeats", "1"])
-        assert_one_line_error(run(*args), f"{copy} is incomplete: {removed} is missing; recompile the model")
+        assert_one_line_error(cli(*args), f"{copy} is incomplete: {removed} is missing; recompile the model")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
     @pytest.mark.parametrize("case", ["not_json", "not_utf8", "a_list", "no_compute", "ragged", "value_2",
@@ -207,33 +209,44 @@ class TestOneLineErrors:
         content, fragments = _schedule_files()[case]
         (tmp_path / "bad.json").write_bytes(content)
         output = tmp_path / "out"
-        assert_one_line_error(run("compile", "--schedule", tmp_path / "bad.json", "--steps", "2", "-o", output),
+        assert_one_line_error(cli("compile", "--schedule", tmp_path / "bad.json", "--steps", "2", "-o", output),
                               *fragments)
         assert_nothing_left(output)
 
     def test_compile_with_a_missing_schedule_file(self, tmp_path):
         output = tmp_path / "out"
-        assert_one_line_error(run("compile", "--schedule", tmp_path / "none.json", "-o", output),
+        assert_one_line_error(cli("compile", "--schedule", tmp_path / "none.json", "-o", output),
                               "cannot read schedule ", "No such file or directory")
         assert_nothing_left(output)
 
     def test_optimize_ratio_zero(self, tmp_path):
         output = tmp_path / "P"
-        assert_one_line_error(run("optimize", "--ratio", "0", "-o", output),
+        assert_one_line_error(cli("optimize", "--ratio", "0", "-o", output),
                               "--ratio must be in (0, 1] (the kept share of the full model's MACs), got 0.0")
         assert_nothing_left(output)
 
     def test_prune_ratio_one(self, tmp_path):
         output = tmp_path / "pruned"
-        assert_one_line_error(run("prune", "--ratio", "1", "-o", output),
+        assert_one_line_error(cli("prune", "--ratio", "1", "-o", output),
                               "--ratio must be in [0, 1) (the share of channels removed), got 1.0")
         assert_nothing_left(output)
 
     def test_schedule_ratio_above_one(self, resumed_pruner, tmp_path):
         output = tmp_path / "s.json"
-        assert_one_line_error(run("schedule", resumed_pruner["path"], "--ratio", "1.5", "-o", output),
+        assert_one_line_error(cli("schedule", resumed_pruner["path"], "--ratio", "1.5", "-o", output),
                               "--ratio must be in (0, 1] (the kept share of the full model's MACs), got 1.5")
         assert list(tmp_path.iterdir()) == []
+
+
+    @pytest.mark.parametrize("args, message", [
+        (["compile", "--steps", "abc"], "error: Invalid value for '--steps': "),
+        (["sample", "--bogus"], "error: No such option: --bogus (see `dgo-compile sample --help`)"),
+        (["schedule"], "error: Missing argument 'pruner'."),
+    ])
+    def test_a_malformed_command_line_is_one_line_too(self, args, message):
+        result = cli(*args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(message), result.stderr
 
 
 class TestLoadersRaiseOnlyTheirOwnError:
