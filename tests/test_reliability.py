@@ -374,3 +374,25 @@ class TestNeverStuck:
         assert_one_line_error(cli("optimize", "--iters", "1", "-o", output), "already exists; pass --resume")
         assert (output / "results.csv").read_text() == "mine"
 
+
+    def test_a_full_disk_at_the_first_optimize_checkpoint_leaves_nothing_to_trip_over(self, tmp_path, monkeypatch):
+        """The first checkpoint is staged and renamed in whole: a failure leaves no folder, so a rerun just runs."""
+        import dgo_compile.pruner as pruner_module
+        from dgo_compile import load, trace
+        from dgo_compile.outputs import OutputError
+        from dgo_compile.pruner import OptimizeConfig, optimize
+
+        real = pruner_module.write_atomic
+
+        def full_disk(path, write):
+            def fail(tmp):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, fail)
+
+        monkeypatch.setattr(pruner_module, "write_atomic", full_disk)
+        loaded = load()
+        output = tmp_path / "P"
+        config = OptimizeConfig(steps=2, iters=1, batch=1, calibration=1)
+        with pytest.raises(OutputError, match="could not write .*checkpoint.pt: No space left on device; free some"):
+            optimize(trace(loaded, verify=False), loaded.scheduler_config, config, output)
+        assert_nothing_left(output)
