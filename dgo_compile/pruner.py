@@ -34,8 +34,8 @@ from torch import nn
 from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
-from .metrics import ssim
 from .finite import check_finite
+from .metrics import ssim
 from .options import check
 from .outputs import check_output, staged
 from .runtime import SuperNetRun, build_supernet, graph_on
@@ -364,10 +364,12 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     rows = world.shard(config.batch, "--batch")
     granularity = "block" if config.granularity == "step" else config.granularity
     cost = ScheduleCost(traced, granularity)
-    if restartable(output):  # an interrupted first checkpoint: nothing to resume, nothing of the user's
-        log.warning(f"{output} holds no complete checkpoint (an interrupted first one); starting it again")
-        shutil.rmtree(output)
+    restart = restartable(output)  # an interrupted first checkpoint: nothing to resume, nothing of the user's
+    if restart:
         resume = False
+        if world.is_main:
+            log.warning(f"{output} holds no complete checkpoint (an interrupted first one); starting it again")
+            shutil.rmtree(output)
     if resume:
         trained = load_pruner(output, allow_unfinished=True)
         if trained.state.config != config:
@@ -377,8 +379,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
                               "same options or choose another -o")
         state, pruner = trained.state, trained.pruner
     else:
-        check_output(output, "pruner", protected=[model_source], exists_hint="pass --resume to continue it or choose "
-                     "another -o", error=PrunerError)
+        if not restart:
+            check_output(output, "pruner", protected=[model_source], error=PrunerError,
+                         exists_hint="pass --resume to continue it or choose another -o")
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
         scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
                      "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
@@ -450,7 +453,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
         sparsity = (gates[1:] * shares).sum(1).mean()
         loss = loss_consistency + (config.alpha * sparsity if kept > config.ratio else 0.0)
-        check_finite(loss.detach(), f"the pruner's loss at iteration {iteration + 1}",
+        check_finite(torch.tensor(world.mean(loss.item())), f"the pruner's loss at iteration {iteration + 1}",
                      f"optimization stopped; {output} keeps its last checkpoint: lower --lr and start again")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
