@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dgo_compile.errors import DgoError
+from dgo_compile.options import check
 
 app = typer.Typer(help="Compile diffusers denoisers into cheaper static ONNX artifacts.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -62,6 +64,7 @@ def inspect(
     from dgo_compile import load, trace
     from dgo_compile.cost import cost_report
 
+    check("inspect", {"batch": batch, "height": height, "width": width})
     loaded = load(model)
     report = cost_report(trace(loaded, size=_resolution(loaded, height, width).latent), batch=batch)
     if as_json:
@@ -107,7 +110,7 @@ def compile(
         help="Classifier-free guidance scale recorded for sampling a conditional model.")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Artifact folder to write. "
                                                    "(default: artifact)", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact folder (never anything else).")] = False,
     dump_dir: Annotated[Optional[Path], typer.Option(help="Write the graph after every pass into this folder.")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32 or fp16: fp16 halves weights, caches and timestep constants; norms and softmax stay fp32. "
@@ -139,12 +142,18 @@ def compile(
                   f"{r['predicted_speedup']:.2f}x, measured {r['measured']['speedup']:.2f}x, SSIM vs original "
                   f"{r['quality']['ssim_vs_original']:.3f}; see {outcome.artifact / 'report.md'}")
         return
-    schedule, steps, granularity = schedule or "full", steps or 50, granularity or "block"
-    output, precision = output or Path("artifact"), precision or "fp32"
-    if granularity not in ("block", "unit"):
+    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.outputs import check_output
+
+    if granularity is not None and granularity not in ("block", "unit"):
         raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
-    if precision not in ("fp32", "fp16"):
-        raise DgoError(f"--precision must be fp32 or fp16, got '{precision}'")
+    check("top level", {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
+                        "precision": precision, "height": height, "width": width})
+    precision = precision or "fp32"
+    schedule, steps, granularity = schedule or "full", 50 if steps is None else steps, granularity or "block"
+    output = check_output(output or Path("artifact"), "artifact", overwrite=overwrite, protected=[model or DEFAULT_MODEL])
+    if dump_dir is not None:
+        check_output(dump_dir, "into", option="--dump-dir", protected=[model or DEFAULT_MODEL, output])
     plan = Schedule.load(schedule) if schedule.endswith(".json") else None  # a bad file fails before the model loads
     loaded = load(model)
     if loaded.scheduler_config is None:
@@ -192,10 +201,14 @@ def sample(
     """Sample a grid of images, from an artifact on onnxruntime or a model's traced graph."""
     from rich.progress import Progress
 
+    from dgo_compile.finite import check_finite
+    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.outputs import check_output
     from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample, save_grid
 
-    if n < 1:
-        raise DgoError(f"-n must be at least 1, got {n}")
+    check("sample", {"n": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
+                    "class_label": class_label, "height": height, "width": width})
+    check_output(output, None, protected=[source or DEFAULT_MODEL, prompt_embeds])
     target = _sampling_target(source, steps, scheduler, height, width)
     guidance_scale = guidance_scale if guidance_scale is not None else target.guidance_scale
     conditions, guidance = conditions_for(target.input_names, n, class_label, prompt_embeds, guidance_scale,
@@ -207,6 +220,8 @@ def sample(
         images = sample(target.denoiser, target.scheduler_config, noise, target.steps, scheduler=target.scheduler,
                         conditions=conditions, guidance=guidance, seed=seed,
                         progress=lambda k: progress.advance(task, k))
+    check_finite(images, f"the image batch sampled from {source or DEFAULT_MODEL}", "the model or artifact is broken; "
+                 f"nothing was written to {output}")
     name = target.scheduler or target.scheduler_config.get("_class_name", "ddim")
     out.print(f"wrote {save_grid(images[:, :3], output)} ({n} images, {name} {target.steps} steps, seed {seed})")
 
@@ -226,6 +241,7 @@ def bench(
     from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.bench import bench_artifacts
 
+    check("bench", {"batch": batch, "repeats": repeats})
     manifest = read_manifest(artifact)
     with tempfile.TemporaryDirectory() as tmp:
         if against is None:
@@ -308,7 +324,9 @@ def optimize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dgo_compile import load, trace
-    from dgo_compile.pruner import OptimizeConfig, load_pruner, vae_decoder
+    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.outputs import check_output
+    from dgo_compile.pruner import OptimizeConfig, PrunerError, load_pruner, restartable, vae_decoder
     from dgo_compile.pruner import optimize as run_optimize
 
     given = {k: v for k, v in dict(
@@ -318,12 +336,15 @@ def optimize(
         prompt_embeds=str(prompt_embeds) if prompt_embeds else None, prompts=str(prompts.resolve()) if prompts else None,
         guidance_scale=guidance_scale, precision=precision).items()
         if v is not None}
-    if resume:
+    if resume and not restartable(output):
         stored = load_pruner(output, allow_unfinished=True).state
         config = replace(stored.config, **given)
         model = model or stored.model_path
     else:
         config = OptimizeConfig(**given)
+    if not restartable(output):
+        check_output(output, "pruner", resume=resume, protected=[model or DEFAULT_MODEL], error=PrunerError,
+                     exists_hint="pass --resume to continue it or choose another -o")
     loaded = load(model)
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
@@ -367,8 +388,13 @@ def schedule(
     """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
     from dgo_compile import load, trace
     from dgo_compile.pruner import extract_schedule, load_pruner, save_heatmap
+    from dgo_compile.outputs import check_output
     from dgo_compile.schedule_cost import ScheduleCost
 
+    check("schedule", {"ratio": ratio})
+    heatmap = heatmap or output.with_suffix(".png")
+    for path, option in ((output, "-o"), (heatmap, "--heatmap")):
+        check_output(path, None, option=option, protected=[pruner, model])
     trained = load_pruner(pruner)
     state = trained.state
     loaded = load(model or state.model_path)
@@ -377,7 +403,6 @@ def schedule(
         raise DgoError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
                        f"{list(cost.elements)[:3]}...; pass the pruner's model with --model")
     plan, kept = extract_schedule(trained.reuse_margins(), cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
-    heatmap = heatmap or output.with_suffix(".png")
     save_heatmap(trained.reuse_scores(), plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
                                         f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
     plan.save(output)
@@ -490,12 +515,14 @@ def prune(
     from dgo_compile import load
     from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels, uniform_step
     from dgo_compile.channel_pruning import prune as run_prune
-    from dgo_compile.loading import save_denoiser
+    from dgo_compile.loading import DEFAULT_MODEL, save_denoiser
+    from dgo_compile.outputs import check_output
 
     config = PruneConfig(ratio=ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
                          max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels)
-    if not dry_run and output.exists():
-        raise DgoError(f"{output} already exists; choose another -o or remove it")
+    if not dry_run:
+        check_output(output, "model", protected=[model or DEFAULT_MODEL, images],
+                     exists_hint="choose another -o or remove it")
     loaded = load(model)
     if dry_run:
         _, plan = plan_channels(loaded)
@@ -540,8 +567,10 @@ def encode_prompts_command(
     from safetensors.torch import save_file
 
     from dgo_compile.files import write_atomic
+    from dgo_compile.outputs import check_output
     from dgo_compile.prompts import encode_prompts, read_prompts
 
+    check_output(output, None, protected=[pipeline, prompts])
     tensors = encode_prompts(pipeline, read_prompts(prompts))
     write_atomic(output, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
     shape = tuple(tensors["encoder_hidden_states"].shape)
@@ -584,13 +613,45 @@ def _sampling_target(source: Path | None, steps: int | None, scheduler: str | No
                            null_class_label=traced.family.null_class_label(loaded.model))
 
 
+class _Notices(logging.Handler):
+    """The library's notices (e.g. a leftover of a killed run cleaned up): one `note:` line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]note:[/yellow] {escape(record.getMessage())}", soft_wrap=True, highlight=False)
+
+
 def main() -> None:
-    """Entry point: library errors become one line on stderr and exit code 1."""
+    """Entry point: library errors become one line on stderr and exit code 1. So do errors of the
+    system (a disk that fills up, a folder that vanishes) that no library check turned into one."""
+    library = logging.getLogger("dgo_compile")
+    if not any(isinstance(h, _Notices) for h in library.handlers):
+        library.addHandler(_Notices())
+        library.propagate = False
+    try:  # typer vendors click as typer._click from 0.2x on
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     try:
-        app()
-    except DgoError as exc:
+        code = app(standalone_mode=False)  # click's usage errors come here too, to be rendered in one line
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(2)
+    except click_errors.ClickException as exc:  # a bad option value, an unknown option, a missing argument
+        command = f"dgo-compile {exc.ctx.info_name} --help" if getattr(exc, "ctx", None) else "dgo-compile --help"
+        err.print(f"[red]error:[/red] {escape(' '.join(exc.format_message().split()))} (see `{command}`)",
+                  soft_wrap=True, highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("[red]error:[/red] aborted", highlight=False)
+        sys.exit(1)
+    except (DgoError, OSError) as exc:
         if os.environ.get("DGO_DEBUG"):
             raise
+        message = str(exc) if isinstance(exc, DgoError) else \
+            f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         where = "" if MAIN_PROCESS else f"(process {os.environ['RANK']}) "
-        err.print(f"[red]error:[/red] {where}{escape(str(exc))}", soft_wrap=True, highlight=False)
+        err.print(f"[red]error:[/red] {where}{escape(' '.join(message.split()))}", soft_wrap=True, highlight=False)
         sys.exit(1)

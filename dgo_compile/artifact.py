@@ -31,6 +31,7 @@ from .cost import cost_report
 from .export import ExportError, export_onnx
 from .manifest import InputSpec, Macs, Manifest, ModelInfo, Resolution, SamplerInfo, Variant, WeightsInfo
 from .onnx_weights import WEIGHTS_FILE, SharedWeightsWriter
+from .outputs import check_output, make_staging, publish
 from .passes import cost_of, variant_signature
 from .precision import KEEP_FLOAT_INPUTS, check_precision, to_fp16
 from .resolution import artifact_resolution
@@ -54,10 +55,8 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     variant references one shared `weights.bin`; `precision` "fp16" halves weights, caches and
     constants (see dgo_compile.precision for what stays float32).
     """
-    output = Path(output)
+    output = check_output(output, "artifact", overwrite=overwrite, error=ArtifactError)
     check_precision(precision)
-    if output.exists() and not overwrite:
-        raise ArtifactError(f"{output} already exists; pass --overwrite or choose another -o")
     sampler_steps = sampler_steps or schedule.steps
     timesteps = denoiser_timesteps(scheduler_config, sampler_steps, scheduler)
     folded = fold(traced, schedule, timesteps, dump_dir)
@@ -70,8 +69,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     upcast_attention = bool(getattr(traced.model.config, "upcast_attention", False))
 
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        staging = make_staging(output)
     except OSError as exc:
         raise _write_error(output, exc) from exc
     try:
@@ -119,9 +117,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             variants=tuple(variants), call_variants=tuple(order.index(key) for key in folded.step_variant),
             files={p.name: file_record(p) for p in sorted(staging.iterdir())})
         (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, default=str, allow_nan=False))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        publish(staging, output, "artifact", overwrite=overwrite)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         cause = exc.__cause__ if isinstance(exc, ExportError) else exc  # export_onnx wraps its write errors

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from typing import Callable
 
@@ -27,6 +27,7 @@ from .channel_surgery import PRUNING_FORMAT, module_shape, resized
 from .cost import cost_report
 from .errors import DgoError
 from .loading import LoadedModel
+from .options import check
 from .passes import PassManager
 from .passes.channel_groups import NORMALIZED_SHAPE, ChannelGroup, ChannelGroups, ChannelGroupsConfig, ChannelPlan, channel_plan
 from .tracing import TracedDenoiser, trace
@@ -55,6 +56,7 @@ class PruneConfig:
     min_group_channels: int = 2
 
     def __post_init__(self) -> None:
+        check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)
         if not 0 <= self.ratio < 1:
             raise PruneError(f"--ratio must be in [0, 1) (the share of channels removed), got {self.ratio}")
         if self.importance not in IMPORTANCES:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,7 +37,10 @@ from .data import IMAGE_SIZE, mnist_digits
 from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
-from .loading import WEIGHT_FILES, LoadedModel, load, save_denoiser
+from .finite import check_finite
+from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
+from .options import check
+from .outputs import check_output, make_staging, publish, write_error
 
 FORMAT = "dgo-compile-finetune"
 FORMAT_VERSION = 1
@@ -71,6 +73,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
+        check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
         for name in ("steps", "batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -167,9 +170,9 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     output = Path(output)
     world = current_world()
     rows = world.shard(config.batch, "--batch")
+    check_output(output, "finetune", resume=resume, protected=[model_path or DEFAULT_MODEL, teacher],
+                 exists_hint="pass --resume to continue it or choose another -o", error=FinetuneError)
     stored = read_finetune(output) if resume else None
-    if not resume and output.exists():
-        raise FinetuneError(f"{output} already exists; pass --resume to continue it or choose another -o")
     if config.distill > 0 and teacher is None:
         raise FinetuneError("--distill needs --teacher, the unpruned model to distill from")
     if teacher is not None and config.distill == 0:
@@ -214,7 +217,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from the global RNG: seed it, save it
         torch.manual_seed(config.seed)
         if resume:
-            state = torch.load(output / STATE_FILE, map_location="cpu", weights_only=True)
+            state = _read_state(output)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             lr_schedule.load_state_dict(state["lr_schedule"])
@@ -226,6 +229,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         world.barrier()  # every process has checked the output folder before process 0 creates it
         if not resume and world.is_main:
             _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
+        checkpointed = record.steps_done  # the step the folder's checkpoint holds
         started = time.perf_counter()
         for step in range(record.steps_done + 1, config.steps + 1):
             index = torch.randint(0, len(images), (config.batch,), generator=generator)
@@ -243,6 +247,10 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                     target = teacher_model(noisy, t, class_labels=class_labels).sample
                 distill = nn.functional.mse_loss(prediction, target)
                 loss = loss + config.distill * distill
+            mean_loss = world.mean(loss.item())
+            check_finite(torch.tensor(mean_loss), f"the training loss at step {step}",
+                         f"training stopped; {output} keeps its last checkpoint (step {checkpointed}): lower "
+                         f"--lr (now {config.lr:g}) and start again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             world.average_gradients(params)
@@ -252,7 +260,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             lr_schedule.step()
             if ema is not None:
                 ema.step(params)
-            entry = {"step": step, "loss": world.mean(loss.item()),
+            entry = {"step": step, "loss": mean_loss,
                      **({"distill": world.mean(distill.item())} if distill is not None else {}),
                      "lr": lr, "ema_decay": ema.cur_decay_value if ema else 0.0}
             record.history.append(entry)
@@ -261,10 +269,24 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             started = time.perf_counter()
             if world.is_main and (step % config.checkpoint_every == 0 or step == config.steps):
                 _write_checkpoint(output, loaded, saved_model(), record, training_state())
+                checkpointed = step
             if on_step is not None:
                 on_step(entry)
     world.barrier()  # process 0's last checkpoint is on disk before any process returns
     return FinetuneResult(output, record, saved_model())
+
+
+def _read_state(output: Path) -> dict:
+    try:
+        state = torch.load(output / STATE_FILE, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"model", "optimizer", "lr_schedule", "generator"} <= set(state) or \
+                not isinstance(state.get("steps_done"), int) or not isinstance(state.get("history"), list):
+            raise ValueError("not a training state")
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FinetuneError(f"cannot read {output / STATE_FILE} ({first_line}); it is damaged: fine-tune again into "
+                            "a new -o") from exc
+    return state
 
 
 def _load_teacher(teacher: str | os.PathLike, conditional: bool) -> nn.Module:
@@ -316,8 +338,9 @@ def _write_checkpoint(output: Path, loaded: LoadedModel, weights: nn.Module, rec
     file, the state and the record one by one, each atomically, so the folder is always a
     loadable model and the state file always one whole checkpoint.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    check_finite(weights, f"the fine-tuned model at step {record.steps_done}",
+                 f"training stopped; {output} keeps its last checkpoint: lower --lr and start again")
+    staging = make_staging(output)
     try:
         fresh = save_denoiser(loaded, weights, staging / "model", pruning=loaded.pruning)
         if output.exists():
@@ -329,6 +352,8 @@ def _write_checkpoint(output: Path, loaded: LoadedModel, weights: nn.Module, rec
         write_atomic(target / STATE_FILE, lambda p: torch.save(state, p))
         write_atomic(target / RECORD_FILE, lambda p: p.write_text(json.dumps(record.to_json(), indent=1)))
         if target is fresh:
-            os.replace(fresh, output)
+            publish(fresh, output, "finetune")
+    except OSError as exc:
+        raise write_error(output, exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)

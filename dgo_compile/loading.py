@@ -18,8 +18,11 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
+from .bounds import check_config, check_json_file, check_record
 from .errors import ModelLoadError, UnsupportedModelError
 from .families import FAMILIES, Family
+from .finite import check_finite
+from .outputs import check_output, make_staging, publish, write_error
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
 DENOISER_SUBFOLDERS = ("unet", "transformer")
@@ -86,6 +89,7 @@ def load(path: str | os.PathLike | None = None) -> LoadedModel:
         raise ModelLoadError(f"{folder} has no config.json; pass a diffusers model or pipeline folder")
     config = _read_json(folder / "config.json")
     family = _family(config, folder / "config.json")
+    check_config(config, family.model_class, folder / "config.json")  # before anything is allocated
     if (folder / PRUNING_FILE).is_file():
         return _load_pruned(folder, path, config, family, scheduler_config)
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -104,6 +108,7 @@ def load(path: str | os.PathLike | None = None) -> LoadedModel:
         raise ModelLoadError(
             f"weights in {folder} do not match its config: {len(missing)} tensors missing (first: {missing[0]})"
         )
+    check_finite(model, str(folder), "the weights are corrupt: retrain or re-export the model")
     return LoadedModel(_prepare(model), family, path, dict(config), scheduler_config, random_weights=False)
 
 
@@ -118,6 +123,7 @@ def _load_pruned(folder: Path, path: Path, config: dict[str, Any], family: Famil
     if pruning.get("format") != PRUNING_FORMAT:
         raise ModelLoadError(f"{folder / PRUNING_FILE} has format {pruning.get('format')!r}; this dgo-compile reads "
                              f"format {PRUNING_FORMAT}: prune the model again with this version")
+    check_record(check_config(config, family.model_class, folder / "config.json"), pruning, folder / PRUNING_FILE)
     weights = folder / WEIGHT_FILES[0]
     try:
         model = family.model_class.from_config(config)
@@ -130,6 +136,7 @@ def _load_pruned(folder: Path, path: Path, config: dict[str, Any], family: Famil
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"could not read the pruned weights in {weights} (missing, corrupt or truncated?): "
                              f"{first_line}") from exc
+    check_finite(model, str(folder), "the weights are corrupt: prune or fine-tune the model again")
     return LoadedModel(_prepare(model.float()), family, path, dict(config), scheduler_config, random_weights=False,
                        pruning=pruning)
 
@@ -142,15 +149,14 @@ def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLi
     model folder or config gives a model folder. Written to a temporary folder, then renamed.
     """
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
     output = Path(output)
-    if output.exists():
-        raise ModelLoadError(f"{output} already exists; choose another output folder or remove it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    check_finite(model, f"the model to save at {output}", "nothing was written")
+    check_output(output, "model", protected=[loaded.source], exists_hint="choose another output folder or remove it",
+                 error=ModelLoadError)
+    tmp = make_staging(output)
     try:
         denoiser = loaded.denoiser_folder
         target = tmp
@@ -165,9 +171,11 @@ def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLi
         save_file(state, str(target / WEIGHT_FILES[0]))
         if pruning is not None:
             (target / PRUNING_FILE).write_text(json.dumps(pruning, indent=1))
-        os.replace(tmp, output)
-    except BaseException:
+        publish(tmp, output, "model")
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_error(output, exc) from exc
         raise
     return output
 
@@ -175,6 +183,7 @@ def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLi
 def _from_config_file(path: Path) -> LoadedModel:
     config = _read_json(path)
     family = _family(config, path)
+    check_config(config, family.model_class, path)
     try:
         model = family.model_class.from_config(config)
     except Exception as exc:
@@ -197,6 +206,7 @@ def _family(config: dict[str, Any], where: Path) -> Family:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    check_json_file(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

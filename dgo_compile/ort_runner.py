@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from .artifact import read_manifest
 from .artifact_files import ArtifactError, load_graph
+from .finite import check_finite
 from .manifest import Manifest
 from .onnx_weights import SharedWeights
 from .runtime import StepRun
@@ -31,8 +32,7 @@ def _load_constants(path: Path) -> dict[str, np.ndarray]:
     for key, value in values.items():
         if key.count("/") != 1 or not key.split("/")[0].isdigit():
             raise ArtifactError(f"{path} holds an unexpected constant {key!r}; recompile the model")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ArtifactError(f"{path}: timestep constant {key} is not finite (NaN or inf); recompile the model")
+        check_finite(value, f"timestep constant {key} of {path.parent}", "the artifact is damaged: recompile the model")
     return values
 
 

@@ -26,6 +26,9 @@ from .channel_pruning import PruneConfig
 from .errors import DgoError
 from .finetune import FinetuneConfig
 from .precision import PRECISIONS
+from .loading import DEFAULT_MODEL
+from .options import check
+from .outputs import check_output, exclusive, make_staging, publish
 from .pruner import OptimizeConfig
 from .resolution import resolve
 
@@ -58,6 +61,8 @@ class CompileConfig:
     optimize: OptimizeConfig | None = None
 
     def __post_init__(self) -> None:
+        check("top level", {f.name: getattr(self, f.name) for f in fields(self) if f.name in TOP_LEVEL}, config=True,
+              error=ConfigError, skip_none=False)
         if self.schedule == "learned" and self.optimize is None:
             raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
         if self.precision not in PRECISIONS:
@@ -91,10 +96,16 @@ def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileCo
         raise ConfigError(f"{path} has unknown key(s) {', '.join(unknown)}; known: "
                           f"{', '.join(TOP_LEVEL + tuple(tables))}")
     values = {k: v for k, v in data.items() if k in TOP_LEVEL}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    check("top level", values, config=True, error=ConfigError)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    check("top level", given, error=ConfigError)  # the command line's, named as options
+    values.update(given)
     for name, cls in tables.items():
         if name in data:
+            if not isinstance(data[name], dict):
+                raise ConfigError(f"{name} must be a table ([{name}] with its keys), got {data[name]!r}")
             table = dict(data[name])
+            check(name, table, config=True, error=ConfigError)
             if name == "optimize":  # the sampler is the compile's: one place says it
                 table.setdefault("steps", values.get("steps", 50))
                 table.setdefault("scheduler", values.get("scheduler"))
@@ -112,14 +123,20 @@ class CompileOutcome:
 
 
 def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None = None) -> CompileOutcome:
-    from . import load, trace
-    from .artifact import ArtifactError, compile_artifact
+    from .artifact import ArtifactError
 
     stage = on_stage or (lambda _: None)
-    output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise ArtifactError(f"{output} already exists; pass --overwrite or choose another -o")
+    output = check_output(config.output, "artifact", overwrite=config.overwrite,
+                          protected=[config.model or DEFAULT_MODEL], error=ArtifactError)
     work = output.with_name(output.name + ".work")
+    with exclusive(work):  # concurrent runs on one -o share the work folder: the second stops here
+        return _run(config, output, work, stage)
+
+
+def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str], None]) -> CompileOutcome:
+    from . import load, trace
+    from .artifact import compile_artifact
+
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"config": config.to_json()}
 
@@ -146,11 +163,11 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
     loaded = load(model_path)
     traced = trace(loaded, size=resolution.latent)
     schedule, heatmap_source = timed("schedule", lambda: _schedule(config, traced, loaded, work))
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    staging = make_staging(output)  # unique per run: concurrent or killed runs never share it
+    tmp = staging / output.name
     try:
         timed("compile", lambda: compile_artifact(
-            traced, schedule, loaded.scheduler_config, tmp, overwrite=True,
+            traced, schedule, loaded.scheduler_config, tmp,
             model_source=str(loaded.source.resolve()), scheduler=config.scheduler, sampler_steps=config.steps,
             guidance_scale=config.guidance_scale, precision=config.precision))
         original_traced = trace(original, verify=False, size=resolution.latent)
@@ -159,12 +176,9 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
         report["timings_s"] = timings
         _write_report(tmp, report, schedule, heatmap_source, loaded, original, original_traced)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish(tmp, output, "artifact", overwrite=config.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return CompileOutcome(output, report)
 
 
@@ -224,6 +238,7 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     from .artifact import read_manifest
     from .ort_runner import OrtArtifact
     from .cost import cost_report
+    from .finite import check_finite
     from .metrics import psnr, ssim
     from .runtime import fold
     from .sampling import conditions_for, denoiser_timesteps, initial_noise, sample
@@ -239,6 +254,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     ours = sample(OrtArtifact.open(artifact), loaded.scheduler_config, noise, config.steps, **run)
     torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)
     reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
+    for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"), (reference, "the original model")):
+        check_finite(images, f"the verification image batch sampled from {what}", "nothing was written to -o")
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
     parity = float((ours - torch_graphs).norm() / torch_graphs.norm().clamp_min(1e-12))

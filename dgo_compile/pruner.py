@@ -18,8 +18,11 @@ global `--batch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,7 +34,10 @@ from torch import nn
 from .distributed import current_world
 from .errors import DgoError
 from .files import write_atomic
+from .finite import check_finite
 from .metrics import ssim
+from .options import check
+from .outputs import check_output, staged
 from .runtime import SuperNetRun, build_supernet, graph_on
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
 from .schedule import Schedule, ScheduleError
@@ -45,6 +51,7 @@ STATE_FILE = "pruner.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 RATIO_TOLERANCE = 0.0125
+log = logging.getLogger("dgo_compile.pruner")
 
 
 class PrunerError(DgoError):
@@ -84,6 +91,7 @@ class OptimizeConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
         if self.precision not in PRECISIONS:
             raise PrunerError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if not 0 < self.ratio <= 1:
@@ -227,6 +235,23 @@ class TrainedPruner:
         return self.state.config.granularity == "step"
 
 
+def restartable(output: str | Path) -> bool:
+    """Whether `output` is a folder an interrupted first checkpoint left (by an older version, which wrote it
+    in place): no readable checkpoint, and nothing in it but this tool's own files."""
+    output = Path(output)
+    if not output.is_dir() or output.is_symlink():
+        return False
+    names = [p.name for p in output.iterdir()]
+    if not names or not all(n in (STATE_FILE, CHECKPOINT_FILE) or n.startswith((f".{STATE_FILE}.", f".{CHECKPOINT_FILE}."))
+               for n in names):
+        return False
+    try:
+        load_pruner(output, allow_unfinished=True)
+    except PrunerError:
+        return True
+    return False
+
+
 def load_pruner(path: str | Path, allow_unfinished: bool = False) -> TrainedPruner:
     path = Path(path)
     state_file, checkpoint_file = path / STATE_FILE, path / CHECKPOINT_FILE
@@ -339,6 +364,12 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     rows = world.shard(config.batch, "--batch")
     granularity = "block" if config.granularity == "step" else config.granularity
     cost = ScheduleCost(traced, granularity)
+    restart = restartable(output)  # an interrupted first checkpoint: nothing to resume, nothing of the user's
+    if restart:
+        resume = False
+        if world.is_main:
+            log.warning(f"{output} holds no complete checkpoint (an interrupted first one); starting it again")
+            shutil.rmtree(output)
     if resume:
         trained = load_pruner(output, allow_unfinished=True)
         if trained.state.config != config:
@@ -348,8 +379,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
                               "same options or choose another -o")
         state, pruner = trained.state, trained.pruner
     else:
-        if output.exists():
-            raise PrunerError(f"{output} already exists; pass --resume to continue it or choose another -o")
+        if not restart:
+            check_output(output, "pruner", protected=[model_source], error=PrunerError,
+                         exists_hint="pass --resume to continue it or choose another -o")
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
         scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
                      "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
@@ -393,20 +425,22 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
                           else [state.cascade_shares[e] for e in elements], device=device)
 
-    def save() -> None:
+    def save(first: bool = False) -> None:
         if not world.is_main:
             return
-        output.mkdir(parents=True, exist_ok=True)
-        # The checkpoint carries its own copy of the state: a kill between the two writes leaves the
-        # weights and the iteration count they belong to together (pruner.json is the readable copy).
-        write_atomic(output / CHECKPOINT_FILE, lambda p: torch.save(
-            {"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_schedule": lr_schedule.state_dict(), "state": json.dumps(state.to_json())}, p))
-        write_atomic(output / STATE_FILE, lambda p: p.write_text(json.dumps(state.to_json(), indent=1)))
+        # The first checkpoint is written in a staging folder and renamed in whole: a kill never leaves a
+        # folder without one. The checkpoint carries its own copy of the state: a kill between the two
+        # writes leaves the weights and the iteration count they belong to together (pruner.json is the
+        # readable copy).
+        with staged(output, "pruner") if first else contextlib.nullcontext(output) as folder:
+            write_atomic(folder / CHECKPOINT_FILE, lambda p: torch.save(
+                {"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+                 "lr_schedule": lr_schedule.state_dict(), "state": json.dumps(state.to_json())}, p))
+            write_atomic(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state.to_json(), indent=1)))
 
     world.barrier()  # every process has checked the output folder before process 0 creates it
     if not resume:
-        save()  # a resumable folder exists from iteration 0
+        save(first=True)  # a resumable folder exists from iteration 0
     params = [p for p in pruner.parameters()]
     started = time.perf_counter()
     for iteration in range(state.iterations_done, config.iters):
@@ -419,6 +453,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
         sparsity = (gates[1:] * shares).sum(1).mean()
         loss = loss_consistency + (config.alpha * sparsity if kept > config.ratio else 0.0)
+        check_finite(torch.tensor(world.mean(loss.item())), f"the pruner's loss at iteration {iteration + 1}",
+                     f"optimization stopped; {output} keeps its last checkpoint: lower --lr and start again")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g

@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from .errors import TraceError
 from .families import BlockSpec, Family, config_size, family_of
+from .finite import check_finite
 from .loading import LoadedModel
 from .resolution import check_size
 
@@ -156,6 +157,8 @@ def check_against_eager(traced: TracedDenoiser, *, batch: int, seed: int = 1) ->
     with torch.no_grad():
         expected = traced.family.adapter(traced.model)(*inputs)
         actual = traced.graph_module(*inputs)
+    check_finite(expected, f"the eager model itself ({type(traced.model).__name__}) produced an output that",
+                 "its weights or config are broken; this is not a tracing problem")
     diff = (actual - expected).abs().max().item()
     bound = ATOL + RTOL * expected.abs().max().item()
     if not diff <= bound:

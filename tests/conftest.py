@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from model_configs import TINY
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -40,3 +39,32 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+# The reliability suite's shared models (tests/test_reliability*.py): built once per session.
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny UNet (random weights) with the shipped model's sampler: exports in seconds."""
+    from model_configs import TINY_UNET2D
+
+    from dgo_compile import load, trace
+
+    config = tmp_path_factory.mktemp("tiny") / "config.json"
+    config.write_text(json.dumps(TINY_UNET2D))
+    return load(config), trace(load(config), verify=False), load().scheduler_config
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny, tmp_path_factory):
+    """What `dgo-compile compile --schedule full --steps 2 -o A` writes (for the tiny UNet: the errors under
+    test come from the manifest and the files, not from the model). Tests copy it before changing it."""
+    from dgo_compile.artifact import compile_artifact
+    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.runtime import gateable_elements
+    from dgo_compile.schedule import builtin
+
+    _, traced, scheduler_config = tiny
+    plan = builtin("full", 2, gateable_elements(traced, "block"))
+    return compile_artifact(traced, plan, scheduler_config, tmp_path_factory.mktemp("artifact") / "A",
+                            model_source=str(DEFAULT_MODEL.resolve()), sampler_steps=2)

@@ -40,7 +40,7 @@ def test_the_readme_example_config_reads_as_documented():
     ("stepz = 3\n", "has unknown key(s) stepz"),
     ("[prune]\nration = 0.3\n", "[prune] has unknown key(s) ration"),
     ('schedule = "learned"\n', 'schedule = "learned" needs an [optimize] table'),
-    ("[prune]\nratio = 1.5\n", "--ratio must be in [0, 1)"),
+    ("[prune]\nratio = 1.5\n", "[prune] ratio must be in [0, 1)"),
     ("steps = \n", "cannot read the config"),
 ])
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path, text, message):
