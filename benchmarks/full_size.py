@@ -56,6 +56,8 @@ def six_patterns(blocks: list[str], calls: int) -> dict:
 
 def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     """In this process: build, trace, fold and export; returns timings (the parent measures RSS)."""
+    import torch
+
     from dgo_compile import load, trace
     from dgo_compile.artifact import compile_artifact
     from dgo_compile.schedule import Schedule, builtin
@@ -65,6 +67,7 @@ def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     config.write_text(json.dumps(FULL_SIZE[model]))
     times = {}
     start = time.perf_counter()
+    torch.manual_seed(0)  # random weights, the same in the parity process
     loaded = load(config)
     times["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -128,6 +131,7 @@ def parity_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     from dgo_compile.sampling import denoiser_timesteps
     from dgo_compile.schedule import Schedule, builtin
 
+    torch.manual_seed(0)  # the compile process's random weights
     traced = trace(load(work / model / "config.json"), verify=False)
     blocks = [b.name for b in traced.blocks]
     plan = builtin(schedule, STEPS, tuple(blocks)) if schedule != "six_patterns" \
