@@ -195,6 +195,12 @@ def render(results: dict) -> str:
             f"{r['artifact_bytes'] / r['weights_bytes']:.3f} | {gb(r['open_rss'])} | {gb(r['one_session_rss'])} | "
             f"{r['open_rss'] / r['one_session_rss']:.2f} | {r['call_s_batch1']:.1f} | {r['call_s_batch2']:.1f} | "
             f"{r['parity_rel']:.1e} |")
+    lines += ["", "Columns: compile = load + trace (verified at batch 1) + fold + export + write, in a fresh process; "
+              "artifact / weights = bytes on disk over the model's weights at that precision; opened RSS = resident "
+              "memory after opening every variant's session (dgo_compile's runner); one-session RSS = one plain "
+              "onnxruntime session of variant 0 (the full graph); ORT call = one full denoiser call on the CPU "
+              "provider; parity = max |artifact - PyTorch fp32 folded graphs| / max |PyTorch| over the first 2 calls."]
+    lines += [""] + [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -206,11 +212,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--again", action="store_true", help="re-measure cells already in the results")
+    parser.add_argument("--render", action="store_true", help="only rewrite full_size.md from full_size.json")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     path = RESULTS / "full_size.json"
     results = json.loads(path.read_text()) if path.exists() else {"cells": {}}
     results["threads"] = args.threads
+    if args.render:
+        (RESULTS / "full_size.md").write_text(render(results))
+        return
     for model in args.models:
         for precision in args.precisions:
             for schedule in args.schedules:
