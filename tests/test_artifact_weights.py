@@ -9,7 +9,7 @@ import torch
 
 from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact, read_manifest
-from dgo_compile.ort_runner import OrtArtifact
+from dgo_compile.ort_runner import OrtArtifact, session_options
 from dgo_compile.runtime import gateable_elements
 from dgo_compile.metrics import psnr
 from dgo_compile.sampling import initial_noise, sample_ddim
@@ -67,7 +67,8 @@ def test_a_variant_opens_on_its_own_and_matches_the_shared_session(compiled):
     manifest = read_manifest(path).to_json()
     shared = OrtArtifact.open(path, ["CPUExecutionProvider"])
     variant = manifest["variants"][0]
-    alone = ort.InferenceSession(str(path / variant["file"]), providers=["CPUExecutionProvider"])
+    # a plain session reading weights.bin itself, with the runner's session options (so the same kernels run)
+    alone = ort.InferenceSession(str(path / variant["file"]), session_options(ort), providers=["CPUExecutionProvider"])
     example = traced.example_inputs(2, seed=3)
     feeds = {n: example[n].numpy() for n in variant["inputs"]}
     feeds.update({n: shared.constants[0][n].repeat(2, 0) for n in variant["constant_inputs"]})
