@@ -289,7 +289,7 @@ class TestLoadersRaiseOnlyTheirOwnError:
         manifest = json.loads((copy / "manifest.json").read_text())
         manifest.pop("constants_file")
         (copy / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(ArtifactError, match=r"malformed \('constants_file' must be a file name or null\)"):
+        with pytest.raises(ArtifactError, match=r"malformed \('constants_file' is missing\)"):
             read_manifest(copy)
 
     def test_manifest_with_a_broken_structure_names_the_problem(self, artifact, tmp_path):
