@@ -15,6 +15,7 @@ from dgo_compile.finetune import read_finetune
 from dgo_compile.pruner import build_pruner, load_pruner
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+STATE = "finetune_state.pt"
 
 
 def run(*args, processes=1):
@@ -59,12 +60,22 @@ def test_finetune_on_two_processes_matches_one_at_the_same_global_batch(tmp_path
     assert two.stdout.count("wrote") == 1
     losses = [[h["loss"] for h in read_finetune(tmp_path / name).history] for name in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    a, b = (load_file(tmp_path / name / WEIGHTS) for name in ("one", "two"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The first moments are linear in the gradients: averaged over processes they match to float32 sum order (a
+    # tensor whose gradient is itself sum-order noise, ~1e-12, as a bias before a norm has, is compared in the whole).
+    moments = [torch.load(tmp_path / name / STATE, weights_only=True)["optimizer"]["state"] for name in ("one", "two")]
+    assert moments[0].keys() == moments[1].keys()
+    first_a, first_b = (torch.cat([m[k]["exp_avg"].flatten() for k in moments[0]]) for m in moments)
+    assert (first_b - first_a).norm() <= 1e-4 * first_a.norm()
+    # The weights are not compared element by element: AdamW moves an element with a near-zero gradient by about lr
+    # whatever its sign, so an element whose gradient is sum-order noise may move either way. Over the whole model
+    # the updates must agree to 1%; a run on another batch of 2 is off by 135% (moments: 156%).
     shipped = load_file(DEFAULT_MODEL / WEIGHTS)
-    assert any(not torch.equal(a[n], shipped[n]) for n in a)  # three steps changed the weights
+    a, b = (load_file(tmp_path / name / WEIGHTS) for name in ("one", "two"))
+    assert a.keys() == b.keys() == shipped.keys()
+    update_a = torch.cat([(a[n] - shipped[n]).flatten() for n in a])
+    update_b = torch.cat([(b[n] - shipped[n]).flatten() for n in a])
+    assert update_a.norm() > 0  # three steps changed the weights
+    assert (update_b - update_a).norm() <= 1e-2 * update_a.norm()
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_writing(tmp_path):
