@@ -30,7 +30,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from model_configs import FULL_SIZE  # noqa: E402  (the published configs live beside the tests that check them)
+from model_configs import FULL_SIZE, TINY  # noqa: E402  (the published configs live beside the tests that check them)
+
+MODELS = {**FULL_SIZE, "tiny_sd": TINY["sd"]}  # tiny_sd: `--check` runs every step of the script in a minute
 
 # Stable Diffusion's own scheduler (scaled-linear betas), DDIM with its leading spacing and offset.
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -64,7 +66,7 @@ def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
 
     config = work / model / "config.json"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps(FULL_SIZE[model]))
+    config.write_text(json.dumps(MODELS[model]))
     times = {}
     start = time.perf_counter()
     torch.manual_seed(0)  # random weights, the same in the parity process
@@ -91,12 +93,11 @@ def measure_one(artifact: Path, mode: str, repeats: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from dgo_compile.ort_runner import OrtArtifact
+    from dgo_compile.ort_runner import OrtArtifact, session_options
 
     manifest = json.loads((artifact / "manifest.json").read_text())
-    if mode == "one_session":
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    if mode == "one_session":  # a plain session reading weights.bin itself, with the runner's options
+        options = session_options(ort, int(os.environ.get("OMP_NUM_THREADS", "2")), manifest["precision"])
         session = ort.InferenceSession(str(artifact / manifest["variants"][0]["file"]), options,
                                        providers=["CPUExecutionProvider"])
         return {"rss_bytes": _rss(), "inputs": len(session.get_inputs())}
@@ -117,6 +118,13 @@ def measure_one(artifact: Path, mode: str, repeats: int) -> dict:
             run(*tensors)
             seconds.append(time.perf_counter() - start)
         result[f"call_s_batch{batch}"] = statistics.median(seconds)
+    # then the run's calls, batch 1, until every variant has run once: what a whole sampling run holds
+    calls = manifest["call_variants"]
+    last = max(calls.index(v) for v in set(calls))
+    run, feeds = opened.new_run(), [torch.from_numpy(_example(inputs[n], 1, rng)) for n in inputs]
+    for call in range(last + 1):
+        feeds[list(inputs).index("timestep")] = torch.full((1,), float(manifest["scheduler"]["timesteps"][call]))
+        run(*feeds)
     result["rss_after_calls_bytes"] = _rss()
     return result
 
@@ -185,21 +193,23 @@ def render(results: dict) -> str:
              "2-core CPU machine, torch and onnxruntime pinned to `threads` threads; DDIM 50 steps, "
              "Stable Diffusion's scheduler. Memory in GB (1e9 bytes).", "",
              "| model | precision | schedule | variants | kept MACs | compile min | peak RSS | artifact | "
-             "artifact / weights | opened RSS | one-session RSS | ratio | ORT call b1 s | b2 s | parity (2 calls) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "artifact / weights | opened RSS | one-session RSS | ratio | RSS after calls | ORT call b1 s | b2 s | "
+             "parity (2 calls) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results["cells"].items():
         model, precision, schedule = key.split("|")
         lines.append(
             f"| {model} | {precision} | {schedule} | {r['variants']} | {r['macs_kept']:.1%} | "
             f"{r['compile_wall_s'] / 60:.1f} | {gb(r['compile_peak_rss'])} | {gb(r['artifact_bytes'])} | "
             f"{r['artifact_bytes'] / r['weights_bytes']:.3f} | {gb(r['open_rss'])} | {gb(r['one_session_rss'])} | "
-            f"{r['open_rss'] / r['one_session_rss']:.2f} | {r['call_s_batch1']:.1f} | {r['call_s_batch2']:.1f} | "
+            f"{r['open_rss'] / r['one_session_rss']:.2f} | "
+            f"{gb(r['rss_after_calls']) if 'rss_after_calls' in r else 'not kept'} | {r['call_s_batch1']:.1f} | {r['call_s_batch2']:.1f} | "
             f"{r['parity_rel']:.1e} |")
     lines += ["", "Columns: compile = load + trace (verified at batch 1) + fold + export + write, in a fresh process; "
               "artifact / weights = bytes on disk over the model's weights at that precision; opened RSS = resident "
               "memory after opening every variant's session (dgo_compile's runner); one-session RSS = one plain "
               "onnxruntime session of variant 0 (the full graph); ORT call = one full denoiser call on the CPU "
-              "provider; parity = max |artifact - PyTorch fp32 folded graphs| / max |PyTorch| over the first 2 calls."]
+              "provider; RSS after calls = the opened artifact's resident memory after the timed calls (after the timed calls and a run's first calls up to the last variant's first use: caches and, for fp16 on the CPU provider, fp32 casts of the weights); parity = max |artifact - PyTorch fp32 folded graphs| / max |PyTorch| over the first 2 calls."]
     lines += [""] + [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -213,7 +223,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--again", action="store_true", help="re-measure cells already in the results")
     parser.add_argument("--render", action="store_true", help="only rewrite full_size.md from full_size.json")
+    parser.add_argument("--check", action="store_true", help="run every step on a tiny SD UNet into a temporary "
+                        "folder, leaving the committed results alone")
     args = parser.parse_args()
+    if args.check:
+        global RESULTS
+        RESULTS, args.models, args.again = Path(tempfile.mkdtemp()), ["tiny_sd"], True
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     path = RESULTS / "full_size.json"
     results = json.loads(path.read_text()) if path.exists() else {"cells": {}}
@@ -227,7 +242,7 @@ def main() -> None:
                 key = f"{model}|{precision}|{schedule}"
                 if key in results["cells"] and not args.again:
                     continue
-                with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
+                with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:  # the same disk as the results
                     work = Path(tmp)
                     cell, wall, peak = _child("_compile", model, precision, schedule, str(work))
                     cell.update(compile_wall_s=wall, compile_peak_rss=peak,
@@ -236,7 +251,8 @@ def main() -> None:
                     opened, _, _ = _child("_measure", str(work / "artifact"), "artifact", str(args.repeats))
                     one, _, _ = _child("_measure", str(work / "artifact"), "one_session", "1")
                     cell.update(open_rss=opened["rss_bytes"], one_session_rss=one["rss_bytes"],
-                                call_s_batch1=opened["call_s_batch1"], call_s_batch2=opened["call_s_batch2"])
+                                call_s_batch1=opened["call_s_batch1"], call_s_batch2=opened["call_s_batch2"],
+                                rss_after_calls=opened["rss_after_calls_bytes"])
                     cell.update(_child("_parity", model, precision, schedule, str(work))[0])
                 results["cells"][key] = cell
                 path.write_text(json.dumps(results, indent=1))

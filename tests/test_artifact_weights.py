@@ -100,6 +100,11 @@ def test_fp16_artifact_call_is_as_close_to_fp32_as_pytorch_fp16(compiled):
     assert manifest["inputs"][0] == {"name": "sample", "shape": ["batch", *inputs["sample"].shape[1:]],
                                      "dtype": "float16"}
     assert manifest["weights"]["bytes"] < 0.55 * read_manifest(paths["fp32"]).weights.bytes
+    # On the CPU provider an fp16 artifact's sessions run without memory arenas (each would keep its
+    # variant's fp32 cast of the weights); fp32 artifacts keep them.
+    full = OrtArtifact.open(paths["fp32"], ["CPUExecutionProvider"])
+    assert [s.get_session_options().enable_cpu_mem_arena for s in half.sessions + full.sessions] == \
+        [False] * len(half.sessions) + [True] * len(full.sessions)
 
 
 def test_fp16_artifact_over_a_whole_run_deviates_like_pytorch_fp16(tmp_path):
