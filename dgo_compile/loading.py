@@ -19,12 +19,12 @@ from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 from .bounds import check_config, check_json_file, check_record
+from .configs import DEFAULT_MODEL
 from .errors import ModelLoadError, UnsupportedModelError
 from .families import FAMILIES, Family
 from .finite import check_finite
 from .outputs import check_output, make_staging, publish, write_error
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
