@@ -161,8 +161,12 @@ def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLi
         denoiser = loaded.denoiser_folder
         target = tmp
         if denoiser is not None and denoiser != loaded.source:
+            # the pipeline's other components only: the source's own results (samples.png, loss.csv,
+            # recipe.json, ...) describe it, and beside this model they would read as this model's
+            index = _read_json(loaded.source / "model_index.json")
+            parts = {"model_index.json"} | {k for k in index if not k.startswith("_")}
             for item in loaded.source.iterdir():
-                if item != denoiser and item.name not in DENOISER_SUBFOLDERS:
+                if item != denoiser and item.name not in DENOISER_SUBFOLDERS and item.name in parts:
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
             target = tmp / denoiser.name
         target.mkdir(exist_ok=True)
