@@ -48,11 +48,9 @@ def main() -> None:
     names = tuple(b.name for b in traced.blocks)
     config = loaded.scheduler_config
     shape = (1, 32, 32)
-    options = ort.SessionOptions()
     classifier = load_digit_classifier()
     real = real_digit_sample(args.n, args.seed)
     real_features = classifier_features(real, classifier)
-    options.intra_op_num_threads = args.threads
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}

@@ -27,6 +27,7 @@ from dgo_compile import __version__, load, trace
 from dgo_compile.cost import cost_report
 from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
+from dgo_compile.ort_runner import session_options
 from dgo_compile.metrics import DEFAULT_CLASSIFIER_DIR, classifier_features, frechet_distance, load_digit_classifier
 from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
 
@@ -72,8 +73,7 @@ def main() -> None:
     floor = json.loads((DEFAULT_CLASSIFIER_DIR / "classifier.json").read_text())
 
     latency = {}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    options = session_options(ort, args.threads)  # the artifacts' options: equal terms with torch's threads
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(traced.graph_module, traced.example_inputs(2), Path(tmp) / "denoiser.onnx")[0]
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

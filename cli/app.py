@@ -1,4 +1,8 @@
-"""`dgo-compile`: each command parses options, calls one library function, renders the result."""
+"""`dgo-compile`: each command parses options, calls one library function, renders the result.
+
+Only light modules are imported here: every command checks its options and outputs before it imports
+torch, diffusers or onnxruntime (inside its body), so `--help` and a bad argument answer at once. Help
+text is plain (no rich markup), so `[prune]` and the like print as written."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from dgo_compile.errors import DgoError
 from dgo_compile.options import check
 
 app = typer.Typer(help="Compile diffusers denoisers into cheaper static ONNX artifacts.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 # Piped output gets a table wide enough to read rather than rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True)
@@ -61,10 +65,10 @@ def inspect(
     width: Width = None,
 ) -> None:
     """Blocks of a denoiser with their shapes, parameters and MACs per call."""
+    check("inspect", {"batch": batch, "height": height, "width": width})
     from dgo_compile import load, trace
     from dgo_compile.cost import cost_report
 
-    check("inspect", {"batch": batch, "height": height, "width": width})
     loaded = load(model)
     report = cost_report(trace(loaded, size=_resolution(loaded, height, width).latent), batch=batch)
     if as_json:
@@ -122,12 +126,6 @@ def compile(
              "report.md); options given here win over the file.")] = None,
 ) -> None:
     """Fold a block schedule into static graphs and export them as an ONNX artifact."""
-    from dgo_compile import load, trace
-    from dgo_compile.artifact import compile_artifact, read_manifest
-    from dgo_compile.runtime import gateable_elements
-    from dgo_compile.sampling import denoiser_timesteps
-    from dgo_compile.schedule import Schedule, builtin
-
     if config is not None:
         from dgo_compile.pipeline import read_config, run_pipeline
 
@@ -139,40 +137,17 @@ def compile(
             outcome = run_pipeline(resolved, on_stage=lambda name: status.update(f"{name}..."))
         r = outcome.report
         out.print(f"wrote {outcome.artifact}: {r['macs']['kept']:.1%} of the original MACs per run, predicted "
-                  f"{r['predicted_speedup']:.2f}x, measured {r['measured']['speedup']:.2f}x, SSIM vs original "
-                  f"{r['quality']['ssim_vs_original']:.3f}; see {outcome.artifact / 'report.md'}")
+                  f"{r['predicted_speedup']:.2f}x, measured {r['measured']['text']}, SSIM vs original "
+                  f"{r['quality']['ssim_vs_original']:.3f}; see {outcome.artifact / 'report.md'}", highlight=False)
         return
-    from dgo_compile.loading import DEFAULT_MODEL
-    from dgo_compile.outputs import check_output
+    from dgo_compile.pipeline import compile_schedule
 
-    if granularity is not None and granularity not in ("block", "unit"):
-        raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
-    check("top level", {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
-                        "precision": precision, "height": height, "width": width})
-    precision = precision or "fp32"
-    schedule, steps, granularity = schedule or "full", 50 if steps is None else steps, granularity or "block"
-    output = check_output(output or Path("artifact"), "artifact", overwrite=overwrite, protected=[model or DEFAULT_MODEL])
-    if dump_dir is not None:
-        check_output(dump_dir, "into", option="--dump-dir", protected=[model or DEFAULT_MODEL, output])
-    plan = Schedule.load(schedule) if schedule.endswith(".json") else None  # a bad file fails before the model loads
-    loaded = load(model)
-    if loaded.scheduler_config is None:
-        raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
-    resolution = _resolution(loaded, height, width)
-    traced = trace(loaded, size=resolution.latent)
-    calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
-    if plan is None:
-        plan = builtin(schedule, calls, gateable_elements(traced, "block"))
-        if granularity == "unit":
-            plan = plan.for_units({b.name: b.units for b in traced.blocks})
-    with err.status(f"compiling {plan.name} ({plan.steps} denoiser calls)"):
-        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
-                                model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
-                                guidance_scale=guidance_scale, dump_dir=dump_dir, precision=precision)
-    manifest = read_manifest(path)
-    macs = manifest.macs
-    out.print(f"wrote {path}: {len(manifest.variants)} graphs for {manifest.scheduler.name} {steps} steps at "
-              f"{resolution}, {precision}, {macs.total / macs.full_total:.1%} of the full model's MACs per run")
+    done = compile_schedule(model, schedule, steps, scheduler, granularity, guidance_scale, output, overwrite,
+                            dump_dir, precision, height, width, on_compile=err.status)
+    macs = done.manifest.macs
+    out.print(f"wrote {done.artifact}: {len(done.manifest.variants)} graphs for {done.manifest.scheduler.name} "
+              f"{done.steps} steps at {done.resolution}, {done.precision}, {macs.total / macs.full_total:.1%} of the "
+              "full model's MACs per run")
 
 
 @app.command()
@@ -201,14 +176,15 @@ def sample(
     """Sample a grid of images, from an artifact on onnxruntime or a model's traced graph."""
     from rich.progress import Progress
 
-    from dgo_compile.finite import check_finite
-    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.configs import DEFAULT_MODEL
     from dgo_compile.outputs import check_output
-    from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample, save_grid
 
     check("sample", {"n": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
                     "class_label": class_label, "height": height, "width": width})
     check_output(output, None, protected=[source or DEFAULT_MODEL, prompt_embeds])
+    from dgo_compile.finite import check_finite
+    from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample, save_grid
+
     target = _sampling_target(source, steps, scheduler, height, width)
     guidance_scale = guidance_scale if guidance_scale is not None else target.guidance_scale
     conditions, guidance = conditions_for(target.input_names, n, class_label, prompt_embeds, guidance_scale,
@@ -234,50 +210,26 @@ def bench(
     batch: Annotated[int, typer.Option(help="Images per sampling run.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed runs of each artifact (the median is reported).")] = 5,
 ) -> None:
-    """Median wall time of a whole sampling run against the unpruned model on the same provider and batch."""
-    import tempfile
-
-    from dgo_compile.artifact import read_manifest
-    from dgo_compile.ort_runner import OrtArtifact
-    from dgo_compile.bench import bench_artifacts
-
+    """Wall time of whole sampling runs against the unpruned model on the same provider, options and batch:
+    interleaved rounds, the median speedup with its min-max, and the MACs ratio it can be held to."""
     check("bench", {"batch": batch, "repeats": repeats})
-    manifest = read_manifest(artifact)
-    with tempfile.TemporaryDirectory() as tmp:
-        if against is None:
-            source = manifest.model.source
-            if not source:
-                raise DgoError(f"{artifact} does not record its model; pass --against FULL_ARTIFACT")
-            from dgo_compile import load, trace
-            from dgo_compile.artifact import compile_artifact
-            from dgo_compile.schedule import builtin
+    from dgo_compile.bench import bench_against
 
-            loaded = load(source)
-            traced = trace(loaded, size=manifest.latent_size)  # at the artifact's resolution
-            with err.status("compiling the unpruned baseline"):
-                calls = manifest.scheduler.calls
-                against = compile_artifact(traced, builtin("full", calls, tuple(b.name for b in traced.blocks)),
-                                           manifest.scheduler.config, Path(tmp) / "full", model_source=source,
-                                           scheduler=manifest.scheduler.name, sampler_steps=manifest.scheduler.steps,
-                                           precision=manifest.precision)
-        artifacts = {"compiled": OrtArtifact.open(artifact), "full": OrtArtifact.open(against)}
-        samplers = {label: (a.manifest.scheduler.name, a.steps) for label, a in artifacts.items()}
-        if samplers["full"] != samplers["compiled"]:
-            raise DgoError(f"{against} is compiled for {samplers['full'][0]} {samplers['full'][1]} steps and {artifact} "
-                           f"for {samplers['compiled'][0]} {samplers['compiled'][1]}; compare artifacts compiled for "
-                           "the same sampler and step count")
-        with err.status(f"timing {repeats} runs of each at batch {batch}"):
-            result = bench_artifacts(artifacts, batch, repeats)
-    provider = artifacts["compiled"].sessions[0].get_providers()[0]
+    done = bench_against(artifact, against, batch, repeats, on_status=err.status)
+    result, manifest = done.result, done.manifest
     table = Table(title=f"{artifact}: {manifest.schedule['name']}, {manifest.scheduler.steps} steps, "
-                        f"batch {batch}, {provider}")
-    for col in ("artifact", "median s/run", "MACs/run", "speedup", "theoretical", "realised/theoretical"):
+                        f"batch {batch}, {done.provider}, {repeats} interleaved rounds")
+    for col in ("artifact", "median s/run", "MACs/run", "speedup (min-max)", "theoretical", "realised/theoretical"):
         table.add_column(col, justify="left" if col == "artifact" else "right")
     for label in ("full", "compiled"):
         speedup, theory = result.speedup(label, "full"), result.theoretical(label, "full")
-        table.add_row(label, f"{result.seconds[label]:.3f}", _gb(result.macs[label]), f"{speedup:.2f}x",
-                      f"{theory:.2f}x", f"{speedup / theory:.2f}")
+        low, high = result.spread(label, "full")
+        table.add_row(label, f"{result.seconds[label]:.3f}", _gb(result.macs[label]),
+                      f"{speedup:.2f}x ({low:.2f}-{high:.2f}x)", f"{theory:.2f}x", f"{speedup / theory:.2f}")
     out.print(table)
+    note = result.noise_note("compiled", "full")
+    out.print(f"speedup {result.describe('compiled', 'full').split(';')[0]}" + (f": {note}" if note else ""),
+              highlight=False)
 
 
 @app.command()
@@ -323,11 +275,8 @@ def optimize(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dgo_compile import load, trace
-    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.configs import DEFAULT_MODEL, OptimizeConfig, PrunerError
     from dgo_compile.outputs import check_output
-    from dgo_compile.pruner import OptimizeConfig, PrunerError, load_pruner, restartable, vae_decoder
-    from dgo_compile.pruner import optimize as run_optimize
 
     given = {k: v for k, v in dict(
         ratio=ratio, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration, lr=lr,
@@ -336,6 +285,14 @@ def optimize(
         prompt_embeds=str(prompt_embeds) if prompt_embeds else None, prompts=str(prompts.resolve()) if prompts else None,
         guidance_scale=guidance_scale, precision=precision).items()
         if v is not None}
+    if not resume:  # settings and a plain new -o are checked before torch is imported
+        OptimizeConfig(**given)
+        if not output.exists():
+            check_output(output, "pruner", protected=[model or DEFAULT_MODEL], error=PrunerError)
+    from dgo_compile import load, trace
+    from dgo_compile.pruner import load_pruner, restartable, vae_decoder
+    from dgo_compile.pruner import optimize as run_optimize
+
     if resume and not restartable(output):
         stored = load_pruner(output, allow_unfinished=True).state
         config = replace(stored.config, **given)
@@ -386,15 +343,16 @@ def schedule(
     model: Annotated[Optional[Path], typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
 ) -> None:
     """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
-    from dgo_compile import load, trace
-    from dgo_compile.pruner import extract_schedule, load_pruner, save_heatmap
     from dgo_compile.outputs import check_output
-    from dgo_compile.schedule_cost import ScheduleCost
 
     check("schedule", {"ratio": ratio})
     heatmap = heatmap or output.with_suffix(".png")
     for path, option in ((output, "-o"), (heatmap, "--heatmap")):
         check_output(path, None, option=option, protected=[pruner, model])
+    from dgo_compile import load, trace
+    from dgo_compile.pruner import extract_schedule, load_pruner, save_heatmap
+    from dgo_compile.schedule_cost import ScheduleCost
+
     trained = load_pruner(pruner)
     state = trained.state
     loaded = load(model or state.model_path)
@@ -440,12 +398,19 @@ def finetune(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dgo_compile.finetune import FINAL_LOSS_WINDOW, FinetuneConfig, read_finetune
-    from dgo_compile.finetune import finetune as run_finetune
+    from dgo_compile.configs import DEFAULT_MODEL, FinetuneConfig, FinetuneError
+    from dgo_compile.outputs import check_output
 
     given = {k: v for k, v in dict(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill,
                                    warmup=warmup, seed=seed, checkpoint_every=checkpoint_every).items()
              if v is not None}
+    if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)
+        FinetuneConfig(**given)
+        check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher], error=FinetuneError,
+                     exists_hint="pass --resume to continue it or choose another -o")
+    from dgo_compile.finetune import FINAL_LOSS_WINDOW, read_finetune
+    from dgo_compile.finetune import finetune as run_finetune
+
     if resume:
         stored = read_finetune(output)
         config = replace(stored.config, **given)
@@ -512,10 +477,7 @@ def prune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruned model folder to write.")] = Path("pruned"),
 ) -> None:
     """Channel pruning (Diff-Pruning): dependency groups, Taylor importance, real channel removal."""
-    from dgo_compile import load
-    from dgo_compile.channel_pruning import PruneConfig, calibration_images, plan_channels, uniform_step
-    from dgo_compile.channel_pruning import prune as run_prune
-    from dgo_compile.loading import DEFAULT_MODEL, save_denoiser
+    from dgo_compile.configs import DEFAULT_MODEL, PruneConfig
     from dgo_compile.outputs import check_output
 
     config = PruneConfig(ratio=ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
@@ -523,6 +485,11 @@ def prune(
     if not dry_run:
         check_output(output, "model", protected=[model or DEFAULT_MODEL, images],
                      exists_hint="choose another -o or remove it")
+    from dgo_compile import load
+    from dgo_compile.channel_pruning import calibration_images, plan_channels, uniform_step
+    from dgo_compile.channel_pruning import prune as run_prune
+    from dgo_compile.loading import save_denoiser
+
     loaded = load(model)
     if dry_run:
         _, plan = plan_channels(loaded)
@@ -564,13 +531,14 @@ def encode_prompts_command(
 ) -> None:
     """Encode prompts with a pipeline's own text encoder into a --prompt-embeds file (with the empty
     prompt as uncond.encoder_hidden_states, for guidance)."""
+    from dgo_compile.outputs import check_output
+
+    check_output(output, None, protected=[pipeline, prompts])
     from safetensors.torch import save_file
 
     from dgo_compile.files import write_atomic
-    from dgo_compile.outputs import check_output
     from dgo_compile.prompts import encode_prompts, read_prompts
 
-    check_output(output, None, protected=[pipeline, prompts])
     tensors = encode_prompts(pipeline, read_prompts(prompts))
     write_atomic(output, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
     shape = tuple(tensors["encoder_hidden_states"].shape)

@@ -12,8 +12,6 @@ import hashlib
 import re
 from pathlib import Path
 
-import onnx
-
 from .errors import DgoError
 
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -63,9 +61,11 @@ def check_files(folder: Path, names: list[str], records: object, *, checksums: b
                                 "changed; recompile or copy it again")
 
 
-def load_graph(path: Path, weights_file: str, weights_bytes: int) -> onnx.ModelProto:
+def load_graph(path: Path, weights_file: str, weights_bytes: int) -> "onnx.ModelProto":  # noqa: F821
     """A variant's graph without its weights, after checking every external reference stays in the
     artifact's weights file and inside its size."""
+    import onnx  # here, so that ArtifactError stays importable without onnx
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and others for a file that is not ONNX

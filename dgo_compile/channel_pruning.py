@@ -16,58 +16,19 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
-
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
 from .channel_surgery import PRUNING_FORMAT, module_shape, resized
 from .cost import cost_report
-from .errors import DgoError
 from .loading import LoadedModel
-from .options import check
 from .passes import PassManager
 from .passes.channel_groups import NORMALIZED_SHAPE, ChannelGroup, ChannelGroups, ChannelGroupsConfig, ChannelPlan, channel_plan
 from .tracing import TracedDenoiser, trace
-
-IMPORTANCES = ("taylor", "magnitude", "random")
-SCOPES = ("uniform", "global")
-
-
-class PruneError(DgoError):
-    """Channel pruning cannot be done as asked."""
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    ratio: float = 0.3  # share of each group's channels removed (uniform), or of all prunable channels (global)
-    importance: str = "taylor"
-    scope: str = "uniform"
-    threshold: float = 0.05  # Diff-Pruning's stop: loss below threshold x running max (0.05 for CIFAR-10)
-    batch: int = 32  # the fixed batch the Taylor gradients are taken on
-    max_timesteps: int = 1000
-    seed: int = 0
-    # GroupNorm groups keep at least this many channels (or all they had). One channel per group is an
-    # instance norm: it discards every channel's spatial mean, so the model can no longer predict the
-    # noise's per-image mean, and DDIM integrates that error into images that drift (measured:
-    # benchmarks/results/channel_pruning.md).
-    min_group_channels: int = 2
-
-    def __post_init__(self) -> None:
-        check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)
-        if not 0 <= self.ratio < 1:
-            raise PruneError(f"--ratio must be in [0, 1) (the share of channels removed), got {self.ratio}")
-        if self.importance not in IMPORTANCES:
-            raise PruneError(f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
-        if self.scope not in SCOPES:
-            raise PruneError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
-        if not 0 < self.threshold < 1:
-            raise PruneError(f"--threshold must be in (0, 1), got {self.threshold}")
-        for name in ("batch", "max_timesteps", "min_group_channels"):
-            if getattr(self, name) < 1:
-                raise PruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

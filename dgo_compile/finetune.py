@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +33,12 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from .configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
 from .data import IMAGE_SIZE, mnist_digits
 from .distributed import current_world
-from .errors import DgoError
 from .files import write_atomic
 from .finite import check_finite
 from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
-from .options import check
 from .outputs import check_output, make_staging, publish, write_error
 
 FORMAT = "dgo-compile-finetune"
@@ -53,43 +52,6 @@ MIN_LR_FACTOR = 0.02
 EMA_POWER = 0.75
 MAX_GRAD_NORM = 1.0
 FINAL_LOSS_WINDOW = 50  # the reported final loss averages this many last steps: one batch is noisy
-
-
-class FinetuneError(DgoError):
-    """Bad fine-tuning settings, a model the shipped data cannot train, or a folder that is not a fine-tuning run."""
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything that determines a fine-tuning run besides its models; stored and checked on `--resume`."""
-
-    steps: int = 500
-    batch: int = 32
-    lr: float = 2e-4  # AdamW
-    ema_decay: float = 0.999  # 0: no EMA, the raw weights are saved
-    distill: float = 0.0  # weight of the distillation term (needs a teacher)
-    warmup: int = 0  # linear learning-rate warmup steps
-    seed: int = 0
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
-        for name in ("steps", "batch", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise FinetuneError(f"--warmup must be 0 or more, got {self.warmup}")
-        if not self.lr > 0:
-            raise FinetuneError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise FinetuneError(f"--ema-decay must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}")
-        if not self.distill >= 0:
-            raise FinetuneError(f"--distill must be 0 or more, got {self.distill}")
-
-    @classmethod
-    def from_json(cls, data: dict) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

@@ -19,12 +19,12 @@ from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 from .bounds import check_config, check_json_file, check_record
+from .configs import DEFAULT_MODEL
 from .errors import ModelLoadError, UnsupportedModelError
 from .families import FAMILIES, Family
 from .finite import check_finite
 from .outputs import check_output, make_staging, publish, write_error
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
@@ -161,8 +161,12 @@ def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLi
         denoiser = loaded.denoiser_folder
         target = tmp
         if denoiser is not None and denoiser != loaded.source:
+            # the pipeline's other components only: the source's own results (samples.png, loss.csv,
+            # recipe.json, ...) describe it, and beside this model they would read as this model's
+            index = _read_json(loaded.source / "model_index.json")
+            parts = {"model_index.json"} | {k for k in index if not k.startswith("_")}
             for item in loaded.source.iterdir():
-                if item != denoiser and item.name not in DENOISER_SUBFOLDERS:
+                if item != denoiser and item.name not in DENOISER_SUBFOLDERS and item.name in parts:
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
             target = tmp / denoiser.name
         target.mkdir(exist_ok=True)

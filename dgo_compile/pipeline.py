@@ -8,8 +8,10 @@ Order (each stage feeds the next; stages without a table in the config are skipp
   4. fold + export the ONNX artifact (written to a temp folder, then renamed)
   5. verify      the artifact against the PyTorch graphs it came from, on the same noise
   6. report      report.md / report.json / heatmap / sample grid, quality against the unpruned model
-Intermediate models live in `<output>.work/`, so a rerun with the same config reuses them.
-The resolved config is written into the artifact (`dgo_config.json`).
+Intermediate models live in `<output>.work/`; a rerun reuses one only when its `stage.json` holds the
+same resolved settings and inputs (`dgo_compile.stages`), and rebuilds it otherwise, saying why.
+Everything is checked (options, the output folder, the schedule's syntax) before torch is imported or
+the model loaded. The resolved config is written into the artifact (`dgo_config.json`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .channel_pruning import PruneConfig
+from .configs import ARTIFACT_PRECISIONS as PRECISIONS
+from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig
 from .errors import DgoError
-from .finetune import FinetuneConfig
-from .precision import PRECISIONS
-from .loading import DEFAULT_MODEL
 from .options import check
 from .outputs import check_output, exclusive, make_staging, publish
-from .pruner import OptimizeConfig
-from .resolution import resolve
+from .schedule import check_spec
 
 CONFIG_FILE = "dgo_config.json"
 TOP_LEVEL = ("model", "output", "schedule", "steps", "scheduler", "granularity", "guidance_scale", "overwrite",
@@ -123,11 +122,12 @@ class CompileOutcome:
 
 
 def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None = None) -> CompileOutcome:
-    from .artifact import ArtifactError
+    from .artifact_files import ArtifactError
 
     stage = on_stage or (lambda _: None)
     output = check_output(config.output, "artifact", overwrite=config.overwrite,
                           protected=[config.model or DEFAULT_MODEL], error=ArtifactError)
+    check_spec(config.schedule, learned=True)  # a bad schedule fails before the model loads
     work = output.with_name(output.name + ".work")
     with exclusive(work):  # concurrent runs on one -o share the work folder: the second stops here
         return _run(config, output, work, stage)
@@ -136,6 +136,9 @@ def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None =
 def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str], None]) -> CompileOutcome:
     from . import load, trace
     from .artifact import compile_artifact
+    from .report import write_report
+    from .resolution import resolve
+    from .stages import finetuned, pruned
 
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"config": config.to_json()}
@@ -154,15 +157,17 @@ def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str],
     config = replace(config, height=resolution.height, width=resolution.width)  # the resolved config records it
     report.update(config=config.to_json(), resolution=resolution.to_json())
     model_path = config.model
+    if config.finetune is not None and config.prune is None:
+        raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
     if config.prune is not None:
-        model_path = timed("prune", lambda: _pruned(original, config.prune, work / "pruned"))
+        model_path = timed("prune", lambda: pruned(original, config.prune, work / "pruned"))
     if config.finetune is not None:
-        if model_path == config.model:
-            raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
-        model_path = timed("finetune", lambda: _finetuned(model_path, config.finetune, work / "finetuned"))
+        model_path = timed("finetune", lambda: finetuned(model_path, config.finetune, work / "finetuned"))
     loaded = load(model_path)
     traced = trace(loaded, size=resolution.latent)
-    schedule, heatmap_source = timed("schedule", lambda: _schedule(config, traced, loaded, work))
+    report["built"] = _built(model_path, config)
+    schedule, heatmap_source = timed("schedule", lambda: _schedule(config, traced, loaded, work,
+                                                                    model_path or loaded.source, resolution.latent))
     staging = make_staging(output)  # unique per run: concurrent or killed runs never share it
     tmp = staging / output.name
     try:
@@ -174,7 +179,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str],
         report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, original_traced,
                                                         schedule)))
         report["timings_s"] = timings
-        _write_report(tmp, report, schedule, heatmap_source, loaded, original, original_traced)
+        write_report(tmp, report, schedule, heatmap_source, loaded, original_traced, original.scheduler_config)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
         publish(tmp, output, "artifact", overwrite=config.overwrite)
     finally:
@@ -182,43 +187,44 @@ def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str],
     return CompileOutcome(output, report)
 
 
-def _pruned(original, config: PruneConfig, folder: Path) -> str:
-    from .channel_pruning import calibration_images, prune
-    from .loading import save_denoiser
+def _built(model_path, config: CompileConfig) -> dict[str, Any]:
+    """What the compiled model is, from the stamps of the stage folders it was actually built in."""
+    from .stages import describe
 
-    if (folder / "model_index.json").is_file() or any(folder.glob("*/dgo_pruning.json")) or \
-            (folder / "dgo_pruning.json").is_file():
-        return str(folder)  # a previous run of this config
-    images = calibration_images(original) if config.importance == "taylor" else None
-    pruned = prune(original, config, images)
-    save_denoiser(original, pruned.model, folder, pruned.pruning)
-    return str(folder)
-
-
-def _finetuned(model_path: str, config: FinetuneConfig, folder: Path) -> str:
-    from .finetune import finetune, read_finetune
-
-    resume = folder.exists()
-    if resume and read_finetune(folder).complete:
-        return str(folder)
-    finetune(model_path, config, folder, resume=resume)
-    return str(folder)
+    if model_path == config.model:
+        return {"model": str(config.model or DEFAULT_MODEL)}
+    folder = Path(model_path)
+    built = {"model": str(folder)}
+    if config.finetune is not None:
+        built["finetune"] = describe(folder)
+        folder = folder.parent / "pruned"
+    built["prune"] = describe(folder)
+    return built
 
 
-def _schedule(config: CompileConfig, traced, loaded, work: Path):
+def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int]):
     from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
     from .runtime import gateable_elements
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
     from .schedule_cost import ScheduleCost
+    from .stages import prepare_pruner, pruner_stamp, read_stamp, write_stamp
 
     if config.schedule == "learned":
         folder = work / "pruner"
-        done = folder.exists() and load_pruner(folder, allow_unfinished=True).state.complete
+        expected = pruner_stamp(config.optimize, model_path, latent)
+        reusable = prepare_pruner(folder, expected)  # a pruner trained for other settings is discarded
+
+        def stamp(_record=None) -> None:
+            if folder.is_dir() and read_stamp(folder) != expected:
+                write_stamp(folder, expected)
+
+        done = reusable and load_pruner(folder, allow_unfinished=True).state.complete
         trained = load_pruner(folder) if done else optimize(
             traced, loaded.scheduler_config, config.optimize, folder, model_source=str(loaded.source.resolve()),
             null_class_label=traced.family.null_class_label(loaded.model), resume=folder.exists(),
-            decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None)
+            decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None, on_iteration=stamp)
+        stamp()
         cost = ScheduleCost(traced, trained.state.schedule_granularity)
         plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.ratio,
                                    f"dipgo:{config.optimize.ratio:g}", trained.whole_calls)
@@ -271,53 +277,64 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
         "quality": {"samples": config.verify_samples, "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
                     "ssim_vs_original": float(ssim(ours, reference).mean())},
         "images": ours,
+        "reference_images": reference,
     }
 
 
-def _write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded, original,
-                  original_traced) -> None:
-    from .bench import bench_artifacts
-    from .artifact import compile_artifact
-    from .ort_runner import OrtArtifact
-    from .pruner import save_heatmap
-    from .sampling import save_grid
+@dataclass
+class ScheduleOutcome:
+    artifact: Path
+    manifest: Any  # dgo_compile.manifest.Manifest
+    resolution: Any  # dgo_compile.resolution.Resolution
+    steps: int
+    precision: str
 
-    images = report.pop("images")
-    save_grid(images[:, :3], folder / "samples.png")
-    if trained is not None:
-        save_heatmap(trained.reuse_scores(), schedule, folder / "schedule.png", schedule.name)
-    full = folder.parent / f".{folder.name}.full"
-    try:  # measured speedup: the original model's `full` artifact on the same provider and sampler
-        from .schedule import builtin
-        from .runtime import gateable_elements
 
-        calls = schedule.steps
-        compile_artifact(original_traced, builtin("full", calls, gateable_elements(original_traced)),
-                         original.scheduler_config, full, overwrite=True, scheduler=report["config"]["scheduler"],
-                         sampler_steps=report["config"]["steps"])
-        result = bench_artifacts({"full": OrtArtifact.open(full), "compiled": OrtArtifact.open(folder)}, 1, 5)
-        report["measured"] = {"seconds_full": result.seconds["full"], "seconds_compiled": result.seconds["compiled"],
-                              "speedup": result.speedup("compiled", "full")}
-    finally:
-        shutil.rmtree(full, ignore_errors=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    m, q = report["macs"], report["quality"]
-    lines = [f"# dgo-compile report: {loaded.source}", "",
-             f"Schedule `{schedule.name}`, {report['config']['steps']} sampler steps at height "
-             f"{report['resolution']['height']}, width {report['resolution']['width']} {report['resolution']['unit']}"
-             + (f", channel pruning ratio {report['config']['prune']['ratio']}" if report["config"]["prune"] else ""),
-             "", "| | original | compiled |", "|---|---|---|",
-             f"| params | {report['params']['original'] / 1e6:.2f} M | {report['params']['compiled'] / 1e6:.2f} M |",
-             f"| MACs per call (all blocks) | {m['original_per_call'] / 1e6:.1f} M | {m['compiled_per_call_full'] / 1e6:.1f} M |",
-             f"| MACs per run | {m['original_per_run'] / 1e9:.2f} G | {m['per_run'] / 1e9:.2f} G ({m['kept']:.1%}) |",
-             f"| predicted speedup (MACs) | 1.00x | {report['predicted_speedup']:.2f}x |",
-             f"| measured speedup (onnxruntime, batch 1, median of 5) | 1.00x | {report['measured']['speedup']:.2f}x |",
-             f"| PSNR / SSIM vs original ({q['samples']} samples, same noise) | 100 / 1.000 | "
-             f"{q['psnr_vs_original']:.1f} / {q['ssim_vs_original']:.3f} |",
-             f"| artifact vs its PyTorch graphs (relative L2) | | {report['parity_rel_l2']:.1e} |",
-             "", "MACs per denoiser call: " + ", ".join(f"{x / 1e6:.0f}M" for x in m["per_call"]), "",
-             "Stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items()), "",
-             "![samples](samples.png)"]
-    if trained is not None:
-        lines += ["", "![schedule](schedule.png)"]
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
+def compile_schedule(model: str | Path | None = None, schedule: str | None = None, steps: int | None = None,
+                     scheduler: str | None = None, granularity: str | None = None,
+                     guidance_scale: float | None = None, output: str | Path | None = None, overwrite: bool = False,
+                     dump_dir: str | Path | None = None, precision: str | None = None, height: int | None = None,
+                     width: int | None = None,
+                     on_compile: Callable[[str], Any] | None = None) -> ScheduleOutcome:
+    """`compile` without --config: fold one schedule into an artifact. Every option, the outputs and
+    the schedule are checked before torch is imported; `on_compile(what)` may return a context manager
+    (a status line) held while the graphs are exported."""
+    import contextlib
+
+    if granularity is not None and granularity not in ("block", "unit"):
+        raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
+    check("top level", {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
+                        "precision": precision, "height": height, "width": width})
+    precision = precision or "fp32"
+    schedule, steps, granularity = schedule or "full", 50 if steps is None else steps, granularity or "block"
+    output = check_output(output or Path("artifact"), "artifact", overwrite=overwrite,
+                          protected=[model or DEFAULT_MODEL])
+    if dump_dir is not None:
+        check_output(dump_dir, "into", option="--dump-dir", protected=[model or DEFAULT_MODEL, output])
+    check_spec(schedule)  # an unknown name or an unreadable file fails before the model loads
+
+    from . import load, trace
+    from .artifact import compile_artifact, read_manifest
+    from .resolution import resolve
+    from .runtime import gateable_elements
+    from .sampling import denoiser_timesteps
+    from .schedule import Schedule, builtin
+
+    loaded = load(model)
+    if loaded.scheduler_config is None:
+        raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
+    resolution = resolve(loaded.model, loaded.source, height, width, names=("--height", "--width"))
+    traced = trace(loaded, size=resolution.latent)
+    if schedule.endswith(".json"):
+        plan = Schedule.load(schedule)
+    else:
+        calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
+        plan = builtin(schedule, calls, gateable_elements(traced, "block"))
+        if granularity == "unit":
+            plan = plan.for_units({b.name: b.units for b in traced.blocks})
+    status = on_compile(f"compiling {plan.name} ({plan.steps} denoiser calls)") if on_compile else None
+    with status or contextlib.nullcontext():
+        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
+                                model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
+                                guidance_scale=guidance_scale, dump_dir=dump_dir, precision=precision)
+    return ScheduleOutcome(path, read_manifest(path), resolution, steps, precision)

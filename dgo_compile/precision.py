@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .configs import ARTIFACT_PRECISIONS
 from .errors import DgoError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ARTIFACT_PRECISIONS
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax")
 KEEP_FLOAT_INPUTS = ("timestep",)
 # Ops between the attention-score MatMul and its Softmax (scale, mask).

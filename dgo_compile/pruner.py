@@ -24,19 +24,19 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .configs import GRANULARITIES, OptimizeConfig, PrunerError  # noqa: F401  (re-exported)
+from .configs import OPTIMIZE_PRECISIONS as PRECISIONS  # noqa: F401
 from .distributed import current_world
-from .errors import DgoError
 from .files import write_atomic
 from .finite import check_finite
 from .metrics import ssim
-from .options import check
 from .outputs import check_output, staged
 from .runtime import SuperNetRun, build_supernet, graph_on
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
@@ -49,68 +49,8 @@ FORMAT = "dgo-compile-pruner"
 FORMAT_VERSION = 1
 STATE_FILE = "pruner.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 RATIO_TOLERANCE = 0.0125
 log = logging.getLogger("dgo_compile.pruner")
-
-
-class PrunerError(DgoError):
-    """Bad optimization settings, or a pruner folder that is missing, unfinished or of another format."""
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class OptimizeConfig:
-    """Everything that determines a trained pruner; stored in it and checked on `--resume`."""
-
-    ratio: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
-    steps: int = 50
-    scheduler: str | None = None
-    iters: int = 150
-    batch: int = 2
-    calibration: int = 32  # noise seeds (and conditions) cycled through by the iterations
-    # DiP-GO uses 0.1 over 1000 iterations; over our 150 that saturates every gate (benchmarks/results/pruner.md).
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    alpha: float = 1.0  # weight of the sparsity term
-    granularity: str = "block"
-    dim: int = 128
-    layers: int = 2
-    timestep_conditioning: bool = True
-    seed: int = 0
-    checkpoint_every: int = 10
-    class_labels: tuple[int, ...] | None = None
-    prompt_embeds: str | None = None
-    prompts: str | None = None  # text file, encoded by the pipeline's own text encoder
-    guidance_scale: float | None = None
-    # Autocast precision of the SuperNet's forward (and recomputed backward) passes; the pruner, the
-    # loss and the scheduler's arithmetic stay float32. bf16 needs a GPU (`device`).
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
-        if self.precision not in PRECISIONS:
-            raise PrunerError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        if not 0 < self.ratio <= 1:
-            raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
-        if self.granularity not in GRANULARITIES:
-            raise PrunerError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
-        for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise PrunerError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise PrunerError(f"--lr must be positive, got {self.lr}")
-
-    @classmethod
-    def from_json(cls, data: dict) -> "OptimizeConfig":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if values.get("class_labels") is not None:
-            values["class_labels"] = tuple(values["class_labels"])
-        return cls(**values)
 
 
 class Pruner(nn.Module):

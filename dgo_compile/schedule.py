@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgo_compile.passes.boundaries import GRANULARITIES, OUTPUT
-
 from .errors import DgoError
 from .files import write_atomic
 
@@ -33,6 +31,8 @@ class Schedule:
     granularity: str = "block"
 
     def __post_init__(self) -> None:
+        from dgo_compile.passes.boundaries import GRANULARITIES  # torch: imported once a schedule is built
+
         if self.granularity not in GRANULARITIES:
             raise ScheduleError(f"schedule '{self.name}' has granularity '{self.granularity}'; "
                                 f"use one of {', '.join(GRANULARITIES)}")
@@ -54,6 +54,8 @@ class Schedule:
     def with_closure(self, consumers: dict[str, set[str]]) -> Schedule:
         """Also skip blocks whose output nobody would read: no consumer runs at that step and no
         later step reads the cache before the block runs again. Results never change."""
+        from dgo_compile.passes.boundaries import OUTPUT
+
         rows = [dict(zip(self.blocks, row)) for row in self.compute]
         changed = True
         while changed:
@@ -113,6 +115,8 @@ class Schedule:
 
 
 def _cache_read_later(rows: list[dict[str, bool]], users: set[str], block: str, step: int) -> bool:
+    from dgo_compile.passes.boundaries import OUTPUT
+
     for row in rows[step + 1:]:
         if row[block]:
             return False
@@ -125,6 +129,24 @@ def _flag(value) -> bool:
     if value in (0, 1, True, False):
         return bool(value)
     raise TypeError(f"entry {value!r} is not 0 or 1")
+
+
+def check_spec(spec: str, *, learned: bool = False) -> None:
+    """Refuse a schedule that cannot be right for any model, before one is loaded: an unknown name, a
+    zero interval, an unreadable JSON file ("learned" only where `learned`, i.e. with --config)."""
+    if learned and spec == "learned":
+        return
+    if spec.endswith(".json"):
+        Schedule.load(spec)
+        return
+    match = SPEC.match(spec)
+    if match is None:
+        raise ScheduleError(f"unknown schedule '{spec}'; use full, deepcache:N[:branch], steps:K, a schedule JSON"
+                            + (" or learned" if learned else ""))
+    if match.group(2) is not None and int(match.group(2)) < 1:
+        raise ScheduleError(f"deepcache interval must be at least 1, got {match.group(2)}")
+    if match.group(4) is not None and int(match.group(4)) < 1:
+        raise ScheduleError(f"steps:K needs K >= 1, got {match.group(4)}")
 
 
 def builtin(spec: str, steps: int, blocks: tuple[str, ...]) -> Schedule:

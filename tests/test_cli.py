@@ -1,6 +1,7 @@
 """The dgo-compile CLI as a user runs it: real subprocesses, real exit codes, one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,57 @@ def test_bench_compares_with_the_unpruned_model(tmp_path):
     assert set(rows) >= {"full", "compiled"}
     assert "2.00x" in rows["compiled"].split("│")[5]  # steps:2 of 4: two full calls, two that run only the head
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # the baseline lived in a temp dir
+
+
+def test_bench_of_an_artifact_against_itself_is_one_within_its_spread(tmp_path):
+    """Both sides open with the same session options and run in interleaved rounds, so an artifact
+    timed against itself must measure 1.0x inside its own min-max; a median above 1.0 (the MACs ratio)
+    must be called noise."""
+    artifact = tmp_path / "artifact"
+    assert run("compile", "--schedule", "full", "--steps", "2", "-o", artifact).returncode == 0
+    result = run("bench", artifact, "--against", artifact, "--repeats", "15")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("speedup "))
+    median, low, high = (float(v) for v in re.match(r"speedup ([\d.]+)x \(([\d.]+)-([\d.]+)x over 15 rounds\)",
+                                                    line).groups())
+    assert low <= 1.0 <= high and low <= median <= high, line
+    assert ("measurement noise" in line) == (median > 1.0), line
+
+
+HEAVY = ("torch", "diffusers", "onnx", "onnxruntime")
+PROBE = ("import sys\nfrom dgo_compile.cli.app import main\nsys.argv = ['dgo-compile', *sys.argv[1:]]\ncode = 0\n"
+         "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+         f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\nsys.exit(code)\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--help"], None),
+    (["compile", "--help"], None),
+    (["compile", "--schedule", "bogus:3", "-o", "{tmp}/a"], "unknown schedule 'bogus:3'"),
+    (["compile", "--config", "{tmp}/dgo.toml", "-o", "{tmp}/exists"], "exists already exists"),
+    (["compile", "--config", "{tmp}/dgo.toml", "--schedule", "nope", "-o", "{tmp}/a"], "unknown schedule 'nope'"),
+    (["prune", "--ratio", "2", "-o", "{tmp}/p"], "--ratio must be in [0, 1)"),
+    (["sample", "-n", "0"], "-n must be at least 1"),
+    (["finetune", "-o", "{tmp}/exists"], "exists already exists"),
+])
+def test_help_and_bad_arguments_import_nothing_heavy(tmp_path, args, message):
+    """Options, outputs and the schedule's syntax are checked before torch, diffusers or onnx are imported."""
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "dgo.toml").write_text('schedule = "deepcache:3"\nsteps = 4\n[prune]\nratio = 0.25\n')
+    result = subprocess.run([sys.executable, "-c", PROBE, *(a.format(tmp=tmp_path) for a in args)],
+                            capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in result.stderr, result.stderr
+    if message is None:
+        assert result.returncode == 0 and "Usage:" in result.stdout
+    else:
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
+
+
+def test_help_renders_flags_and_config_sections_as_written():
+    result = run("compile", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "<bool>" not in text
+    assert "([prune], [finetune], [optimize], then compile" in text
+    assert "--overwrite / --no-overwrite" in text

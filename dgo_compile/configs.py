@@ -1,0 +1,151 @@
+"""The settings of each stage (`prune`, `finetune`, `optimize`) and where models come from by default.
+
+Kept free of torch, diffusers and onnx so that the command line and `compile --config` check every
+setting before anything heavy is imported; the stage modules re-export these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import DgoError
+from .options import check
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
+ARTIFACT_PRECISIONS = ("fp32", "fp16")  # see dgo_compile.precision
+GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
+
+
+IMPORTANCES = ("taylor", "magnitude", "random")
+SCOPES = ("uniform", "global")
+
+
+class PruneError(DgoError):
+    """Channel pruning cannot be done as asked."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.3  # share of each group's channels removed (uniform), or of all prunable channels (global)
+    importance: str = "taylor"
+    scope: str = "uniform"
+    threshold: float = 0.05  # Diff-Pruning's stop: loss below threshold x running max (0.05 for CIFAR-10)
+    batch: int = 32  # the fixed batch the Taylor gradients are taken on
+    max_timesteps: int = 1000
+    seed: int = 0
+    # GroupNorm groups keep at least this many channels (or all they had). One channel per group is an
+    # instance norm: it discards every channel's spatial mean, so the model can no longer predict the
+    # noise's per-image mean, and DDIM integrates that error into images that drift (measured:
+    # benchmarks/results/channel_pruning.md).
+    min_group_channels: int = 2
+
+    def __post_init__(self) -> None:
+        check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)
+        if not 0 <= self.ratio < 1:
+            raise PruneError(f"--ratio must be in [0, 1) (the share of channels removed), got {self.ratio}")
+        if self.importance not in IMPORTANCES:
+            raise PruneError(f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
+        if self.scope not in SCOPES:
+            raise PruneError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
+        if not 0 < self.threshold < 1:
+            raise PruneError(f"--threshold must be in (0, 1), got {self.threshold}")
+        for name in ("batch", "max_timesteps", "min_group_channels"):
+            if getattr(self, name) < 1:
+                raise PruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+class FinetuneError(DgoError):
+    """Bad fine-tuning settings, a model the shipped data cannot train, or a folder that is not a fine-tuning run."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that determines a fine-tuning run besides its models; stored and checked on `--resume`."""
+
+    steps: int = 500
+    batch: int = 32
+    lr: float = 2e-4  # AdamW
+    ema_decay: float = 0.999  # 0: no EMA, the raw weights are saved
+    distill: float = 0.0  # weight of the distillation term (needs a teacher)
+    warmup: int = 0  # linear learning-rate warmup steps
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
+        for name in ("steps", "batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise FinetuneError(f"--warmup must be 0 or more, got {self.warmup}")
+        if not self.lr > 0:
+            raise FinetuneError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise FinetuneError(f"--ema-decay must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}")
+        if not self.distill >= 0:
+            raise FinetuneError(f"--distill must be 0 or more, got {self.distill}")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class PrunerError(DgoError):
+    """Bad optimization settings, or a pruner folder that is missing, unfinished or of another format."""
+
+
+OPTIMIZE_PRECISIONS = ("fp32", "bf16")  # the SuperNet's autocast
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything that determines a trained pruner; stored in it and checked on `--resume`."""
+
+    ratio: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
+    steps: int = 50
+    scheduler: str | None = None
+    iters: int = 150
+    batch: int = 2
+    calibration: int = 32  # noise seeds (and conditions) cycled through by the iterations
+    # DiP-GO uses 0.1 over 1000 iterations; over our 150 that saturates every gate (benchmarks/results/pruner.md).
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    alpha: float = 1.0  # weight of the sparsity term
+    granularity: str = "block"
+    dim: int = 128
+    layers: int = 2
+    timestep_conditioning: bool = True
+    seed: int = 0
+    checkpoint_every: int = 10
+    class_labels: tuple[int, ...] | None = None
+    prompt_embeds: str | None = None
+    prompts: str | None = None  # text file, encoded by the pipeline's own text encoder
+    guidance_scale: float | None = None
+    # Autocast precision of the SuperNet's forward (and recomputed backward) passes; the pruner, the
+    # loss and the scheduler's arithmetic stay float32. bf16 needs a GPU (`device`).
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
+        if self.precision not in OPTIMIZE_PRECISIONS:
+            raise PrunerError(f"--precision must be one of {', '.join(OPTIMIZE_PRECISIONS)}, got '{self.precision}'")
+        if not 0 < self.ratio <= 1:
+            raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
+        if self.granularity not in GRANULARITIES:
+            raise PrunerError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
+        for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise PrunerError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise PrunerError(f"--lr must be positive, got {self.lr}")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "OptimizeConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("class_labels") is not None:
+            values["class_labels"] = tuple(values["class_labels"])
+        return cls(**values)
