@@ -53,7 +53,8 @@ from dgo_compile.export import export_onnx
 from dgo_compile.finetune import FinetuneConfig, read_finetune
 from dgo_compile.loading import save_denoiser
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
-from dgo_compile.runtime import fold, gateable_elements
+from dgo_compile.folding import fold
+from dgo_compile.supernet import gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 from dgo_compile.schedule_cost import ScheduleCost

@@ -26,7 +26,7 @@ from dgo_compile import __version__, load, trace
 from dgo_compile.data import real_digit_sample
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.pruner import OptimizeConfig, extract_schedule, optimize, save_heatmap
-from dgo_compile.runtime import fold
+from dgo_compile.folding import fold
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 from dgo_compile.schedule_cost import ScheduleCost

@@ -26,7 +26,7 @@ from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.bench import time_runs
 from dgo_compile.data import real_digit_sample
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
-from dgo_compile.runtime import fold
+from dgo_compile.folding import fold
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 

@@ -33,7 +33,8 @@ from dgo_compile.data import real_digit_sample  # noqa: E402
 from dgo_compile.finetune import read_finetune  # noqa: E402
 from dgo_compile.metrics import classifier_features, load_digit_classifier  # noqa: E402
 from dgo_compile.pruner import extract_schedule, load_pruner  # noqa: E402
-from dgo_compile.runtime import fold, gateable_elements  # noqa: E402
+from dgo_compile.folding import fold
+from dgo_compile.supernet import gateable_elements  # noqa: E402
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim  # noqa: E402
 from dgo_compile.schedule import Schedule, builtin  # noqa: E402
 from dgo_compile.schedule_cost import ScheduleCost  # noqa: E402

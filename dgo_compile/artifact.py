@@ -35,7 +35,7 @@ from .outputs import check_output, make_staging, publish
 from .passes import cost_of, variant_signature
 from .precision import KEEP_FLOAT_INPUTS, check_precision, to_fp16
 from .resolution import artifact_resolution
-from .runtime import fold
+from .folding import fold
 from .sampling import SCHEDULERS, denoiser_timesteps
 from .schedule import Schedule
 from .tracing import TracedDenoiser

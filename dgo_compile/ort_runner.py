@@ -21,7 +21,7 @@ from .artifact_files import ArtifactError, load_graph
 from .finite import check_finite
 from .manifest import Manifest
 from .onnx_weights import SharedWeights
-from .runtime import StepRun
+from .torch_runner import StepRun
 
 
 def session_options(ort, threads: int | None = None, precision: str = "fp32", device: str = "cpu"):

@@ -204,7 +204,7 @@ def _built(model_path, config: CompileConfig) -> dict[str, Any]:
 
 def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int]):
     from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
-    from .runtime import gateable_elements
+    from .supernet import gateable_elements
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
     from .schedule_cost import ScheduleCost
@@ -246,7 +246,7 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     from .cost import cost_report
     from .finite import check_finite
     from .metrics import psnr, ssim
-    from .runtime import fold
+    from .folding import fold
     from .sampling import conditions_for, denoiser_timesteps, initial_noise, sample
 
     manifest = read_manifest(artifact)
@@ -316,7 +316,7 @@ def compile_schedule(model: str | Path | None = None, schedule: str | None = Non
     from . import load, trace
     from .artifact import compile_artifact, read_manifest
     from .resolution import resolve
-    from .runtime import gateable_elements
+    from .supernet import gateable_elements
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
 

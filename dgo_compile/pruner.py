@@ -38,7 +38,7 @@ from .files import write_atomic
 from .finite import check_finite
 from .metrics import ssim
 from .outputs import check_output, staged
-from .runtime import SuperNetRun, build_supernet, graph_on
+from .supernet import SuperNetRun, build_supernet, graph_on
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
 from .schedule import Schedule, ScheduleError
 from .prompts import encode_prompts, read_prompts

@@ -40,7 +40,7 @@ def _measure(folder: Path, config: dict[str, Any], calls: int, original_traced, 
     from .artifact import compile_artifact
     from .bench import bench_artifacts
     from .ort_runner import OrtArtifact
-    from .runtime import gateable_elements
+    from .supernet import gateable_elements
     from .schedule import builtin
 
     full = folder.parent / f".{folder.name}.full"

@@ -15,7 +15,8 @@ from dgo_compile.passes import FoldTimestep, PassManager, cost_of
 from dgo_compile.passes.boundaries import boundary_values, data_inputs, element_consumers, element_of, sample_dependent
 
 from .cost import analyse
-from .runtime import VariantKey, gateable_elements, variant_keys
+from .folding import VariantKey, variant_keys
+from .supernet import gateable_elements
 from .schedule import Schedule
 from .tracing import TracedDenoiser
 

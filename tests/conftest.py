@@ -61,7 +61,7 @@ def artifact(tiny, tmp_path_factory):
     test come from the manifest and the files, not from the model). Tests copy it before changing it."""
     from dgo_compile.artifact import compile_artifact
     from dgo_compile.loading import DEFAULT_MODEL
-    from dgo_compile.runtime import gateable_elements
+    from dgo_compile.supernet import gateable_elements
     from dgo_compile.schedule import builtin
 
     _, traced, scheduler_config = tiny

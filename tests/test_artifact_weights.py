@@ -10,7 +10,7 @@ import torch
 from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact, read_manifest
 from dgo_compile.ort_runner import OrtArtifact, session_options
-from dgo_compile.runtime import gateable_elements
+from dgo_compile.supernet import gateable_elements
 from dgo_compile.metrics import psnr
 from dgo_compile.sampling import initial_noise, sample_ddim
 from dgo_compile.schedule import Schedule, builtin

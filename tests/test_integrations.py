@@ -14,7 +14,8 @@ from dgo_compile.families import CLIP_TOKENS
 from dgo_compile.integrations.diffusers import CompiledUNet, IntegrationError, attach, detach
 from dgo_compile.loading import DEFAULT_MODEL
 from dgo_compile.resolution import resolve
-from dgo_compile.runtime import fold, gateable_elements
+from dgo_compile.folding import fold
+from dgo_compile.supernet import gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample
 from dgo_compile.schedule import builtin
 

@@ -14,7 +14,8 @@ from dgo_compile.passes import cost_of
 from dgo_compile.pruner import (
     OptimizeConfig, PrunerError, consistency, extract_schedule, gated_step_fn, load_pruner, optimize,
 )
-from dgo_compile.runtime import build_supernet, fold, gateable_elements
+from dgo_compile.folding import fold
+from dgo_compile.supernet import build_supernet, gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
 from dgo_compile.schedule import Schedule, ScheduleError
 from dgo_compile.schedule_cost import ScheduleCost

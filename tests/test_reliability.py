@@ -22,7 +22,7 @@ from reliability import assert_nothing_left, assert_one_line_error, cli, run
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
 from dgo_compile.errors import DgoError
 from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.runtime import gateable_elements
+from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -27,7 +27,7 @@ from dgo_compile.outputs import (
     publish,
 )
 from dgo_compile.pipeline import read_config, run_pipeline
-from dgo_compile.runtime import gateable_elements
+from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import builtin
 
 MANIFEST = {"format": "dgo-compile-artifact", "format_version": 2}

@@ -24,7 +24,7 @@ from dgo_compile.resolution import (
     resolve,
     vae_scale_factor,
 )
-from dgo_compile.runtime import gateable_elements
+from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import builtin
 
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")

@@ -42,7 +42,7 @@ from torch import nn
 from ..ort_runner import OrtArtifact
 from ..errors import DgoError
 from ..families import family_of
-from ..runtime import FoldedSchedule
+from ..folding import FoldedSchedule
 from ..sampling import SCHEDULERS
 
 TIMESTEP_ATOL = 1e-3  # as the runtime's own per-call check
@@ -216,7 +216,7 @@ class CompiledUNet(nn.Module):
 
 def attach(pipe: Any, denoiser: Any) -> CompiledUNet:
     """Make `denoiser` the unet of `pipe`: an artifact folder, an `OrtArtifact`, folded graphs
-    (`runtime.fold(traced, schedule, timesteps)`) or any denoiser `sampling.sample` takes. Attaching
+    (`folding.fold(traced, schedule, timesteps)`) or any denoiser `sampling.sample` takes. Attaching
     again replaces the previous one; `detach` restores the original unet."""
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, nn.Module):
