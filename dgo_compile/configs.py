@@ -13,7 +13,6 @@ from .errors import DgoError
 from .options import check
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
-ARTIFACT_PRECISIONS = ("fp32", "fp16")  # see dgo_compile.precision
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 
 
@@ -96,7 +95,6 @@ class PrunerError(DgoError):
     """Bad optimization settings, or a pruner folder that is missing, unfinished or of another format."""
 
 
-OPTIMIZE_PRECISIONS = ("fp32", "bf16")  # the SuperNet's autocast
 
 
 @dataclass(frozen=True)
@@ -130,8 +128,6 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
-        if self.precision not in OPTIMIZE_PRECISIONS:
-            raise PrunerError(f"--precision must be one of {', '.join(OPTIMIZE_PRECISIONS)}, got '{self.precision}'")
         if not 0 < self.ratio <= 1:
             raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
         if self.granularity not in GRANULARITIES:

@@ -16,6 +16,8 @@ from typing import Any
 from .errors import DgoError
 
 SEED_MAX = 2**63 - 1
+ARTIFACT_PRECISIONS = ("fp32", "fp16")  # see dgo_compile.precision
+OPTIMIZE_PRECISIONS = ("fp32", "bf16")  # the SuperNet's autocast
 SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "heun", "euler", "dpm")
 
 
@@ -97,7 +99,7 @@ SPECS: dict[str, dict[str, Spec]] = {
         "model": Spec("str", optional=True), "output": Spec("str"), "schedule": Spec("str"),
         "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "granularity": _choice("block", "unit"),
         "guidance_scale": GUIDANCE, "overwrite": Spec("bool"), "verify_samples": _int(1, 4096), "seed": SEED,
-        "precision": _choice("fp32", "fp16", optional=True), "height": SIZE, "width": SIZE,
+        "precision": _choice(*ARTIFACT_PRECISIONS, optional=True), "height": SIZE, "width": SIZE,
     },
     "prune": {
         "ratio": _float(0, 1, high_open=True, what="the share of channels removed"),
@@ -117,7 +119,7 @@ SPECS: dict[str, dict[str, Spec]] = {
         "granularity": _choice("block", "unit", "step"), "dim": _int(1, 8192), "layers": _int(1, 256),
         "timestep_conditioning": Spec("bool"), "seed": SEED, "checkpoint_every": _int(1, 10**7),
         "class_labels": Spec("ints", 0, 10**6, optional=True), "prompt_embeds": Spec("str", optional=True),
-        "prompts": Spec("str", optional=True), "guidance_scale": GUIDANCE, "precision": _choice("fp32", "bf16"),
+        "prompts": Spec("str", optional=True), "guidance_scale": GUIDANCE, "precision": _choice(*OPTIMIZE_PRECISIONS),
     },
     # Command-line options that no config table holds.
     "sample": {"n": _int(1, 4096), "seed": SEED, "steps": Spec("int", 1, 1000, optional=True),

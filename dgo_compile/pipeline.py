@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .configs import ARTIFACT_PRECISIONS as PRECISIONS
 from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig
 from .errors import DgoError
 from .options import check
@@ -64,8 +63,6 @@ class CompileConfig:
               error=ConfigError, skip_none=False)
         if self.schedule == "learned" and self.optimize is None:
             raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.verify_samples < 1:
             raise ConfigError(f"verify_samples must be at least 1, got {self.verify_samples}")
 

@@ -26,10 +26,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .configs import ARTIFACT_PRECISIONS
+from .options import check
 from .errors import DgoError
 
-PRECISIONS = ARTIFACT_PRECISIONS
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax")
 KEEP_FLOAT_INPUTS = ("timestep",)
 # Ops between the attention-score MatMul and its Softmax (scale, mask).
@@ -41,8 +40,8 @@ class PrecisionError(DgoError):
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    """`compile_artifact`'s own check (the library API), by the option table's rule."""
+    check("top level", {"precision": precision}, error=PrecisionError, skip_none=False)
     return precision
 
 

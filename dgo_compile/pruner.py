@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from .configs import GRANULARITIES, OptimizeConfig, PrunerError  # noqa: F401  (re-exported)
-from .configs import OPTIMIZE_PRECISIONS as PRECISIONS  # noqa: F401
 from .distributed import current_world
 from .files import write_atomic
 from .finite import check_finite
