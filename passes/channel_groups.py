@@ -15,6 +15,9 @@ reach the model's input or output, or start at an embedding table (class labels)
 
 Every ATen op must have a channel rule; an op without one raises `ChannelRuleError` naming the
 node and how to register a rule. Nothing unknown is silently treated as element-wise.
+
+This module drives the walk and assembles the plan; the plan's types are in `channel_plan`, the
+union-find and walk state in `channel_spaces`, the op rules and their registry in `channel_rules`.
 """
 
 from __future__ import annotations
