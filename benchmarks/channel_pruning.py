@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,24 +42,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import (RESULTS, STARTED, first_line, log, model_configs, quality, read_json, run_finetune,
+                    write_json)
+from tp_adapter import accumulate_gradients, pruning_record, tp_cut, tp_from_gradients, tp_pruner
+
 from dgo_compile import __version__, load, trace
 from dgo_compile.channel_pruning import (PruneConfig, apply_pruning, calibration_images, importance, plan_channels,
                                          prune, select)
-from dgo_compile.channel_surgery import PRUNING_FORMAT, module_shape
 from dgo_compile.cost import cost_report
 from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
-from dgo_compile.finetune import FinetuneConfig, read_finetune
+from dgo_compile.finetune import FinetuneConfig
 from dgo_compile.loading import save_denoiser
-from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.metrics import classifier_features, load_digit_classifier
 from dgo_compile.folding import fold
 from dgo_compile.supernet import gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 from dgo_compile.schedule_cost import ScheduleCost
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)
 GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4, 0.45, 0.5)  # our global ratios, with our Taylor scores
@@ -70,26 +70,6 @@ TP_LOCAL_RATIOS = (0.02, 0.1, 0.25, 0.3)  # Torch-Pruning local (per layer) rati
 TP_GLOBAL_RATIOS = (0.3, 0.35, 0.375, 0.4, 0.4125, 0.425, 0.4375, 0.45, 0.4625, 0.475, 0.4875, 0.5, 0.5125, 0.525,
                     0.55)  # and global ones (Taylor scores ranked model-wide)
 TP_LOCAL_SLACK = 0.1  # also run Torch-Pruning's local mode (Diff-Pruning's) when it lands this near our MACs
-STARTED = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{(time.perf_counter() - STARTED) / 60:5.1f} min] {message}", flush=True)
-
-
-def first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if lines else type(exc).__name__
-    return f"{type(exc).__name__}: {text[:240]}"
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
 
 
 # --------------------------------------------------------------------------- checks shared by both sides
@@ -151,95 +131,6 @@ def onnx_parity(model: nn.Module, folder: Path) -> dict:
                 "max_abs_output": float(want.abs().max())}
     except Exception as exc:  # a result, not a crash of the benchmark
         return {"ok": False, "error": first_line(exc)}
-
-
-# --------------------------------------------------------------------------- Torch-Pruning, Diff-Pruning style
-
-def taylor_batch(images: torch.Tensor, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration batch and noise exactly as dgo_compile.channel_pruning draws them."""
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(images), generator=generator)[:batch]
-    clean = images[index]
-    return clean, torch.randn(clean.shape, generator=generator)
-
-
-def accumulate_gradients(model: nn.Module, images: torch.Tensor, config: PruneConfig,
-                         scheduler_config: dict | None) -> list[float]:
-    """Diff-Pruning's loop (ddpm_prune.py, --pruner diff-pruning): .grad summed over t = 0, 1, ...
-    until the loss falls below threshold x its running max (capped at max_timesteps)."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(scheduler_config or {})
-    clean, noise = taylor_batch(images, config.batch, config.seed)
-    losses: list[float] = []
-    for t in range(min(config.max_timesteps, scheduler.config.num_train_timesteps)):
-        timesteps = torch.full((len(clean),), t, dtype=torch.long)
-        prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-        loss = nn.functional.mse_loss(prediction, noise)
-        loss.backward()
-        losses.append(loss.item())
-        if losses[-1] < config.threshold * max(losses):
-            break
-    return losses
-
-
-def tp_pruner(model: nn.Module, ratio: float, round_to: int | None, global_pruning: bool):
-    import torch_pruning as tp
-
-    size = model.config.sample_size
-    example = {"sample": torch.randn(1, model.config.in_channels, size, size), "timestep": torch.ones((1,)).long()}
-    ignored = [model.conv_out] + ([model.class_embedding] if getattr(model, "class_embedding", None) else [])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tp.pruner.MagnitudePruner(model, example, importance=tp.importance.TaylorImportance(),
-                                         iterative_steps=1, pruning_ratio=ratio, ignored_layers=ignored,
-                                         round_to=round_to, global_pruning=global_pruning)
-
-
-def tp_cut(pruner, model: nn.Module) -> None:
-    """Prune, then Diff-Pruning's static-attribute fix (diffusers samplers assert their channel count)."""
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for group in pruner.step(interactive=True):
-            group.prune()
-    for m in model.modules():
-        if isinstance(m, (Upsample2D, Downsample2D)) and getattr(m, "conv", None) is not None:
-            m.channels = m.conv.in_channels
-            m.out_channels = m.conv.out_channels
-    model.zero_grad(set_to_none=True)
-    model.eval().requires_grad_(False)
-
-
-def tp_from_gradients(base: nn.Module, grads: dict[str, torch.Tensor], ratio: float, round_to: int | None = None,
-                      global_pruning: bool = False) -> tuple[nn.Module | None, float, str | None]:
-    """Torch-Pruning on a copy of `base` with the stored accumulated gradients; (model, seconds, error)."""
-    model = copy.deepcopy(base).eval().requires_grad_(True)
-    started = time.perf_counter()
-    try:
-        pruner = tp_pruner(model, ratio, round_to, global_pruning)
-        for name, p in model.named_parameters():
-            p.grad = grads[name].clone() if name in grads else None
-        tp_cut(pruner, model)
-    except Exception as exc:
-        return None, time.perf_counter() - started, first_line(exc)
-    return model, time.perf_counter() - started, None
-
-
-def pruning_record(original: nn.Module, model: nn.Module, source: str) -> dict:
-    """A dgo_pruning.json for a model pruned elsewhere: every resized module's new shape and the
-    samplers' channel counts, so `load` rebuilds it exactly (lets both sides share `finetune`)."""
-    modules = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
-            shape = module_shape(m)
-            if shape != module_shape(original.get_submodule(name)):
-                modules[name] = shape
-    attributes = {name: {"channels": m.channels, "out_channels": getattr(m, "out_channels", None)}
-                  for name, m in model.named_modules() if isinstance(getattr(m, "channels", None), int)}
-    return {"format": PRUNING_FORMAT, "source": source, "modules": modules, "tensors": {}, "attributes": attributes}
 
 
 def ours_piece(loaded, images: torch.Tensor | None, config: PruneConfig, work: Path, folder: Path, before) -> dict:
@@ -442,26 +333,6 @@ def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, b
     return {float(k): v for k, v in found.items()}
 
 
-def cli(args: list, processes: int = 1) -> float:
-    """Run a dgo-compile command (under torchrun with `processes` > 1); its wall seconds."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
-    started = time.perf_counter()
-    log("dgo-compile " + " ".join(map(str, args)) + (f" (torchrun, {processes} processes)" if processes > 1 else ""))
-    subprocess.run([sys.executable, *launcher, "-m", "dgo_compile.cli", *map(str, args)], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
-
-
-def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, processes: int):
-    """`dgo-compile finetune` as a user runs it (under torchrun with `processes` > 1); its record."""
-    if output.is_dir() and read_finetune(output).complete:
-        return read_finetune(output)
-    cli(["finetune", model_folder, "--steps", budget.steps, "--batch", budget.batch, "-o", output]
-        + (["--resume"] if output.is_dir() else []), processes)
-    return read_finetune(output)
-
-
 def loss_by_band(model: nn.Module, scheduler_config: dict, images: torch.Tensor, seed: int, batch: int) -> dict:
     """The denoising (epsilon) MSE per timestep band on one fixed batch, noise and timesteps: where a model with
     a fair average loss still fails. Errors at high t are amplified ~sqrt(1 - a)/sqrt(a) in the x0 estimate."""
@@ -517,11 +388,6 @@ def sample_images(model: nn.Module, scheduler_config: dict, noise: torch.Tensor,
                          noise, steps, 50)
     torch.save(images, file)
     return images
-
-
-def quality(images: torch.Tensor, full: torch.Tensor, classifier, real_features) -> dict:
-    return {"psnr": float(psnr(images, full).clamp(max=100).mean()), "ssim": float(ssim(images, full).mean()),
-            "fd": frechet_distance(classifier_features(images, classifier), real_features)}
 
 
 def ort_latency(models: dict[str, nn.Module], work: Path, batch: int, rounds: int) -> dict[str, float]:
@@ -609,8 +475,7 @@ def main() -> None:
 
     # ---- section 1a: the CIFAR-10 DDPM architecture, random weights
     clock = time.perf_counter()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from model_configs import DDPM_CIFAR10_UNET
+    DDPM_CIFAR10_UNET = model_configs().DDPM_CIFAR10_UNET
 
     cifar_dir = args.work / "cifar"
     cifar_dir.mkdir(exist_ok=True)

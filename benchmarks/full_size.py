@@ -28,11 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from model_configs import FULL_SIZE, TINY  # noqa: E402  (the published configs live beside the tests that check them)
+from common import RESULTS, model_configs
 
-MODELS = {**FULL_SIZE, "tiny_sd": TINY["sd"]}  # tiny_sd: `--check` runs every step of the script in a minute
+MODELS = {**model_configs().FULL_SIZE, "tiny_sd": model_configs().TINY["sd"]}  # tiny_sd: `--check` runs every step of the script in a minute
 
 # Stable Diffusion's own scheduler (scaled-linear betas), DDIM with its leading spacing and offset.
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -230,15 +228,15 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="run every step on a tiny SD UNet into a temporary "
                         "folder, leaving the committed results alone")
     args = parser.parse_args()
+    folder = RESULTS
     if args.check:
-        global RESULTS
-        RESULTS, args.models, args.again = Path(tempfile.mkdtemp()), ["tiny_sd"], True
+        folder, args.models, args.again = Path(tempfile.mkdtemp()), ["tiny_sd"], True
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    path = RESULTS / "full_size.json"
+    path = folder / "full_size.json"
     results = json.loads(path.read_text()) if path.exists() else {"cells": {}}
     results["threads"] = args.threads
     if args.render:
-        (RESULTS / "full_size.md").write_text(render(results))
+        (folder / "full_size.md").write_text(render(results))
         return
     for model in args.models:
         for precision in args.precisions:
@@ -246,7 +244,7 @@ def main() -> None:
                 key = f"{model}|{precision}|{schedule}"
                 if key in results["cells"] and not args.again:
                     continue
-                with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:  # the same disk as the results
+                with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # the same disk as the results
                     work = Path(tmp)
                     cell, wall, peak = _child("_compile", model, precision, schedule, str(work))
                     cell["compile_cpu_s"] = cell.pop("cpu_s")
@@ -262,7 +260,7 @@ def main() -> None:
                     cell.update(parity_rel=parity["parity_rel"])
                 results["cells"][key] = cell
                 path.write_text(json.dumps(results, indent=1))
-                (RESULTS / "full_size.md").write_text(render(results))
+                (folder / "full_size.md").write_text(render(results))
                 print(key, json.dumps(cell), flush=True)
 
 

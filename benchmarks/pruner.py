@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from common import RESULTS
+
 from dgo_compile import __version__, load, trace
 from dgo_compile.data import real_digit_sample
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
@@ -31,7 +33,6 @@ from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 from dgo_compile.schedule_cost import ScheduleCost
 
-RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.5, 0.25, 0.2)
 # (label, folder, OptimizeConfig settings beyond the shared ones). DiP-GO's lr, a gentler one (the
 # paper's lr saturates the gates within ~60 of our 150 iterations), the same optimizer restricted to

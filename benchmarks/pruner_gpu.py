@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from common import RESULTS
+
 from dgo_compile import __version__, load, trace
 from dgo_compile.pruner import OptimizeConfig, optimize
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(traced, scheduler_config, device: str, precision: str, batch: int, iters: int) -> dict:

@@ -20,6 +20,8 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from common import RESULTS
+
 from dgo_compile import __version__, load, trace
 from dgo_compile.artifact import compile_artifact
 from dgo_compile.ort_runner import OrtArtifact
@@ -30,7 +32,6 @@ from dgo_compile.folding import fold
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:

@@ -18,28 +18,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from channel_pruning import cli, quality  # noqa: E402  (the same helpers as the channel pruning benchmark)
+from common import RESULTS, cli, quality
 
-from dgo_compile import __version__, load, trace  # noqa: E402
-from dgo_compile.data import real_digit_sample  # noqa: E402
-from dgo_compile.finetune import read_finetune  # noqa: E402
-from dgo_compile.metrics import classifier_features, load_digit_classifier  # noqa: E402
-from dgo_compile.pruner import extract_schedule, load_pruner  # noqa: E402
+from dgo_compile import __version__, load, trace
+from dgo_compile.data import real_digit_sample
+from dgo_compile.finetune import read_finetune
+from dgo_compile.metrics import classifier_features, load_digit_classifier
+from dgo_compile.pruner import extract_schedule, load_pruner
 from dgo_compile.folding import fold
-from dgo_compile.supernet import gateable_elements  # noqa: E402
-from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim  # noqa: E402
-from dgo_compile.schedule import Schedule, builtin  # noqa: E402
-from dgo_compile.schedule_cost import ScheduleCost  # noqa: E402
+from dgo_compile.supernet import gateable_elements
+from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
+from dgo_compile.schedule import Schedule, builtin
+from dgo_compile.schedule_cost import ScheduleCost
 
-RESULTS = Path(__file__).parent / "results"
 UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
 READING_MARKER = "<!-- reading: kept by benchmarks/width_time.py on rewrite -->"
 STARTED = time.perf_counter()
@@ -65,7 +62,7 @@ def torch_pruning(loaded, ratio: float, folder: Path) -> float:
     stop as ours), saved through our loader so both sides share `finetune`; its wall seconds."""
     import copy
 
-    from channel_pruning import accumulate_gradients, pruning_record, tp_from_gradients
+    from tp_adapter import accumulate_gradients, pruning_record, tp_from_gradients
 
     from dgo_compile.channel_pruning import PruneConfig, calibration_images
     from dgo_compile.loading import save_denoiser

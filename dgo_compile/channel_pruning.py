@@ -27,7 +27,9 @@ from .channel_surgery import PRUNING_FORMAT, module_shape, resized
 from .cost import cost_report
 from .loading import LoadedModel
 from .passes import PassManager
-from .passes.channel_groups import NORMALIZED_SHAPE, ChannelGroup, ChannelGroups, ChannelGroupsConfig, ChannelPlan, channel_plan
+from .passes.annotations import channel_plan
+from .passes.channel_groups import ChannelGroups, ChannelGroupsConfig
+from .passes.channel_plan import NORMALIZED_SHAPE, ChannelGroup, ChannelPlan
 from .tracing import TracedDenoiser, trace
 
 

@@ -10,6 +10,7 @@ from torch import fx
 from dgo_compile.passes import (
     AnnotateBlocks, AnnotateBlocksConfig, CountCosts, CountCostsConfig, PassManager, block_of, cost_of,
 )
+from dgo_compile.passes.base import editable_copy
 
 from .tracing import TracedDenoiser
 
@@ -81,15 +82,24 @@ class CostReport:
 
 
 def analyse(traced: TracedDenoiser, batch: int = 1) -> fx.GraphModule:
-    """Run the block and cost analyses on the traced graph (annotations land in node.meta)."""
+    """The traced graph annotated by the block and cost analyses (node.meta), once per model and batch.
+
+    The analyses annotate a copy (graph copied, weights shared), so the caller's traced graph stays as
+    traced, and the copy is kept on `traced`: a compile's readers (SuperNet, schedule closure, cost
+    report) share one shape propagation. Read it only; transforms copy before they edit.
+    """
+    cached = traced.analyses.get(batch)
+    if cached is not None and cached[0] is traced.graph_module:
+        return cached[1]
     inputs = traced.example_inputs(batch)
-    PassManager([
+    annotated = PassManager([
         AnnotateBlocks(AnnotateBlocksConfig(traced.blocks)),
         CountCosts(CountCostsConfig(tuple(tuple(t.shape) for t in inputs.values()),
                                     tuple(t.dtype for t in inputs.values()),
                                     str(next(iter(inputs.values())).device))),
-    ]).run(traced.graph_module)
-    return traced.graph_module
+    ]).run(editable_copy(traced.graph_module)).graph_module
+    traced.analyses[batch] = (traced.graph_module, annotated)
+    return annotated
 
 
 def cost_report(traced: TracedDenoiser, batch: int = 1) -> CostReport:

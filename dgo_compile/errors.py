@@ -19,9 +19,9 @@ class TraceError(DgoError):
     """Tracing failed, or the traced graph does not reproduce the eager model."""
 
 
-class AnnotationMissingError(DgoError):
-    """An accessor found no annotation: the analysis pass that writes it has not run."""
-
-
 class PassError(DgoError):
-    """A pass failed or left an invalid graph; the message names the pass."""
+    """A pass failed or left an invalid graph, or broke its declared contract; the message names the pass."""
+
+
+class AnnotationMissingError(PassError):
+    """An accessor found no annotation: the message names the pass that writes it ("run pass X first")."""

@@ -13,9 +13,8 @@ from torch import fx
 
 from dgo_compile.passes import PassManager
 from dgo_compile.passes.boundaries import element_consumers
+from dgo_compile.passes.annotations import backup_edges, timestep_constants, timestep_embedder
 from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig
-from dgo_compile.passes.fold_timestep import CONSTANTS_KEY, EMBEDDER_KEY
-from dgo_compile.passes.insert_backup_edges import backup_edges
 
 from .cost import analyse
 from .schedule import Schedule, ScheduleError
@@ -92,10 +91,10 @@ def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | No
 def _timestep_constants(traced: TracedDenoiser, supernet: fx.GraphModule,
                         timesteps: list[float]) -> list[dict[str, torch.Tensor]]:
     """Each call's timestep-only values at batch 1 (the runtime broadcasts them to the batch)."""
-    names = supernet.meta.get(CONSTANTS_KEY, ())
+    names = timestep_constants(supernet)
     if not names:
         return [{} for _ in timesteps]
-    embedder = supernet.meta[EMBEDDER_KEY]
+    embedder = timestep_embedder(supernet)
     example = traced.example_inputs(batch=1)
     constants = []
     for t in timesteps:

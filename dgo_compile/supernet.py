@@ -15,9 +15,10 @@ import torch.utils.checkpoint
 from torch import fx, nn
 
 from dgo_compile.passes import PassManager
-from dgo_compile.passes.attach_gates import AttachGates, gates_of
+from dgo_compile.passes.annotations import backup_edges, gates_of
+from dgo_compile.passes.attach_gates import AttachGates
 from dgo_compile.passes.fold_timestep import FoldTimestep
-from dgo_compile.passes.insert_backup_edges import InsertBackupEdges, InsertBackupEdgesConfig, backup_edges
+from dgo_compile.passes.insert_backup_edges import InsertBackupEdges, InsertBackupEdgesConfig
 
 from .cost import analyse
 from .schedule import ScheduleError

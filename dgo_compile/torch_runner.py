@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dgo_compile.passes.fold_schedule import variant_signature
+from dgo_compile.passes.annotations import variant_signature
 
 from .schedule import ScheduleError
 

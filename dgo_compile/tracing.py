@@ -50,6 +50,9 @@ class TracedDenoiser:
     guards: tuple[str, ...] = ()
     max_batch: int | None = None  # the largest batch the graph is known to be right at; None: any
     sample_size: tuple[int, int] | None = None  # the latent (h, w) traced at; None: the config's
+    # cost.analyse's cache, batch -> (the graph module analysed, its annotated copy): one analysis per model.
+    analyses: dict[int, tuple[fx.GraphModule, fx.GraphModule]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         return self.family.example_inputs(self.model, batch, seed, self.sample_size)

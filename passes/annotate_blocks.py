@@ -10,16 +10,9 @@ from torch import fx
 from dgo_compile.families import BlockSpec
 from dgo_compile.tracing import module_path
 
-from .base import Pass, PassResult, annotate, annotation
-
-META_KEY = "dgo.block"
-
-
-@dataclass(frozen=True)
-class BlockAnnotation:
-    module: str | None  # deepest diffusers module path, "" for the model itself, None for graph glue
-    block: str | None  # gateable block containing it, or None (stem, embeddings, head)
-    unit: str | None  # unit inside the block, or None (block-level glue such as skip tuples)
+from . import annotations as ann
+from .annotations import BLOCK_KEY, BlockAnnotation
+from .base import AnalysisPass, PassResult, annotate
 
 
 @dataclass(frozen=True)
@@ -27,8 +20,8 @@ class AnnotateBlocksConfig:
     blocks: tuple[BlockSpec, ...]
 
 
-class AnnotateBlocks(Pass):
-    name = "annotate_blocks"
+class AnnotateBlocks(AnalysisPass):
+    name = ann.ANNOTATE_BLOCKS
     requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: AnnotateBlocksConfig):
@@ -43,12 +36,8 @@ class AnnotateBlocks(Pass):
             if block is not None:
                 spec = next(b for b in self.config.blocks if b.name == block)
                 unit = _enclosing(path, spec.units)
-            modified |= annotate(node, META_KEY, BlockAnnotation(path, block, unit))
+            modified |= annotate(node, BLOCK_KEY, BlockAnnotation(path, block, unit))
         return PassResult(graph_module, modified)
-
-
-def block_of(node: fx.Node) -> BlockAnnotation:
-    return annotation(node, META_KEY, AnnotateBlocks.name)
 
 
 def _enclosing(path: str | None, prefixes) -> str | None:

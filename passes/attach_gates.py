@@ -15,28 +15,12 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from .annotate_blocks import META_KEY as BLOCK_KEY
-from .base import Pass, PassResult, editable_copy
+from . import annotations as ann
+from .annotations import GATES_KEY, GatedEdge, Gates, backup_edges, mark_glue
+from .base import PassResult, TransformPass, editable_copy
 from .boundaries import element_of, gate_name
-from .count_costs import META_KEY as COST_KEY, NodeCost
-from .insert_backup_edges import GLUE, InsertBackupEdges, backup_edges
 
-META_KEY = "dgo.gates"
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class GatedEdge:
-    element: str
-    fresh: str
-    cache: str
-    mixed: str  # the node every outside reader now reads
-
-
-@dataclass(frozen=True)
-class Gates:
-    gates: tuple[tuple[str, str], ...]  # (element, gate input name), in graph order
-    edges: tuple[GatedEdge, ...]
 
 
 @dataclass(frozen=True)
@@ -44,15 +28,15 @@ class AttachGatesConfig:
     pass
 
 
-class AttachGates(Pass):
-    name = "attach_gates"
-    requires: ClassVar[tuple[str, ...]] = (InsertBackupEdges.name,)
+class AttachGates(TransformPass):
+    name = ann.ATTACH_GATES
+    requires: ClassVar[tuple[str, ...]] = (ann.INSERT_BACKUP_EDGES,)
 
     def __init__(self, config: AttachGatesConfig = AttachGatesConfig()):
         self.config = config
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if META_KEY in graph_module.meta:
+        if GATES_KEY in graph_module.meta:
             return PassResult(graph_module, False)
         supernet = editable_copy(graph_module)
         graph = supernet.graph
@@ -64,7 +48,7 @@ class AttachGates(Pass):
             with graph.inserting_after(last):
                 last = gates[element] = graph.placeholder(gate_name(element))
             last.meta["val"] = torch.empty(())
-            _glue(last)
+            mark_glue(last)
         gated = []
         for edge in edges.edges:
             fresh, cache, gate = nodes[edge.fresh], nodes[edge.cache], gates[edge.element]
@@ -77,25 +61,12 @@ class AttachGates(Pass):
             with graph.inserting_after(held):
                 mixed = graph.call_function(aten.add.Tensor, (keep, held))
             for node in (keep, closed, held, mixed):
-                _glue(node, fresh)
+                mark_glue(node, fresh)
             fresh.replace_all_uses_with(
                 mixed, delete_user_cb=lambda user, e=edge.element, k=keep: user is not k and (
                     user.op == "output" or element_of(user, edges.granularity) != e))
             gated.append(GatedEdge(edge.element, fresh.name, cache.name, mixed.name))
         supernet.recompile()
-        supernet.meta[META_KEY] = Gates(tuple((e, g.name) for e, g in gates.items()), tuple(gated))
+        supernet.meta[GATES_KEY] = Gates(tuple((e, g.name) for e, g in gates.items()), tuple(gated))
         return PassResult(supernet, True)
 
-
-def gates_of(graph_module: fx.GraphModule) -> Gates:
-    try:
-        return graph_module.meta[META_KEY]
-    except KeyError:
-        raise ValueError(f"graph has no gates: run pass '{AttachGates.name}' first") from None
-
-
-def _glue(node: fx.Node, like: fx.Node | None = None) -> None:
-    """New nodes belong to no element and cost nothing worth counting."""
-    node.meta[BLOCK_KEY] = GLUE
-    shape = like.meta[COST_KEY].shape if like is not None and COST_KEY in like.meta else ()
-    node.meta[COST_KEY] = NodeCost(0, 0, shape)

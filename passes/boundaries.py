@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import fx
 
-from .annotate_blocks import block_of
+from .annotations import block_of
 
 Granularity = Literal["block", "unit"]
 GRANULARITIES: tuple[str, ...] = ("block", "unit")

@@ -16,22 +16,12 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .base import Pass, PassResult, annotate, annotation
+from . import annotations as ann
+from .annotations import COST_KEY, NodeCost
+from .base import AnalysisPass, PassResult, annotate
 
-META_KEY = "dgo.cost"
 aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default, aten.baddbmm.default}
-
-
-@dataclass(frozen=True)
-class NodeCost:
-    weight_macs: int
-    attention_macs: int
-    shape: tuple[int, ...] | None  # output shape at the counted input shape (first output if several)
-
-    @property
-    def macs(self) -> int:
-        return self.weight_macs + self.attention_macs
 
 
 @dataclass(frozen=True)
@@ -41,8 +31,8 @@ class CountCostsConfig:
     device: str = "cpu"
 
 
-class CountCosts(Pass):
-    name = "count_costs"
+class CountCosts(AnalysisPass):
+    name = ann.COUNT_COSTS
     requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: CountCostsConfig):
@@ -58,12 +48,8 @@ class CountCosts(Pass):
         modified = False
         for node in graph_module.graph.nodes:
             weight, attention = _macs(node, params)
-            modified |= annotate(node, META_KEY, NodeCost(weight, attention, _shape(node)))
+            modified |= annotate(node, COST_KEY, NodeCost(weight, attention, _shape(node)))
         return PassResult(graph_module, modified)
-
-
-def cost_of(node: fx.Node) -> NodeCost:
-    return annotation(node, META_KEY, CountCosts.name)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:

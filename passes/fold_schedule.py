@@ -13,26 +13,9 @@ from typing import ClassVar
 
 from torch import fx
 
-from .attach_gates import AttachGates, gates_of
-from .base import Pass, PassResult, editable_copy
-from .fold_timestep import CONSTANTS_KEY
-from .insert_backup_edges import backup_edges
-
-META_KEY = "dgo.variant"
-
-
-@dataclass(frozen=True)
-class VariantSignature:
-    """How to call a folded variant: positional inputs in this order, then outputs."""
-
-    inputs: tuple[str, ...]  # the denoiser's own inputs (sample, conditions; timestep unless folded)
-    constant_inputs: tuple[str, ...]  # per-step timestep constants (see fold_timestep)
-    cache_inputs: tuple[str, ...]
-    cache_outputs: tuple[str, ...]  # outputs after the prediction
-
-    @property
-    def placeholders(self) -> tuple[str, ...]:
-        return (*self.inputs, *self.constant_inputs, *self.cache_inputs)
+from . import annotations as ann
+from .annotations import VARIANT_KEY, VariantSignature, backup_edges, gates_of, timestep_constants
+from .base import PassResult, TransformPass, editable_copy
 
 
 @dataclass(frozen=True)
@@ -41,9 +24,9 @@ class FoldScheduleConfig:
     exposed: frozenset[str]  # computed elements whose fresh outputs the runtime must store
 
 
-class FoldSchedule(Pass):
-    name = "fold_schedule"
-    requires: ClassVar[tuple[str, ...]] = (AttachGates.name,)
+class FoldSchedule(TransformPass):
+    name = ann.FOLD_SCHEDULE
+    requires: ClassVar[tuple[str, ...]] = (ann.ATTACH_GATES,)
 
     def __init__(self, config: FoldScheduleConfig):
         self.config = config
@@ -67,22 +50,19 @@ class FoldSchedule(Pass):
         kept = [e for e in gates.edges if e.element in exposed]
         output.args = ((output.args[0][0], *(nodes[e.fresh] for e in kept)),)
         graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-        constants = set(graph_module.meta.get(CONSTANTS_KEY, ()))
+        constants = set(timestep_constants(graph_module))
         inputs = set(edges.inputs) - constants  # always kept, even when unread: they are the call signature
         for node in [n for n in graph.nodes if n.op == "placeholder" and not n.users and n.name not in inputs]:
             graph.erase_node(node)  # gates, unread caches, timestep constants of removed elements
         result = fx.GraphModule(folded, graph, class_name="FoldedDenoiser")  # keeps only the used params
         result.meta = {k: v for k, v in graph_module.meta.items()}
         placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-        result.meta[META_KEY] = VariantSignature(
+        result.meta[VARIANT_KEY] = VariantSignature(
             tuple(p for p in placeholders if p in inputs),
             tuple(p for p in placeholders if p in constants),
             tuple(p for p in placeholders if p not in inputs and p not in constants),
             tuple(e.cache for e in kept))
-        if result.meta[META_KEY].placeholders != tuple(placeholders):
+        if result.meta[VARIANT_KEY].placeholders != tuple(placeholders):
             raise ValueError(f"placeholders out of order: {placeholders}")
         return PassResult(result, True)
 
-
-def variant_signature(graph_module: fx.GraphModule) -> VariantSignature:
-    return graph_module.meta[META_KEY]

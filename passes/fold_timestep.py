@@ -18,14 +18,10 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from .annotate_blocks import META_KEY as BLOCK_KEY
-from .base import Pass, PassResult, editable_copy
+from . import annotations as ann
+from .annotations import CONSTANTS_KEY, EMBEDDER_KEY, mark_glue
+from .base import PassResult, TransformPass, editable_copy
 from .boundaries import data_inputs
-from .count_costs import META_KEY as COST_KEY, NodeCost
-from .insert_backup_edges import GLUE
-
-CONSTANTS_KEY = "dgo.timestep_constants"  # graph_module.meta: names of the constant inputs, in order
-EMBEDDER_KEY = "dgo.timestep_embedder"  # graph_module.meta: GraphModule(original inputs) -> constants
 
 
 @dataclass(frozen=True)
@@ -33,8 +29,8 @@ class FoldTimestepConfig:
     input: str = "timestep"
 
 
-class FoldTimestep(Pass):
-    name = "fold_timestep"
+class FoldTimestep(TransformPass):
+    name = ann.FOLD_TIMESTEP
     requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: FoldTimestepConfig = FoldTimestepConfig()):
@@ -67,8 +63,7 @@ class FoldTimestep(Pass):
             with graph.inserting_after(last):
                 last = graph.placeholder(f"timestep_constant__{i}")
             last.meta.update({k: v for k, v in value.meta.items() if k in ("val", "tensor_meta")})
-            last.meta[BLOCK_KEY] = GLUE
-            last.meta[COST_KEY] = NodeCost(0, 0, value.meta[COST_KEY].shape if COST_KEY in value.meta else None)
+            mark_glue(last, value)
             # Readers outside the subgraph read the constant; the subgraph itself is about to go.
             value.replace_all_uses_with(last, delete_user_cb=lambda user: user.name not in timestep_only)
             names.append(last.name)

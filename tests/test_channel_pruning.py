@@ -13,7 +13,9 @@ from dgo_compile import load, trace
 from dgo_compile.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
 from dgo_compile.export import export_onnx
 from dgo_compile.loading import save_denoiser
-from dgo_compile.passes.channel_groups import RULES, ChannelRuleError, analyse_channels, register_channel_rule
+from dgo_compile.passes.channel_groups import analyse_channels
+from dgo_compile.passes.channel_plan import ChannelRuleError
+from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 
 
 def exported(module: nn.Module, *inputs):
@@ -269,7 +271,7 @@ def test_unknown_op_is_named_with_how_to_register_it():
     graph = exported(Cumsum(), torch.randn(1, 3, 4, 4))
     with pytest.raises(ChannelRuleError, match=r"node cumsum calls aten\.cumsum\.default, whose channel semantics "
                                                r"channel pruning does not know; register a rule with "
-                                               r"dgo_compile\.passes\.channel_groups\.register_channel_rule"):
+                                               r"dgo_compile\.passes\.channel_rules\.register_channel_rule"):
         analyse_channels(graph)
     register_channel_rule(torch.ops.aten.cumsum.default, lambda walk, node: walk.axis(node.args[0]))
     try:

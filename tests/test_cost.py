@@ -75,3 +75,26 @@ def test_macs_scale_with_batch():
 
     t = trace(load())
     assert cost_report(t, batch=4).total.macs == 4 * cost_report(t, batch=1).total.macs
+
+
+def test_compile_analyses_once_and_leaves_the_traced_graph_as_traced(tiny, tmp_path, monkeypatch):
+    from dgo_compile.artifact import compile_artifact
+    from dgo_compile.passes import CountCosts
+    from dgo_compile.schedule import builtin
+    from dgo_compile.supernet import gateable_elements
+
+    loaded, _, scheduler_config = tiny
+    traced = trace(loaded, verify=False)  # its own trace: the session's may have been analysed already
+
+    def snapshot(gm):
+        return gm.code, [(n.name, tuple(n.meta)) for n in gm.graph.nodes], tuple(gm.meta)
+
+    before = snapshot(traced.graph_module)
+    counted = []
+    count = CountCosts.call
+    monkeypatch.setattr(CountCosts, "call", lambda self, gm: counted.append(gm) or count(self, gm))
+    compile_artifact(traced, builtin("full", 2, gateable_elements(traced)), scheduler_config, tmp_path / "A",
+                     sampler_steps=2)
+    assert len(counted) == 1  # SuperNet, schedule closure and cost report share one analysis
+    assert counted[0] is not traced.graph_module
+    assert snapshot(traced.graph_module) == before

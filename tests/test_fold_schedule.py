@@ -6,7 +6,8 @@ import torch
 from dgo_compile import load, trace
 from dgo_compile.cost import analyse
 from dgo_compile.passes import PassManager
-from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig, variant_signature
+from dgo_compile.passes.annotations import variant_signature
+from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig
 from dgo_compile.folding import fold
 from dgo_compile.supernet import build_supernet
 from dgo_compile.sampling import initial_noise, sample_ddim

@@ -10,10 +10,8 @@ from dgo_compile.passes import (
     AttachGates, FoldSchedule, FoldScheduleConfig, FoldTimestep, FoldTimestepConfig, InsertBackupEdges, InsertBackupEdgesConfig,
     PassManager, variant_signature,
 )
-from dgo_compile.passes.attach_gates import gates_of
+from dgo_compile.passes.annotations import CONSTANTS_KEY, backup_edges, gates_of
 from dgo_compile.passes.boundaries import element_consumers
-from dgo_compile.passes.fold_timestep import CONSTANTS_KEY
-from dgo_compile.passes.insert_backup_edges import backup_edges
 from dgo_compile.folding import fold
 from dgo_compile.supernet import SuperNetRun, build_supernet, gateable_elements
 from dgo_compile.sampling import initial_noise, sample_ddim

@@ -1,0 +1,84 @@
+"""What the benchmark scripts share, so that no script imports another.
+
+Every script runs as `python benchmarks/<name>.py`, which puts this folder first on sys.path, and
+imports this module as `common`. Imports of torch and dgo_compile stay inside the functions that
+need them: `full_size.py` keeps its parent process free of torch (its children are what it measures).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dgo_compile.finetune import FinetuneConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{(time.perf_counter() - STARTED) / 60:5.1f} min] {message}", flush=True)
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {text[:240]}"
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def model_configs() -> ModuleType:
+    """tests/model_configs.py: the published model configs live beside the tests that check them."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module("model_configs")
+
+
+def cli(args: list, processes: int = 1) -> float:
+    """Run a dgo-compile command (under torchrun with `processes` > 1); its wall seconds."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
+    started = time.perf_counter()
+    log("dgo-compile " + " ".join(map(str, args)) + (f" (torchrun, {processes} processes)" if processes > 1 else ""))
+    subprocess.run([sys.executable, *launcher, "-m", "dgo_compile.cli", *map(str, args)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, processes: int):
+    """`dgo-compile finetune` as a user runs it (under torchrun with `processes` > 1); its record."""
+    from dgo_compile.finetune import read_finetune
+
+    if output.is_dir() and read_finetune(output).complete:
+        return read_finetune(output)
+    cli(["finetune", model_folder, "--steps", budget.steps, "--batch", budget.batch, "-o", output]
+        + (["--resume"] if output.is_dir() else []), processes)
+    return read_finetune(output)
+
+
+def quality(images, full, classifier, real_features) -> dict:
+    """PSNR / SSIM against the unpruned model's images from the same noise, Frechet distance against real digits."""
+    from dgo_compile.metrics import classifier_features, frechet_distance, psnr, ssim
+
+    return {"psnr": float(psnr(images, full).clamp(max=100).mean()), "ssim": float(ssim(images, full).mean()),
+            "fd": frechet_distance(classifier_features(images, classifier), real_features)}
