@@ -11,17 +11,13 @@ from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact, read_manifest
 from dgo_compile.ort_runner import OrtArtifact, session_options
 from dgo_compile.supernet import gateable_elements
-from dgo_compile.metrics import psnr
-from dgo_compile.sampling import initial_noise, sample_ddim
-from dgo_compile.schedule import Schedule, builtin
+from dgo_compile.schedule import Schedule
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 STEPS = 4
 # fp16 artifact vs the fp32 PyTorch graph, one call: max |diff| / max |reference|. Measured on the tiny
 # configs: 0.6e-3 to 1.6e-3, below PyTorch's own fp16 (0.8e-3 to 2.3e-3): norms and softmax stay fp32.
 FP16_CALL_BOUND = 5e-3
-# Whole 20-step DDIM run on the shipped model, fp16 artifact vs fp32: mean PSNR in dB (measured ~50).
-FP16_RUN_PSNR = 40
 
 
 def _schedule(traced) -> Schedule:
@@ -105,26 +101,3 @@ def test_fp16_artifact_call_is_as_close_to_fp32_as_pytorch_fp16(compiled):
     full = OrtArtifact.open(paths["fp32"], ["CPUExecutionProvider"])
     assert [s.get_session_options().enable_cpu_mem_arena for s in half.sessions + full.sessions] == \
         [False] * len(half.sessions) + [True] * len(full.sessions)
-
-
-def test_fp16_artifact_over_a_whole_run_deviates_like_pytorch_fp16(tmp_path):
-    # A trained model (random ones amplify any rounding along DDIM): 16 images, 20 DDIM steps.
-    loaded = load()
-    traced = trace(loaded, verify=False)
-    steps = 20
-    schedule = builtin("full", steps, gateable_elements(traced))
-    path = compile_artifact(traced, schedule, loaded.scheduler_config, tmp_path / "a", precision="fp16")
-    noise = initial_noise(16, (1, 32, 32), 11)
-    half = copy.deepcopy(loaded.model).half()
-
-    def torch_fp16(sample, timestep):
-        with torch.no_grad():
-            return half(sample.half(), timestep.half(), return_dict=False)[0].float()
-
-    reference = sample_ddim(traced, loaded.scheduler_config, noise, steps)
-    ours = sample_ddim(OrtArtifact.open(path, ["CPUExecutionProvider"]), loaded.scheduler_config, noise, steps)
-    theirs = sample_ddim(torch_fp16, loaded.scheduler_config, noise, steps)
-    assert torch.isfinite(ours).all()
-    ours_error, their_error = (ours - reference).abs().mean().item(), (theirs - reference).abs().mean().item()
-    assert ours_error <= 1.25 * their_error + 1e-4, (ours_error, their_error)
-    assert psnr(ours, reference).mean().item() > FP16_RUN_PSNR
