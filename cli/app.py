@@ -384,6 +384,11 @@ def finetune(
         help="Weight of the distillation term towards --teacher's predictions. (default: 0)",
         show_default=False)] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="The unpruned model to distill from.")] = None,
+    distill_only: Annotated[Optional[bool], typer.Option(
+        "--distill-only", help="No data: train on --teacher's DDIM trajectories towards its predictions.",
+        show_default=False)] = None,
+    trajectory_steps: Annotated[Optional[int], typer.Option(
+        help="DDIM steps of the teacher's trajectories with --distill-only. (default: 20)", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup steps. (default: 0)",
                                                   show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the batches and the noise. (default: 0)",
@@ -393,7 +398,8 @@ def finetune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write.")] = Path("finetuned"),
     resume: Annotated[bool, typer.Option(help="Continue the run in -o from its last checkpoint.")] = False,
 ) -> None:
-    """Fine-tune a (channel-pruned) model with the denoising loss on the shipped MNIST digits."""
+    """Fine-tune a (channel-pruned) model with the denoising loss on the shipped MNIST digits, or with
+    --distill-only on its teacher's own sampling trajectories."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -402,7 +408,8 @@ def finetune(
     from dgo_compile.outputs import check_output
 
     given = {k: v for k, v in dict(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill,
-                                   warmup=warmup, seed=seed, checkpoint_every=checkpoint_every).items()
+                                   warmup=warmup, seed=seed, checkpoint_every=checkpoint_every,
+                                   distill_only=distill_only, trajectory_steps=trajectory_steps).items()
              if v is not None}
     if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)
         FinetuneConfig(**given)

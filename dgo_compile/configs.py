@@ -70,10 +70,12 @@ class FinetuneConfig:
     warmup: int = 0  # linear learning-rate warmup steps
     seed: int = 0
     checkpoint_every: int = 100
+    distill_only: bool = False  # no data: the teacher's DDIM trajectories are the inputs, its predictions the targets
+    trajectory_steps: int = 20  # DDIM steps of those trajectories (the timesteps the student is trained at)
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
-        for name in ("steps", "batch", "checkpoint_every"):
+        for name in ("steps", "batch", "checkpoint_every", "trajectory_steps"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:

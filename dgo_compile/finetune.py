@@ -5,7 +5,9 @@ the shipped model's own (scripts/train_default_model.py): epsilon-prediction MSE
 shipped MNIST digits, AdamW, gradient clipping at 1, optional linear warmup then cosine decay
 to 2% of the learning rate, and an EMA of the weights with warmup (diffusers' EMAModel). An
 optional distillation term pulls the prediction towards an unpruned teacher's on the same
-noisy input.
+noisy input. With `distill_only` there is no data: the teacher's own DDIM trajectories are the
+inputs and its predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
+DiT denoisers of any size.
 
 The output folder is always a complete model that `load` reads (the EMA weights), plus
 `finetune.json` (settings, sources, progress, loss history) and `finetune_state.pt` (raw
@@ -36,6 +38,8 @@ from torch import nn
 from .configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
 from .data import IMAGE_SIZE, mnist_digits
 from .distributed import current_world
+from .families import family_of
+from .finetune_data import TeacherTrajectories, digit_batch
 from .files import write_atomic
 from .finite import check_finite
 from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
@@ -51,6 +55,7 @@ DIGIT_CLASSES = 10
 MIN_LR_FACTOR = 0.02
 EMA_POWER = 0.75
 MAX_GRAD_NORM = 1.0
+DISTILL_ONLY_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 FINAL_LOSS_WINDOW = 50  # the reported final loss averages this many last steps: one batch is noisy
 
 
@@ -127,7 +132,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     or continue the run there with `resume` (same model, teacher and config).
 
     `teacher`, the unpruned model, adds `config.distill` times the MSE between the two
-    predictions. `on_step` gets each step's history record after any checkpoint of that step.
+    predictions; with `config.distill_only` that MSE on the teacher's trajectories is the whole
+    loss and no data is read. `on_step` gets each step's history record after any checkpoint of that step.
     """
     output = Path(output)
     world = current_world()
@@ -135,12 +141,17 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     check_output(output, "finetune", resume=resume, protected=[model_path or DEFAULT_MODEL, teacher],
                  exists_hint="pass --resume to continue it or choose another -o", error=FinetuneError)
     stored = read_finetune(output) if resume else None
+    if config.distill_only and (teacher is None or config.distill > 0):
+        raise FinetuneError("--distill-only needs --teacher, the unpruned model whose trajectories are the data"
+                            if teacher is None else "--distill-only trains on the distillation term alone: "
+                            "leave out --distill")
     if config.distill > 0 and teacher is None:
         raise FinetuneError("--distill needs --teacher, the unpruned model to distill from")
-    if teacher is not None and config.distill == 0:
-        raise FinetuneError("--teacher needs --distill W > 0, the weight of the distillation term")
+    if teacher is not None and config.distill == 0 and not config.distill_only:
+        raise FinetuneError("--teacher needs --distill W > 0, the weight of the distillation term, or --distill-only")
     loaded = load(model_path)
-    conditional = _check_student(loaded)
+    teacher_loaded = load(teacher) if config.distill_only else None
+    conditional = _check_distill_only(loaded, teacher_loaded) if teacher_loaded else _check_student(loaded)
     record = FinetuneRecord(config, str(loaded.source.resolve()), str(Path(teacher).resolve()) if teacher else None)
     if stored is not None:
         differ = [f"--{k.replace('_', '-')}" for k, v in asdict(config).items() if asdict(stored.config)[k] != v]
@@ -149,9 +160,16 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         if differ:
             raise FinetuneError(f"{output} was fine-tuned with other settings ({', '.join(differ)}); resume with the "
                                 "same options or choose another -o")
-    teacher_model = _load_teacher(teacher, conditional) if teacher is not None else None
-    images, labels = mnist_digits()
-    noise_scheduler = DDPMScheduler.from_config(loaded.scheduler_config)
+    if teacher_loaded is not None:
+        trajectories = TeacherTrajectories(teacher_loaded.model, teacher_loaded.scheduler_config,
+                                           config.trajectory_steps, config.batch, config.seed)
+        teacher_model = None
+    else:
+        trajectories = None
+        teacher_model = _load_teacher(teacher, conditional) if teacher is not None else None
+        images, labels = mnist_digits()
+        noise_scheduler = DDPMScheduler.from_config(loaded.scheduler_config)
+    family = family_of(loaded.model)
     model = copy.deepcopy(loaded.model).train().requires_grad_(True)  # the loaded model stays untouched
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -194,19 +212,15 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         checkpointed = record.steps_done  # the step the folder's checkpoint holds
         started = time.perf_counter()
         for step in range(record.steps_done + 1, config.steps + 1):
-            index = torch.randint(0, len(images), (config.batch,), generator=generator)
-            x0 = images[index]
-            noise = torch.randn(x0.shape, generator=generator)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch,), generator=generator)
-            index, x0, noise, t = index[rows], x0[rows], noise[rows], t[rows]  # this process's share
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            class_labels = labels[index] if conditional else None
-            prediction = model(noisy, t, class_labels=class_labels).sample
-            loss = nn.functional.mse_loss(prediction, noise)
-            distill = None
+            batch = trajectories.draw(step) if trajectories is not None else \
+                digit_batch(images, labels, conditional, noise_scheduler, config.batch, generator)
+            inputs = tuple(x[rows] for x in batch.inputs)  # this process's share
+            prediction = family.call(model, *inputs)
+            loss = nn.functional.mse_loss(prediction, batch.target[rows])
+            distill = loss if batch.teacher else None
             if teacher_model is not None:
                 with torch.no_grad():
-                    target = teacher_model(noisy, t, class_labels=class_labels).sample
+                    target = family.call(teacher_model, *inputs)
                 distill = nn.functional.mse_loss(prediction, target)
                 loss = loss + config.distill * distill
             mean_loss = world.mean(loss.item())
@@ -257,6 +271,27 @@ def _load_teacher(teacher: str | os.PathLike, conditional: bool) -> nn.Module:
         raise FinetuneError(f"--teacher {teacher} and the model differ in class conditioning; distill from the "
                             "unpruned version of the same model")
     return loaded.model
+
+
+def _check_distill_only(loaded: LoadedModel, teacher: LoadedModel) -> bool:
+    """Refuse a student and teacher that --distill-only cannot pair; True when they take class labels."""
+    if teacher.class_name not in DISTILL_ONLY_CLASSES:
+        raise FinetuneError(f"--teacher ({teacher.source}) is a {teacher.class_name}; --distill-only samples "
+                            f"the trajectories of {' and '.join(DISTILL_ONLY_CLASSES)} denoisers")
+    if teacher.scheduler_config is None:
+        raise FinetuneError(f"--teacher ({teacher.source}) has no scheduler/ config, which sets the noise schedule "
+                            "of its trajectories; pass a pipeline folder")
+    names = family_of(teacher.model).input_names(teacher.model)
+    if teacher.model.config.get("class_embed_type") is not None:  # a UNet2DModel conditioned on other vectors
+        raise FinetuneError(f"--teacher ({teacher.source}) is conditioned on something other than class labels")
+    shape = {k: teacher.model.config.get(k) for k in ("in_channels", "out_channels", "sample_size")}
+    student = {k: loaded.model.config.get(k) for k in shape}
+    if loaded.class_name != teacher.class_name or student != shape or \
+            family_of(loaded.model).input_names(loaded.model) != names:
+        raise FinetuneError(f"the model ({loaded.source}, a {loaded.class_name}) and --teacher ({teacher.source}, a "
+                            f"{teacher.class_name}) differ in class, sample shape or inputs; distill from the "
+                            "unpruned version of the same model")
+    return "class_labels" in names
 
 
 def _check_student(loaded: LoadedModel) -> bool:

@@ -7,7 +7,7 @@ import string
 from pathlib import Path
 
 import torch
-from model_configs import TINY_SD, TINY_SDXL
+from model_configs import TINY_DIT, TINY_PIXART, TINY_SD, TINY_SDXL
 
 TOKENS = 8  # tokenizer.model_max_length: the tiny text encoder's sequence length
 
@@ -103,4 +103,53 @@ def write_text_pipeline(path: Path, vae: bool = False) -> Path:
         _write_vae(path / "vae")
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+def write_dit_pipeline(path: Path) -> Path:
+    """A DiTPipeline folder: the tiny DiT (learned sigma) with 1000 classes, since DiTPipeline hard-codes
+    class 1000 as its null class, a DDIM scheduler and the tiny VAE (16 x 16 pixels)."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    DiTTransformer2DModel.from_config({**TINY_DIT, "num_embeds_ada_norm": 1000}).save_pretrained(path / "transformer")
+    DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
+    _write_vae(path / "vae")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    return path
+
+
+def write_t5_tokenizer(folder: Path) -> None:
+    """A character-level T5 (Unigram) tokenizer: pad, eos, unk, the word boundary and the letters."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *((c, -1.0) for c in string.ascii_lowercase)]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+
+
+def write_pixart_pipeline(path: Path, sigma: bool = False) -> Path:
+    """A PixArtAlphaPipeline (or, with `sigma`, PixArtSigmaPipeline) folder: a tiny PixArt transformer,
+    a 1-layer T5 encoder as wide as its captions and its tokenizer, DDIM and the tiny VAE. Alpha's
+    transformer has sample_size 128, the size at which the transformer takes (and the pipeline passes)
+    resolution and aspect-ratio conditions; run it with use_resolution_binning=False at a small size."""
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    # Alpha's size embeddings take a third of the width each (2 for resolution, 1 for aspect ratio): 24 wide
+    config = TINY_PIXART if sigma else {**TINY_PIXART, "sample_size": 128, "attention_head_dim": 12,
+                                        "cross_attention_dim": 24}
+    PixArtTransformer2DModel.from_config(config).save_pretrained(path / "transformer")
+    T5EncoderModel(T5Config(vocab_size=2 + 2 + len(string.ascii_lowercase), d_model=TINY_PIXART["caption_channels"],
+                            d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(path / "text_encoder")
+    write_t5_tokenizer(path / "tokenizer")
+    DDIMScheduler(clip_sample=False, timestep_spacing="trailing").save_pretrained(path / "scheduler")
+    _write_vae(path / "vae")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
     return path

@@ -11,7 +11,7 @@ from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact
 from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.families import CLIP_TOKENS
-from dgo_compile.integrations.diffusers import CompiledUNet, IntegrationError, attach, detach
+from dgo_compile.integrations.diffusers import CompiledDenoiser, IntegrationError, attach, detach
 from dgo_compile.loading import DEFAULT_MODEL
 from dgo_compile.resolution import resolve
 from dgo_compile.folding import fold
@@ -71,7 +71,7 @@ def test_full_artifact_matches_the_plain_ddim_pipeline(ddim_full):
     pipe = _ddim()
     original = pipe.unet
     plain = _images(pipe)
-    assert isinstance(attach(pipe, ddim_full), CompiledUNet) and pipe.unet.config is original.config
+    assert isinstance(attach(pipe, ddim_full), CompiledDenoiser) and pipe.unet.config is original.config
     first = _images(pipe)
     assert np.abs(first - plain).max() < 1e-4
     np.testing.assert_array_equal(_images(pipe), first)  # a second run starts from call 0 again

@@ -1,12 +1,12 @@
-"""A compiled denoiser as the unet of a diffusers pipeline, so users keep calling `pipe(...)`.
+"""A compiled denoiser as the unet (or transformer) of a diffusers pipeline, so users keep calling `pipe(...)`.
 
     attach(pipe, "artifact")   # or an OrtArtifact, fold(traced, schedule, timesteps), a TracedDenoiser
     images = pipe(num_inference_steps=50).images
     detach(pipe)               # the original unet is back
 
-`pipe.unet` becomes a `CompiledUNet`: an `nn.Module` that keeps the original unet's `config`, so
-the pipeline sizes its latents as before, and sends denoiser call i of a run to the compiled
-graphs for call i.
+`pipe.unet` (`pipe.transformer` in DiT and PixArt pipelines) becomes a `CompiledDenoiser`: an
+`nn.Module` that keeps the original model's `config`, so the pipeline sizes its latents as before,
+and sends denoiser call i of a run to the compiled graphs for call i.
 
 Runs. A compiled schedule is indexed by call, so the wrapper must see where a run starts. Every
 diffusers pipeline calls `scheduler.set_timesteps` at the start of a run, and every scheduler's
@@ -23,9 +23,16 @@ shapes.
 Guidance. The compiled graphs never apply classifier-free guidance: they map each row of the batch
 to its prediction, whatever the batch. A manifest's guidance scale (`compile --guidance-scale`) is
 the scale `dgo-compile sample` applies and a learned schedule was calibrated at, nothing more.
-diffusers' Stable Diffusion pipelines batch [uncond, cond] rows (the manifest's order) and apply
-guidance themselves, so it is applied once, by diffusers. An artifact compiled with a scale runs
-only at that `guidance_scale`; one compiled without runs at any.
+diffusers' Stable Diffusion and PixArt pipelines batch [uncond, cond] rows (the manifest's order),
+DiT's [cond, null class] rows, and each applies guidance itself (DiT to the noise half of a learned
+sigma output), so it is applied once, by diffusers. An artifact compiled with a scale runs only at
+that `guidance_scale` where the pipeline exposes it (SD, SDXL); DiT and PixArt pipelines keep it
+local, so there it cannot be checked.
+
+Attention masks. The compiled graphs attend to every caption token. PixArt pipelines pass the
+tokenizer's padding mask; a mask that keeps every token is the same computation and is dropped, one
+that masks tokens is refused (pass `prompt_embeds` with all-ones masks, or prompts that fill
+`max_sequence_length`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from ..folding import FoldedSchedule
 from ..sampling import SCHEDULERS
 
 TIMESTEP_ATOL = 1e-3  # as the runtime's own per-call check
+SLOTS = ("unet", "transformer")  # where pipelines keep their denoiser
+MASKS = ("attention_mask", "encoder_attention_mask")  # accepted only when they keep every token
 
 
 class IntegrationError(DgoError):
@@ -68,7 +77,7 @@ class _Compiled:
     latent: tuple[int, int] | None = None  # the sample's (h, w) the denoiser was compiled at
 
 
-def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
+def _compiled(denoiser: Any, model: nn.Module) -> _Compiled:
     """What `attach` was given, with all it says about the runs it was compiled for."""
     if isinstance(denoiser, (str, os.PathLike)):
         denoiser = OrtArtifact.open(denoiser)
@@ -84,7 +93,7 @@ def _compiled(denoiser: Any, unet: nn.Module) -> _Compiled:
     if not (callable(denoiser) or hasattr(denoiser, "new_run")):
         raise IntegrationError(f"cannot attach a {type(denoiser).__name__}: pass an artifact folder, an OrtArtifact, "
                                "fold(traced, schedule, timesteps) or a denoiser callable")
-    names = getattr(denoiser, "input_names", None) or family_of(unet).input_names(unet)
+    names = getattr(denoiser, "input_names", None) or family_of(model).input_names(model)
     latent = getattr(denoiser, "sample_size", None)  # a TracedDenoiser's static size
     return _Compiled(denoiser, f"the {type(denoiser).__name__}", tuple(names), latent=latent and tuple(latent))
 
@@ -111,10 +120,10 @@ def _describe(scheduler: str | None, steps: int | None, calls: int | None, times
     return f"{what} (timesteps {', '.join(f'{t:g}' for t in timesteps[:3])}{', ...' if len(timesteps) > 3 else ''})"
 
 
-class CompiledUNet(nn.Module):
-    """Stands in for `pipe.unet` (see the module docstring).
+class CompiledDenoiser(nn.Module):
+    """Stands in for `pipe.unet` or `pipe.transformer` (see the module docstring).
 
-    The original unet is held outside the submodules, so `pipe.to()` and `state_dict()` skip it;
+    The original model is held outside the submodules, so `pipe.to()` and `state_dict()` skip it;
     `device` and `dtype` follow `.to()` through an empty buffer, so the pipeline makes its latents
     there. Inputs reach the compiled denoiser in float32 and its prediction comes back on the
     sample's device and dtype (onnxruntime places its own work; PyTorch graphs run where they live).
@@ -151,22 +160,28 @@ class CompiledUNet(nn.Module):
         return self._anchor.dtype
 
     @torch.no_grad()
-    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
-        inputs = self._inputs(sample, timestep, *args, **kwargs)
+    def forward(self, *args, return_dict: bool = True, **kwargs):
+        inputs = self._inputs(*args, **kwargs)
+        sample = inputs["sample"]
         self._advance(inputs["timestep"])
         prediction = self._run(*inputs.values()).to(sample.device, sample.dtype)
         self._call += 1
         return UNet2DOutput(sample=prediction) if return_dict else (prediction,)
 
-    def _inputs(self, sample: torch.Tensor, timestep, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The compiled denoiser's inputs, in its order, from what the pipeline passed the unet."""
+    def _inputs(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The compiled denoiser's inputs, in its order, from what the pipeline passed the model."""
         c = self.compiled
-        passed = self._signature.bind_partial(sample, timestep, *args, **kwargs).arguments
-        passed.update(passed.pop("added_cond_kwargs", None) or {})  # SDXL's text_embeds, time_ids
+        passed = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        if "hidden_states" in passed:  # transformers name their sample so
+            passed["sample"] = passed.pop("hidden_states")
+        passed.update(passed.pop("added_cond_kwargs", None) or {})  # SDXL's text_embeds, time_ids; PixArt's resolution
+        for mask in MASKS:
+            self._check_mask(mask, passed.pop(mask, None))
         passed = {k: v for k, v in passed.items() if v is not None and not (isinstance(v, dict) and not v)}
+        sample, timestep = passed.get("sample"), passed.get("timestep")
         if set(passed) != set(c.input_names):
             raise IntegrationError(f"{c.label} takes {', '.join(c.input_names)}; the pipeline passes "
-                                   f"{', '.join(passed)}: attach a denoiser compiled from this pipeline's unet")
+                                   f"{', '.join(passed)}: attach a denoiser compiled from this pipeline's model")
         passed["timestep"] = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
         if c.latent is not None and tuple(sample.shape[-2:]) != c.latent:
             raise IntegrationError(f"{c.label} was compiled for {_size(c.latent, self._pipe)}; the pipeline runs "
@@ -179,6 +194,15 @@ class CompiledUNet(nn.Module):
                                        "it was compiled for")
         return {n: passed[n].float() if passed[n].is_floating_point() else passed[n] for n in c.input_names}
 
+    def _check_mask(self, name: str, mask: torch.Tensor | None) -> None:
+        """A mask that keeps every token changes nothing; one that drops tokens the graphs cannot apply."""
+        if mask is None or (mask.ndim == 2 and bool((mask == 1).all())):
+            return
+        dropped = f"{int((mask == 0).sum())} of {mask.numel()}" if mask.ndim == 2 else "some"
+        raise IntegrationError(f"{self.compiled.label} attends to every token; the pipeline passes an {name} that "
+                               f"masks {dropped} tokens: pass prompt_embeds with all-ones attention masks, "
+                               "or prompts that fill max_sequence_length")
+
     def _advance(self, timestep: torch.Tensor) -> None:
         """Start a run at a scheduler.timesteps tensor not seen before; check this call against the compiled one."""
         c, scheduler = self.compiled, self._pipe.scheduler
@@ -188,7 +212,7 @@ class CompiledUNet(nn.Module):
             self._run = c.denoiser.new_run() if hasattr(c.denoiser, "new_run") else c.denoiser
         if c.calls is not None and self._call >= c.calls:
             raise IntegrationError(f"{c.label} was compiled for {c.calls} denoiser calls per run; the pipeline makes "
-                                   "more (does it call the unet more than once per step?)")
+                                   "more (does it call the model more than once per step?)")
         if c.timesteps is not None:
             expected = c.timesteps[self._call]
             if not torch.allclose(timestep, torch.full_like(timestep, expected), rtol=0, atol=TIMESTEP_ATOL):
@@ -207,28 +231,37 @@ class CompiledUNet(nn.Module):
             raise IntegrationError(f"{c.label} was compiled for {_describe(c.scheduler, c.steps, c.calls, c.timesteps)}; "
                                    f"the pipeline runs {_describe(name, steps, len(timesteps), timesteps)}: set "
                                    "pipe.scheduler and num_inference_steps to match, or compile another artifact")
+        exposed = hasattr(self._pipe, "guidance_scale")  # SD and SDXL do; DiT and PixArt keep it local
         scale = getattr(self._pipe, "guidance_scale", None)
-        if c.guidance_scale is not None and scale != c.guidance_scale:
+        if c.guidance_scale is not None and exposed and scale != c.guidance_scale:
             raise IntegrationError(f"{c.label} was compiled for classifier-free guidance at scale {c.guidance_scale:g}; "
                                    f"the pipeline runs guidance_scale={scale}: pass guidance_scale="
                                    f"{c.guidance_scale:g}, or compile without --guidance-scale to run at any scale")
 
 
-def attach(pipe: Any, denoiser: Any) -> CompiledUNet:
-    """Make `denoiser` the unet of `pipe`: an artifact folder, an `OrtArtifact`, folded graphs
-    (`folding.fold(traced, schedule, timesteps)`) or any denoiser `sampling.sample` takes. Attaching
-    again replaces the previous one; `detach` restores the original unet."""
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise IntegrationError(f"{type(pipe).__name__} has no unet; attach works with UNet pipelines "
-                               "(DDPMPipeline, DDIMPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)")
-    original = unet.original if isinstance(unet, CompiledUNet) else unet
-    pipe.unet = CompiledUNet(pipe, original, _compiled(denoiser, original))
-    return pipe.unet
+def _slot(pipe: Any) -> str:
+    """The pipeline attribute that holds its denoiser: `unet`, or `transformer` (DiT, PixArt)."""
+    for slot in SLOTS:
+        if isinstance(getattr(pipe, slot, None), nn.Module):
+            return slot
+    raise IntegrationError(f"{type(pipe).__name__} has no unet or transformer; attach works with DDPMPipeline, "
+                           "DDIMPipeline, StableDiffusion(XL)Pipeline, DiTPipeline and PixArtAlpha/SigmaPipeline")
+
+
+def attach(pipe: Any, denoiser: Any) -> CompiledDenoiser:
+    """Make `denoiser` the unet (or transformer) of `pipe`: an artifact folder, an `OrtArtifact`,
+    folded graphs (`folding.fold(traced, schedule, timesteps)`) or any denoiser `sampling.sample`
+    takes. Attaching again replaces the previous one; `detach` restores the original model."""
+    slot = _slot(pipe)
+    model = getattr(pipe, slot)
+    original = model.original if isinstance(model, CompiledDenoiser) else model
+    setattr(pipe, slot, CompiledDenoiser(pipe, original, _compiled(denoiser, original)))
+    return getattr(pipe, slot)
 
 
 def detach(pipe: Any) -> None:
-    """Give `pipe` its original unet back; nothing happens when no denoiser is attached."""
-    unet = getattr(pipe, "unet", None)
-    if isinstance(unet, CompiledUNet):
-        pipe.unet = unet.original
+    """Give `pipe` its original unet (or transformer) back; nothing happens when none is attached."""
+    for slot in SLOTS:
+        model = getattr(pipe, slot, None)
+        if isinstance(model, CompiledDenoiser):
+            setattr(pipe, slot, model.original)
