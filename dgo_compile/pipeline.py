@@ -159,7 +159,8 @@ def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str],
     if config.prune is not None:
         model_path = timed("prune", lambda: pruned(original, config.prune, work / "pruned"))
     if config.finetune is not None:
-        model_path = timed("finetune", lambda: finetuned(model_path, config.finetune, work / "finetuned"))
+        teacher = original.source if config.finetune.distill or config.finetune.distill_only else None
+        model_path = timed("finetune", lambda: finetuned(model_path, config.finetune, work / "finetuned", teacher))
     loaded = load(model_path)
     traced = trace(loaded, size=resolution.latent)
     report["built"] = _built(model_path, config)

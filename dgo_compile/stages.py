@@ -124,12 +124,13 @@ def pruned(original, config, folder: Path) -> Path:
     return folder
 
 
-def finetuned(model_path: str | Path, config, folder: Path) -> Path:
-    """The `[finetune]` stage: a complete run with these settings on this input is reused, an interrupted
-    one resumed, anything else rebuilt."""
+def finetuned(model_path: str | Path, config, folder: Path, teacher: str | Path | None = None) -> Path:
+    """The `[finetune]` stage: a complete run with these settings on this input (and teacher, the unpruned
+    model, for `distill` or `distill_only`) is reused, an interrupted one resumed, anything else rebuilt."""
     from .finetune import finetune, read_finetune
 
-    expected = make_stamp("finetune", config, {"model": model_digest(model_path)})
+    inputs = {"model": model_digest(model_path), "teacher": model_digest(teacher) if teacher is not None else None}
+    expected = make_stamp("finetune", config, inputs)
     reason = stale_reason(folder, expected)
     if reason is None and read_finetune(folder).complete:
         return folder
@@ -140,7 +141,7 @@ def finetuned(model_path: str | Path, config, folder: Path) -> Path:
         if folder.is_dir() and read_stamp(folder) != expected:
             write_stamp(folder, expected)
 
-    finetune(model_path, config, folder, resume=folder.exists(), on_step=stamp)
+    finetune(model_path, config, folder, teacher=teacher, resume=folder.exists(), on_step=stamp)
     stamp(None)
     return folder
 

@@ -101,3 +101,18 @@ def test_stage_stamps_match_only_the_same_settings_and_inputs(tmp_path):
     assert "input changed (model)" in stale_reason(folder, make_stamp("prune", PruneConfig(ratio=0.25),
                                                                        {"model": model_digest(model)}))
     assert model_digest(folder).startswith("stage:")  # a later stage is keyed on this stage's stamp
+
+
+def test_a_distilling_finetune_stage_gets_the_unpruned_model_as_its_teacher(tmp_path):
+    """[finetune] distill_only in a config file: the pipeline passes the original model as the teacher, and the
+    stage's stamp names it, so a rerun against another original rebuilds."""
+    from dgo_compile.configs import FinetuneConfig
+    from dgo_compile.finetune import read_finetune
+    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.stages import finetuned, read_stamp
+
+    folder = finetuned(DEFAULT_MODEL, FinetuneConfig(steps=1, batch=2, distill_only=True), tmp_path / "ft",
+                       teacher=DEFAULT_MODEL)
+    assert read_stamp(folder)["inputs"]["teacher"].startswith("files:")
+    record = read_finetune(folder)
+    assert record.complete and record.teacher is not None and len(record.history) == 1
