@@ -6,7 +6,8 @@ The numbers behind `ort_runner.session_options`: a 220 M-parameter SD-shaped UNe
 config at half its widths, 32x32 latents, random weights) compiled with `deepcache:3` (2 variants)
 over 10 DDIM steps, in fp32 and fp16, opened on the CPU provider (1 thread) in a fresh process per
 setting, then run for 4 calls (both variants, twice). For each: RSS after opening and after every
-call, and the median call time. Settings:
+call (call times go to the JSON only: this script measures memory, and is not run on a quiet machine).
+Settings:
 - `runner`: the options every artifact's sessions get (no spinning, no NCHWc layout pass, no
   prepacking; for fp16 on the CPU provider, no memory arena);
 - `runner+arena` (fp16 only): the same with onnxruntime's per-session memory arena left on;
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,12 +102,12 @@ def render(results: dict) -> str:
              "Reproduce: `python benchmarks/session_memory.py`. A 220 M-parameter SD-shaped UNet (SD-1.5 at half "
              "width, 32x32 latents), `deepcache:3` over 10 DDIM steps (2 variants), CPU provider, 1 thread, a fresh "
              "process per row; calls 1 and 3 run variant 0 (every block), 2 and 4 variant 1. Resident memory in GB.",
-             "", "| precision | session options | weights GB | opened | after call 1 | 2 | 3 | 4 | median call s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| precision | session options | weights GB | opened | after call 1 | 2 | 3 | 4 |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         calls = " | ".join(f"{v:.2f}" for v in row["after_call_gb"])
         lines.append(f"| {row['precision']} | {row['setting']} | {row['weights_gb']:.2f} | {row['opened_gb']:.2f} | "
-                     f"{calls} | {statistics.median(row['call_s']):.2f} |")
+                     f"{calls} |")
     lines += ["", "`runner` is what dgo-compile uses; `runner+arena` differs from it only in onnxruntime's CPU memory "
               "arena, `ort_default` is a plain `SessionOptions()`."]
     return "\n".join(lines) + "\n"

@@ -86,8 +86,13 @@ def plot_loss(rows: list[tuple[int, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, alpha=0.3, label="batch loss")
     ax.plot(steps, smooth, label=f"mean of last {window}")
-    ax.set_xlabel("optimizer step"); ax.set_ylabel("epsilon MSE"); ax.set_yscale("log"); ax.legend()
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -129,10 +134,12 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step(); scheduler.step(); ema.step(unet.parameters())
+        optimizer.step()
+        scheduler.step()
+        ema.step(unet.parameters())
         rows.append((step, loss.item()))
         if step % 50 == 0:
-            print(f"step {step} loss {sum(l for _, l in rows[-50:]) / 50:.4f} {time.time() - start:.0f}s", flush=True)
+            print(f"step {step} loss {sum(value for _, value in rows[-50:]) / 50:.4f} {time.time() - start:.0f}s", flush=True)
         if step % args.save_every == 0 or step == args.steps:
             ema_unet = UNet2DModel(**UNET_CONFIG)
             ema.copy_to(ema_unet.parameters())
