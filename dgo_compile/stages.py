@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .outputs import make_staging, publish
 
@@ -124,9 +124,9 @@ def pruned(original, config, folder: Path) -> Path:
     return folder
 
 
-def finetuned(model_path: str | Path, config, folder: Path) -> Path:
+def finetuned(model_path: str | Path, config, folder: Path, on_step: Callable[[dict], None] | None = None) -> Path:
     """The `[finetune]` stage: a complete run with these settings on this input is reused, an interrupted
-    one resumed, anything else rebuilt."""
+    one resumed, anything else rebuilt. `on_step` gets each step's history record (see `finetune`)."""
     from .finetune import finetune, read_finetune
 
     expected = make_stamp("finetune", config, {"model": model_digest(model_path)})
@@ -136,9 +136,11 @@ def finetuned(model_path: str | Path, config, folder: Path) -> Path:
     if reason is not None and folder.exists():
         discard(folder, reason)
 
-    def stamp(_entry) -> None:  # the stamp goes in with the run's first checkpoint, so a resume is checked too
+    def stamp(entry) -> None:  # the stamp goes in with the run's first checkpoint, so a resume is checked too
         if folder.is_dir() and read_stamp(folder) != expected:
             write_stamp(folder, expected)
+        if entry is not None and on_step is not None:
+            on_step(entry)
 
     finetune(model_path, config, folder, resume=folder.exists(), on_step=stamp)
     stamp(None)
