@@ -184,7 +184,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
             compile_artifact(traced, schedule, loaded.scheduler_config, tmp, model_source=str(loaded.source.resolve()),
                              scheduler=config.scheduler, sampler_steps=config.steps,
                              guidance_scale=config.guidance_scale, precision=config.precision,
-                             on_variant=lambda done, total: step.update(done, total=total, note="graphs"))
+                             on_variant=lambda done, total: step.update(done, total=total))
         with stages.stage("verify", f"sampling {config.verify_samples} images each from the artifact, its PyTorch "
                                     "graphs and the original model", total=3 * config.verify_samples * schedule.steps) \
                 as step:
