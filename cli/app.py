@@ -195,8 +195,8 @@ def sample(
                                                     total=n * calls) as step:
         images = sample(target.denoiser, target.scheduler_config, noise, target.steps, scheduler=target.scheduler,
                         conditions=conditions, guidance=guidance, seed=seed, progress=step.advance)
-    check_finite(images, f"the image batch sampled from {source or DEFAULT_MODEL}", "the model or artifact is broken; "
-                 f"nothing was written to {output}")
+        check_finite(images, f"the image batch sampled from {source or DEFAULT_MODEL}",  # a failed stage: no line
+                     f"the model or artifact is broken; nothing was written to {output}")
     name = target.scheduler or target.scheduler_config.get("_class_name", "ddim")
     out.print(f"wrote {save_grid(images[:, :3], output)} ({n} images, {name} {target.steps} steps, seed {seed})")
 
