@@ -4,7 +4,9 @@ Every number describes the model actually compiled: params and MACs are counted 
 the pruning and fine-tuning settings come from the `stage.json` stamps of the folders it was built
 in (`dgo_compile.stages`), not from the config. The measured speedup is timed against the original
 model's `full` artifact, compiled alike (same sampler, steps and precision) and opened with the same
-session options, in interleaved rounds; it is given with its spread, and called noise where it
+session options and thread count, in interleaved rounds (`measure`, the pipeline's bench stage): seconds
+per run as median (min-max), the realised speedup beside the theoretical (MACs) one, the threads used,
+and a warning heading report.md when a spread is over SPREAD_WARN (max / min) or the realised speedup
 exceeds the MACs ratio.
 """
 
