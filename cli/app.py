@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.progress import ConsoleStages
 from dgo_compile.errors import DgoError
 from dgo_compile.options import check
 
@@ -133,8 +134,8 @@ def compile(
             model=str(model) if model else None, schedule=schedule, steps=steps, scheduler=scheduler,
             granularity=granularity, guidance_scale=guidance_scale, output=str(output) if output else None,
             overwrite=overwrite or None, precision=precision, height=height, width=width))
-        with err.status("compiling") as status:
-            outcome = run_pipeline(resolved, on_stage=lambda name: status.update(f"{name}..."))
+        with ConsoleStages(err, enabled=MAIN_PROCESS) as stages:
+            outcome = run_pipeline(resolved, stages)
         r = outcome.report
         out.print(f"wrote {outcome.artifact}: {r['macs']['kept']:.1%} of the original MACs per run, predicted "
                   f"{r['predicted_speedup']:.2f}x, measured {r['measured']['text']}, SSIM vs original "
@@ -142,8 +143,9 @@ def compile(
         return
     from dgo_compile.pipeline import compile_schedule
 
-    done = compile_schedule(model, schedule, steps, scheduler, granularity, guidance_scale, output, overwrite,
-                            dump_dir, precision, height, width, on_compile=err.status)
+    with ConsoleStages(err) as stages:
+        done = compile_schedule(model, schedule, steps, scheduler, granularity, guidance_scale, output, overwrite,
+                                dump_dir, precision, height, width, on_compile=stages.named("compile"))
     macs = done.manifest.macs
     out.print(f"wrote {done.artifact}: {len(done.manifest.variants)} graphs for {done.manifest.scheduler.name} "
               f"{done.steps} steps at {done.resolution}, {done.precision}, {macs.total / macs.full_total:.1%} of the "
@@ -174,8 +176,6 @@ def sample(
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write.")] = Path("grid.png"),
 ) -> None:
     """Sample a grid of images, from an artifact on onnxruntime or a model's traced graph."""
-    from rich.progress import Progress
-
     from dgo_compile.configs import DEFAULT_MODEL
     from dgo_compile.outputs import check_output
 
@@ -191,13 +191,12 @@ def sample(
                                           target.null_class_label)
     noise = initial_noise(n, target.shape, seed)
     calls = len(denoiser_timesteps(target.scheduler_config, target.steps, target.scheduler))
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("sampling", total=n * calls)
+    with ConsoleStages(err) as stages, stages.stage("sample", f"{n} images x {calls} denoiser calls",
+                                                    total=n * calls) as step:
         images = sample(target.denoiser, target.scheduler_config, noise, target.steps, scheduler=target.scheduler,
-                        conditions=conditions, guidance=guidance, seed=seed,
-                        progress=lambda k: progress.advance(task, k))
-    check_finite(images, f"the image batch sampled from {source or DEFAULT_MODEL}", "the model or artifact is broken; "
-                 f"nothing was written to {output}")
+                        conditions=conditions, guidance=guidance, seed=seed, progress=step.advance)
+        check_finite(images, f"the image batch sampled from {source or DEFAULT_MODEL}",  # a failed stage: no line
+                     f"the model or artifact is broken; nothing was written to {output}")
     name = target.scheduler or target.scheduler_config.get("_class_name", "ddim")
     out.print(f"wrote {save_grid(images[:, :3], output)} ({n} images, {name} {target.steps} steps, seed {seed})")
 
@@ -215,7 +214,8 @@ def bench(
     check("bench", {"batch": batch, "repeats": repeats})
     from dgo_compile.bench import bench_against
 
-    done = bench_against(artifact, against, batch, repeats, on_status=err.status)
+    with ConsoleStages(err) as stages:
+        done = bench_against(artifact, against, batch, repeats, on_status=stages.named("bench"))
     result, manifest = done.result, done.manifest
     table = Table(title=f"{artifact}: {manifest.schedule['name']}, {manifest.scheduler.steps} steps, "
                         f"batch {batch}, {done.provider}, {repeats} interleaved rounds")
@@ -273,8 +273,6 @@ def optimize(
     """Learn a block schedule (DiP-GO): gradient descent through whole sampling trajectories."""
     from dataclasses import replace
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from dgo_compile.configs import DEFAULT_MODEL, OptimizeConfig, PrunerError
     from dgo_compile.outputs import check_output
 
@@ -306,27 +304,15 @@ def optimize(
     if loaded.scheduler_config is None:
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
     traced = trace(loaded)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[stats]}")]
-    # The bar starts with the first iteration, so input errors found while setting up stay one line.
-    progress = Progress(*columns, console=err, disable=not MAIN_PROCESS)
-    tasks = []
-
-    def show(record: dict) -> None:
-        if not tasks:
-            progress.start()
-            tasks.append(progress.add_task("optimizing", total=config.iters, stats=""))
-        progress.update(tasks[0], completed=record["iteration"],
-                        stats=f"consistency {record['consistency']:.4f}  sparsity {record['sparsity']:.3f}  "
-                              f"kept MACs {record['kept']:.1%}")
-
-    try:
+    with ConsoleStages(err, enabled=MAIN_PROCESS) as stages, stages.stage(
+            "optimize", f"DiP-GO pruner towards {config.ratio:g} of the MACs", total=config.iters) as step:
         trained = run_optimize(traced, loaded.scheduler_config, config, output, model_source=str(loaded.source.resolve()),
                                null_class_label=traced.family.null_class_label(loaded.model), resume=resume,
                                decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None,
-                               on_iteration=show, device=device)
-    finally:
-        progress.stop()
+                               on_iteration=lambda r: step.update(
+                                   r["iteration"], note=f"consistency {r['consistency']:.4f}  sparsity "
+                                                        f"{r['sparsity']:.3f}  kept MACs {r['kept']:.1%}"),
+                               device=device)
     last = trained.state.history[-1] if trained.state.history else {}
     out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "
               f"last kept MACs {last.get('kept', 1.0):.1%}; make a schedule with "
@@ -350,7 +336,8 @@ def schedule(
     for path, option in ((output, "-o"), (heatmap, "--heatmap")):
         check_output(path, None, option=option, protected=[pruner, model])
     from dgo_compile import load, trace
-    from dgo_compile.pruner import extract_schedule, load_pruner, save_heatmap
+    from dgo_compile.heatmap import save_heatmap
+    from dgo_compile.pruner import extract_schedule, load_pruner
     from dgo_compile.schedule_cost import ScheduleCost
 
     trained = load_pruner(pruner)
@@ -402,8 +389,6 @@ def finetune(
     --distill-only on its teacher's own sampling trajectories."""
     from dataclasses import replace
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from dgo_compile.configs import DEFAULT_MODEL, FinetuneConfig, FinetuneError
     from dgo_compile.outputs import check_output
 
@@ -425,24 +410,14 @@ def finetune(
         teacher = teacher or stored.teacher_path
     else:
         config = FinetuneConfig(**given)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[stats]}")]
-    # The bar starts with the first step, so input errors found while setting up stay one line.
-    progress = Progress(*columns, console=err, disable=not MAIN_PROCESS)
-    tasks = []
+    def note(entry: dict) -> str:
+        return (f"loss {entry['loss']:.4f}" + (f"  distill {entry['distill']:.4f}" if "distill" in entry else "")
+                + f"  EMA decay {entry['ema_decay']:.3f}")
 
-    def show(entry: dict) -> None:
-        if not tasks:
-            progress.start()
-            tasks.append(progress.add_task("fine-tuning", total=config.steps, stats=""))
-        progress.update(tasks[0], completed=entry["step"],
-                        stats=f"loss {entry['loss']:.4f}" + (f"  distill {entry['distill']:.4f}" if "distill" in entry
-                                                             else "") + f"  EMA decay {entry['ema_decay']:.3f}")
-
-    try:
-        result = run_finetune(model, config, output, teacher=teacher, resume=resume, on_step=show)
-    finally:
-        progress.stop()
+    with ConsoleStages(err, enabled=MAIN_PROCESS) as stages, stages.stage(
+            "finetune", f"batch {config.batch}", total=config.steps) as step:
+        result = run_finetune(model, config, output, teacher=teacher, resume=resume,
+                              on_step=lambda entry: step.update(entry["step"], note=note(entry)))
     record = result.record
     window = min(len(record.history), FINAL_LOSS_WINDOW)
     out.print(f"wrote {output}: {record.steps_done} steps in {record.seconds:.0f} s, final loss "
@@ -514,7 +489,7 @@ def prune(
         out.print(table)
         return
     calibration = calibration_images(loaded, images) if importance == "taylor" else None
-    with err.status(f"pruning ({importance}, {scope}, ratio {ratio})"):
+    with ConsoleStages(err) as stages, stages.stage("prune", f"{importance} importance, {scope}, ratio {ratio}"):
         pruned = run_prune(loaded, config, calibration)
         save_denoiser(loaded, pruned.model, output, pruned.pruning)
     params, macs = pruned.pruning["params"], pruned.pruning["macs"]

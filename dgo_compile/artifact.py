@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -47,13 +48,15 @@ CONSTANTS_FILE = "timestep_constants.safetensors"
 def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_config: dict, output: str | Path,
                      overwrite: bool = False, model_source: str | None = None, *, scheduler: str | None = None,
                      sampler_steps: int | None = None, guidance_scale: float | None = None,
-                     dump_dir: str | Path | None = None, precision: str = "fp32") -> Path:
+                     dump_dir: str | Path | None = None, precision: str = "fp32",
+                     on_variant: Callable[[int, int], None] | None = None) -> Path:
     """Fold `schedule`, export each variant to ONNX and write the artifact folder at `output`.
 
     The schedule has one row per denoiser call of `scheduler` at `sampler_steps` (default: as
     many steps as the schedule has rows); each call's timestep is folded into constants. Every
     variant references one shared `weights.bin`; `precision` "fp16" halves weights, caches and
-    constants (see dgo_compile.precision for what stays float32).
+    constants (see dgo_compile.precision for what stays float32). `on_variant(done, total)` is
+    called once the variants are known (done 0) and after each variant is exported.
     """
     output = check_output(output, "artifact", overwrite=overwrite, error=ArtifactError)
     check_precision(precision)
@@ -76,6 +79,8 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
         weights = SharedWeightsWriter(staging)
         variants = []
         order = list(dict.fromkeys(folded.step_variant))
+        if on_variant is not None:
+            on_variant(0, len(order))
         for index, key in enumerate(order):
             graph_module = folded.variants[key]
             signature = variant_signature(graph_module)
@@ -90,6 +95,8 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             variants.append(Variant(file, tuple(sorted(key[0])), tuple(signature.inputs),
                                     tuple(signature.constant_inputs), tuple(signature.cache_inputs),
                                     tuple(signature.cache_outputs)))
+            if on_variant is not None:
+                on_variant(index + 1, len(order))
         weights_bytes = weights.close()
         for variant in variants:
             onnx.checker.check_model(str(staging / variant.file))  # by path: resolves weights.bin

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,13 +62,17 @@ class BenchResult:
 
 def time_rounds(denoisers: dict, scheduler_config: dict, shape: tuple[int, ...], steps: int, batch: int,
                 repeats: int, scheduler: str | None = None,
-                conditions: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[float, ...]]:
+                conditions: dict[str, torch.Tensor] | None = None,
+                on_run: Callable[[], None] | None = None) -> dict[str, tuple[float, ...]]:
     """Wall time of `repeats` whole sampling runs of each denoiser, interleaved round by round (the
-    order reversed every other round)."""
+    order reversed every other round), after one warm-up run of each. `on_run()` is called after
+    every run, warm-ups included: (repeats + 1) x len(denoisers) calls."""
     noise = initial_noise(batch, shape, seed=0)
 
     def run(denoiser) -> None:
         sample(denoiser, scheduler_config, noise, steps, scheduler=scheduler, conditions=conditions, batch_size=batch)
+        if on_run is not None:
+            on_run()
 
     times: dict[str, list[float]] = {label: [] for label in denoisers}
     for denoiser in denoisers.values():  # warm-up: first-run allocations are not the steady state
@@ -89,7 +94,8 @@ def time_runs(denoisers: dict, scheduler_config: dict, shape: tuple[int, ...], s
     return {label: statistics.median(ts) for label, ts in rounds.items()}
 
 
-def bench_artifacts(artifacts: dict[str, OrtArtifact], batch: int = 1, repeats: int = 5) -> BenchResult:
+def bench_artifacts(artifacts: dict[str, OrtArtifact], batch: int = 1, repeats: int = 5,
+                    on_run: Callable[[], None] | None = None) -> BenchResult:
     """Time artifacts compiled for the same sampler. Conditions are zeros: values do not change the work.
     The artifacts must have been opened alike (`OrtArtifact.open` gives every session the same options)."""
     first = next(iter(artifacts.values())).manifest
@@ -97,7 +103,7 @@ def bench_artifacts(artifacts: dict[str, OrtArtifact], batch: int = 1, repeats: 
     conditions = {name: torch.zeros((1, *spec.shape[1:]), dtype=getattr(torch, spec.dtype))
                   for name, spec in inputs.items() if name not in ("sample", "timestep")} or None
     times = time_rounds(artifacts, first.scheduler.config, tuple(inputs["sample"].shape[1:]),
-                        first.scheduler.steps, batch, repeats, first.scheduler.name, conditions)
+                        first.scheduler.steps, batch, repeats, first.scheduler.name, conditions, on_run)
     return BenchResult(times, {label: a.manifest.macs.total for label, a in artifacts.items()})
 
 

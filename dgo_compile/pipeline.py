@@ -1,13 +1,17 @@
 """One command from model to artifact: the whole compile pipeline from a TOML config, with a report.
 
-Order (each stage feeds the next; stages without a table in the config are skipped):
-  1. [prune]     Diff-Pruning channel pruning       -> <work>/pruned
-  2. [finetune]  fine-tune the pruned model         -> <work>/finetuned
-  3. schedule    a named one (`full`, `deepcache:N`, `steps:K`, a JSON file), or "learned":
-     [optimize]  DiP-GO's pruner on the (pruned) model, then the schedule at optimize.ratio
-  4. fold + export the ONNX artifact (written to a temp folder, then renamed)
-  5. verify      the artifact against the PyTorch graphs it came from, on the same noise
-  6. report      report.md / report.json / heatmap / sample grid, quality against the unpruned model
+Stages, in order (each feeds the next; stages without a table in the config are skipped), each
+reported to a `dgo_compile.progress.Stages` with what it does and how far along it is:
+  load       the original model, traced (the reference for quality and speed)
+  prune      [prune] Diff-Pruning channel pruning         -> <work>/pruned
+  finetune   [finetune] fine-tune the pruned model        -> <work>/finetuned
+  trace      the pruned model, traced into its blocks (without [prune] the original is compiled)
+  schedule   a named one (`full`, `deepcache:N`, `steps:K`, a JSON file), or with "learned":
+  optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.ratio
+  compile    fold + export the ONNX artifact (written to a temp folder, then renamed)
+  verify     the artifact against the PyTorch graphs it came from and the original model, same noise
+  bench      the artifact against the original's `full` artifact, interleaved rounds (dgo_compile.bench)
+  report     report.md / report.json / schedule heatmap / sample grid
 Intermediate models live in `<output>.work/`; a rerun reuses one only when its `stage.json` holds the
 same resolved settings and inputs (`dgo_compile.stages`), and rebuilds it otherwise, saying why.
 Everything is checked (options, the output folder, the schedule's syntax) before torch is imported or
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,6 +31,7 @@ from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig
 from .errors import DgoError
 from .options import check
 from .outputs import check_output, exclusive, make_staging, publish
+from .progress import Stages, Step
 from .schedule import check_spec
 
 CONFIG_FILE = "dgo_config.json"
@@ -118,68 +122,85 @@ class CompileOutcome:
     report: dict[str, Any]
 
 
-def run_pipeline(config: CompileConfig, on_stage: Callable[[str], None] | None = None) -> CompileOutcome:
+def run_pipeline(config: CompileConfig, stages: Stages | None = None) -> CompileOutcome:
+    """Run every stage of `config` (see the module docstring); `stages` is told what each stage does and
+    how far along it is (dgo_compile.progress; the default shows nothing)."""
     from .artifact_files import ArtifactError
 
-    stage = on_stage or (lambda _: None)
     output = check_output(config.output, "artifact", overwrite=config.overwrite,
                           protected=[config.model or DEFAULT_MODEL], error=ArtifactError)
     check_spec(config.schedule, learned=True)  # a bad schedule fails before the model loads
     work = output.with_name(output.name + ".work")
     with exclusive(work):  # concurrent runs on one -o share the work folder: the second stops here
-        return _run(config, output, work, stage)
+        return _run(config, output, work, stages or Stages())
 
 
-def _run(config: CompileConfig, output: Path, work: Path, stage: Callable[[str], None]) -> CompileOutcome:
+def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> CompileOutcome:
     from . import load, trace
     from .artifact import compile_artifact
-    from .report import write_report
+    from .report import measure, write_report
     from .resolution import resolve
     from .stages import finetuned, pruned
 
-    timings: dict[str, float] = {}
     report: dict[str, Any] = {"config": config.to_json()}
-
-    def timed(name: str, fn):
-        stage(name)
-        started = time.perf_counter()
-        result = fn()
-        timings[name] = time.perf_counter() - started
-        return result
-
-    original = load(config.model)
-    if original.scheduler_config is None:
-        raise DgoError(f"{original.source} has no scheduler/ config; pass a pipeline folder")
-    resolution = resolve(original.model, original.source, config.height, config.width)
+    if config.finetune is not None and config.prune is None:
+        raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
+    with stages.stage("load", f"loading and tracing {config.model or 'the shipped model'}"):
+        original = load(config.model)
+        if original.scheduler_config is None:
+            raise DgoError(f"{original.source} has no scheduler/ config; pass a pipeline folder")
+        resolution = resolve(original.model, original.source, config.height, config.width)
+        # checked against eager only where it is also the model compiled (no [prune])
+        original_traced = trace(original, verify=config.prune is None, size=resolution.latent)
     config = replace(config, height=resolution.height, width=resolution.width)  # the resolved config records it
     report.update(config=config.to_json(), resolution=resolution.to_json())
     model_path = config.model
-    if config.finetune is not None and config.prune is None:
-        raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
     if config.prune is not None:
-        model_path = timed("prune", lambda: pruned(original, config.prune, work / "pruned"))
+        with stages.stage("prune", f"channel pruning, ratio {config.prune.ratio} ({config.prune.importance})"):
+            model_path = pruned(original, config.prune, work / "pruned")
     if config.finetune is not None:
         teacher = original.source if config.finetune.distill or config.finetune.distill_only else None
-        model_path = timed("finetune", lambda: finetuned(model_path, config.finetune, work / "finetuned", teacher))
-    loaded = load(model_path)
-    traced = trace(loaded, size=resolution.latent)
+        with stages.stage("finetune", f"fine-tuning the pruned model, batch {config.finetune.batch}",
+                          total=config.finetune.steps) as step:
+            model_path = finetuned(model_path, config.finetune, work / "finetuned", teacher,
+                                   on_step=lambda entry: step.update(entry["step"], note=f"loss {entry['loss']:.4f}"))
+    loaded, traced = original, original_traced
+    if model_path != config.model:
+        with stages.stage("trace", f"loading and tracing the {'fine-tuned' if config.finetune else 'pruned'} model"):
+            loaded = load(model_path)
+            traced = trace(loaded, size=resolution.latent)
     report["built"] = _built(model_path, config)
-    schedule, heatmap_source = timed("schedule", lambda: _schedule(config, traced, loaded, work,
-                                                                    model_path or loaded.source, resolution.latent))
+    if config.schedule == "learned":
+        what, total = f"DiP-GO pruner, {config.optimize.iters} iterations towards {config.optimize.ratio:g}", \
+            config.optimize.iters
+    else:
+        what, total = f"building {config.schedule} over {config.steps} steps", None
+    with stages.stage("optimize" if config.schedule == "learned" else "schedule", what, total) as step:
+        schedule, heatmap_source = _schedule(config, traced, loaded, work, model_path or loaded.source,
+                                             resolution.latent, step)
     staging = make_staging(output)  # unique per run: concurrent or killed runs never share it
     tmp = staging / output.name
     try:
-        timed("compile", lambda: compile_artifact(
-            traced, schedule, loaded.scheduler_config, tmp,
-            model_source=str(loaded.source.resolve()), scheduler=config.scheduler, sampler_steps=config.steps,
-            guidance_scale=config.guidance_scale, precision=config.precision))
-        original_traced = trace(original, verify=False, size=resolution.latent)
-        report.update(timed("verify", lambda: _verify(config, tmp, traced, loaded, original, original_traced,
-                                                        schedule)))
-        report["timings_s"] = timings
-        write_report(tmp, report, schedule, heatmap_source, loaded, original_traced, original.scheduler_config)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
-        publish(tmp, output, "artifact", overwrite=config.overwrite)
+        with stages.stage("compile", f"folding {schedule.name} and exporting its graphs to ONNX") as step:
+            compile_artifact(traced, schedule, loaded.scheduler_config, tmp, model_source=str(loaded.source.resolve()),
+                             scheduler=config.scheduler, sampler_steps=config.steps,
+                             guidance_scale=config.guidance_scale, precision=config.precision,
+                             on_variant=lambda done, total: step.update(done, total=total))
+        with stages.stage("verify", f"sampling {config.verify_samples} images each from the artifact, its PyTorch "
+                                    "graphs and the original model", total=3 * config.verify_samples * schedule.steps) \
+                as step:
+            report.update(_verify(config, tmp, traced, loaded, original, original_traced, schedule, step.advance))
+        from .report import ROUNDS
+
+        with stages.stage("bench", f"timing the artifact against the original's full artifact, {ROUNDS} "
+                                   "interleaved rounds", total=2 * (ROUNDS + 1)) as step:
+            report["measured"] = measure(tmp, report["config"], schedule.steps, original_traced,
+                                         original.scheduler_config, on_run=step.advance)
+        report["timings_s"] = dict(stages.seconds)
+        with stages.stage("report", "writing report.md, report.json, samples.png and schedule.png"):
+            write_report(tmp, report, schedule, heatmap_source, loaded)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
+            publish(tmp, output, "artifact", overwrite=config.overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return CompileOutcome(output, report)
@@ -200,7 +221,7 @@ def _built(model_path, config: CompileConfig) -> dict[str, Any]:
     return built
 
 
-def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int]):
+def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int], step: Step):
     from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
     from .supernet import gateable_elements
     from .sampling import denoiser_timesteps
@@ -213,9 +234,11 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, lat
         expected = pruner_stamp(config.optimize, model_path, latent)
         reusable = prepare_pruner(folder, expected)  # a pruner trained for other settings is discarded
 
-        def stamp(_record=None) -> None:
+        def stamp(record=None) -> None:
             if folder.is_dir() and read_stamp(folder) != expected:
                 write_stamp(folder, expected)
+            if record is not None:
+                step.update(record["iteration"], note=f"kept MACs {record['kept']:.1%}")
 
         done = reusable and load_pruner(folder, allow_unfinished=True).state.complete
         trained = load_pruner(folder) if done else optimize(
@@ -236,8 +259,8 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, lat
     return plan, None
 
 
-def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, original_traced,
-            schedule) -> dict[str, Any]:
+def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, original_traced, schedule,
+            progress: Callable[[int], None]) -> dict[str, Any]:
     """Artifact vs its own PyTorch graphs (parity), and vs the unpruned full model (quality)."""
     from .artifact import read_manifest
     from .ort_runner import OrtArtifact
@@ -253,7 +276,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     labels = list(range(10)) if "class_labels" in traced.input_names else None  # cycled over the samples
     conditions, guidance = conditions_for(traced.input_names, config.verify_samples, labels, None,
                                           config.guidance_scale, traced.family.null_class_label(loaded.model))
-    run = dict(scheduler=config.scheduler, conditions=conditions, guidance=guidance, seed=config.seed)
+    run = dict(scheduler=config.scheduler, conditions=conditions, guidance=guidance, seed=config.seed,
+               progress=progress)
     timesteps = denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler)
     ours = sample(OrtArtifact.open(artifact), loaded.scheduler_config, noise, config.steps, **run)
     torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)

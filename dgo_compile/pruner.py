@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .configs import GRANULARITIES, OptimizeConfig, PrunerError  # noqa: F401  (re-exported)
+from .heatmap import save_heatmap  # noqa: F401  (re-exported: it draws a pruner's scores)
 from .distributed import current_world
 from .files import write_atomic
 from .finite import check_finite
@@ -492,29 +493,3 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, nam
                 return cost.close(schedule_with(chosen)), trial
     raise ScheduleError(f"no schedule from these scores keeps {ratio:.1%} of the MACs within {tolerance:.2%} "
                         f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another --ratio")
-
-
-def save_heatmap(scores: torch.Tensor, schedule: Schedule, path: str | Path, title: str) -> Path:
-    """One PNG, two panels (elements x denoiser calls): the pruner's P(reuse) and the chosen schedule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    calls, columns = scores.shape
-    compute = torch.tensor([[float(c) for c in row] for row in schedule.compute])
-    height = 1.2 + 0.22 * columns
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.16 * calls + 3), 2 * height + 0.6), constrained_layout=True)
-    panels = [(scores.T.numpy(), "P(reuse) from the pruner", "viridis"),
-              (compute.T.numpy(), "schedule: dark = compute, light = reuse cached output", "Greys")]
-    for ax, (data, label, cmap) in zip(axes, panels):
-        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_yticks(range(columns), schedule.blocks, fontsize=7)
-        ax.set_xlabel("denoiser call")
-        ax.set_title(label, fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.02)
-    fig.suptitle(title, fontsize=10)
-    try:
-        return write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    finally:
-        plt.close(fig)

@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .outputs import make_staging, publish
 
@@ -124,9 +124,11 @@ def pruned(original, config, folder: Path) -> Path:
     return folder
 
 
-def finetuned(model_path: str | Path, config, folder: Path, teacher: str | Path | None = None) -> Path:
+def finetuned(model_path: str | Path, config, folder: Path, teacher: str | Path | None = None,
+              on_step: Callable[[dict], None] | None = None) -> Path:
     """The `[finetune]` stage: a complete run with these settings on this input (and teacher, the unpruned
-    model, for `distill` or `distill_only`) is reused, an interrupted one resumed, anything else rebuilt."""
+    model, for `distill` or `distill_only`) is reused, an interrupted one resumed, anything else rebuilt.
+    `on_step` gets each step's history record (see `finetune`)."""
     from .finetune import finetune, read_finetune
 
     inputs = {"model": model_digest(model_path), "teacher": model_digest(teacher) if teacher is not None else None}
@@ -137,9 +139,11 @@ def finetuned(model_path: str | Path, config, folder: Path, teacher: str | Path 
     if reason is not None and folder.exists():
         discard(folder, reason)
 
-    def stamp(_entry) -> None:  # the stamp goes in with the run's first checkpoint, so a resume is checked too
+    def stamp(entry) -> None:  # the stamp goes in with the run's first checkpoint, so a resume is checked too
         if folder.is_dir() and read_stamp(folder) != expected:
             write_stamp(folder, expected)
+        if entry is not None and on_step is not None:
+            on_step(entry)
 
     finetune(model_path, config, folder, teacher=teacher, resume=folder.exists(), on_step=stamp)
     stamp(None)

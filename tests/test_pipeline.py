@@ -1,6 +1,7 @@
 """`compile --config`: the whole pipeline from a TOML file, with the CLI winning over it, and a report."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +29,27 @@ def test_config_file_with_cli_overrides(tmp_path):
     assert (read_config(path, {"width": 24}).height, read_config(path, {"width": 24}).width) == (48, 24)
 
 
-def test_the_readme_example_config_reads_as_documented():
-    """The quick start's `compile --config examples/dgo.toml`: prune, fine-tune, deepcache:3 over 50 DDIM steps."""
-    config = read_config(Path(__file__).parent.parent / "examples" / "dgo.toml", {"output": "artifact"})
-    assert (config.schedule, config.steps, config.output) == ("deepcache:3", 50, "artifact")
-    assert config.prune.ratio == 0.25 and config.prune.importance == "taylor"
-    assert config.finetune.steps == 300 and config.optimize is None
+EXAMPLE = Path(__file__).parent.parent / "examples" / "dgo.toml"
+
+
+def test_the_readme_example_config_reads_as_documented(tmp_path):
+    """The quick start's `compile --config examples/dgo.toml`: steps:21 over 50 DDIM steps, nothing else;
+    channel pruning and fine-tuning are documented there as commented-out tables that read when enabled."""
+    config = read_config(EXAMPLE, {"output": "artifact"})
+    assert (config.schedule, config.steps, config.output, config.verify_samples) == ("steps:21", 50, "artifact", 16)
+    assert config.prune is None and config.finetune is None and config.optimize is None
+    # uncommenting the [prune] and [finetune] blocks (the documented option) gives a valid config
+    lines, enabled, on = EXAMPLE.read_text().splitlines(), [], False
+    for line in lines:
+        if line.startswith("# [prune]") or line.startswith("# [finetune]"):
+            on = True
+        elif line.startswith("# [optimize]") or not line.startswith("#"):
+            on = False
+        enabled.append(line[2:] if on and line.startswith("# ") else line)
+    path = tmp_path / "dgo.toml"
+    path.write_text("\n".join(enabled) + "\n")
+    tables = read_config(path, {})
+    assert tables.prune.ratio == 0.25 and tables.prune.importance == "taylor" and tables.finetune.steps == 300
 
 
 @pytest.mark.parametrize("text, message", [
@@ -77,8 +93,24 @@ def test_compile_config_runs_prune_compile_verify_report(tmp_path):
     assert report["parity_rel_l2"] < 1e-4
     assert -1 <= report["quality"]["ssim_vs_original"] < 0.99 and report["measured"]["speedup"] > 0  # pruned, not tuned
     text = (folder / "report.md").read_text()
-    assert "| MACs per run |" in text and "measured speedup" in text and (folder / "samples.png").is_file()
+    assert "| MACs per run |" in text and "| realised speedup (median (min-max) of 5 interleaved rounds) |" in text
+    assert "| seconds per sampling run" in text and "| realised / theoretical |" in text
+    measured = report["measured"]
+    assert f"{measured['ort_intra_op_threads']} intra-op threads per session" in text
+    assert f"{measured['speedup']:.2f}x ({measured['speedup_min']:.2f}-{measured['speedup_max']:.2f}x)" in text
+    for label in ("full", "compiled"):
+        times = measured["times"][label]
+        assert len(times["runs"]) == 5 and times["min"] <= times["median"] <= times["max"]
+    assert measured["realised_share"] == pytest.approx(measured["speedup"] / report["predicted_speedup"], rel=1e-3)
+    assert ("**Warning" in text) == bool(measured["warnings"])
+    assert (folder / "samples.png").is_file() and (folder / "schedule.png").is_file()
     assert (tmp_path / "a.work" / "pruned" / "unet" / "dgo_pruning.json").is_file()
+    # no terminal: one line per stage, in order, each with its time; the result goes to stdout
+    stages = [re.match(r"^(\w+): \d+\.\d s, ", line) for line in result.stderr.splitlines()]
+    assert [m.group(1) for m in stages if m] == ["load", "prune", "trace", "schedule", "compile", "verify", "bench",
+                                                 "report"], result.stderr
+    assert list(report["timings_s"]) == ["load", "prune", "trace", "schedule", "compile", "verify", "bench"]
+    assert "wrote " in result.stdout and "SSIM vs original" in result.stdout
 
 
 def test_stage_stamps_match_only_the_same_settings_and_inputs(tmp_path):

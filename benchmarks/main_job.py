@@ -1,0 +1,56 @@
+"""Which closed-form schedule the main job (examples/dgo.toml) compiles: SSIM / PSNR against the
+original model with report.md's own metric and noise, for candidate `steps:K` / `deepcache:N[:b]`.
+
+    python benchmarks/main_job.py -n 64 steps:23 steps:22 steps:21 steps:20   # ~2 min per schedule on 2 cores
+
+The noise, class labels (0-9 cycled) and seed are `compile --config`'s verify stage's (seed 0), so the
+first 16 images are exactly report.md's; the folded PyTorch graphs stand in for the artifact (parity
+~1e-6). Prints one JSON line per schedule: kept MACs, mean SSIM / PSNR on the first 16 and on all n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from dgo_compile import load, trace
+from dgo_compile.folding import fold
+from dgo_compile.metrics import psnr, ssim
+from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample
+from dgo_compile.schedule import builtin
+from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.supernet import gateable_elements
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("schedules", nargs="+")
+    parser.add_argument("-n", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load()
+    traced = trace(loaded)
+    timesteps = denoiser_timesteps(loaded.scheduler_config, args.steps, None)
+    noise = initial_noise(args.n, tuple(traced.example_inputs(1)["sample"].shape[1:]), 0)
+    labels = list(range(10)) if "class_labels" in traced.input_names else None
+    conditions, guidance = conditions_for(traced.input_names, args.n, labels, None, None,
+                                          traced.family.null_class_label(loaded.model))
+    run = dict(conditions=conditions, guidance=guidance, seed=0)
+    reference = sample(traced, loaded.scheduler_config, noise, args.steps, **run)
+    cost = ScheduleCost(traced, "block")
+    for spec in args.schedules:
+        plan = builtin(spec, len(timesteps), gateable_elements(traced, "block"))
+        images = sample(fold(traced, plan, timesteps), loaded.scheduler_config, noise, args.steps, **run)
+        s, p = ssim(images, reference), psnr(images, reference).clamp(max=100)
+        print(json.dumps({"schedule": spec, "kept_macs": round(cost.kept_ratio(cost.close(plan)), 4),
+                          "ssim_16": round(float(s[:16].mean()), 4), "psnr_16": round(float(p[:16].mean()), 2),
+                          f"ssim_{args.n}": round(float(s.mean()), 4), f"psnr_{args.n}": round(float(p.mean()), 2),
+                          f"ssim_min_{args.n}": round(float(s.min()), 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
