@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.progress import ConsoleStages
+from .progress import ConsoleStages
 from dgo_compile.errors import DgoError
 from dgo_compile.options import check
 
