@@ -186,6 +186,8 @@ def _parse(data: dict) -> Manifest:
         raise _Malformed("'call_variants' must list a variant index for each denoiser call")
     if len(sampler["timesteps"]) != len(calls):
         raise _Malformed(f"{len(sampler['timesteps'])} timesteps for {len(calls)} calls")
+    if sampler.get("calls", len(calls)) != len(calls) or isinstance(sampler.get("calls"), bool):
+        raise _Malformed(f"'scheduler' says {sampler['calls']!r} calls; 'call_variants' lists {len(calls)}")
     resolution = _get(data, "resolution", dict, "an object or null", optional=True)
     max_batch = _get(data, "max_batch", int, "an integer or null", optional=True)
     return Manifest(
@@ -198,7 +200,7 @@ def _parse(data: dict) -> Manifest:
         resolution=None if resolution is None else Resolution(
             _get(resolution, "height", int, "an integer"), _get(resolution, "width", int, "an integer"),
             _get(resolution, "unit", str, "pixels or latent")),
-        scheduler=SamplerInfo(sampler["name"], sampler["steps"], int(sampler.get("calls", len(calls))),
+        scheduler=SamplerInfo(sampler["name"], sampler["steps"], len(calls),
                               tuple(float(t) for t in sampler["timesteps"]), sampler["config"]),
         guidance_scale=None if scale is None else float(scale),
         schedule=schedule,

@@ -28,7 +28,7 @@ class Result:
 def cli(*args) -> Result:
     """The CLI in this process (no 7 s of imports per call): the same entry point, `main`, with its
     error rendering; an exception that escapes it becomes exit code 99 with its traceback on stderr."""
-    from cli.app import main
+    from dgo_compile.cli.app import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     argv = sys.argv

@@ -7,7 +7,7 @@ import re
 import pytest
 from rich.console import Console
 
-from cli.progress import ConsoleStages
+from dgo_compile.cli.progress import ConsoleStages
 from dgo_compile.bench import BenchResult
 from dgo_compile.progress import Stages
 from dgo_compile.report import _warnings
