@@ -135,6 +135,28 @@ def test_stage_stamps_match_only_the_same_settings_and_inputs(tmp_path):
     assert model_digest(folder).startswith("stage:")  # a later stage is keyed on this stage's stamp
 
 
+def test_a_model_file_is_read_once_per_run_until_it_changes(tmp_path, monkeypatch):
+    """The original model is digested by every stage and as the teacher: its files are hashed once,
+    and a rewrite (same size, new mtime) is still seen."""
+    import os
+
+    from dgo_compile import stages
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "weights.bin"
+    weights.write_bytes(b"a" * 4096)
+    reads = []
+    real_open = open
+    monkeypatch.setattr(stages, "open", lambda f, *a, **k: reads.append(f) or real_open(f, *a, **k), raising=False)
+    first = stages.model_digest(model)
+    assert stages.model_digest(model) == first and len(reads) == 1
+    weights.write_bytes(b"b" * 4096)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert stages.model_digest(model) != first and len(reads) == 2
+
+
 def test_a_distilling_finetune_stage_gets_the_unpruned_model_as_its_teacher(tmp_path):
     """[finetune] distill_only in a config file: the pipeline passes the original model as the teacher, and the
     stage's stamp names it, so a rerun against another original rebuilds."""
