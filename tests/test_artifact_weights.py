@@ -97,7 +97,11 @@ def test_fp16_artifact_call_is_as_close_to_fp32_as_pytorch_fp16(compiled):
                                      "dtype": "float16"}
     assert manifest["weights"]["bytes"] < 0.55 * read_manifest(paths["fp32"]).weights.bytes
     # On the CPU provider an fp16 artifact's sessions run without memory arenas (each would keep its
-    # variant's fp32 cast of the weights); fp32 artifacts keep them.
+    # variant's fp32 cast of the weights); an fp32 artifact's sessions all allocate from the one arena
+    # registered with onnxruntime's environment (an arena each would keep every variant's activations).
     full = OrtArtifact.open(paths["fp32"], ["CPUExecutionProvider"])
     assert [s.get_session_options().enable_cpu_mem_arena for s in half.sessions + full.sessions] == \
         [False] * len(half.sessions) + [True] * len(full.sessions)
+    assert [s.get_session_options().get_session_config_entry("session.use_env_allocators")
+            for s in full.sessions] == ["1"] * len(full.sessions)
+    assert relative(full.new_run()(*inputs.values())) < 1e-5  # and a call through the shared arena is right
