@@ -364,7 +364,8 @@ def _read_image(path: Path, mode: str, height: int, width: int) -> torch.Tensor:
         with Image.open(path) as image:
             image = image.convert(mode)
             scale = max(height / image.height, width / image.width)
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            # torchvision's Resize(shorter side), which diffusers' scripts use: the longer side rounds down
+            size = (max(width, int(image.width * scale)), max(height, int(image.height * scale)))
             image = image.resize(size, Image.BILINEAR)
             left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
             image = image.crop((left, top, left + width, top + height))
