@@ -73,6 +73,7 @@ class FinetuneConfig:
     distill_only: bool = False  # no data: the teacher's DDIM trajectories are the inputs, its predictions the targets
     trajectory_steps: int = 20  # DDIM steps of those trajectories (the timesteps the student is trained at)
     data: str | None = None  # the user's folder of images or latents (data_folder); None: the shipped digits
+    prompts: str | None = None  # --distill-only on a text-conditional teacher: one prompt per line
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
@@ -90,6 +91,9 @@ class FinetuneConfig:
         if self.data is not None and self.distill_only:
             raise FinetuneError("--data and --distill-only exclude each other: --distill-only trains on the "
                                 "teacher's trajectories instead of data")
+        if self.prompts is not None and not self.distill_only:
+            raise FinetuneError("--prompts is read by --distill-only (with --data, captions come from its "
+                                "metadata.jsonl): add --distill-only or leave --prompts out")
 
     @classmethod
     def from_json(cls, data: dict) -> "FinetuneConfig":

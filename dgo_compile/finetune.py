@@ -36,10 +36,11 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
-from .data import IMAGE_SIZE, mnist_digits
+from .data import mnist_digits
 from .distributed import current_world
 from .families import family_of
 from .finetune_data import TeacherTrajectories, data_batch, digit_batch, noise_schedule
+from .finetune_models import check_distill_only, check_student, load_teacher, trajectory_prompts
 from .files import write_atomic
 from .finite import check_finite
 from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
@@ -49,13 +50,10 @@ FORMAT = "dgo-compile-finetune"
 FORMAT_VERSION = 1
 RECORD_FILE = "finetune.json"
 STATE_FILE = "finetune_state.pt"
-DATA_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
-DIGIT_CLASSES = 10
 # The shipped model's recipe: cosine decay floor, EMA warmup power, gradient clipping.
 MIN_LR_FACTOR = 0.02
 EMA_POWER = 0.75
 MAX_GRAD_NORM = 1.0
-DISTILL_ONLY_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 FINAL_LOSS_WINDOW = 50  # the reported final loss averages this many last steps: one batch is noisy
 
 
@@ -154,9 +152,9 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     loaded = load(model_path)
     teacher_loaded = load(teacher) if config.distill_only else None
     if teacher_loaded is not None:
-        conditional = _check_distill_only(loaded, teacher_loaded)
+        conditional = check_distill_only(loaded, teacher_loaded)
     elif config.data is None:
-        conditional = _check_student(loaded)
+        conditional = check_student(loaded)
     record = FinetuneRecord(config, str(loaded.source.resolve()), str(Path(teacher).resolve()) if teacher else None)
     data = _open_data(config.data, loaded, output, world) if config.data is not None else None
     if data is not None:
@@ -173,11 +171,12 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                                 "same options or choose another -o")
     if teacher_loaded is not None:
         trajectories = TeacherTrajectories(teacher_loaded.model, teacher_loaded.scheduler_config,
-                                           config.trajectory_steps, config.batch, config.seed)
+                                           config.trajectory_steps, config.batch, config.seed,
+                                           *trajectory_prompts(config, teacher_loaded))
         teacher_model = None
     else:
         trajectories = None
-        teacher_model = _load_teacher(teacher, loaded, None if data else conditional) if teacher is not None else None
+        teacher_model = load_teacher(teacher, loaded, None if data else conditional) if teacher is not None else None
         schedule = noise_schedule(loaded.scheduler_config, str(loaded.source))
         if data is None:
             images, labels = mnist_digits()
@@ -301,74 +300,6 @@ def _open_data(folder: str, loaded: LoadedModel, output: Path, world):
         raise
     world.barrier()
     return data if data is not None else open_data(folder, loaded, work / "data", prepare=False)
-
-
-def _load_teacher(teacher: str | os.PathLike, student: LoadedModel, conditional: bool | None) -> nn.Module:
-    """The teacher of --distill: for the shipped digits (`conditional` given) a digit model, else the
-    student's architecture."""
-    loaded = load(teacher)
-    if conditional is None:
-        _check_pair(student, loaded)
-    elif _check_inputs(loaded, "--teacher") != conditional:
-        raise FinetuneError(f"--teacher {teacher} and the model differ in class conditioning; distill from the "
-                            "unpruned version of the same model")
-    return loaded.model
-
-
-def _check_distill_only(loaded: LoadedModel, teacher: LoadedModel) -> bool:
-    """Refuse a student and teacher that --distill-only cannot pair; True when they take class labels."""
-    if teacher.class_name not in DISTILL_ONLY_CLASSES:
-        raise FinetuneError(f"--teacher ({teacher.source}) is a {teacher.class_name}; --distill-only samples "
-                            f"the trajectories of {' and '.join(DISTILL_ONLY_CLASSES)} denoisers")
-    if teacher.scheduler_config is None:
-        raise FinetuneError(f"--teacher ({teacher.source}) has no scheduler/ config, which sets the noise schedule "
-                            "of its trajectories; pass a pipeline folder")
-    if teacher.model.config.get("class_embed_type") is not None:  # a UNet2DModel conditioned on other vectors
-        raise FinetuneError(f"--teacher ({teacher.source}) is conditioned on something other than class labels")
-    return "class_labels" in _check_pair(loaded, teacher)
-
-
-def _check_pair(loaded: LoadedModel, teacher: LoadedModel) -> tuple[str, ...]:
-    """Refuse a teacher of another architecture than the student's; the inputs both take."""
-    names = family_of(teacher.model).input_names(teacher.model)
-    shape = {k: teacher.model.config.get(k) for k in ("in_channels", "out_channels", "sample_size")}
-    student = {k: loaded.model.config.get(k) for k in shape}
-    if loaded.class_name != teacher.class_name or student != shape or \
-            family_of(loaded.model).input_names(loaded.model) != names:
-        raise FinetuneError(f"the model ({loaded.source}, a {loaded.class_name}) and --teacher ({teacher.source}, a "
-                            f"{teacher.class_name}) differ in class, sample shape or inputs; distill from the "
-                            "unpruned version of the same model")
-    return names
-
-
-def _check_student(loaded: LoadedModel) -> bool:
-    """Refuse a model the recipe cannot train on the shipped digits; True when it takes class labels."""
-    role = "the model"
-    conditional = _check_inputs(loaded, role)
-    if loaded.scheduler_config is None:
-        raise FinetuneError(f"{role} ({loaded.source}) has no scheduler/ config, which sets the noise schedule; "
-                            "pass a pipeline folder")
-    return conditional
-
-
-def _check_inputs(loaded: LoadedModel, role: str) -> bool:
-    """Refuse a denoiser the shipped digits cannot feed; True when it takes class labels."""
-    if loaded.class_name != "UNet2DModel":
-        raise FinetuneError(f"{role} ({loaded.source}) is a {loaded.class_name}; the shipped MNIST digits only "
-                            "train UNet2DModel denoisers: pass --data, your own images or latents")
-    cfg = loaded.model.config
-    size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
-    shape = (cfg.in_channels, *size)
-    if shape != DATA_SHAPE or cfg.out_channels != cfg.in_channels:
-        raise FinetuneError(f"{role} ({loaded.source}) denoises {'x'.join(map(str, shape))} samples into "
-                            f"{cfg.out_channels} channels; the shipped data (MNIST digits) only fits "
-                            f"{'x'.join(map(str, DATA_SHAPE))} models: pass --data, your own images or latents")
-    if getattr(loaded.model, "class_embedding", None) is None:
-        return False
-    if cfg.class_embed_type is not None or (cfg.num_class_embeds or 0) < DIGIT_CLASSES:
-        raise FinetuneError(f"{role} ({loaded.source}) is conditioned on something other than {DIGIT_CLASSES} "
-                            "class labels; the shipped digits only carry their digit")
-    return True
 
 
 def _write_checkpoint(output: Path, loaded: LoadedModel, weights: nn.Module, record: FinetuneRecord,

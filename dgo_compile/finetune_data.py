@@ -20,6 +20,7 @@ batches as an uninterrupted one and every data-parallel process draws the same g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -116,14 +117,21 @@ def label_count(model: nn.Module) -> int | None:
 
 
 class TeacherTrajectories:
-    """States along the teacher's deterministic DDIM runs from random noise (see the module docstring)."""
+    """States along the teacher's deterministic DDIM runs from random noise (see the module docstring).
 
-    def __init__(self, teacher: nn.Module, scheduler_config: dict, steps: int, batch: int, seed: int):
+    A text-conditional teacher (UNet2DConditionModel, PixArt) runs each trajectory on one of
+    `prompts`, encoded per pool by `encode` (its pipeline's text encoder), or, a CLASS_DROPOUT share
+    of the time, on the empty prompt, so the unconditional prediction guidance needs is trained too."""
+
+    def __init__(self, teacher: nn.Module, scheduler_config: dict, steps: int, batch: int, seed: int,
+                 prompts: list[str] | None = None, encode: Callable[[list[str]], torch.Tensor] | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.family = family_of(teacher)
         self.scheduler_config = scheduler_config
         self.steps, self.batch, self.seed = steps, batch, seed
         self.labels = label_count(teacher)
+        self.conditions = self.family.input_names(teacher)[2:]
+        self.prompts, self.encode = prompts, encode
         self._pool: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def draw(self, step: int) -> Batch:
@@ -131,9 +139,7 @@ class TeacherTrajectories:
         pool, within = divmod(step - 1, self.steps)
         states = self._states(pool)
         rows = states["order"][within * self.batch:(within + 1) * self.batch]
-        inputs = (states["sample"][rows], states["timestep"][rows])
-        if self.labels is not None:
-            inputs += (states["class_labels"][rows],)
+        inputs = tuple(states[name][rows] for name in ("sample", "timestep", *self.conditions))
         return Batch(inputs, states["prediction"][rows], teacher=True)
 
     def _states(self, pool: int) -> dict[str, torch.Tensor]:
@@ -142,29 +148,43 @@ class TeacherTrajectories:
                                         self.batch)
         return self._pool[1]
 
+    def _condition_rows(self, generator: torch.Generator, n: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Each trajectory's conditions: a class label, or a prompt's embedding (PixArt: and its size)."""
+        rows: dict[str, torch.Tensor] = {}
+        if self.labels is not None:
+            rows["class_labels"] = torch.randint(0, self.labels, (n,), generator=generator)
+        if "encoder_hidden_states" in self.conditions:
+            choice = torch.randint(0, len(self.prompts), (n,), generator=generator)
+            empty = torch.rand(n, generator=generator) < CLASS_DROPOUT
+            rows["encoder_hidden_states"] = self.encode(["" if e else self.prompts[c] for c, e in
+                                                         zip(choice.tolist(), empty.tolist())])
+        if "resolution" in self.conditions:  # PixArt-Alpha: the pixel size, 8 pixels per latent as its VAE
+            rows["resolution"] = torch.tensor([[size[0] * 8.0, size[1] * 8.0]]).expand(n, 2)
+            rows["aspect_ratio"] = torch.tensor([[size[0] / size[1]]]).expand(n, 1)
+        return rows
+
     @torch.no_grad()
     def run(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
-        """n teacher trajectories: every (sample, timestep, class label, prediction) they pass, n * steps of
+        """n teacher trajectories: every (sample, timestep, conditions, prediction) they pass, n * steps of
         each, and `order`, a seeded shuffle of them."""
         cfg = self.teacher.config
         size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
         x = torch.randn((n, cfg.in_channels, *size), generator=generator)
-        labels = torch.randint(0, self.labels, (n,), generator=generator) if self.labels is not None else None
+        conditions = self._condition_rows(generator, n, size)
+        extra = tuple(conditions[name] for name in self.conditions)
         scheduler = make_scheduler(self.scheduler_config, "ddim")
         scheduler.set_timesteps(self.steps)
         x = x * scheduler.init_noise_sigma
-        seen: dict[str, list[torch.Tensor]] = {"sample": [], "timestep": [], "class_labels": [], "prediction": []}
+        seen: dict[str, list[torch.Tensor]] = {"sample": [], "timestep": [], "prediction": []}
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
             timestep = t.float().expand(n)
-            extra = (labels,) if labels is not None else ()
             prediction = self.family.call(self.teacher, x_in, timestep, *extra)
             for key, value in (("sample", x_in), ("timestep", timestep), ("prediction", prediction)):
                 seen[key].append(value)
-            if labels is not None:
-                seen["class_labels"].append(labels)
             noise = prediction[:, :cfg.in_channels]  # learned sigma: DDIM steps with the noise half
             x = scheduler.step(noise, t, x, eta=0.0).prev_sample
-        states = {k: torch.cat(v) for k, v in seen.items() if v}
+        states = {k: torch.cat(v) for k, v in seen.items()}
+        states.update({name: value.repeat(self.steps, *([1] * (value.ndim - 1))) for name, value in conditions.items()})
         states["order"] = torch.randperm(n * self.steps, generator=generator)
         return states

@@ -15,6 +15,9 @@ from typing import Callable
 import torch
 
 from .errors import DgoError
+from .families import T5_TOKENS
+
+MAX_TOKENS = 4096  # a tokenizer's model_max_length above this means none
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -68,9 +71,12 @@ def prompt_encoder(pipeline: str | Path) -> Callable[[list[str]], torch.Tensor]:
     except Exception as exc:
         raise DgoError(f"cannot load the text encoder or tokenizer in {folder}: {exc}") from exc
 
+    # T5 tokenizers have no length limit of their own: PixArt pipelines cut captions at T5_TOKENS
+    length = tokenizer.model_max_length if tokenizer.model_max_length <= MAX_TOKENS else T5_TOKENS
+
     @torch.no_grad()
     def encode(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                         return_tensors="pt").input_ids
         return encoder(ids)[0].float()
 

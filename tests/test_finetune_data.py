@@ -183,6 +183,11 @@ def test_latent_folder_trains_a_dit(tmp_path):
     b = load_file(tmp_path / "data" / "part" / "b.safetensors")
     rows = source.rows(torch.tensor([7, 0, 15]))
     assert torch.equal(rows["latents"][0], b["latents"][1]) and torch.equal(rows["class_labels"][2], b["class_labels"][9])
+    # DiT's label dropout: about 10% of the labels become the null class (10), which guidance needs trained
+    batch = data_batch(source, noise_schedule(load(dit).scheduler_config, ""), 400, torch.Generator().manual_seed(0),
+                       null_label=TINY_DIT["num_embeds_ada_norm"])
+    labels = batch.inputs[2]
+    assert 0.05 < (labels == 10).float().mean() < 0.15 and labels.max() == 10
     finetune(dit, FinetuneConfig(steps=30, batch=8, lr=3e-3, ema_decay=0, checkpoint_every=30,
                                  data=str(tmp_path / "data")), tmp_path / "out")
     before, after = _held_out_loss(dit, source), _held_out_loss(tmp_path / "out", source)
