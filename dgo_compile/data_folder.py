@@ -137,7 +137,7 @@ def _latent_folder(folder: Path, paths: list[Path], loaded: LoadedModel) -> Data
         if len(rows) != 1 or None in rows or len(shapes[SAMPLE]) != 4:
             raise FinetuneError(f"{path}: latents must be (N, C, H, W) and every tensor must have the same N rows; "
                                 f"got {', '.join(f'{n} {list(shapes[n])}' for n in wanted)}")
-        if "class_labels" in wanted and (dtypes["class_labels"].startswith("F") or dtypes["class_labels"] == "BOOL"):
+        if "class_labels" in wanted and not dtypes["class_labels"].startswith(("I", "U")):  # I64, U8, ...
             raise FinetuneError(f"{path}: class_labels must be integers, got {dtypes['class_labels']}")
         for name in wanted:
             row_shapes.setdefault(name, (path, shapes[name][1:]))

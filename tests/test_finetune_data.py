@@ -203,6 +203,17 @@ def _held_out_loss(model_path, source):
     return torch.nn.functional.mse_loss(prediction[:, :batch.target.shape[1]], batch.target).item()
 
 
+def test_data_with_distillation_pairs_only_the_same_architecture(tmp_path):
+    dit = pipelines.write_model_pipeline(tmp_path / "dit", TINY_DIT)
+    _latent_file(tmp_path / "data" / "a.safetensors", 4)
+    config = FinetuneConfig(steps=1, batch=2, ema_decay=0, distill=0.5, data=str(tmp_path / "data"))
+    result = finetune(dit, config, tmp_path / "out", teacher=dit)
+    assert result.record.history[0]["distill"] < 1e-10  # the student starts as the teacher
+    unet = pipelines.write_model_pipeline(tmp_path / "unet", TINY_UNET2D)
+    with pytest.raises(FinetuneError, match="differ in class, sample shape or inputs"):
+        finetune(dit, config, tmp_path / "other", teacher=unet)
+
+
 def _bad_case(tmp_path, case):
     """(model, data folder) for one kind of bad --data."""
     unet = lambda config=TINY_UNET2D: pipelines.write_model_pipeline(tmp_path / "m", config)  # noqa: E731
@@ -219,6 +230,9 @@ def _bad_case(tmp_path, case):
         _colour_folder(data, per_class=1)
         _image(data / "loose.png", (16, 16), seed=0)
         return unet(TINY_UNET2D_CLASS_COND), data
+    if case == "float labels":
+        save_file({"latents": torch.zeros(2, 4, 8, 8), "class_labels": torch.zeros(2)}, str(data / "a.safetensors"))
+        return pipelines.write_model_pipeline(tmp_path / "m", TINY_DIT), data
     if case in ("mixed latents", "missing labels", "wrong channels", "both kinds"):
         _latent_file(data / "a.safetensors", 2)
         if case == "mixed latents":
@@ -247,6 +261,7 @@ def _bad_case(tmp_path, case):
                        "exactly latents, class_labels"),
     ("wrong channels", "the latents in .* are 4x8x8; .* denoises 3x8x8 samples"),
     ("both kinds", "holds both images and .safetensors latents"),
+    ("float labels", "a.safetensors: class_labels must be integers, got F32"),
     ("no captions", "takes text conditions and .* has no metadata.jsonl"),
     ("missing caption", r"1 of 5 images have no caption in .*metadata.jsonl \(first: extra.png\)"),
 ])
