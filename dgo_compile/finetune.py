@@ -183,6 +183,11 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         null_label = family_of(loaded.model).null_class_label(loaded.model)
     family = family_of(loaded.model)
     model = copy.deepcopy(loaded.model).train().requires_grad_(True)  # the loaded model stays untouched
+    # DiT's label embedding drops labels itself in train mode; our batches drop them (data) or draw the null
+    # class (trajectories) instead, so that a teacher predicts for the very labels the student sees
+    for module in model.modules():
+        if hasattr(module, "dropout_prob") and hasattr(module, "token_drop"):
+            module.dropout_prob = 0.0
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
