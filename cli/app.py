@@ -382,11 +382,16 @@ def finetune(
                                                 show_default=False)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints. (default: 100)",
                                                             show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Your training data: a folder of images (class sub-folders, metadata.jsonl captions) or of .safetensors "
+             "latents. (default: the shipped MNIST digits)", show_default=False)] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        help="--distill-only on a text-to-image model: text file, one prompt per line.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write.")] = Path("finetuned"),
     resume: Annotated[bool, typer.Option(help="Continue the run in -o from its last checkpoint.")] = False,
 ) -> None:
-    """Fine-tune a (channel-pruned) model with the denoising loss on the shipped MNIST digits, or with
-    --distill-only on its teacher's own sampling trajectories."""
+    """Fine-tune a (channel-pruned) model with the denoising loss on --data (default: the shipped MNIST
+    digits), or with --distill-only on its teacher's own sampling trajectories."""
     from dataclasses import replace
 
     from dgo_compile.configs import DEFAULT_MODEL, FinetuneConfig, FinetuneError
@@ -394,11 +399,14 @@ def finetune(
 
     given = {k: v for k, v in dict(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill,
                                    warmup=warmup, seed=seed, checkpoint_every=checkpoint_every,
-                                   distill_only=distill_only, trajectory_steps=trajectory_steps).items()
+                                   distill_only=distill_only, trajectory_steps=trajectory_steps,
+                                   data=str(data) if data is not None else None,
+                                   prompts=str(prompts) if prompts is not None else None).items()
              if v is not None}
     if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)
         FinetuneConfig(**given)
-        check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher], error=FinetuneError,
+        check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher, data, prompts],
+                     error=FinetuneError,
                      exists_hint="pass --resume to continue it or choose another -o")
     from dgo_compile.finetune import FINAL_LOSS_WINDOW, read_finetune
     from dgo_compile.finetune import finetune as run_finetune

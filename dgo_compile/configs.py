@@ -72,6 +72,8 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     distill_only: bool = False  # no data: the teacher's DDIM trajectories are the inputs, its predictions the targets
     trajectory_steps: int = 20  # DDIM steps of those trajectories (the timesteps the student is trained at)
+    data: str | None = None  # the user's folder of images or latents (data_folder); None: the shipped digits
+    prompts: str | None = None  # --distill-only on a text-conditional teacher: one prompt per line
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
@@ -86,6 +88,12 @@ class FinetuneConfig:
             raise FinetuneError(f"--ema-decay must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}")
         if not self.distill >= 0:
             raise FinetuneError(f"--distill must be 0 or more, got {self.distill}")
+        if self.data is not None and self.distill_only:
+            raise FinetuneError("--data and --distill-only exclude each other: --distill-only trains on the "
+                                "teacher's trajectories instead of data")
+        if self.prompts is not None and not self.distill_only:
+            raise FinetuneError("--prompts is read by --distill-only (with --data, captions come from its "
+                                "metadata.jsonl): add --distill-only or leave --prompts out")
 
     @classmethod
     def from_json(cls, data: dict) -> "FinetuneConfig":

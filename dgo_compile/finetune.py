@@ -1,8 +1,9 @@
 """Fine-tune a denoiser (typically a channel-pruned one) with the ordinary denoising loss.
 
 Diff-Pruning recovers a pruned model's quality by training it again for a while. The recipe is
-the shipped model's own (scripts/train_default_model.py): epsilon-prediction MSE on the
-shipped MNIST digits, AdamW, gradient clipping at 1, optional linear warmup then cosine decay
+the shipped model's own (scripts/train_default_model.py): the MSE towards what the pipeline's
+scheduler says the model predicts (noise, velocity or clean sample; `finetune_data`) on the
+shipped MNIST digits or, with `data`, the user's images or latents (`data_folder`), AdamW, gradient clipping at 1, optional linear warmup then cosine decay
 to 2% of the learning rate, and an EMA of the weights with warmup (diffusers' EMAModel). An
 optional distillation term pulls the prediction towards an unpruned teacher's on the same
 noisy input. With `distill_only` there is no data: the teacher's own DDIM trajectories are the
@@ -31,15 +32,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
-from .data import IMAGE_SIZE, mnist_digits
+from .data import mnist_digits
 from .distributed import current_world
 from .families import family_of
-from .finetune_data import TeacherTrajectories, digit_batch
+from .finetune_data import TeacherTrajectories, data_batch, digit_batch, noise_schedule
+from .finetune_models import check_distill_only, check_student, load_teacher, trajectory_prompts
 from .files import write_atomic
 from .finite import check_finite
 from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
@@ -49,13 +50,10 @@ FORMAT = "dgo-compile-finetune"
 FORMAT_VERSION = 1
 RECORD_FILE = "finetune.json"
 STATE_FILE = "finetune_state.pt"
-DATA_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
-DIGIT_CLASSES = 10
 # The shipped model's recipe: cosine decay floor, EMA warmup power, gradient clipping.
 MIN_LR_FACTOR = 0.02
 EMA_POWER = 0.75
 MAX_GRAD_NORM = 1.0
-DISTILL_ONLY_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 FINAL_LOSS_WINDOW = 50  # the reported final loss averages this many last steps: one batch is noisy
 
 
@@ -66,6 +64,7 @@ class FinetuneRecord:
     config: FinetuneConfig
     model_source: str
     teacher: str | None = None
+    data: dict | None = None  # what --data was: path, kind, rows, digest, class label map (data_folder)
     steps_done: int = 0
     history: list[dict] = field(default_factory=list)  # per step: loss, distill (with a teacher), lr, ema_decay
     seconds: float = 0.0
@@ -90,7 +89,8 @@ class FinetuneRecord:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": asdict(self.config),
-                "model_source": self.model_source, "teacher": self.teacher, "steps_done": self.steps_done,
+                "model_source": self.model_source, "teacher": self.teacher, "data": self.data,
+                "steps_done": self.steps_done,
                 "complete": self.complete, "seconds": self.seconds, "final_loss": self.final_loss,
                 "history": self.history}
 
@@ -100,7 +100,7 @@ class FinetuneRecord:
             raise FinetuneError(f"{path} is not a dgo-compile fine-tuning run of format version {FORMAT_VERSION}; "
                                 "re-run `dgo-compile finetune`")
         return cls(FinetuneConfig.from_json(data["config"]), data["model_source"], data.get("teacher"),
-                   data["steps_done"], data["history"], data.get("seconds", 0.0))
+                   data.get("data"), data["steps_done"], data["history"], data.get("seconds", 0.0))
 
 
 @dataclass
@@ -138,7 +138,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     output = Path(output)
     world = current_world()
     rows = world.shard(config.batch, "--batch")
-    check_output(output, "finetune", resume=resume, protected=[model_path or DEFAULT_MODEL, teacher],
+    check_output(output, "finetune", resume=resume, protected=[model_path or DEFAULT_MODEL, teacher, config.data],
                  exists_hint="pass --resume to continue it or choose another -o", error=FinetuneError)
     stored = read_finetune(output) if resume else None
     if config.distill_only and (teacher is None or config.distill > 0):
@@ -151,26 +151,43 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         raise FinetuneError("--teacher needs --distill W > 0, the weight of the distillation term, or --distill-only")
     loaded = load(model_path)
     teacher_loaded = load(teacher) if config.distill_only else None
-    conditional = _check_distill_only(loaded, teacher_loaded) if teacher_loaded else _check_student(loaded)
+    if teacher_loaded is not None:
+        conditional = check_distill_only(loaded, teacher_loaded)
+    elif config.data is None:
+        conditional = check_student(loaded)
     record = FinetuneRecord(config, str(loaded.source.resolve()), str(Path(teacher).resolve()) if teacher else None)
+    data = _open_data(config.data, loaded, output, world) if config.data is not None else None
+    if data is not None:
+        record.data = data.record
     if stored is not None:
         differ = [f"--{k.replace('_', '-')}" for k, v in asdict(config).items() if asdict(stored.config)[k] != v]
         differ += ["MODEL"] * (stored.model_source != record.model_source)
         differ += ["--teacher"] * (stored.teacher != record.teacher)
+        if (stored.data or {}).get("digest") != (record.data or {}).get("digest"):
+            raise FinetuneError(f"the files of --data {config.data} changed since {output} began fine-tuning on them; "
+                                "fine-tune into another -o")
         if differ:
             raise FinetuneError(f"{output} was fine-tuned with other settings ({', '.join(differ)}); resume with the "
                                 "same options or choose another -o")
     if teacher_loaded is not None:
         trajectories = TeacherTrajectories(teacher_loaded.model, teacher_loaded.scheduler_config,
-                                           config.trajectory_steps, config.batch, config.seed)
+                                           config.trajectory_steps, config.batch, config.seed,
+                                           *trajectory_prompts(config, teacher_loaded))
         teacher_model = None
     else:
         trajectories = None
-        teacher_model = _load_teacher(teacher, conditional) if teacher is not None else None
-        images, labels = mnist_digits()
-        noise_scheduler = DDPMScheduler.from_config(loaded.scheduler_config)
+        teacher_model = load_teacher(teacher, loaded, None if data else conditional) if teacher is not None else None
+        schedule = noise_schedule(loaded.scheduler_config, str(loaded.source))
+        if data is None:
+            images, labels = mnist_digits()
+        null_label = family_of(loaded.model).null_class_label(loaded.model)
     family = family_of(loaded.model)
     model = copy.deepcopy(loaded.model).train().requires_grad_(True)  # the loaded model stays untouched
+    # DiT's label embedding drops labels itself in train mode; our batches drop them (data) or draw the null
+    # class (trajectories) instead, so that a teacher predicts for the very labels the student sees
+    for module in model.modules():
+        if hasattr(module, "dropout_prob") and hasattr(module, "token_drop"):
+            module.dropout_prob = 0.0
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
@@ -212,11 +229,17 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         checkpointed = record.steps_done  # the step the folder's checkpoint holds
         started = time.perf_counter()
         for step in range(record.steps_done + 1, config.steps + 1):
-            batch = trajectories.draw(step) if trajectories is not None else \
-                digit_batch(images, labels, conditional, noise_scheduler, config.batch, generator)
+            if trajectories is not None:
+                batch = trajectories.draw(step)
+            elif data is not None:
+                batch = data_batch(data, schedule, config.batch, generator, null_label)
+            else:
+                batch = digit_batch(images, labels, conditional, schedule, config.batch, generator)
             inputs = tuple(x[rows] for x in batch.inputs)  # this process's share
             prediction = family.call(model, *inputs)
-            loss = nn.functional.mse_loss(prediction, batch.target[rows])
+            target = batch.target[rows]
+            # a learned-sigma model (DiT) predicts the variance too: the data loss is on the first half only
+            loss = nn.functional.mse_loss(prediction if batch.teacher else prediction[:, :target.shape[1]], target)
             distill = loss if batch.teacher else None
             if teacher_model is not None:
                 with torch.no_grad():
@@ -265,66 +288,23 @@ def _read_state(output: Path) -> dict:
     return state
 
 
-def _load_teacher(teacher: str | os.PathLike, conditional: bool) -> nn.Module:
-    loaded = load(teacher)
-    if _check_inputs(loaded, "--teacher") != conditional:
-        raise FinetuneError(f"--teacher {teacher} and the model differ in class conditioning; distill from the "
-                            "unpruned version of the same model")
-    return loaded.model
+def _open_data(folder: str, loaded: LoadedModel, output: Path, world):
+    """The --data rows; process 0 prepares an image folder's cache while the others wait for it."""
+    from .data_folder import open_data
 
-
-def _check_distill_only(loaded: LoadedModel, teacher: LoadedModel) -> bool:
-    """Refuse a student and teacher that --distill-only cannot pair; True when they take class labels."""
-    if teacher.class_name not in DISTILL_ONLY_CLASSES:
-        raise FinetuneError(f"--teacher ({teacher.source}) is a {teacher.class_name}; --distill-only samples "
-                            f"the trajectories of {' and '.join(DISTILL_ONLY_CLASSES)} denoisers")
-    if teacher.scheduler_config is None:
-        raise FinetuneError(f"--teacher ({teacher.source}) has no scheduler/ config, which sets the noise schedule "
-                            "of its trajectories; pass a pipeline folder")
-    names = family_of(teacher.model).input_names(teacher.model)
-    if teacher.model.config.get("class_embed_type") is not None:  # a UNet2DModel conditioned on other vectors
-        raise FinetuneError(f"--teacher ({teacher.source}) is conditioned on something other than class labels")
-    shape = {k: teacher.model.config.get(k) for k in ("in_channels", "out_channels", "sample_size")}
-    student = {k: loaded.model.config.get(k) for k in shape}
-    if loaded.class_name != teacher.class_name or student != shape or \
-            family_of(loaded.model).input_names(loaded.model) != names:
-        raise FinetuneError(f"the model ({loaded.source}, a {loaded.class_name}) and --teacher ({teacher.source}, a "
-                            f"{teacher.class_name}) differ in class, sample shape or inputs; distill from the "
-                            "unpruned version of the same model")
-    return "class_labels" in names
-
-
-def _check_student(loaded: LoadedModel) -> bool:
-    """Refuse a model the recipe cannot train on the shipped digits; True when it takes class labels."""
-    role = "the model"
-    conditional = _check_inputs(loaded, role)
     if loaded.scheduler_config is None:
-        raise FinetuneError(f"{role} ({loaded.source}) has no scheduler/ config, which sets the noise schedule; "
+        raise FinetuneError(f"the model ({loaded.source}) has no scheduler/ config, which sets the noise schedule; "
                             "pass a pipeline folder")
-    prediction = loaded.scheduler_config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise FinetuneError(f"{role} ({loaded.source}) predicts {prediction}; finetune trains epsilon prediction only")
-    return conditional
-
-
-def _check_inputs(loaded: LoadedModel, role: str) -> bool:
-    """Refuse a denoiser the shipped digits cannot feed; True when it takes class labels."""
-    if loaded.class_name != "UNet2DModel":
-        raise FinetuneError(f"{role} ({loaded.source}) is a {loaded.class_name}; finetune trains UNet2DModel "
-                            "denoisers on the shipped MNIST digits")
-    cfg = loaded.model.config
-    size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
-    shape = (cfg.in_channels, *size)
-    if shape != DATA_SHAPE or cfg.out_channels != cfg.in_channels:
-        raise FinetuneError(f"{role} ({loaded.source}) denoises {'x'.join(map(str, shape))} samples into "
-                            f"{cfg.out_channels} channels; the shipped data (MNIST digits) only fits "
-                            f"{'x'.join(map(str, DATA_SHAPE))} models that predict the noise")
-    if getattr(loaded.model, "class_embedding", None) is None:
-        return False
-    if cfg.class_embed_type is not None or (cfg.num_class_embeds or 0) < DIGIT_CLASSES:
-        raise FinetuneError(f"{role} ({loaded.source}) is conditioned on something other than {DIGIT_CLASSES} "
-                            "class labels; the shipped digits only carry their digit")
-    return True
+    work = output.with_name(output.name + ".work")
+    made = not work.exists()
+    try:
+        data = open_data(folder, loaded, work / "data") if world.is_main else None
+    except BaseException:
+        if made:  # a refused --data leaves nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    world.barrier()
+    return data if data is not None else open_data(folder, loaded, work / "data", prepare=False)
 
 
 def _write_checkpoint(output: Path, loaded: LoadedModel, weights: nn.Module, record: FinetuneRecord,

@@ -111,7 +111,8 @@ SPECS: dict[str, dict[str, Spec]] = {
         "steps": _int(1, 10**7), "batch": _int(1, 65536), "lr": _float(0, 1e6, low_open=True),
         "ema_decay": _float(0, 1, high_open=True, what="0 saves the raw weights"),
         "distill": _float(0, 1e6), "warmup": _int(0, 10**7), "seed": SEED, "checkpoint_every": _int(1, 10**7),
-        "distill_only": Spec("bool"), "trajectory_steps": _int(1, 1000),
+        "distill_only": Spec("bool"), "trajectory_steps": _int(1, 1000), "data": Spec("str", optional=True),
+        "prompts": Spec("str", optional=True),
     },
     "optimize": {
         "ratio": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import DgoError
+from .families import T5_TOKENS
+
+MAX_TOKENS = 4096  # a tokenizer's model_max_length above this means none
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -32,10 +36,16 @@ def has_text_encoder(pipeline: str | Path) -> bool:
     return (Path(pipeline) / "text_encoder" / "config.json").is_file()
 
 
-@torch.no_grad()
 def encode_prompts(pipeline: str | Path, prompts: list[str]) -> dict[str, torch.Tensor]:
     """{"encoder_hidden_states": (n, tokens, dim), "uncond.encoder_hidden_states": (1, tokens, dim)}:
     the last hidden state of the pipeline's text encoder, as its diffusers pipeline feeds the UNet."""
+    encode = prompt_encoder(pipeline)
+    return {"encoder_hidden_states": encode(prompts), "uncond.encoder_hidden_states": encode([""])}
+
+
+def prompt_encoder(pipeline: str | Path) -> Callable[[list[str]], torch.Tensor]:
+    """The pipeline's text encoder, loaded once, as prompts -> (n, tokens, dim) float32 (its last hidden
+    state), for callers that encode many prompts in chunks."""
     folder = Path(pipeline)
     if (folder / "text_encoder_2").is_dir():
         raise DgoError(f"{folder} has two text encoders (SDXL-style), whose pooled embeddings and time ids this "
@@ -61,9 +71,13 @@ def encode_prompts(pipeline: str | Path, prompts: list[str]) -> dict[str, torch.
     except Exception as exc:
         raise DgoError(f"cannot load the text encoder or tokenizer in {folder}: {exc}") from exc
 
+    # T5 tokenizers have no length limit of their own: PixArt pipelines cut captions at T5_TOKENS
+    length = tokenizer.model_max_length if tokenizer.model_max_length <= MAX_TOKENS else T5_TOKENS
+
+    @torch.no_grad()
     def encode(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                         return_tensors="pt").input_ids
         return encoder(ids)[0].float()
 
-    return {"encoder_hidden_states": encode(prompts), "uncond.encoder_hidden_states": encode([""])}
+    return encode

@@ -147,6 +147,8 @@ def finetuned(model_path: str | Path, config, folder: Path, teacher: str | Path 
     from .finetune import finetune, read_finetune
 
     inputs = {"model": model_digest(model_path), "teacher": model_digest(teacher) if teacher is not None else None}
+    if getattr(config, "data", None) is not None:  # a run on other files is another run
+        inputs["data"] = file_digest(config.data)
     expected = make_stamp("finetune", config, inputs)
     reason = stale_reason(folder, expected)
     if reason is None and read_finetune(folder).complete:

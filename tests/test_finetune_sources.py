@@ -65,6 +65,41 @@ def test_distill_only_brings_the_student_to_the_teacher_without_data(config, no_
     assert read_finetune(tmp_path / "out").teacher == str(teacher.resolve())
 
 
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_distill_only_on_a_text_to_image_model_samples_the_users_prompts(family, no_data, tmp_path):
+    from dgo_compile.prompts import prompt_encoder
+
+    teacher = pipelines.write_text_pipeline(tmp_path / "teacher") if family == "sd" else \
+        pipelines.write_pixart_pipeline(tmp_path / "teacher", sigma=True)
+    prompts = ["a red cat", "a blue dog", "a green bird"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    student = _student(teacher, tmp_path / "student")
+    settings = FinetuneConfig(steps=30, batch=8, lr=1e-3, ema_decay=0, distill_only=True, checkpoint_every=30,
+                              trajectory_steps=TRAJECTORY_STEPS, prompts=str(tmp_path / "prompts.txt"))
+    result = finetune(student, settings, tmp_path / "out", teacher=teacher)
+    losses = [h["loss"] for h in result.record.history]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    encode = prompt_encoder(teacher)
+    teacher_model = load(teacher)
+    held_out = TeacherTrajectories(teacher_model.model, teacher_model.scheduler_config, TRAJECTORY_STEPS, 8, seed=0,
+                                   prompts=prompts, encode=encode)
+    states = held_out.run(torch.Generator().manual_seed(12345), 8)
+    known = encode(prompts + [""])  # every trajectory runs on one of the prompts, or the empty one
+    rows = states["encoder_hidden_states"]
+    assert all(any(torch.equal(row, k) for k in known) for row in rows)
+    assert len({i for row in rows for i, k in enumerate(known) if torch.equal(row, k)}) > 1
+    family_ = family_of(teacher_model.model)
+    inputs = [states[n] for n in family_.input_names(teacher_model.model)]
+
+    def distance(model):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(family_.call(model.eval(), *inputs), states["prediction"]).item()
+
+    before, after = distance(load(student).model), distance(load(tmp_path / "out").model)
+    assert after < 0.6 * before, (before, after)
+
+
 def test_distill_only_pools_cover_each_state_once_and_resume_the_same(tmp_path):
     teacher = load(pipelines.write_model_pipeline(tmp_path / "teacher", TINY_DIT))
     source = TeacherTrajectories(teacher.model, teacher.scheduler_config, 4, 3, seed=0)
@@ -92,9 +127,17 @@ def test_distill_only_options_are_checked_before_writing(config_dir, tmp_path):
             finetune(teacher, FinetuneConfig(distill_only=True, **extra), out, teacher=given)
     with pytest.raises(FinetuneError, match="differ in class, sample shape or inputs"):
         finetune(unet, FinetuneConfig(distill_only=True), out, teacher=teacher)
-    with pytest.raises(FinetuneError, match="is a PixArtTransformer2DModel; --distill-only samples the trajectories "
-                                            "of UNet2DModel and DiTTransformer2DModel denoisers"):
-        finetune(teacher, FinetuneConfig(distill_only=True), out, teacher=config_dir / "pixart" / "config.json")
+    with pytest.raises(FinetuneError, match="takes text_embeds, time_ids, which --distill-only cannot make"):
+        finetune(teacher, FinetuneConfig(distill_only=True), out, teacher=config_dir / "sdxl" / "config.json")
+    text = pipelines.write_text_pipeline(tmp_path / "sd")
+    with pytest.raises(FinetuneError, match=r"text-conditional --teacher \(UNet2DConditionModel\) needs --prompts"):
+        finetune(text, FinetuneConfig(distill_only=True), out, teacher=text)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    with pytest.raises(FinetuneError, match="takes no text conditions; leave --prompts out"):
+        finetune(teacher, FinetuneConfig(distill_only=True, prompts=str(tmp_path / "prompts.txt")), out,
+                 teacher=teacher)
+    with pytest.raises(FinetuneError, match="--prompts is read by --distill-only"):
+        FinetuneConfig(prompts="p.txt")
     with pytest.raises(FinetuneError, match="--trajectory-steps must be at least 1, got 0"):
         FinetuneConfig(distill_only=True, trajectory_steps=0)
     assert not out.exists()

@@ -1,0 +1,83 @@
+"""The fine-tuning loss follows the pipeline's scheduler: its noise schedule and prediction type
+(epsilon, v_prediction, sample); anything else is refused, never trained as epsilon."""
+
+import json
+
+import pytest
+import torch
+from model_configs import TINY_UNET2D
+from safetensors.torch import save_file
+
+import pipelines
+from dgo_compile import load
+from dgo_compile.data_folder import open_data
+from dgo_compile.families import family_of
+from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune
+from dgo_compile.finetune_data import noise_schedule
+
+SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+             "beta_end": 0.012, "num_train_timesteps": 1000}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_loss_targets_follow_the_prediction_type(prediction):
+    schedule = noise_schedule({**SCHEDULER, "prediction_type": prediction}, "model")
+    x0 = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    batch = schedule.batch(x0, (), torch.Generator().manual_seed(2))
+    replay = torch.Generator().manual_seed(2)  # the same draws, in the same order: noise, then timesteps
+    noise = torch.randn(x0.shape, generator=replay)
+    t = torch.randint(0, 1000, (6,), generator=replay)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    alpha_bar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
+    noisy, timesteps = batch.inputs
+    torch.testing.assert_close(noisy, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+    assert torch.equal(timesteps, t)
+    expected = {"epsilon": noise, "sample": x0,
+                "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[prediction]
+    torch.testing.assert_close(batch.target, expected)
+    if prediction == "v_prediction":
+        assert torch.equal(batch.target, schedule.scheduler.get_velocity(x0, noise, t))
+
+
+def _pipeline_with(tmp_path, **scheduler):
+    """The tiny UNet's pipeline with its scheduler config changed, and a latents folder for it."""
+    model = pipelines.write_model_pipeline(tmp_path / "m", TINY_UNET2D)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **scheduler}))
+    (tmp_path / "data").mkdir()
+    save_file({"latents": torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1},
+              str(tmp_path / "data" / "x.safetensors"))
+    return model, tmp_path / "data"
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_the_first_step_loss_is_towards_the_configured_target(tmp_path, prediction):
+    model, data = _pipeline_with(tmp_path, prediction_type=prediction)
+    result = finetune(model, FinetuneConfig(steps=1, batch=4, ema_decay=0, data=str(data)), tmp_path / "out")
+    loaded = load(model)
+    source = open_data(data, loaded, tmp_path / "cache")
+    schedule = noise_schedule(loaded.scheduler_config, str(model))
+    replay = torch.Generator().manual_seed(0)  # the run's first batch (seed 0): rows, noise, timesteps
+    x0 = source.rows(torch.randint(0, 8, (4,), generator=replay))["latents"]
+    noise = torch.randn(x0.shape, generator=replay)
+    t = torch.randint(0, 1000, (4,), generator=replay)
+    noisy = schedule.scheduler.add_noise(x0, noise, t)
+    with torch.no_grad():
+        predicted = family_of(loaded.model).call(loaded.model, noisy, t)
+    target = schedule.scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else x0
+    loss = result.record.history[0]["loss"]
+    assert loss == pytest.approx(torch.nn.functional.mse_loss(predicted, target).item(), rel=1e-5)
+    assert loss != pytest.approx(torch.nn.functional.mse_loss(predicted, noise).item(), rel=1e-2)  # not epsilon
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    (dict(prediction_type="flow_prediction"), "scheduler_config.json: prediction_type 'flow_prediction' is not one "
+                                              "finetune trains \\(epsilon, v_prediction, sample\\)"),
+    (dict(_class_name="FlowMatchEulerDiscreteScheduler"), "scheduler_config.json: _class_name "
+                                                           "FlowMatchEulerDiscreteScheduler is not a DDPM-style"),
+])
+def test_unsupported_schedulers_are_refused_naming_the_field(tmp_path, scheduler, message):
+    model, data = _pipeline_with(tmp_path, **scheduler)
+    with pytest.raises(FinetuneError, match=message):
+        finetune(model, FinetuneConfig(steps=1, batch=2, data=str(data)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
