@@ -137,7 +137,7 @@ def ours_piece(loaded, images: torch.Tensor | None, config: PruneConfig, work: P
     """Our `prune`, timed, with its checks; the pruned model saved in `folder` (reused when there)."""
     meta_file = folder / "bench_meta.json"
     if not meta_file.is_file():
-        log(f"ours: prune ratio {config.ratio} ({config.importance}, batch {config.batch}, "
+        log(f"ours: prune ratio {config.channel_ratio} ({config.importance}, batch {config.batch}, "
             f"at most {config.max_timesteps} timesteps)")
         user = snapshot(loaded.model)
         started = time.perf_counter()
@@ -183,7 +183,7 @@ def side_by_side(label: str, key: str, loaded, images: torch.Tensor, config: Pru
     rows.append({"model": label, "method": "unpruned", "params": before.params, "macs": before.macs})
     groups = loaded.model.config.norm_num_groups
 
-    method = f"ours (Taylor, uniform, ratio {config.ratio})"
+    method = f"ours (Taylor, uniform, ratio {config.channel_ratio})"
     meta = ours_piece(loaded, images, config, work, ours_folder, before)
     if "error" in meta:
         rows.append({"model": label, "method": method, **meta})
@@ -200,11 +200,11 @@ def side_by_side(label: str, key: str, loaded, images: torch.Tensor, config: Pru
     tp_meta_file = work / f"tp_{key}_meta.json"
     grads_file = work / f"tp_{key}_grads.pt"
     if not tp_meta_file.is_file() or not grads_file.is_file():
-        log(f"{label}: Torch-Pruning, ratio {config.ratio}, local, no round_to (Diff-Pruning's script)")
+        log(f"{label}: Torch-Pruning, ratio {config.channel_ratio}, local, no round_to (Diff-Pruning's script)")
         user_model = copy.deepcopy(loaded.model).requires_grad_(True)  # as from_pretrained hands it over
         user = snapshot(user_model)
         started = time.perf_counter()
-        pruner = tp_pruner(user_model, config.ratio, None, False)
+        pruner = tp_pruner(user_model, config.channel_ratio, None, False)
         user_model.zero_grad()
         losses = accumulate_gradients(user_model, images, config, loaded.scheduler_config)
         gradient_seconds = time.perf_counter() - started
@@ -219,14 +219,14 @@ def side_by_side(label: str, key: str, loaded, images: torch.Tensor, config: Pru
         tp_meta = {"gradient_seconds": gradient_seconds, "timesteps": len(losses), "taylor_losses": losses,
                    "main": tp_checks(loaded, user_model if error is None else None, seconds, error, unmodified,
                                      work / f"tp_{key}_main")}
-        round_to_model, extra, error = tp_from_gradients(loaded.model, grads, config.ratio, round_to=groups)
+        round_to_model, extra, error = tp_from_gradients(loaded.model, grads, config.channel_ratio, round_to=groups)
         tp_meta["round_to"] = tp_checks(loaded, round_to_model, gradient_seconds + extra, error, False,
                                         work / f"tp_{key}_round_to")
         torch.save(grads, grads_file)
         write_json(tp_meta_file, tp_meta)
     tp_meta = read_json(tp_meta_file)
-    for key, name in (("main", f"Torch-Pruning (Taylor, local, ratio {config.ratio}, no round_to)"),
-                      ("round_to", f"Torch-Pruning (Taylor, local, ratio {config.ratio}, round_to={groups})")):
+    for key, name in (("main", f"Torch-Pruning (Taylor, local, ratio {config.channel_ratio}, no round_to)"),
+                      ("round_to", f"Torch-Pruning (Taylor, local, ratio {config.channel_ratio}, round_to={groups})")):
         rows.append({"model": label, "method": name, "timesteps": tp_meta["timesteps"], **tp_meta[key]})
         log(f"{label}: {name}: {tp_meta[key].get('error') or 'ok'}, MACs {tp_meta[key].get('macs')}")
     return rows, {"grads": torch.load(grads_file), "seconds": tp_meta["gradient_seconds"],
@@ -290,7 +290,7 @@ def search_ours(loaded, work: Path, base_macs: int, minimum: int) -> dict[str, f
     found = read_json(file) or {}
     for ratio in SEARCH_RATIOS:
         if str(ratio) not in found:
-            pruned = prune(loaded, PruneConfig(ratio=ratio, importance="magnitude", min_group_channels=minimum))
+            pruned = prune(loaded, PruneConfig(channel_ratio=ratio, importance="magnitude", min_group_channels=minimum))
             found[str(ratio)] = cost_of(pruned.model).macs / base_macs
             write_json(file, found)
             log(f"search: ours ratio {ratio} keeps {found[str(ratio)]:.1%} of the MACs")
@@ -325,7 +325,7 @@ def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, b
         scores, _ = importance(traced, plan, PruneConfig(**taylor), images, loaded.scheduler_config)
         example = tuple(traced.example_inputs(1).values())
         for ratio in missing:
-            keep = select(plan, scores, PruneConfig(ratio=ratio, scope="global", min_group_channels=minimum, **taylor))
+            keep = select(plan, scores, PruneConfig(channel_ratio=ratio, scope="global", min_group_channels=minimum, **taylor))
             model, _ = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
             found[str(ratio)] = cost_of(model).macs / base_macs
             write_json(file, found)
@@ -425,7 +425,8 @@ def nearest(options: dict, target: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate models here (default: temp)")
-    parser.add_argument("--ratio", type=float, default=0.3, help="section 1: share of channels removed")
+    parser.add_argument("--channel-ratio", dest="ratio", type=float, default=0.3,
+                        help="section 1: share of channels removed")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5], help="section 2: kept-MACs targets")
     parser.add_argument("--taylor-batch", type=int, default=8)
     parser.add_argument("--max-timesteps", type=int, default=1000)
@@ -483,7 +484,7 @@ def main() -> None:
     torch.manual_seed(0)
     cifar = load(cifar_dir / "config.json")
     cifar_images = torch.rand((args.cifar_batch, 3, 32, 32), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    cifar_config = PruneConfig(ratio=args.ratio, importance="taylor", threshold=args.threshold, batch=args.cifar_batch,
+    cifar_config = PruneConfig(channel_ratio=args.ratio, importance="taylor", threshold=args.threshold, batch=args.cifar_batch,
                                max_timesteps=args.cifar_timesteps)
     cifar_tag = f"cifar_r{args.ratio}_b{args.cifar_batch}_t{args.cifar_timesteps}"
     section1, _ = side_by_side("ddpm-cifar10-32 (random weights)", cifar_tag, cifar, cifar_images, cifar_config,
@@ -506,7 +507,7 @@ def main() -> None:
                                     args.work / f"{prefix}_r{ratio}_{tag}{minimum_suffix(minimum)}")
 
     rows, tp_grads = side_by_side("shipped MNIST model", f"shipped_r{args.ratio}_{tag}", loaded, images,
-                                  PruneConfig(ratio=args.ratio, **taylor), args.work, ours_dir(args.ratio))
+                                  PruneConfig(channel_ratio=args.ratio, **taylor), args.work, ours_dir(args.ratio))
     section1 += rows
     clock = lap("section 1b (shipped model)", clock)
 
@@ -534,7 +535,7 @@ def main() -> None:
                     continue  # an earlier scope already lands about here
                 reached.append(levels[(scope, minimum)][ratio])
                 folder = ours_dir(ratio, scope, minimum)
-                meta = ours_piece(loaded, images, PruneConfig(ratio=ratio, scope=scope, min_group_channels=minimum, **taylor),
+                meta = ours_piece(loaded, images, PruneConfig(channel_ratio=ratio, scope=scope, min_group_channels=minimum, **taylor),
                                   args.work, folder, base)
                 variants.append({"target": target, "method": "ours", "minimum": minimum,
                                  "setting": f"Taylor, {scope}, ratio {ratio}, GroupNorm groups keep >= {minimum}",
@@ -561,7 +562,7 @@ def main() -> None:
     log(f"full model: FD {full_quality['fd']:.1f}")
     clock = lap("section 2: sampling", clock)
 
-    budget = FinetuneConfig(steps=args.finetune_steps, batch=args.finetune_batch)
+    budget = FinetuneConfig(train_steps=args.finetune_steps, batch=args.finetune_batch)
     latency_models = {"unpruned": loaded.model}
     for v in variants:
         name = Path(v["folder"]).name
@@ -571,8 +572,8 @@ def main() -> None:
         v["before"] = quality(sample_images(model, config, noise, args.steps, samples / f"{name}.pt"), full_images,
                               classifier, real_features)
         clock = lap("section 2: sampling", clock)
-        tuned = args.work / f"ft_{name}_s{budget.steps}_b{budget.batch}"
-        log(f"fine-tune {v['method']} {v['setting']} ({budget.steps} steps, batch {budget.batch}, "
+        tuned = args.work / f"ft_{name}_s{budget.train_steps}_b{budget.batch}"
+        log(f"fine-tune {v['method']} {v['setting']} ({budget.train_steps} steps, batch {budget.batch}, "
             f"{args.processes} processes)")
         record = run_finetune(v["folder"], budget, tuned, args.processes)
         v["finetune_seconds"] = record.seconds
@@ -580,7 +581,7 @@ def main() -> None:
         clock = lap("section 2: fine-tuning", clock)
         tuned_model = load(tuned).model
         v["loss_by_band"] = loss_by_band(tuned_model, config, images, args.seed, args.band_batch)
-        v["after"] = quality(sample_images(tuned_model, config, noise, args.steps, samples / f"ft_{name}_s{budget.steps}_"
+        v["after"] = quality(sample_images(tuned_model, config, noise, args.steps, samples / f"ft_{name}_s{budget.train_steps}_"
                                            f"b{budget.batch}.pt"), full_images, classifier, real_features)
         v["tuned_folder"] = str(tuned)
         latency_models[name] = tuned_model
@@ -632,7 +633,7 @@ def main() -> None:
                            "ours_macs_by_ratio": levels[("uniform", args.min_group_channels[0])],
                            "ours_global_macs_by_ratio": levels.get(("global", args.min_group_channels[0]), {}),
                            "tp_macs_by_setting": tp_levels,
-                           "finetune": {"steps": budget.steps, "batch": budget.batch, "lr": budget.lr,
+                           "finetune": {"steps": budget.train_steps, "batch": budget.batch, "lr": budget.lr,
                                         "ema_decay": budget.ema_decay},
                            "variants": variants},
               "section3": section3, "timings_s": timings, "total_s": total}

@@ -112,12 +112,12 @@ def select(plan: ChannelPlan, scores: dict[int, torch.Tensor], config: PruneConf
     if config.scope == "uniform":
         for share, members in shares.items():
             steps[share] = uniform_step(members, config)
-    else:  # global: remove the cheapest step anywhere until `ratio` of all prunable channels are gone
+    else:  # global: remove the cheapest step anywhere until `channel_ratio` of all prunable channels are gone
         total = sum(g.size for g in plan.prunable())
         removed = 0
         normalised = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in plan.prunable()}
         limits = {share: max_step(members, config.min_group_channels) for share, members in shares.items()}
-        while removed < config.ratio * total:
+        while removed < config.channel_ratio * total:
             candidates = [(share, _step_cost(members, normalised, steps[share] + 1))
                           for share, members in shares.items() if steps[share] < limits[share]]
             if not candidates:
@@ -141,8 +141,8 @@ def max_step(members: tuple[ChannelGroup, ...], min_group_channels: int) -> int:
 
 
 def uniform_step(members: tuple[ChannelGroup, ...], config: PruneConfig) -> int:
-    """Steps a uniform cut at `config.ratio` takes from a share."""
-    return min(round(config.ratio * members[0].steps), max_step(members, config.min_group_channels))
+    """Steps a uniform cut at `config.channel_ratio` takes from a share."""
+    return min(round(config.channel_ratio * members[0].steps), max_step(members, config.min_group_channels))
 
 
 def _atoms(group: ChannelGroup):

@@ -16,6 +16,28 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 
 
+# Fields renamed so that no two tables use one name for opposite things: the old name gets an error
+# naming the new one in a config file, and is read as the new one from a stored run (pruner.json, finetune.json).
+RENAMED = {"prune": {"ratio": "channel_ratio"}, "optimize": {"ratio": "keep_macs"}, "finetune": {"steps": "train_steps"}}
+MEANING = {"channel_ratio": "the share of channels removed", "keep_macs": "the kept share of the full model's MACs",
+           "train_steps": "optimizer steps, not sampler steps"}
+
+
+def renamed_problem(table: str, keys, where: str = "") -> str | None:
+    """The one-line message for an old field name among `keys` of `table` (`where` prefixes the name)."""
+    old = next((k for k in keys if k in RENAMED.get(table, {})), None)
+    if old is None:
+        return None
+    new = RENAMED[table][old]
+    return f"{where}{old} was renamed {where}{new} ({MEANING[new]})"
+
+
+def _stored(table: str, data: dict) -> dict:
+    """A stored config with its old field names read as the new ones."""
+    renames = RENAMED[table]
+    return {renames[k] if k in renames and renames[k] not in data else k: v for k, v in data.items()}
+
+
 IMPORTANCES = ("taylor", "magnitude", "random")
 SCOPES = ("uniform", "global")
 
@@ -26,7 +48,7 @@ class PruneError(DgoError):
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ratio: float = 0.3  # share of each group's channels removed (uniform), or of all prunable channels (global)
+    channel_ratio: float = 0.3  # share of each group's channels removed (uniform), or of all prunable channels (global)
     importance: str = "taylor"
     scope: str = "uniform"
     threshold: float = 0.05  # Diff-Pruning's stop: loss below threshold x running max (0.05 for CIFAR-10)
@@ -41,8 +63,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)
-        if not 0 <= self.ratio < 1:
-            raise PruneError(f"--ratio must be in [0, 1) (the share of channels removed), got {self.ratio}")
+        if not 0 <= self.channel_ratio < 1:
+            raise PruneError(f"--channel-ratio must be in [0, 1) (the share of channels removed), got {self.channel_ratio}")
         if self.importance not in IMPORTANCES:
             raise PruneError(f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
         if self.scope not in SCOPES:
@@ -62,7 +84,7 @@ class FinetuneError(DgoError):
 class FinetuneConfig:
     """Everything that determines a fine-tuning run besides its models; stored and checked on `--resume`."""
 
-    steps: int = 500
+    train_steps: int = 500  # optimizer steps (not sampler steps)
     batch: int = 32
     lr: float = 2e-4  # AdamW
     ema_decay: float = 0.999  # 0: no EMA, the raw weights are saved
@@ -75,7 +97,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
-        for name in ("steps", "batch", "checkpoint_every", "trajectory_steps"):
+        for name in ("train_steps", "batch", "checkpoint_every", "trajectory_steps"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -89,7 +111,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
+        known, data = {f.name for f in fields(cls)}, _stored("finetune", data)
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -103,7 +125,7 @@ class PrunerError(DgoError):
 class OptimizeConfig:
     """Everything that determines a trained pruner; stored in it and checked on `--resume`."""
 
-    ratio: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
+    keep_macs: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
     steps: int = 50
     scheduler: str | None = None
     iters: int = 150
@@ -130,8 +152,9 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
-        if not 0 < self.ratio <= 1:
-            raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
+        if not 0 < self.keep_macs <= 1:
+            raise PrunerError(f"--keep-macs must be in (0, 1] (the kept share of the full model's MACs), got "
+                              f"{self.keep_macs}")
         if self.granularity not in GRANULARITIES:
             raise PrunerError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
@@ -142,7 +165,7 @@ class OptimizeConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "OptimizeConfig":
-        known = {f.name for f in fields(cls)}
+        known, data = {f.name for f in fields(cls)}, _stored("optimize", data)
         values = {k: v for k, v in data.items() if k in known}
         if values.get("class_labels") is not None:
             values["class_labels"] = tuple(values["class_labels"])

@@ -80,7 +80,7 @@ class FinetuneRecord:
 
     @property
     def complete(self) -> bool:
-        return self.steps_done >= self.config.steps
+        return self.steps_done >= self.config.train_steps
 
     @property
     def final_loss(self) -> float | None:
@@ -176,7 +176,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
-        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)), MIN_LR_FACTOR)
+        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.train_steps) / config.train_steps)), MIN_LR_FACTOR)
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=EMA_POWER) if config.ema_decay else None
@@ -211,7 +211,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
         checkpointed = record.steps_done  # the step the folder's checkpoint holds
         started = time.perf_counter()
-        for step in range(record.steps_done + 1, config.steps + 1):
+        for step in range(record.steps_done + 1, config.train_steps + 1):
             batch = trajectories.draw(step) if trajectories is not None else \
                 digit_batch(images, labels, conditional, noise_scheduler, config.batch, generator)
             inputs = tuple(x[rows] for x in batch.inputs)  # this process's share
@@ -243,7 +243,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             record.steps_done = step
             record.seconds += time.perf_counter() - started
             started = time.perf_counter()
-            if world.is_main and (step % config.checkpoint_every == 0 or step == config.steps):
+            if world.is_main and (step % config.checkpoint_every == 0 or step == config.train_steps):
                 _write_checkpoint(output, loaded, saved_model(), record, training_state())
                 checkpointed = step
             if on_step is not None:

@@ -97,10 +97,10 @@ def _built_text(built: dict[str, Any]) -> str:
     prune, tune = built.get("prune"), built.get("finetune")
     if prune is None and "prune" not in built:
         return ""
-    text = ", channel pruning " + (f"ratio {prune['ratio']} ({prune['importance']} importance, {prune['scope']})"
+    text = ", channel pruning " + (f"{prune['channel_ratio']} of the channels removed ({prune['importance']} importance, {prune['scope']})"
                                    if prune else "(settings unknown: no stage.json)")
     if "finetune" in built:
-        text += ", fine-tuned " + (f"{tune['steps']} steps at batch {tune['batch']}" if tune else "(settings unknown)")
+        text += ", fine-tuned " + (f"{tune['train_steps']} steps at batch {tune['batch']}" if tune else "(settings unknown)")
     return text
 
 

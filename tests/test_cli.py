@@ -184,21 +184,27 @@ PROBE = ("import sys\nfrom dgo_compile.cli.app import main\nsys.argv = ['dgo-com
     (["compile", "--schedule", "bogus:3", "-o", "{tmp}/a"], "unknown schedule 'bogus:3'"),
     (["compile", "--config", "{tmp}/dgo.toml", "-o", "{tmp}/exists"], "exists already exists"),
     (["compile", "--config", "{tmp}/dgo.toml", "--schedule", "nope", "-o", "{tmp}/a"], "unknown schedule 'nope'"),
-    (["prune", "--ratio", "2", "-o", "{tmp}/p"], "--ratio must be in [0, 1)"),
+    (["prune", "--channel-ratio", "2", "-o", "{tmp}/p"], "--channel-ratio must be in [0, 1)"),
     (["sample", "-n", "0"], "-n must be at least 1"),
     (["finetune", "-o", "{tmp}/exists"], "exists already exists"),
+    # renamed options: one line naming the new one
+    (["prune", "--ratio", "0.3"], "--ratio was renamed --channel-ratio (the share of channels removed)"),
+    (["optimize", "--ratio=0.3"], "--ratio was renamed --keep-macs (the kept share of the full model's MACs)"),
+    (["schedule", "{tmp}", "--ratio", "0.3"], "--ratio was renamed --keep-macs"),
+    (["finetune", "--steps", "3"], "--steps was renamed --train-steps (optimizer steps, not sampler steps)"),
 ])
 def test_help_and_bad_arguments_import_nothing_heavy(tmp_path, args, message):
     """Options, outputs and the schedule's syntax are checked before torch, diffusers or onnx are imported."""
     (tmp_path / "exists").mkdir()
-    (tmp_path / "dgo.toml").write_text('schedule = "deepcache:3"\nsteps = 4\n[prune]\nratio = 0.25\n')
+    (tmp_path / "dgo.toml").write_text('schedule = "deepcache:3"\nsteps = 4\n[prune]\nchannel_ratio = 0.25\n')
     result = subprocess.run([sys.executable, "-c", PROBE, *(a.format(tmp=tmp_path) for a in args)],
                             capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in result.stderr, result.stderr
     if message is None:
         assert result.returncode == 0 and "Usage:" in result.stdout
     else:
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert result.returncode == (2 if "renamed" in message else 1) and message in result.stderr, result.stderr
+        assert len([line for line in result.stderr.splitlines() if not line.startswith("HEAVY")]) == 1, result.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
 
 

@@ -51,7 +51,7 @@ def no_data(monkeypatch):
 def test_distill_only_brings_the_student_to_the_teacher_without_data(config, no_data, tmp_path):
     teacher = pipelines.write_model_pipeline(tmp_path / "teacher", config)
     student = _student(teacher, tmp_path / "student")
-    settings = FinetuneConfig(steps=40, batch=8, lr=1e-3, ema_decay=0, distill_only=True,
+    settings = FinetuneConfig(train_steps=40, batch=8, lr=1e-3, ema_decay=0, distill_only=True,
                               trajectory_steps=TRAJECTORY_STEPS, checkpoint_every=40)
     result = finetune(student, settings, tmp_path / "out", teacher=teacher)
     losses = [h["loss"] for h in result.record.history]
@@ -116,7 +116,7 @@ def test_cli_distill_only(tmp_path):
         "error: --distill-only needs --teacher, the unpruned model whose trajectories are the data")
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "out"
-    result = run(student, "--distill-only", "--teacher", teacher, "--trajectory-steps", "4", "--steps", "2",
+    result = run(student, "--distill-only", "--teacher", teacher, "--trajectory-steps", "4", "--train-steps", "2",
                  "--batch", "2", "-o", out)
     assert result.returncode == 0, result.stderr
     record = read_finetune(out)

@@ -56,7 +56,7 @@ class TestNaNIsCaught:
 
     def test_finetune_stops_at_the_first_non_finite_loss_and_keeps_its_checkpoint(self, tmp_path):
         output = tmp_path / "F"
-        result = cli("finetune", "--steps", "20", "--batch", "2", "--lr", "1e6", "--ema-decay", "0",
+        result = cli("finetune", "--train-steps", "20", "--batch", "2", "--lr", "1e6", "--ema-decay", "0",
                      "--checkpoint-every", "100", "-o", output)
         # The progress bar's last state comes first (as in a terminal); the error is one line after it.
         result.stderr = result.stderr.strip().splitlines()[-1]
