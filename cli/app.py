@@ -32,6 +32,9 @@ err = Console(stderr=True)
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 out.quiet = not MAIN_PROCESS
 
+# The config table whose renamed fields (dgo_compile.configs.RENAMED) each command's options follow.
+RENAMED_TABLE = {"prune": "prune", "optimize": "optimize", "schedule": "optimize", "finetune": "finetune"}
+
 ModelArg = Annotated[Optional[Path], typer.Argument(
     help="Local diffusers model or pipeline folder, or a config.json. Default: the shipped MNIST model.",
     show_default=False)]
@@ -235,7 +238,7 @@ def bench(
 @app.command()
 def optimize(
     model: ModelArg = None,
-    ratio: Annotated[Optional[float], typer.Option(
+    keep_macs: Annotated[Optional[float], typer.Option(
         help="Kept-MACs target in (0, 1]: the sparsity loss is off once the schedule keeps no more. (default: 0.25)",
         show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps. (default: 50)", show_default=False)] = None,
@@ -277,7 +280,7 @@ def optimize(
     from dgo_compile.outputs import check_output
 
     given = {k: v for k, v in dict(
-        ratio=ratio, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration, lr=lr,
+        keep_macs=keep_macs, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration, lr=lr,
         granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
         checkpoint_every=checkpoint_every, class_labels=tuple(class_label) if class_label else None,
         prompt_embeds=str(prompt_embeds) if prompt_embeds else None, prompts=str(prompts.resolve()) if prompts else None,
@@ -305,7 +308,7 @@ def optimize(
         raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
     traced = trace(loaded)
     with ConsoleStages(err, enabled=MAIN_PROCESS) as stages, stages.stage(
-            "optimize", f"DiP-GO pruner towards {config.ratio:g} of the MACs", total=config.iters) as step:
+            "optimize", f"DiP-GO pruner towards {config.keep_macs:g} of the MACs", total=config.iters) as step:
         trained = run_optimize(traced, loaded.scheduler_config, config, output, model_source=str(loaded.source.resolve()),
                                null_class_label=traced.family.null_class_label(loaded.model), resume=resume,
                                decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None,
@@ -316,13 +319,13 @@ def optimize(
     last = trained.state.history[-1] if trained.state.history else {}
     out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "
               f"last kept MACs {last.get('kept', 1.0):.1%}; make a schedule with "
-              f"`dgo-compile schedule {output} --ratio R`")
+              f"`dgo-compile schedule {output} --keep-macs R`")
 
 
 @app.command()
 def schedule(
     pruner: Annotated[Path, typer.Argument(help="Pruner folder from `optimize`.")],
-    ratio: Annotated[float, typer.Option(help="Kept share of the full model's MACs per run, in (0, 1].")],
+    keep_macs: Annotated[float, typer.Option(help="Kept share of the full model's MACs per run, in (0, 1].")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Schedule JSON to write.")] = Path("schedule.json"),
     heatmap: Annotated[Optional[Path], typer.Option(
         help="PNG of the scores and the schedule. Default: the JSON's path with .png.")] = None,
@@ -331,14 +334,14 @@ def schedule(
     """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
     from dgo_compile.outputs import check_output
 
-    check("schedule", {"ratio": ratio})
+    check("schedule", {"keep_macs": keep_macs})
     heatmap = heatmap or output.with_suffix(".png")
     for path, option in ((output, "-o"), (heatmap, "--heatmap")):
         check_output(path, None, option=option, protected=[pruner, model])
     from dgo_compile import load, trace
     from dgo_compile.heatmap import save_heatmap
-    from dgo_compile.pruner import extract_schedule, load_pruner
-    from dgo_compile.schedule_cost import ScheduleCost
+    from dgo_compile.pruner import load_pruner
+    from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
 
     trained = load_pruner(pruner)
     state = trained.state
@@ -347,13 +350,14 @@ def schedule(
     if cost.elements != state.elements:
         raise DgoError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
                        f"{list(cost.elements)[:3]}...; pass the pruner's model with --model")
-    plan, kept = extract_schedule(trained.reuse_margins(), cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
+    plan, kept = extract_schedule(trained.reuse_margins(), cost, keep_macs, f"dipgo:{keep_macs:g}",
+                                   trained.whole_calls)
     save_heatmap(trained.reuse_scores(), plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
                                         f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
     plan.save(output)
     reused_calls = sum(not any(row) for row in plan.compute)
     sampler = state.scheduler["name"]
-    out.print(f"wrote {output} and {heatmap}: {kept:.1%} of the MACs kept, {reused_calls} of {plan.steps} calls "
+    out.print(f"wrote {output} and {heatmap}: {kept:.1%} of the MACs kept, {reused_calls} of {plan.calls} calls "
               f"reuse every block; compile it with `dgo-compile compile --schedule {output} "
               f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")
 
@@ -361,7 +365,8 @@ def schedule(
 @app.command()
 def finetune(
     model: ModelArg = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. (default: 500)", show_default=False)] = None,
+    train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. (default: 500)",
+                                                       show_default=False)] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per step. (default: 32)", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(
         help="AdamW learning rate (cosine decay to 2%). (default: 0.0002)", show_default=False)] = None,
@@ -392,7 +397,7 @@ def finetune(
     from dgo_compile.configs import DEFAULT_MODEL, FinetuneConfig, FinetuneError
     from dgo_compile.outputs import check_output
 
-    given = {k: v for k, v in dict(steps=steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill,
+    given = {k: v for k, v in dict(train_steps=train_steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill,
                                    warmup=warmup, seed=seed, checkpoint_every=checkpoint_every,
                                    distill_only=distill_only, trajectory_steps=trajectory_steps).items()
              if v is not None}
@@ -415,7 +420,7 @@ def finetune(
                 + f"  EMA decay {entry['ema_decay']:.3f}")
 
     with ConsoleStages(err, enabled=MAIN_PROCESS) as stages, stages.stage(
-            "finetune", f"batch {config.batch}", total=config.steps) as step:
+            "finetune", f"batch {config.batch}", total=config.train_steps) as step:
         result = run_finetune(model, config, output, teacher=teacher, resume=resume,
                               on_step=lambda entry: step.update(entry["step"], note=note(entry)))
     record = result.record
@@ -440,7 +445,7 @@ class _SamplingTarget:
 @app.command()
 def prune(
     model: ModelArg = None,
-    ratio: Annotated[float, typer.Option(
+    channel_ratio: Annotated[float, typer.Option(
         help="Share of channels removed: of every group (uniform) or of all prunable channels (global).")] = 0.3,
     importance: Annotated[str, typer.Option(help="taylor (Diff-Pruning), magnitude or random.")] = "taylor",
     scope: Annotated[str, typer.Option(help="uniform (every group alike) or global (cheapest channels anywhere).")]
@@ -462,7 +467,7 @@ def prune(
     from dgo_compile.configs import DEFAULT_MODEL, PruneConfig
     from dgo_compile.outputs import check_output
 
-    config = PruneConfig(ratio=ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
+    config = PruneConfig(channel_ratio=channel_ratio, importance=importance, scope=scope, threshold=threshold, batch=batch,
                          max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels)
     if not dry_run:
         check_output(output, "model", protected=[model or DEFAULT_MODEL, images],
@@ -489,11 +494,11 @@ def prune(
         out.print(table)
         return
     calibration = calibration_images(loaded, images) if importance == "taylor" else None
-    with ConsoleStages(err) as stages, stages.stage("prune", f"{importance} importance, {scope}, ratio {ratio}"):
+    with ConsoleStages(err) as stages, stages.stage("prune", f"{importance} importance, {scope}, channel ratio {channel_ratio}"):
         pruned = run_prune(loaded, config, calibration)
         save_denoiser(loaded, pruned.model, output, pruned.pruning)
     params, macs = pruned.pruning["params"], pruned.pruning["macs"]
-    table = Table(title=f"{output}: {importance} importance, {scope} ratio {ratio}")
+    table = Table(title=f"{output}: {importance} importance, {scope} channel ratio {channel_ratio}")
     for col in ("", "params", "MACs/call"):
         table.add_column(col, justify="right")
     table.add_row("before", f"{params['before'] / 1e6:.2f} M", _gb(macs["before"]))
@@ -570,6 +575,17 @@ class _Notices(logging.Handler):
         err.print(f"[yellow]note:[/yellow] {escape(record.getMessage())}", soft_wrap=True, highlight=False)
 
 
+def _renamed_option(exc, no_such_option) -> str | None:
+    """The message for an unknown option that is a renamed one (`prune --ratio`), naming the new option."""
+    from dgo_compile.configs import renamed_problem
+
+    table = RENAMED_TABLE.get(getattr(getattr(exc, "ctx", None), "info_name", None))
+    if not isinstance(exc, no_such_option) or table is None or not exc.option_name.startswith("--"):
+        return None
+    problem = renamed_problem(table, [exc.option_name[2:].replace("-", "_")], "--")
+    return problem and problem.replace("_", "-")
+
+
 def main() -> None:
     """Entry point: library errors become one line on stderr and exit code 1. So do errors of the
     system (a disk that fills up, a folder that vanishes) that no library check turned into one."""
@@ -591,6 +607,10 @@ def main() -> None:
         sys.exit(2)
     except click_errors.ClickException as exc:  # a bad option value, an unknown option, a missing argument
         command = f"dgo-compile {exc.ctx.info_name} --help" if getattr(exc, "ctx", None) else "dgo-compile --help"
+        renamed = _renamed_option(exc, click_errors.NoSuchOption)
+        if renamed:
+            err.print(f"[red]error:[/red] {escape(renamed)} (see `{command}`)", soft_wrap=True, highlight=False)
+            sys.exit(exc.exit_code)
         err.print(f"[red]error:[/red] {escape(' '.join(exc.format_message().split()))} (see `{command}`)",
                   soft_wrap=True, highlight=False)
         sys.exit(exc.exit_code)

@@ -60,7 +60,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     """
     output = check_output(output, "artifact", overwrite=overwrite, error=ArtifactError)
     check_precision(precision)
-    sampler_steps = sampler_steps or schedule.steps
+    sampler_steps = sampler_steps or schedule.calls
     timesteps = denoiser_timesteps(scheduler_config, sampler_steps, scheduler)
     folded = fold(traced, schedule, timesteps, dump_dir)
     full_macs = cost_report(traced, batch=1).total.macs

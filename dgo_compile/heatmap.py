@@ -41,7 +41,7 @@ def heatmap_figure(scores: torch.Tensor | None, schedule: Schedule, title: str):
                              constrained_layout=True, squeeze=False)
     for ax, (data, label, cmap) in zip(axes[:, 0], panels):
         image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_yticks(range(columns), schedule.blocks, fontsize=7)
+        ax.set_yticks(range(columns), schedule.elements, fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("denoiser call")
         ax.set_title(label, fontsize=9)

@@ -7,7 +7,7 @@ reported to a `dgo_compile.progress.Stages` with what it does and how far along 
   finetune   [finetune] fine-tune the pruned model        -> <work>/finetuned
   trace      the pruned model, traced into its blocks (without [prune] the original is compiled)
   schedule   a named one (`full`, `deepcache:N`, `steps:K`, a JSON file), or with "learned":
-  optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.ratio
+  optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.keep_macs
   compile    fold + export the ONNX artifact (written to a temp folder, then renamed)
   verify     the artifact against the PyTorch graphs it came from and the original model, same noise
   bench      the artifact against the original's `full` artifact, interleaved rounds (dgo_compile.bench)
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig
+from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig, renamed_problem
 from .errors import DgoError
 from .options import check
 from .outputs import check_output, exclusive, make_staging, publish
@@ -66,7 +66,7 @@ class CompileConfig:
         check("top level", {f.name: getattr(self, f.name) for f in fields(self) if f.name in TOP_LEVEL}, config=True,
               error=ConfigError, skip_none=False)
         if self.schedule == "learned" and self.optimize is None:
-            raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
+            raise ConfigError("schedule = \"learned\" needs an [optimize] table (keep_macs, iters, ...)")
         if self.verify_samples < 1:
             raise ConfigError(f"verify_samples must be at least 1, got {self.verify_samples}")
 
@@ -105,6 +105,9 @@ def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileCo
             if not isinstance(data[name], dict):
                 raise ConfigError(f"{name} must be a table ([{name}] with its keys), got {data[name]!r}")
             table = dict(data[name])
+            problem = renamed_problem(name, table, f"[{name}] ")
+            if problem:
+                raise ConfigError(problem)
             check(name, table, config=True, error=ConfigError)
             if name == "optimize":  # the sampler is the compile's: one place says it
                 table.setdefault("steps", values.get("steps", 50))
@@ -156,12 +159,12 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
     report.update(config=config.to_json(), resolution=resolution.to_json())
     model_path = config.model
     if config.prune is not None:
-        with stages.stage("prune", f"channel pruning, ratio {config.prune.ratio} ({config.prune.importance})"):
+        with stages.stage("prune", f"channel pruning, channel_ratio {config.prune.channel_ratio} ({config.prune.importance})"):
             model_path = pruned(original, config.prune, work / "pruned")
     if config.finetune is not None:
         teacher = original.source if config.finetune.distill or config.finetune.distill_only else None
         with stages.stage("finetune", f"fine-tuning the pruned model, batch {config.finetune.batch}",
-                          total=config.finetune.steps) as step:
+                          total=config.finetune.train_steps) as step:
             model_path = finetuned(model_path, config.finetune, work / "finetuned", teacher,
                                    on_step=lambda entry: step.update(entry["step"], note=f"loss {entry['loss']:.4f}"))
     loaded, traced = original, original_traced
@@ -171,7 +174,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
             traced = trace(loaded, size=resolution.latent)
     report["built"] = _built(model_path, config)
     if config.schedule == "learned":
-        what, total = f"DiP-GO pruner, {config.optimize.iters} iterations towards {config.optimize.ratio:g}", \
+        what, total = f"DiP-GO pruner, {config.optimize.iters} iterations towards {config.optimize.keep_macs:g}", \
             config.optimize.iters
     else:
         what, total = f"building {config.schedule} over {config.steps} steps", None
@@ -187,14 +190,14 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
                              guidance_scale=config.guidance_scale, precision=config.precision,
                              on_variant=lambda done, total: step.update(done, total=total))
         with stages.stage("verify", f"sampling {config.verify_samples} images each from the artifact, its PyTorch "
-                                    "graphs and the original model", total=3 * config.verify_samples * schedule.steps) \
+                                    "graphs and the original model", total=3 * config.verify_samples * schedule.calls) \
                 as step:
             report.update(_verify(config, tmp, traced, loaded, original, original_traced, schedule, step.advance))
         from .report import ROUNDS
 
         with stages.stage("bench", f"timing the artifact against the original's full artifact, {ROUNDS} "
                                    "interleaved rounds", total=2 * (ROUNDS + 1)) as step:
-            report["measured"] = measure(tmp, report["config"], schedule.steps, original_traced,
+            report["measured"] = measure(tmp, report["config"], schedule.calls, original_traced,
                                          original.scheduler_config, on_run=step.advance)
         report["timings_s"] = dict(stages.seconds)
         with stages.stage("report", "writing report.md, report.json, samples.png and schedule.png"):
@@ -222,11 +225,11 @@ def _built(model_path, config: CompileConfig) -> dict[str, Any]:
 
 
 def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int], step: Step):
-    from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
+    from .pruner import load_pruner, optimize, vae_decoder
     from .supernet import gateable_elements
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
-    from .schedule_cost import ScheduleCost
+    from .schedule_cost import ScheduleCost, extract_schedule
     from .stages import prepare_pruner, pruner_stamp, read_stamp, write_stamp
 
     if config.schedule == "learned":
@@ -247,8 +250,8 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, lat
             decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None, on_iteration=stamp)
         stamp()
         cost = ScheduleCost(traced, trained.state.schedule_granularity)
-        plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.ratio,
-                                   f"dipgo:{config.optimize.ratio:g}", trained.whole_calls)
+        plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.keep_macs,
+                                   f"dipgo:{config.optimize.keep_macs:g}", trained.whole_calls)
         return plan, trained
     if config.schedule.endswith(".json"):
         return Schedule.load(config.schedule), None
@@ -354,7 +357,7 @@ def compile_schedule(model: str | Path | None = None, schedule: str | None = Non
         plan = builtin(schedule, calls, gateable_elements(traced, "block"))
         if granularity == "unit":
             plan = plan.for_units({b.name: b.units for b in traced.blocks})
-    status = on_compile(f"compiling {plan.name} ({plan.steps} denoiser calls)") if on_compile else None
+    status = on_compile(f"compiling {plan.name} ({plan.calls} denoiser calls)") if on_compile else None
     with status or contextlib.nullcontext():
         path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
                                 model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,

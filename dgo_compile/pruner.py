@@ -6,7 +6,8 @@ SuperNet through a whole sampling trajectory, and the loss is the consistency of
 images with the full model's from the same noise (1 - SSIM) plus DiP-GO's FLOPs-weighted
 sparsity, switched off once the hard schedule keeps no more than the target share of MACs.
 Unlike the authors' release, the encoder really mixes its tokens (self-attention over every
-call and element). One trained pruner yields a schedule at any budget (`extract_schedule`).
+call and element). One trained pruner yields a schedule at any budget
+(`dgo_compile.schedule_cost.extract_schedule`).
 
 A pruner folder holds `pruner.json` (configs, sampler, history, progress) and `checkpoint.pt`
 (weights, optimizer and learning-rate state); both are replaced atomically at every
@@ -40,7 +41,7 @@ from .metrics import ssim
 from .outputs import check_output, staged
 from .supernet import SuperNetRun, build_supernet, graph_on
 from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule
 from .prompts import encode_prompts, read_prompts
 from .schedule_cost import ScheduleCost
 from .tracing import TracedDenoiser
@@ -49,7 +50,6 @@ FORMAT = "dgo-compile-pruner"
 FORMAT_VERSION = 1
 STATE_FILE = "pruner.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-RATIO_TOLERANCE = 0.0125
 log = logging.getLogger("dgo_compile.pruner")
 
 
@@ -392,7 +392,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         hard = tuple(tuple(bool(v) for v in row) for row in (gates_full.detach() > 0.5).tolist())
         kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
         sparsity = (gates[1:] * shares).sum(1).mean()
-        loss = loss_consistency + (config.alpha * sparsity if kept > config.ratio else 0.0)
+        loss = loss_consistency + (config.alpha * sparsity if kept > config.keep_macs else 0.0)
         check_finite(torch.tensor(world.mean(loss.item())), f"the pruner's loss at iteration {iteration + 1}",
                      f"optimization stopped; {output} keeps its last checkpoint: lower --lr and start again")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -435,61 +435,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, name: str,
-                     whole_calls: bool = False, tolerance: float = RATIO_TOLERANCE) -> tuple[Schedule, float]:
-    """The closed schedule that reuses the highest-scoring pairs (scores: any reals, e.g. the
-    pruner's reuse margins; call 0 is never reused), with kept MACs within `tolerance`
-    of `ratio`: bisection over how many of the ranked pairs (or whole calls) to reuse, then a
-    greedy sweep down the ranking where one pair's cascade jumps over the budget."""
-    calls, columns = scores.shape
-    if not 0 < ratio <= 1:
-        raise ScheduleError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {ratio}")
-    if whole_calls:
-        ranked = [[(t, b) for b in range(columns)] for t in
-                  sorted(range(1, calls), key=lambda t: (-scores[t].mean().item(), t))]
-    else:
-        ranked = [[(t, b)] for t, b in sorted(((t, b) for t in range(1, calls) for b in range(columns)),
-                                              key=lambda tb: (-scores[tb].item(), tb))]
-
-    def schedule_with(groups) -> Schedule:
-        rows = [[True] * columns for _ in range(calls)]
-        for group in groups:
-            for t, b in group:
-                rows[t][b] = False
-        return Schedule(name, cost.elements, tuple(tuple(r) for r in rows), cost.granularity)  # kept_ratio closes it
-
-    ratios: dict[int, float] = {}
-
-    def kept(k: int) -> float:
-        if k not in ratios:
-            ratios[k] = cost.kept_ratio(schedule_with(ranked[:k]))
-        return ratios[k]
-
-    low, high = 0, len(ranked)  # kept(low) > ratio >= kept(high), when reachable
-    if kept(high) > ratio + tolerance:
-        raise ScheduleError(f"the smallest schedule keeps {kept(high):.1%} of the MACs (call 0 always runs in "
-                            f"full); ask for --ratio {kept(high):.3f} or more")
-    if kept(low) <= ratio + tolerance:
-        return cost.close(schedule_with([])), kept(low)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if kept(middle) > ratio:
-            low = middle
-        else:
-            high = middle
-    best = min((low, high), key=lambda k: abs(kept(k) - ratio))
-    if abs(kept(best) - ratio) <= tolerance:
-        return cost.close(schedule_with(ranked[:best])), kept(best)
-    # The next pair in rank order overshoots (e.g. it kills a whole call): go on down the ranking,
-    # skipping pairs that would overshoot, until the budget is met.
-    chosen = list(ranked[:low])
-    for group in ranked[low:]:
-        trial = cost.kept_ratio(schedule_with(chosen + [group]))
-        if trial >= ratio - tolerance:
-            chosen.append(group)
-            if trial <= ratio + tolerance:
-                return cost.close(schedule_with(chosen)), trial
-    raise ScheduleError(f"no schedule from these scores keeps {ratio:.1%} of the MACs within {tolerance:.2%} "
-                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another --ratio")

@@ -12,13 +12,13 @@ from PIL import Image
 from dgo_compile import load, trace
 from dgo_compile.passes import cost_of
 from dgo_compile.pruner import (
-    OptimizeConfig, PrunerError, consistency, extract_schedule, gated_step_fn, load_pruner, optimize,
+    OptimizeConfig, PrunerError, consistency, gated_step_fn, load_pruner, optimize,
 )
 from dgo_compile.folding import fold
 from dgo_compile.supernet import build_supernet, gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
 from dgo_compile.schedule import Schedule, ScheduleError
-from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
 
 DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
         "clip_sample": False}
@@ -67,7 +67,7 @@ def test_gate_gradients_match_finite_differences_through_later_calls(tiny):
 
 
 def test_consistency_gradient_reaches_the_pruner_parameters(tiny, tmp_path):
-    config = OptimizeConfig(ratio=0.5, steps=4, iters=1, batch=1, calibration=1, dim=16, layers=1)
+    config = OptimizeConfig(keep_macs=0.5, steps=4, iters=1, batch=1, calibration=1, dim=16, layers=1)
     trained = optimize(tiny, DDIM, config, tmp_path / "p")
     pruner = trained.pruner
     with torch.no_grad():  # make calls 1-3 reuse every block, so the images clearly differ from the full model's
@@ -119,12 +119,12 @@ def test_schedule_cost_is_what_the_folded_graphs_run(shipped):
 
 def test_ratio_below_the_smallest_schedule_is_refused(shipped):
     cost = ScheduleCost(shipped[1])
-    with pytest.raises(ScheduleError, match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for --ratio 0\.02"):
+    with pytest.raises(ScheduleError, match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for --keep-macs 0\.02"):
         extract_schedule(torch.rand(50, len(cost.elements)), cost, 0.005, "learned")
 
 
 def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
-    config = OptimizeConfig(ratio=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1, checkpoint_every=1)
+    config = OptimizeConfig(keep_macs=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1, checkpoint_every=1)
     straight = optimize(tiny, DDIM, config, tmp_path / "straight")
 
     def stop_after_two(record):
@@ -155,16 +155,16 @@ def run(*args, cwd=None):
 
 
 def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
-    result = run("optimize", "--steps", "4", "--iters", "2", "--batch", "1", "--calibration", "2", "--ratio", "0.5",
+    result = run("optimize", "--steps", "4", "--iters", "2", "--batch", "1", "--calibration", "2", "--keep-macs", "0.5",
                  "-o", tmp_path / "pruner")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "2 iterations" in result.stdout
     state = json.loads((tmp_path / "pruner" / "pruner.json").read_text())
     assert state["complete"] and len(state["history"]) == 2 and state["elements"][0] == "down_blocks.0"
-    result = run("schedule", tmp_path / "pruner", "--ratio", "0.6", "-o", tmp_path / "s.json")
+    result = run("schedule", tmp_path / "pruner", "--keep-macs", "0.6", "-o", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
     plan = Schedule.load(tmp_path / "s.json")
-    assert plan.steps == 4 and all(plan.compute[0])
+    assert plan.calls == 4 and all(plan.compute[0])
     with Image.open(tmp_path / "s.png") as heatmap:
         assert heatmap.width > 400 and heatmap.height > 200
     result = run("compile", "--schedule", tmp_path / "s.json", "--steps", "4", "-o", tmp_path / "artifact")
@@ -174,11 +174,11 @@ def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["optimize", "--ratio", "1.5", "-o", "{tmp}/p"], "error: --ratio must be in (0, 1] (the kept share of the full "
+    (["optimize", "--keep-macs", "1.5", "-o", "{tmp}/p"], "error: --keep-macs must be in (0, 1] (the kept share of the full "
                                                       "model's MACs), got 1.5"),
     (["optimize", "--granularity", "layer", "-o", "{tmp}/p"], "error: --granularity must be one of block, unit, step"),
     (["optimize", "--resume", "-o", "{tmp}/p"], "is not a pruner folder (needs pruner.json and checkpoint.pt)"),
-    (["schedule", "{tmp}", "--ratio", "0.5"], "is not a pruner folder"),
+    (["schedule", "{tmp}", "--keep-macs", "0.5"], "is not a pruner folder"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = run(*[a.format(tmp=tmp_path) for a in args])
@@ -229,7 +229,7 @@ def test_device_and_precision_are_checked_before_anything_runs(shipped, tmp_path
 @pytest.mark.cuda
 def test_pruner_on_the_gpu_follows_the_cpu_and_runs_in_bf16(shipped, tmp_path):
     loaded, traced = shipped
-    config = OptimizeConfig(ratio=0.3, steps=4, iters=4, batch=2, calibration=4, lr=3.0)
+    config = OptimizeConfig(keep_macs=0.3, steps=4, iters=4, batch=2, calibration=4, lr=3.0)
     user = {k: v.clone() for k, v in traced.graph_module.state_dict().items()}
     cpu = optimize(traced, loaded.scheduler_config, config, tmp_path / "cpu")
     gpu = optimize(traced, loaded.scheduler_config, config, tmp_path / "gpu", device="cuda")

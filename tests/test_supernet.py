@@ -83,15 +83,15 @@ def test_folded_variants_equal_the_supernet_with_binary_gates(shipped, granulari
         schedule = schedule.for_units({b.name: b.units for b in traced.blocks})
         # Make it properly unit-level: also reuse one resnet of the otherwise computed first block.
         rows = [list(r) for r in schedule.compute]
-        rows[2][schedule.blocks.index("down_blocks.0.resnets.1")] = False
-        schedule = Schedule("units", schedule.blocks, tuple(map(tuple, rows)), "unit")
+        rows[2][schedule.elements.index("down_blocks.0.resnets.1")] = False
+        schedule = Schedule("units", schedule.elements, tuple(map(tuple, rows)), "unit")
     noise = initial_noise(2, (1, 32, 32), 5)
     run = SuperNetRun(build_supernet(traced, granularity))
-    step = iter(range(schedule.steps))
+    step = iter(range(schedule.calls))
 
     def gated(x, t):
         row = schedule.compute[next(step)]
-        return run(x, t, gates={e: torch.tensor(float(c)) for e, c in zip(schedule.blocks, row)})
+        return run(x, t, gates={e: torch.tensor(float(c)) for e, c in zip(schedule.elements, row)})
 
     expected = sample_ddim(gated, loaded.scheduler_config, noise, 7)
     folded = fold(traced, schedule)
