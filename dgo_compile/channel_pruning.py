@@ -145,6 +145,14 @@ def uniform_step(members: tuple[ChannelGroup, ...], config: PruneConfig) -> int:
     return min(round(config.channel_ratio * members[0].steps), max_step(members, config.min_group_channels))
 
 
+def planned_cut(plan: ChannelPlan, config: PruneConfig) -> dict[int, int | None]:
+    """Channels each prunable group keeps under `config`, before any importance is computed: exact for
+    the uniform scope; None for the global scope, whose cut depends on the importance scores."""
+    shares = plan.shares()
+    return {g.id: (g.size - g.size // g.steps * uniform_step(shares[g.share], config)
+                   if config.scope == "uniform" else None) for g in plan.prunable()}
+
+
 def _atoms(group: ChannelGroup):
     start = 0
     for size in group.atoms:

@@ -6,13 +6,14 @@ setting before anything heavy is imported; the stage modules re-export these nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import DgoError
 from .options import check
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
+DEFAULT_STEPS = 50  # sampler steps, wherever a command or config leaves them out
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 
 
@@ -126,7 +127,7 @@ class OptimizeConfig:
     """Everything that determines a trained pruner; stored in it and checked on `--resume`."""
 
     keep_macs: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     scheduler: str | None = None
     iters: int = 150
     batch: int = 2
@@ -170,3 +171,10 @@ class OptimizeConfig:
         if values.get("class_labels") is not None:
             values["class_labels"] = tuple(values["class_labels"])
         return cls(**values)
+
+
+def with_overrides(cls, given: dict, stored=None):
+    """The settings of a run: `stored` (a resumed run's config) or `cls`'s defaults, with the values in
+    `given` that are not None winning. Every value is checked by `cls`."""
+    given = {k: v for k, v in given.items() if v is not None}
+    return replace(stored, **given) if stored is not None else cls(**given)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig, renamed_problem
+from .configs import DEFAULT_MODEL, DEFAULT_STEPS, FinetuneConfig, OptimizeConfig, PruneConfig, renamed_problem
 from .errors import DgoError
 from .options import check
 from .outputs import check_output, exclusive, make_staging, publish
@@ -48,7 +48,7 @@ class CompileConfig:
     model: str | None = None
     output: str = "artifact"
     schedule: str = "full"  # or "learned" (needs [optimize])
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     scheduler: str | None = None
     granularity: str = "block"
     guidance_scale: float | None = None
@@ -110,7 +110,7 @@ def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileCo
                 raise ConfigError(problem)
             check(name, table, config=True, error=ConfigError)
             if name == "optimize":  # the sampler is the compile's: one place says it
-                table.setdefault("steps", values.get("steps", 50))
+                table.setdefault("steps", values.get("steps", DEFAULT_STEPS))
                 table.setdefault("scheduler", values.get("scheduler"))
                 table.setdefault("guidance_scale", values.get("guidance_scale"))
                 if "class_labels" in table:
@@ -150,8 +150,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
         raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
     with stages.stage("load", f"loading and tracing {config.model or 'the shipped model'}"):
         original = load(config.model)
-        if original.scheduler_config is None:
-            raise DgoError(f"{original.source} has no scheduler/ config; pass a pipeline folder")
+        original.require_scheduler()
         resolution = resolve(original.model, original.source, config.height, config.width)
         # checked against eager only where it is also the model compiled (no [prune])
         original_traced = trace(original, verify=config.prune is None, size=resolution.latent)
@@ -225,10 +224,8 @@ def _built(model_path, config: CompileConfig) -> dict[str, Any]:
 
 
 def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int], step: Step):
-    from .pruner import load_pruner, optimize, vae_decoder
-    from .supernet import gateable_elements
-    from .sampling import denoiser_timesteps
-    from .schedule import Schedule, builtin
+    from .calibration import vae_decoder
+    from .pruner import load_pruner, optimize
     from .schedule_cost import ScheduleCost, extract_schedule
     from .stages import prepare_pruner, pruner_stamp, read_stamp, write_stamp
 
@@ -253,13 +250,7 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, lat
         plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.keep_macs,
                                    f"dipgo:{config.optimize.keep_macs:g}", trained.whole_calls)
         return plan, trained
-    if config.schedule.endswith(".json"):
-        return Schedule.load(config.schedule), None
-    calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
-    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
-    if config.granularity == "unit":
-        plan = plan.for_units({b.name: b.units for b in traced.blocks})
-    return plan, None
+    return resolve_schedule(config, traced, loaded), None
 
 
 def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, original_traced, schedule,
@@ -315,51 +306,50 @@ class ScheduleOutcome:
     precision: str
 
 
-def compile_schedule(model: str | Path | None = None, schedule: str | None = None, steps: int | None = None,
-                     scheduler: str | None = None, granularity: str | None = None,
-                     guidance_scale: float | None = None, output: str | Path | None = None, overwrite: bool = False,
-                     dump_dir: str | Path | None = None, precision: str | None = None, height: int | None = None,
-                     width: int | None = None,
+def compile_schedule(config: CompileConfig, dump_dir: str | Path | None = None,
                      on_compile: Callable[[str], Any] | None = None) -> ScheduleOutcome:
-    """`compile` without --config: fold one schedule into an artifact. Every option, the outputs and
+    """`compile` without a config file: fold one schedule into an artifact. The config, the outputs and
     the schedule are checked before torch is imported; `on_compile(what)` may return a context manager
     (a status line) held while the graphs are exported."""
     import contextlib
 
-    if granularity is not None and granularity not in ("block", "unit"):
-        raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
-    check("top level", {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
-                        "precision": precision, "height": height, "width": width})
-    precision = precision or "fp32"
-    schedule, steps, granularity = schedule or "full", 50 if steps is None else steps, granularity or "block"
-    output = check_output(output or Path("artifact"), "artifact", overwrite=overwrite,
-                          protected=[model or DEFAULT_MODEL])
+    if config.schedule == "learned":
+        raise ConfigError('schedule = "learned" needs a config file with an [optimize] table')
+    output = check_output(config.output, "artifact", overwrite=config.overwrite,
+                          protected=[config.model or DEFAULT_MODEL])
     if dump_dir is not None:
-        check_output(dump_dir, "into", option="--dump-dir", protected=[model or DEFAULT_MODEL, output])
-    check_spec(schedule)  # an unknown name or an unreadable file fails before the model loads
+        check_output(dump_dir, "into", option="--dump-dir", protected=[config.model or DEFAULT_MODEL, output])
+    check_spec(config.schedule)  # an unknown name or an unreadable file fails before the model loads
 
     from . import load, trace
     from .artifact import compile_artifact, read_manifest
     from .resolution import resolve
-    from .supernet import gateable_elements
-    from .sampling import denoiser_timesteps
-    from .schedule import Schedule, builtin
 
-    loaded = load(model)
-    if loaded.scheduler_config is None:
-        raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
-    resolution = resolve(loaded.model, loaded.source, height, width, names=("--height", "--width"))
+    loaded = load(config.model)
+    loaded.require_scheduler()
+    resolution = resolve(loaded.model, loaded.source, config.height, config.width)
     traced = trace(loaded, size=resolution.latent)
-    if schedule.endswith(".json"):
-        plan = Schedule.load(schedule)
-    else:
-        calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
-        plan = builtin(schedule, calls, gateable_elements(traced, "block"))
-        if granularity == "unit":
-            plan = plan.for_units({b.name: b.units for b in traced.blocks})
+    plan = resolve_schedule(config, traced, loaded)
     status = on_compile(f"compiling {plan.name} ({plan.calls} denoiser calls)") if on_compile else None
     with status or contextlib.nullcontext():
-        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
-                                model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
-                                guidance_scale=guidance_scale, dump_dir=dump_dir, precision=precision)
-    return ScheduleOutcome(path, read_manifest(path), resolution, steps, precision)
+        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=config.overwrite,
+                                model_source=str(loaded.source.resolve()), scheduler=config.scheduler,
+                                sampler_steps=config.steps, guidance_scale=config.guidance_scale, dump_dir=dump_dir,
+                                precision=config.precision)
+    return ScheduleOutcome(path, read_manifest(path), resolution, config.steps, config.precision)
+
+
+def resolve_schedule(config: CompileConfig, traced, loaded):
+    """The named schedule of `config` (not "learned"): a JSON file, or a built-in spec built for the
+    sampler's denoiser calls over the model's blocks (then its units, at unit granularity)."""
+    from .sampling import denoiser_timesteps
+    from .schedule import Schedule, builtin
+    from .supernet import gateable_elements
+
+    if config.schedule.endswith(".json"):
+        return Schedule.load(config.schedule)
+    calls = len(denoiser_timesteps(loaded.require_scheduler(), config.steps, config.scheduler))
+    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
+    if config.granularity == "unit":
+        plan = plan.for_units({b.name: b.units for b in traced.blocks})
+    return plan

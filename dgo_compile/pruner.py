@@ -33,18 +33,16 @@ import torch
 from torch import nn
 
 from .configs import GRANULARITIES, OptimizeConfig, PrunerError  # noqa: F401  (re-exported)
-from .heatmap import save_heatmap  # noqa: F401  (re-exported: it draws a pruner's scores)
 from .distributed import current_world
 from .files import write_atomic
 from .finite import check_finite
-from .metrics import ssim
 from .outputs import check_output, staged
 from .supernet import SuperNetRun, build_supernet, graph_on
-from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
+from .sampling import denoiser_timesteps, make_scheduler, trajectory
 from .schedule import Schedule
-from .prompts import encode_prompts, read_prompts
 from .schedule_cost import ScheduleCost
 from .tracing import TracedDenoiser
+from .calibration import calibration_inputs, condition_rows, consistency
 
 FORMAT = "dgo-compile-pruner"
 FORMAT_VERSION = 1
@@ -213,63 +211,6 @@ def load_pruner(path: str | Path, allow_unfinished: bool = False) -> TrainedPrun
     return TrainedPruner(state, pruner)
 
 
-def _calibration(traced: TracedDenoiser, config: OptimizeConfig, null_class_label: int | None,
-                 pipeline: str | None):
-    """Noise, and condition inputs at batch `calibration` (or guidance), for the whole pool.
-    Prompts cycle over the pool, encoded by the text encoder of the `pipeline` folder."""
-    shape = tuple(traced.example_inputs(1)["sample"].shape[1:])
-    noise = initial_noise(config.calibration, shape, config.seed)
-    labels = list(config.class_labels) if config.class_labels else None
-    if labels is None and "class_labels" in traced.input_names:
-        labels = traced.example_inputs(config.calibration, seed=config.seed)["class_labels"].tolist()
-    encoded = None
-    if config.prompts is not None:
-        if pipeline is None:
-            raise PrunerError("--prompts needs the model's pipeline folder, whose text encoder encodes them")
-        encoded = encode_prompts(pipeline, read_prompts(config.prompts))
-    conditions, guidance = conditions_for(traced.input_names, config.calibration, labels, config.prompt_embeds,
-                                          config.guidance_scale, null_class_label, tensors=encoded)
-    return noise, conditions or {}, guidance
-
-
-def _rows(tensors: dict[str, torch.Tensor], index: list[int]) -> tuple[torch.Tensor, ...]:
-    return tuple(t if t.shape[0] == 1 else t[index] for t in tensors.values())
-
-
-def _extra(conditions, guidance, index: list[int]) -> tuple[torch.Tensor, ...]:
-    if guidance is None:
-        return tuple(v.expand(len(index), *v.shape[1:]) if v.shape[0] == 1 else v for v in _rows(conditions, index))
-    return tuple(torch.cat([u.expand(len(index), *u.shape[1:]), c.expand(len(index), *c.shape[1:])])
-                 for u, c in zip(_rows(guidance.uncond, index), _rows(guidance.cond, index)))
-
-
-def consistency(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM, with the window shrunk to fit small (latent) images."""
-    window = min(11, min(images.shape[-2:]) - (1 - min(images.shape[-2:]) % 2))
-    return 1 - ssim(images, reference, window_size=window).mean()
-
-
-def vae_decoder(pipeline: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For a latent pipeline folder with a `vae/`: latents -> images in [-1, 1], differentiable, so
-    the consistency loss compares pictures rather than latents. None without a VAE."""
-    folder = Path(pipeline) / "vae"
-    if not (folder / "config.json").is_file():
-        return None
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(folder).eval()
-    except Exception as exc:
-        raise PrunerError(f"cannot load the VAE in {folder}: {exc}") from exc
-    scale = vae.config.scaling_factor
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        vae.to(latents.device)  # a no-op after the first call
-        return vae.decode(latents / scale).sample.clamp(-1, 1)
-
-    return decode
-
-
 def gated_step_fn(supernet, elements: tuple[str, ...], gates: torch.Tensor, checkpointed: bool = True):
     """A denoiser for `trajectory` that runs the gated SuperNet with row i of `gates` at call i
     (call 0 computes everything); gradients reach `gates` through every later call."""
@@ -329,7 +270,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
                             decoded_with_vae=decode is not None)
         pruner = build_pruner(state)
     elements = state.elements
-    noise, conditions, guidance = _calibration(traced, config, null_class_label, model_source)
+    noise, conditions, guidance = calibration_inputs(traced, config, null_class_label, model_source)
     def on_device(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in tensors.items()}
 
@@ -361,7 +302,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         chunks = [list(range(i, min(i + 16, len(noise)))) for i in range(0, len(noise), 16)]
         everything = torch.ones(state.scheduler["calls"], len(elements), device=device)
         targets = torch.cat([sampler(gated_step_fn(supernet, elements, everything, checkpointed=False), noise[c],
-                                     _extra(conditions, guidance, c)) for c in chunks])
+                                     condition_rows(conditions, guidance, c)) for c in chunks])
     shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
                           else [state.cascade_shares[e] for e in elements], device=device)
 
@@ -387,7 +328,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)][rows]
         gates = pruner.gates()
         gates_full = gates.expand(-1, len(elements))  # whole-network gates: one column for all
-        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index], _extra(conditions, guidance, index))
+        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index], condition_rows(conditions, guidance, index))
         loss_consistency = consistency(images, targets[index])
         hard = tuple(tuple(bool(v) for v in row) for row in (gates_full.detach() > 0.5).tolist())
         kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
