@@ -19,6 +19,7 @@ from dgo_compile.errors import DgoError
 
 from .channel_commands import finetune, prune
 from .common import MAIN_PROCESS, app, err
+from .flags import render
 from .compile_commands import bench, compile, sample
 from .model_commands import encode_prompts_command, inspect
 from .schedule_commands import optimize, schedule
@@ -83,7 +84,7 @@ def main() -> None:
     except (DgoError, OSError) as exc:
         if os.environ.get("DGO_DEBUG"):
             raise
-        message = str(exc) if isinstance(exc, DgoError) else \
+        message = render(exc) if isinstance(exc, DgoError) else \
             f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         where = "" if MAIN_PROCESS else f"(process {os.environ['RANK']}) "
         err.print(f"[red]error:[/red] {where}{escape(' '.join(message.split()))}", soft_wrap=True, highlight=False)

@@ -28,7 +28,8 @@ def calibration_inputs(traced: TracedDenoiser, config: OptimizeConfig, null_clas
     encoded = None
     if config.prompts is not None:
         if pipeline is None:
-            raise PrunerError("--prompts needs the model's pipeline folder, whose text encoder encodes them")
+            raise PrunerError("`prompts` needs the model's pipeline folder, whose text encoder encodes them",
+                              field="prompts")
         encoded = encode_prompts(pipeline, read_prompts(config.prompts))
     conditions, guidance = conditions_for(traced.input_names, config.calibration, labels, config.prompt_embeds,
                                           config.guidance_scale, null_class_label, tensors=encoded)

@@ -310,8 +310,9 @@ def calibration_images(loaded: LoadedModel, images_file: str | None = None) -> t
         from .data import mnist_digits
 
         return mnist_digits()[0]
-    raise PruneError(f"Taylor importance needs real images of shape {shape}: pass --images F.safetensors "
-                     "holding 'images' [N, C, H, W] in [-1, 1], or use --importance magnitude")
+    raise PruneError(f"Taylor importance needs real images of shape {shape}: pass `images` F.safetensors "
+                     "holding 'images' [N, C, H, W] in [-1, 1], or use `importance` magnitude",
+                     field=("images", "importance"))
 
 
 def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None = None) -> PrunedModel:

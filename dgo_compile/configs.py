@@ -65,16 +65,17 @@ class PruneConfig:
     def __post_init__(self) -> None:
         check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)
         if not 0 <= self.channel_ratio < 1:
-            raise PruneError(f"--channel-ratio must be in [0, 1) (the share of channels removed), got {self.channel_ratio}")
+            raise PruneError(f"`channel_ratio` must be in [0, 1) (the share of channels removed), got "
+                             f"{self.channel_ratio}", field="channel_ratio")
         if self.importance not in IMPORTANCES:
-            raise PruneError(f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
+            raise PruneError(f"`importance` must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'", field="importance")
         if self.scope not in SCOPES:
-            raise PruneError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
+            raise PruneError(f"`scope` must be one of {', '.join(SCOPES)}, got '{self.scope}'", field="scope")
         if not 0 < self.threshold < 1:
-            raise PruneError(f"--threshold must be in (0, 1), got {self.threshold}")
+            raise PruneError(f"`threshold` must be in (0, 1), got {self.threshold}", field="threshold")
         for name in ("batch", "max_timesteps", "min_group_channels"):
             if getattr(self, name) < 1:
-                raise PruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise PruneError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)
 
 
 class FinetuneError(DgoError):
@@ -100,15 +101,15 @@ class FinetuneConfig:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
         for name in ("train_steps", "batch", "checkpoint_every", "trajectory_steps"):
             if getattr(self, name) < 1:
-                raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise FinetuneError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)
         if self.warmup < 0:
-            raise FinetuneError(f"--warmup must be 0 or more, got {self.warmup}")
+            raise FinetuneError(f"`warmup` must be 0 or more, got {self.warmup}", field="warmup")
         if not self.lr > 0:
-            raise FinetuneError(f"--lr must be positive, got {self.lr}")
+            raise FinetuneError(f"`lr` must be positive, got {self.lr}", field="lr")
         if not 0 <= self.ema_decay < 1:
-            raise FinetuneError(f"--ema-decay must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}")
+            raise FinetuneError(f"`ema_decay` must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}", field="ema_decay")
         if not self.distill >= 0:
-            raise FinetuneError(f"--distill must be 0 or more, got {self.distill}")
+            raise FinetuneError(f"`distill` must be 0 or more, got {self.distill}", field="distill")
 
     @classmethod
     def from_json(cls, data: dict) -> "FinetuneConfig":
@@ -154,15 +155,15 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
         if not 0 < self.keep_macs <= 1:
-            raise PrunerError(f"--keep-macs must be in (0, 1] (the kept share of the full model's MACs), got "
-                              f"{self.keep_macs}")
+            raise PrunerError(f"`keep_macs` must be in (0, 1] (the kept share of the full model's MACs), got "
+                              f"{self.keep_macs}", field="keep_macs")
         if self.granularity not in GRANULARITIES:
-            raise PrunerError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
+            raise PrunerError(f"`granularity` must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'", field="granularity")
         for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise PrunerError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise PrunerError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)
         if self.lr <= 0:
-            raise PrunerError(f"--lr must be positive, got {self.lr}")
+            raise PrunerError(f"`lr` must be positive, got {self.lr}", field="lr")
 
     @classmethod
     def from_json(cls, data: dict) -> "OptimizeConfig":

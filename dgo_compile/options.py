@@ -3,8 +3,9 @@
 A value is checked before anything uses it: TOML values by type (`overwrite = "false"` is an
 error, not true; a bool is not a number), numbers for finiteness (NaN and inf never pass), and
 every number against its range, upper bounds included, so an absurd size is refused in one line
-instead of allocating. The message names the option as the user wrote it: `--channel-ratio` on the
-command line, `[prune] channel_ratio` (or `steps` at the top level) in a config file.
+instead of allocating. The message names the setting as the user wrote it: `[prune] channel_ratio` (or `steps` at the top
+level) in a config file, else the field (`channel_ratio`), which the command line renders as its
+option (`--channel-ratio`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,6 @@ SPECS: dict[str, dict[str, Spec]] = {
     "bench": {"batch": _int(1, 4096), "repeats": _int(1, 1000)},
     "schedule": {"keep_macs": KEPT},
 }
-SHORT = {"n": "-n"}
 
 
 def check(table: str, values: dict[str, Any], *, config: bool = False, error: type[DgoError] = OptionError,
@@ -144,12 +144,14 @@ def check(table: str, values: dict[str, Any], *, config: bool = False, error: ty
             continue
         problem = spec.problem(value)
         if problem is not None:
-            raise error(f"{name(table, key, config)} must be {problem}, got {_show(value, config)}")
+            raise error(f"{name(table, key, config)} must be {problem}, got {_show(value, config)}",
+                        field=None if config else key)
 
 
 def name(table: str, key: str, config: bool) -> str:
+    """A setting as a config file names it (`config`), else as a field (the CLI renders it as its option)."""
     if not config:
-        return SHORT.get(key, "--" + key.replace("_", "-"))
+        return f"`{key}`"
     return key if table == "top level" else f"[{table}] {key}"
 
 

@@ -335,7 +335,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         sparsity = (gates[1:] * shares).sum(1).mean()
         loss = loss_consistency + (config.alpha * sparsity if kept > config.keep_macs else 0.0)
         check_finite(torch.tensor(world.mean(loss.item())), f"the pruner's loss at iteration {iteration + 1}",
-                     f"optimization stopped; {output} keeps its last checkpoint: lower --lr and start again")
+                     f"optimization stopped; {output} keeps its last checkpoint: lower `lr` and start again",
+                     field="lr")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
@@ -364,11 +365,13 @@ def _device(name: str, precision: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise PrunerError(f"--device {name} is not a torch device ({exc}); use cpu or cuda") from exc
+        raise PrunerError(f"`device` {name} is not a torch device ({exc}); use cpu or cuda", field="device") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PrunerError(f"--device {name}: this machine has no CUDA GPU torch can use; use --device cpu")
+        raise PrunerError(f"`device` {name}: this machine has no CUDA GPU torch can use; use `device` cpu",
+                          field="device")
     if precision == "bf16" and device.type != "cuda":
-        raise PrunerError("--precision bf16 runs on a GPU; pass --device cuda, or --precision fp32 on the CPU")
+        raise PrunerError("`precision` bf16 runs on a GPU; pass `device` cuda, or `precision` fp32 on the CPU",
+                          field=("precision", "device"))
     return device
 
 

@@ -91,18 +91,19 @@ def conditions_for(input_names: tuple[str, ...], n: int, class_labels: list[int]
         uncond.update({k.removeprefix("uncond."): v for k, v in stored.items() if k.startswith("uncond.")})
     if "class_labels" in wanted:
         if not class_labels:
-            raise DgoError("this model is class-conditional: pass --class-label (repeat it for several classes)")
+            raise DgoError("this model is class-conditional: pass `class_labels` (repeat it for several classes)",
+                           field="class_labels")
         cond["class_labels"] = torch.tensor([class_labels[i % len(class_labels)] for i in range(n)])
         if null_class_label is not None:
             uncond["class_labels"] = torch.tensor([null_class_label])
     elif class_labels:
-        raise DgoError("--class-label given, but this model takes no class labels")
+        raise DgoError("`class_labels` given, but this model takes no class labels", field="class_labels")
     missing = [name for name in wanted if name not in cond]
     if missing:
-        text = " (or --prompts, with a pipeline folder that has a text encoder)" \
+        text = " (or `prompts`, with a pipeline folder that has a text encoder)" \
             if "encoder_hidden_states" in missing else ""
         raise DgoError(f"this model also takes {', '.join(missing)}: pass them in a safetensors file "
-                       f"(--prompt-embeds) under those names{text}")
+                       f"(`prompt_embeds`) under those names{text}", field=("prompt_embeds", "prompts"))
     if guidance_scale is None or not wanted:
         return (cond or None), None
     missing = [name for name in wanted if name not in uncond]

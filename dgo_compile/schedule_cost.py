@@ -91,7 +91,8 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, keep_macs: float,
     greedy sweep down the ranking where one pair's cascade jumps over the budget."""
     calls, columns = scores.shape
     if not 0 < keep_macs <= 1:
-        raise ScheduleError(f"--keep-macs must be in (0, 1] (the kept share of the full model's MACs), got {keep_macs}")
+        raise ScheduleError(f"`keep_macs` must be in (0, 1] (the kept share of the full model's MACs), got {keep_macs}",
+                            field="keep_macs")
     if whole_calls:
         ranked = [[(t, b) for b in range(columns)] for t in
                   sorted(range(1, calls), key=lambda t: (-scores[t].mean().item(), t))]
@@ -116,7 +117,7 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, keep_macs: float,
     low, high = 0, len(ranked)  # kept(low) > keep_macs >= kept(high), when reachable
     if kept(high) > keep_macs + tolerance:
         raise ScheduleError(f"the smallest schedule keeps {kept(high):.1%} of the MACs (call 0 always runs in "
-                            f"full); ask for --keep-macs {kept(high):.3f} or more")
+                            f"full); ask for `keep_macs` {kept(high):.3f} or more", field="keep_macs")
     if kept(low) <= keep_macs + tolerance:
         return cost.close(schedule_with([])), kept(low)
     while high - low > 1:
@@ -138,4 +139,4 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, keep_macs: float,
             if trial <= keep_macs + tolerance:
                 return cost.close(schedule_with(chosen)), trial
     raise ScheduleError(f"no schedule from these scores keeps {keep_macs:.1%} of the MACs within {tolerance:.2%} "
-                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another --keep-macs")
+                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another `keep_macs`", field="keep_macs")

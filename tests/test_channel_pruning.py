@@ -370,9 +370,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 
 
 def test_prune_config_errors():
-    with pytest.raises(PruneError, match="--scope must be one of uniform, global"):
+    with pytest.raises(PruneError, match="`scope` must be one of uniform, global"):
         PruneConfig(scope="layer")
-    with pytest.raises(PruneError, match="--min-group-channels must be at least 1, got 0"):
+    with pytest.raises(PruneError, match="`min_group_channels` must be at least 1, got 0"):
         PruneConfig(min_group_channels=0)
     _, plan = plan_channels(load())
     assert len(plan.prunable()) == 56

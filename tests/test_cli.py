@@ -215,3 +215,24 @@ def test_help_renders_flags_and_config_sections_as_written():
     assert "<bool>" not in text
     assert "([prune], [finetune], [optimize], then compile" in text
     assert "--overwrite / --no-overwrite" in text
+
+
+def test_one_library_error_names_the_field_for_python_and_toml_and_the_option_on_the_command_line(tmp_path):
+    """The library's message names the config field; a config file names its table and key; the command
+    line renders the same error with the option (cli/flags.py), and exits 1 with one line."""
+    from dgo_compile.cli.flags import render
+    from dgo_compile.configs import OptimizeConfig, PrunerError
+    from dgo_compile.errors import DgoError
+    from dgo_compile.pipeline import read_config
+
+    meaning = "must be in (0, 1] (the kept share of the full model's MACs), got 2.0"
+    with pytest.raises(PrunerError) as info:
+        OptimizeConfig(keep_macs=2.0)
+    assert str(info.value) == f"`keep_macs` {meaning}" and info.value.fields == ("keep_macs",)
+    assert render(info.value) == f"--keep-macs {meaning}"
+    config = tmp_path / "dgo.toml"
+    config.write_text('schedule = "learned"\n[optimize]\nkeep_macs = 2.0\n')
+    with pytest.raises(DgoError, match=re.escape(f"[optimize] keep_macs {meaning}")):
+        read_config(config, {})
+    result = run("optimize", "--keep-macs", "2", "-o", tmp_path / "p")
+    assert result.returncode == 1 and result.stderr.strip() == f"error: --keep-macs {meaning}", result.stderr

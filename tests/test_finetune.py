@@ -115,12 +115,12 @@ def test_distilling_from_the_model_itself_adds_nothing_until_it_moves(plain, tmp
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(train_steps=0), "--train-steps must be at least 1, got 0"),
-    (dict(batch=0), "--batch must be at least 1, got 0"),
-    (dict(lr=0.0), "--lr must be positive, got 0.0"),
-    (dict(ema_decay=1.0), "--ema-decay must be in [0, 1)"),
-    (dict(distill=-1.0), "--distill must be 0 or more, got -1.0"),
-    (dict(warmup=-1), "--warmup must be 0 or more, got -1"),
+    (dict(train_steps=0), "`train_steps` must be at least 1, got 0"),
+    (dict(batch=0), "`batch` must be at least 1, got 0"),
+    (dict(lr=0.0), "`lr` must be positive, got 0.0"),
+    (dict(ema_decay=1.0), "`ema_decay` must be in [0, 1)"),
+    (dict(distill=-1.0), "`distill` must be 0 or more, got -1.0"),
+    (dict(warmup=-1), "`warmup` must be 0 or more, got -1"),
 ])
 def test_config_is_validated(options, message):
     with pytest.raises(FinetuneError) as info:

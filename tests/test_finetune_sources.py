@@ -95,7 +95,7 @@ def test_distill_only_options_are_checked_before_writing(config_dir, tmp_path):
     with pytest.raises(FinetuneError, match="is a PixArtTransformer2DModel; --distill-only samples the trajectories "
                                             "of UNet2DModel and DiTTransformer2DModel denoisers"):
         finetune(teacher, FinetuneConfig(distill_only=True), out, teacher=config_dir / "pixart" / "config.json")
-    with pytest.raises(FinetuneError, match="--trajectory-steps must be at least 1, got 0"):
+    with pytest.raises(FinetuneError, match="`trajectory_steps` must be at least 1, got 0"):
         FinetuneConfig(distill_only=True, trajectory_steps=0)
     assert not out.exists()
 

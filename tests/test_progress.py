@@ -68,7 +68,7 @@ def test_disabled_stages_show_nothing():
 def test_the_schedule_heatmap_has_whole_call_ticks():
     from matplotlib import pyplot as plt
 
-    from dgo_compile.heatmap import heatmap_figure
+    from dgo_compile.report import heatmap_figure
 
     schedule = builtin("steps:21", 50, ("down_blocks.0", "mid_block", "up_blocks.0"))
     fig = heatmap_figure(None, schedule, "steps:21")

@@ -12,8 +12,9 @@ from PIL import Image
 from dgo_compile import load, trace
 from dgo_compile.passes import cost_of
 from dgo_compile.pruner import (
-    OptimizeConfig, PrunerError, consistency, gated_step_fn, load_pruner, optimize,
+    OptimizeConfig, PrunerError, gated_step_fn, load_pruner, optimize,
 )
+from dgo_compile.calibration import consistency
 from dgo_compile.folding import fold
 from dgo_compile.supernet import build_supernet, gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
@@ -200,7 +201,7 @@ def latent_pipeline(tmp_path_factory):
 
 
 def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, tmp_path):
-    from dgo_compile.pruner import vae_decoder
+    from dgo_compile.calibration import vae_decoder
 
     decode = vae_decoder(latent_pipeline)
     assert decode(torch.randn(2, 4, 16, 16)).shape == (2, 3, 32, 32)
@@ -217,11 +218,11 @@ def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, t
 
 def test_device_and_precision_are_checked_before_anything_runs(shipped, tmp_path):
     loaded, traced = shipped
-    with pytest.raises(PrunerError, match="--precision bf16 runs on a GPU; pass --device cuda"):
+    with pytest.raises(PrunerError, match="`precision` bf16 runs on a GPU; pass `device` cuda"):
         optimize(traced, loaded.scheduler_config, OptimizeConfig(precision="bf16"), tmp_path / "p")
-    with pytest.raises(PrunerError, match="--precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(PrunerError, match="`precision` must be one of fp32, bf16, got 'fp16'"):
         OptimizeConfig(precision="fp16")
-    with pytest.raises(PrunerError, match="--device gpu0 is not a torch device"):
+    with pytest.raises(PrunerError, match="`device` gpu0 is not a torch device"):
         optimize(traced, loaded.scheduler_config, OptimizeConfig(), tmp_path / "p", device="gpu0")
     assert not (tmp_path / "p").exists()
 

@@ -45,9 +45,12 @@ class TestTypedConfig:
             read_config(path, {})
         assert message in str(info.value) and len(str(info.value).splitlines()) == 1
 
-    def test_command_line_values_are_named_as_options(self):
-        with pytest.raises(ConfigError, match=r"^--guidance-scale must be a finite number, got nan$"):
+    def test_command_line_values_are_named_as_fields_and_rendered_as_options(self):
+        from dgo_compile.cli.flags import render
+
+        with pytest.raises(ConfigError, match=r"^`guidance_scale` must be a finite number, got nan$") as info:
             read_config(None, {"guidance_scale": float("nan")})
+        assert render(info.value) == "--guidance-scale must be a finite number, got nan"
 
 
 class TestNumericOptions:

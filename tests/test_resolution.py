@@ -43,14 +43,14 @@ def _model(config):
 
 
 @pytest.mark.parametrize("config, size, message", [
-    (TINY["unet2d"], (25, 16), "height 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"),
-    (UNET_3_DOWN, (64, 20), "width 20 is not a multiple of 8 (the UNet's 8: 3 downsamplers); use 16 or 24"),
-    (TINY["sdxl"], (16, 1), "width 1 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 2"),
-    (TINY["dit"], (12, 7), "width 7 is not a multiple of 2 (the patch size 2); use 6 or 8"),
+    (TINY["unet2d"], (25, 16), "`height` 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"),
+    (UNET_3_DOWN, (64, 20), "`width` 20 is not a multiple of 8 (the UNet's 8: 3 downsamplers); use 16 or 24"),
+    (TINY["sdxl"], (16, 1), "`width` 1 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 2"),
+    (TINY["dit"], (12, 7), "`width` 7 is not a multiple of 2 (the patch size 2); use 6 or 8"),
     (TINY["dit"], (12, 8), ("DiTTransformer2DModel runs square sizes only (it unpatchifies height = width); "
-                            "height 12 and width 8 differ: use 8 or 12 for both")),
-    (TINY["pixart"], (9, 6), "height 9 is not a multiple of 2 (the patch size 2); use 8 or 10"),
-    (TINY["unet2d"], (0, 16), "height must be a positive whole number, got 0"),
+                            "`height` 12 and width 8 differ: use 8 or 12 for both")),
+    (TINY["pixart"], (9, 6), "`height` 9 is not a multiple of 2 (the patch size 2); use 8 or 10"),
+    (TINY["unet2d"], (0, 16), "`height` must be a positive whole number, got 0"),
 ])
 def test_a_size_the_architecture_cannot_run_is_one_line_naming_sizes_that_work(config, size, message):
     with pytest.raises(ResolutionError) as error:
@@ -119,7 +119,7 @@ def test_cli_compiles_and_samples_at_the_compiled_size(tmp_path):
     runner, artifact = CliRunner(), tmp_path / "artifact"
     result = runner.invoke(app, ["compile", str(folder), "--height", "25", "--steps", str(STEPS), "-o", str(artifact)])
     assert isinstance(result.exception, ResolutionError) and not artifact.exists()
-    assert str(result.exception) == "--height 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"
+    assert str(result.exception) == "`height` 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"
     result = runner.invoke(app, ["compile", str(folder), "--height", "24", "--width", "16", "--steps", str(STEPS),
                                  "-o", str(artifact)])
     assert result.exit_code == 0, result.output
@@ -128,7 +128,7 @@ def test_cli_compiles_and_samples_at_the_compiled_size(tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == (2 * 2 * 16, 2 * 24)  # 2 images side by side, scale 2
     result = runner.invoke(app, ["sample", str(artifact), "--height", "16", "-o", str(tmp_path / "g.png")])
-    assert "was compiled for height 24, width 16 (latent); drop --height/--width" in str(result.exception)
+    assert "was compiled for height 24, width 16 (latent); drop `height`/`width`" in str(result.exception)
 
 
 SDXL_SIZE = {"height": 48, "width": 24}  # pixels: the tiny VAE's 2 x latent 24 x 12; the config's is 32 x 32

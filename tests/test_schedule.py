@@ -83,7 +83,7 @@ def test_per_call_macs_of_a_closed_schedule(shipped):
     ("steps:60", 50, "steps:K needs 1 <= K <= 50, got 60"),
     ("deepcache:0", 50, "deepcache interval must be at least 1, got 0"),
     ("deepcache:3:4", 50, "deepcache branch must be in 0..3, got 4"),
-    ("full", 0, "steps must be at least 1, got 0"),
+    ("full", 0, "calls must be at least 1, got 0"),
 ])
 def test_bad_specs(spec, steps, message):
     with pytest.raises(ScheduleError, match=f"^{re.escape(message)}$"):
