@@ -40,26 +40,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, STARTED, first_line, log, model_configs, quality, read_json, run_finetune, write_json
 from torch import nn
-
-from common import (RESULTS, STARTED, first_line, log, model_configs, quality, read_json, run_finetune,
-                    write_json)
 from tp_adapter import accumulate_gradients, pruning_record, tp_cut, tp_from_gradients, tp_pruner
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.channel_pruning import (PruneConfig, apply_pruning, calibration_images, importance, plan_channels,
-                                         prune, select)
+from dgo_compile.channel_pruning import (
+    PruneConfig,
+    apply_pruning,
+    calibration_images,
+    importance,
+    plan_channels,
+    prune,
+    select,
+)
 from dgo_compile.cost import cost_report
 from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
 from dgo_compile.finetune import FinetuneConfig
+from dgo_compile.folding import fold
 from dgo_compile.loading import save_denoiser
 from dgo_compile.metrics import classifier_features, load_digit_classifier
-from dgo_compile.folding import fold
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.supernet import gateable_elements
 
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)

@@ -132,8 +132,8 @@ def parity_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     import torch
 
     from dgo_compile import load, trace
-    from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.folding import fold
+    from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.sampling import denoiser_timesteps
     from dgo_compile.schedule import Schedule, builtin
 

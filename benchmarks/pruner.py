@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.data import real_digit_sample
-from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
-from dgo_compile.heatmap import save_heatmap
-from dgo_compile.pruner import OptimizeConfig, optimize
 from dgo_compile.folding import fold
+from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.pruner import OptimizeConfig, optimize
+from dgo_compile.report import save_heatmap
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
 from dgo_compile.schedule_cost import ScheduleCost, extract_schedule

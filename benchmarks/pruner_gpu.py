@@ -14,12 +14,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.pruner import OptimizeConfig, optimize
-
 
 
 def run(traced, scheduler_config, device: str, precision: str, batch: int, iters: int) -> dict:

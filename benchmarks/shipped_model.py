@@ -22,17 +22,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.cost import cost_report
 from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
-from dgo_compile.ort_runner import session_options
 from dgo_compile.metrics import DEFAULT_CLASSIFIER_DIR, classifier_features, frechet_distance, load_digit_classifier
+from dgo_compile.ort_runner import session_options
 from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
-
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -23,19 +23,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS, cli, quality
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.data import real_digit_sample
 from dgo_compile.finetune import read_finetune
+from dgo_compile.folding import fold
 from dgo_compile.metrics import classifier_features, load_digit_classifier
 from dgo_compile.pruner import load_pruner
-from dgo_compile.folding import fold
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import Schedule, builtin
 from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.supernet import gateable_elements
 
 UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
 READING_MARKER = "<!-- reading: kept by benchmarks/width_time.py on rewrite -->"

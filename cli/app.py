@@ -19,8 +19,8 @@ from dgo_compile.errors import DgoError
 
 from .channel_commands import finetune, prune
 from .common import MAIN_PROCESS, app, err
-from .flags import render
 from .compile_commands import bench, compile, sample
+from .flags import render
 from .model_commands import encode_prompts_command, inspect
 from .schedule_commands import optimize, schedule
 

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-
 from .common import MAIN_PROCESS, ModelArg, err, macs_text, out
 from .progress import ConsoleStages
 

@@ -97,7 +97,12 @@ def sample(
     check_output(output, None, protected=[source or DEFAULT_MODEL, prompt_embeds])
     from dgo_compile.finite import check_finite
     from dgo_compile.sampling import (
-        conditions_for, denoiser_timesteps, initial_noise, sample, sampling_target, save_grid,
+        conditions_for,
+        denoiser_timesteps,
+        initial_noise,
+        sample,
+        sampling_target,
+        save_grid,
     )
 
     target = sampling_target(source, steps, scheduler, height, width)

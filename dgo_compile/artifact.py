@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -30,13 +29,13 @@ from . import __version__
 from .artifact_files import ArtifactError, check_files, file_record
 from .cost import cost_report
 from .export import ExportError, export_onnx
+from .folding import fold
 from .manifest import InputSpec, Macs, Manifest, ModelInfo, Resolution, SamplerInfo, Variant, WeightsInfo
 from .onnx_weights import WEIGHTS_FILE, SharedWeightsWriter
 from .outputs import check_output, make_staging, publish
 from .passes import cost_of, variant_signature
 from .precision import KEEP_FLOAT_INPUTS, check_precision, to_fp16
 from .resolution import artifact_resolution
-from .folding import fold
 from .sampling import SCHEDULERS, denoiser_timesteps
 from .schedule import Schedule
 from .tracing import TracedDenoiser
@@ -139,7 +138,7 @@ def _export_variant(graph_module, feeds: dict[str, torch.Tensor], output_names: 
                     max_batch: int | None) -> None:
     """Export one variant to a scratch folder, convert its precision, move its weights into the shared
     file and write the graph alone as `staging/file`. Memory: one graph proto and one tensor at a time."""
-    scratch = Path(tempfile.mkdtemp(prefix=".export.", dir=staging))
+    scratch = make_staging(staging / file)
     try:
         export_onnx(graph_module, feeds, scratch / file, output_names, external_data_bytes=0, max_batch=max_batch)
         model = onnx.load(str(scratch / file), load_external_data=False)

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
 from .channel_surgery import PRUNING_FORMAT, module_shape, resized
+from .configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
 from .cost import cost_report
 from .loading import LoadedModel
 from .passes import PassManager

@@ -39,8 +39,8 @@ from .configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
 from .data import IMAGE_SIZE, mnist_digits
 from .distributed import current_world
 from .families import family_of
-from .finetune_data import TeacherTrajectories, digit_batch
 from .files import write_atomic
+from .finetune_data import TeacherTrajectories, digit_batch
 from .finite import check_finite
 from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
 from .outputs import check_output, make_staging, publish, write_error

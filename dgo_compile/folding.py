@@ -12,8 +12,8 @@ import torch
 from torch import fx
 
 from dgo_compile.passes import PassManager
-from dgo_compile.passes.boundaries import element_consumers
 from dgo_compile.passes.annotations import backup_edges, timestep_constants, timestep_embedder
+from dgo_compile.passes.boundaries import element_consumers
 from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig
 
 from .cost import analyse
@@ -21,6 +21,7 @@ from .schedule import Schedule, ScheduleError, VariantKey, variant_keys
 from .supernet import build_supernet, gateable_elements
 from .torch_runner import ScheduleRun
 from .tracing import TracedDenoiser
+
 
 @dataclass
 class FoldedSchedule:

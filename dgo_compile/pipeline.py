@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
+
+import tomllib
 
 from .configs import DEFAULT_MODEL, DEFAULT_STEPS, FinetuneConfig, OptimizeConfig, PruneConfig, renamed_problem
 from .errors import DgoError
@@ -257,11 +258,11 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
             progress: Callable[[int], None]) -> dict[str, Any]:
     """Artifact vs its own PyTorch graphs (parity), and vs the unpruned full model (quality)."""
     from .artifact import read_manifest
-    from .ort_runner import OrtArtifact
     from .cost import cost_report
     from .finite import check_finite
-    from .metrics import psnr, ssim
     from .folding import fold
+    from .metrics import psnr, ssim
+    from .ort_runner import OrtArtifact
     from .sampling import conditions_for, denoiser_timesteps, initial_noise, sample
 
     manifest = read_manifest(artifact)

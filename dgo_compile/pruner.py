@@ -32,17 +32,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .calibration import calibration_inputs, condition_rows, consistency
 from .configs import GRANULARITIES, OptimizeConfig, PrunerError  # noqa: F401  (re-exported)
 from .distributed import current_world
 from .files import write_atomic
 from .finite import check_finite
 from .outputs import check_output, staged
-from .supernet import SuperNetRun, build_supernet, graph_on
 from .sampling import denoiser_timesteps, make_scheduler, trajectory
 from .schedule import Schedule
 from .schedule_cost import ScheduleCost
+from .supernet import SuperNetRun, build_supernet, graph_on
 from .tracing import TracedDenoiser
-from .calibration import calibration_inputs, condition_rows, consistency
 
 FORMAT = "dgo-compile-pruner"
 FORMAT_VERSION = 1

@@ -54,8 +54,8 @@ def measure(folder: Path, config: dict[str, Any], calls: int, original_traced, s
     from .artifact import compile_artifact
     from .bench import bench_artifacts
     from .ort_runner import OrtArtifact
-    from .supernet import gateable_elements
     from .schedule import builtin
+    from .supernet import gateable_elements
 
     threads = torch.get_num_threads()  # PyTorch's default: the physical cores; onnxruntime gets the same
     full = folder.parent / f".{folder.name}.full"

@@ -16,8 +16,8 @@ from dgo_compile.passes import FoldTimestep, PassManager, cost_of
 from dgo_compile.passes.boundaries import boundary_values, data_inputs, element_consumers, element_of, sample_dependent
 
 from .cost import analyse
-from .supernet import gateable_elements
 from .schedule import Schedule, ScheduleError, VariantKey, variant_keys
+from .supernet import gateable_elements
 from .tracing import TracedDenoiser
 
 KEPT_TOLERANCE = 0.0125  # how far an extracted schedule's kept MACs may be from the asked share

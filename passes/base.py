@@ -17,7 +17,6 @@ from torch import fx
 
 from dgo_compile.errors import PassError
 
-
 PASSES_RUN = "dgo.passes_run"  # graph_module.meta: names of the passes already run, in order
 
 

@@ -7,6 +7,7 @@ import string
 from pathlib import Path
 
 import torch
+
 from model_configs import TINY_DIT, TINY_PIXART, TINY_SD, TINY_SDXL
 
 TOKENS = 8  # tokenizer.model_max_length: the tiny text encoder's sequence length

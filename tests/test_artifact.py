@@ -8,12 +8,12 @@ import torch
 
 from dgo_compile import load, trace
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.export import export_onnx
 from dgo_compile.folding import fold
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.sampling import Guidance, denoiser_timesteps, initial_noise, sample, sample_ddim
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.supernet import gateable_elements
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from dgo_compile.passes.channel_groups import analyse_channels
+from dgo_compile.passes.channel_plan import ChannelRuleError
+from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 from torch import nn
 
 from dgo_compile import load, trace
 from dgo_compile.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
 from dgo_compile.export import export_onnx
 from dgo_compile.loading import save_denoiser
-from dgo_compile.passes.channel_groups import analyse_channels
-from dgo_compile.passes.channel_plan import ChannelRuleError
-from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 
 
 def exported(module: nn.Module, *inputs):

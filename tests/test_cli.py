@@ -221,6 +221,7 @@ def test_one_library_error_names_the_field_for_python_and_toml_and_the_option_on
     """The library's message names the config field; a config file names its table and key; the command
     line renders the same error with the option (cli/flags.py), and exits 1 with one line."""
     from dgo_compile.cli.flags import render
+
     from dgo_compile.configs import OptimizeConfig, PrunerError
     from dgo_compile.errors import DgoError
     from dgo_compile.pipeline import read_config

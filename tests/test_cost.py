@@ -78,8 +78,9 @@ def test_macs_scale_with_batch():
 
 
 def test_compile_analyses_once_and_leaves_the_traced_graph_as_traced(tiny, tmp_path, monkeypatch):
-    from dgo_compile.artifact import compile_artifact
     from dgo_compile.passes import CountCosts
+
+    from dgo_compile.artifact import compile_artifact
     from dgo_compile.schedule import builtin
     from dgo_compile.supernet import gateable_elements
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgo_compile.distributed import DistributedError, World
 from dgo_compile import DEFAULT_MODEL
+from dgo_compile.distributed import DistributedError, World
 from dgo_compile.finetune import read_finetune
 from dgo_compile.pruner import build_pruner, load_pruner
 

@@ -4,7 +4,6 @@ while reading no data."""
 
 import pytest
 import torch
-from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 
 import dgo_compile.data
 import dgo_compile.finetune
@@ -14,6 +13,7 @@ from dgo_compile.families import family_of
 from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
 from dgo_compile.finetune_data import TeacherTrajectories
 from dgo_compile.loading import save_denoiser
+from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 
 TRAJECTORY_STEPS = 8
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dgo_compile.errors import DgoError
 from dgo_compile.configs import FinetuneConfig, OptimizeConfig
+from dgo_compile.errors import DgoError
 from dgo_compile.pipeline import read_config
 
 

@@ -5,9 +5,9 @@ import io
 import re
 
 import pytest
+from dgo_compile.cli.progress import ConsoleStages
 from rich.console import Console
 
-from dgo_compile.cli.progress import ConsoleStages
 from dgo_compile.bench import BenchResult
 from dgo_compile.progress import Stages
 from dgo_compile.report import _warnings

@@ -1,25 +1,29 @@
 """DiP-GO's pruner: gradients through the trajectory, schedule extraction, resume, the CLI."""
 
 import json
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from dgo_compile.passes import cost_of
 from PIL import Image
 
 from dgo_compile import load, trace
-from dgo_compile.passes import cost_of
-from dgo_compile.pruner import (
-    OptimizeConfig, PrunerError, gated_step_fn, load_pruner, optimize,
-)
 from dgo_compile.calibration import consistency
 from dgo_compile.folding import fold
-from dgo_compile.supernet import build_supernet, gateable_elements
+from dgo_compile.pruner import (
+    OptimizeConfig,
+    PrunerError,
+    gated_step_fn,
+    load_pruner,
+    optimize,
+)
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
 from dgo_compile.schedule import Schedule, ScheduleError
 from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.supernet import build_supernet, gateable_elements
 
 DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
         "clip_sample": False}

@@ -17,13 +17,13 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability import assert_nothing_left, assert_one_line_error, cli, run
 
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
 from dgo_compile.errors import DgoError
 from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.supernet import gateable_elements
+from reliability import assert_nothing_left, assert_one_line_error, cli, run
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHIPPED_BLOCKS = ["down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",

@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from reliability import assert_one_line_error, cli
 from safetensors.torch import load_file, save_file
 
 from dgo_compile import load, trace
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.finite import NonFiniteError, check_finite
 from dgo_compile.loading import DEFAULT_MODEL
+from dgo_compile.ort_runner import OrtArtifact
+from reliability import assert_one_line_error, cli
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -10,13 +10,13 @@ import shutil
 import time
 
 import pytest
-from model_configs import TINY_UNET2D
-from reliability import assert_nothing_left, assert_one_line_error, cli
 
 from dgo_compile import load
 from dgo_compile.errors import ModelLoadError
 from dgo_compile.loading import DEFAULT_MODEL, save_denoiser
 from dgo_compile.pipeline import ConfigError, read_config
+from model_configs import TINY_UNET2D
+from reliability import assert_nothing_left, assert_one_line_error, cli
 
 
 class TestTypedConfig:

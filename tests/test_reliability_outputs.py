@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability import assert_nothing_left, assert_one_line_error, cli, tree
 
 from dgo_compile import outputs
 from dgo_compile.artifact import ArtifactError, compile_artifact
@@ -27,8 +26,9 @@ from dgo_compile.outputs import (
     publish,
 )
 from dgo_compile.pipeline import read_config, run_pipeline
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import builtin
+from dgo_compile.supernet import gateable_elements
+from reliability import assert_nothing_left, assert_one_line_error, cli, tree
 
 MANIFEST = {"format": "dgo-compile-artifact", "format_version": 2}
 

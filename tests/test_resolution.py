@@ -6,26 +6,26 @@ runs its artifacts at a non-default size in test_integrations.)"""
 import json
 
 import numpy as np
-import pipelines
 import pytest
 import torch
-from model_configs import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
+import pipelines
 from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.families import CLIP_TOKENS, FAMILIES
 from dgo_compile.integrations.diffusers import IntegrationError, attach, detach
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.resolution import (
     ResolutionError,
     check_size,
     resolve,
     vae_scale_factor,
 )
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import builtin
+from dgo_compile.supernet import gateable_elements
+from model_configs import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
 

@@ -4,12 +4,12 @@ import json
 import re
 
 import pytest
+from dgo_compile.passes.boundaries import OUTPUT, element_consumers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dgo_compile import load, trace
 from dgo_compile.cost import analyse
-from dgo_compile.passes.boundaries import OUTPUT, element_consumers
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
 from dgo_compile.schedule_cost import ScheduleCost
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from dgo_compile.passes import AnnotateBlocks, AnnotateBlocksConfig, block_of
 
 from dgo_compile import TraceError, load, trace
 from dgo_compile.errors import AnnotationMissingError
-from dgo_compile.passes import AnnotateBlocks, AnnotateBlocksConfig, block_of
 from dgo_compile.tracing import check_against_eager
 from model_configs import TINY
 

@@ -46,10 +46,10 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from ..ort_runner import OrtArtifact
 from ..errors import DgoError
 from ..families import family_of
 from ..folding import FoldedSchedule
+from ..ort_runner import OrtArtifact
 from ..sampling import SCHEDULERS
 
 TIMESTEP_ATOL = 1e-3  # as the runtime's own per-call check
