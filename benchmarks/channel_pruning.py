@@ -68,7 +68,8 @@ from dgo_compile.supernet import gateable_elements
 
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)
-GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4, 0.45, 0.5)  # our global ratios, with our Taylor scores
+GLOBAL_RATIOS = (0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.32, 0.33, 0.34, 0.36, 0.4, 0.45,
+                 0.5)  # our global ratios, with our Taylor scores
 SAME_LEVEL = 0.05  # a later --scopes entry is skipped when it lands this near an earlier one's kept MACs
 LOSS_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep bands of the denoising-loss breakdown
 TP_LOCAL_RATIOS = (0.02, 0.1, 0.25, 0.3)  # Torch-Pruning local (per layer) ratios tried for the MACs match
@@ -330,7 +331,8 @@ def search_ours_global(loaded, images: torch.Tensor, taylor: dict, work: Path, b
         scores, _ = importance(traced, plan, PruneConfig(**taylor), images, loaded.scheduler_config)
         example = tuple(traced.example_inputs(1).values())
         for ratio in missing:
-            keep = select(plan, scores, PruneConfig(channel_ratio=ratio, scope="global", min_group_channels=minimum, **taylor))
+            keep = select(plan, scores, PruneConfig(channel_ratio=ratio, scope="global", min_group_channels=minimum,
+                                                    **taylor))
             model, _ = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
             found[str(ratio)] = cost_of(model).macs / base_macs
             write_json(file, found)
@@ -376,7 +378,8 @@ def tp_variants(keys: list[str], target: float, loaded, tp_grads: dict, tp_versi
             os.replace(tmp, tp_folder)
         tp_meta = read_json(tp_folder / "bench_meta.json")
         variants.append({"target": target, "method": "Torch-Pruning",
-                         "setting": f"Taylor, {mode}{' (as ddpm_prune.py)' if mode == 'local' else ''}, ratio {tp_ratio}",
+                         "setting": f"Taylor, {mode}{' (as ddpm_prune.py)' if mode == 'local' else ''}, "
+                                    f"ratio {tp_ratio}",
                          "folder": str(tp_folder),
                          "prune_seconds": tp_meta["seconds"], "timesteps": tp_grads["timesteps"],
                          "persisted_exactly": tp_meta["exact_reload"]})
@@ -489,7 +492,8 @@ def main() -> None:
     torch.manual_seed(0)
     cifar = load(cifar_dir / "config.json")
     cifar_images = torch.rand((args.cifar_batch, 3, 32, 32), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    cifar_config = PruneConfig(channel_ratio=args.ratio, importance="taylor", threshold=args.threshold, batch=args.cifar_batch,
+    cifar_config = PruneConfig(channel_ratio=args.ratio, importance="taylor", threshold=args.threshold,
+                               batch=args.cifar_batch,
                                max_timesteps=args.cifar_timesteps)
     cifar_tag = f"cifar_r{args.ratio}_b{args.cifar_batch}_t{args.cifar_timesteps}"
     section1, _ = side_by_side("ddpm-cifar10-32 (random weights)", cifar_tag, cifar, cifar_images, cifar_config,
@@ -540,11 +544,13 @@ def main() -> None:
                     continue  # an earlier scope already lands about here
                 reached.append(levels[(scope, minimum)][ratio])
                 folder = ours_dir(ratio, scope, minimum)
-                meta = ours_piece(loaded, images, PruneConfig(channel_ratio=ratio, scope=scope, min_group_channels=minimum, **taylor),
+                meta = ours_piece(loaded, images, PruneConfig(channel_ratio=ratio, scope=scope,
+                                                              min_group_channels=minimum, **taylor),
                                   args.work, folder, base)
                 variants.append({"target": target, "method": "ours", "minimum": minimum,
                                  "setting": f"Taylor, {scope}, ratio {ratio}, GroupNorm groups keep >= {minimum}",
-                                 "folder": str(folder), "prune_seconds": meta["seconds"], "timesteps": meta["timesteps"]})
+                                 "folder": str(folder), "prune_seconds": meta["seconds"],
+                                 "timesteps": meta["timesteps"]})
                 achieved = meta["macs"] / base.macs
                 keys = [nearest(tp_levels, achieved)]
                 local = nearest({k: v for k, v in tp_levels.items() if k.startswith("local:")}, achieved)
@@ -586,7 +592,8 @@ def main() -> None:
         clock = lap("section 2: fine-tuning", clock)
         tuned_model = load(tuned).model
         v["loss_by_band"] = loss_by_band(tuned_model, config, images, args.seed, args.band_batch)
-        v["after"] = quality(sample_images(tuned_model, config, noise, args.steps, samples / f"ft_{name}_s{budget.train_steps}_"
+        v["after"] = quality(sample_images(tuned_model, config, noise, args.steps,
+                                           samples / f"ft_{name}_s{budget.train_steps}_"
                                            f"b{budget.batch}.pt"), full_images, classifier, real_features)
         v["tuned_folder"] = str(tuned)
         latency_models[name] = tuned_model
@@ -630,7 +637,8 @@ def main() -> None:
         clock = lap("section 3 (width + time)", clock)
 
     total = time.perf_counter() - STARTED
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("work", "results")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("work",
+                                                                                                      "results")}
     report = {"dgo_compile": __version__, "torch": torch.__version__, "torch_pruning": tp_version,
               "settings": settings, "section1": section1,
               "section2": {"unpruned": {"params": base.params, "macs": base.macs, "latency_s": latency["unpruned"],
@@ -676,7 +684,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"## 1. Side by side at ratio {s['ratio']}", "",
              f"Both sides take Diff-Pruning's Taylor importance from gradients accumulated over t = 0, 1, ... on the "
              f"same batch and noise with the same stop (loss < {s['threshold']} x running max). Shipped model: batch "
-             f"{s['taylor_batch']} of the shipped digits, at most {s['max_timesteps']} timesteps. CIFAR-10 architecture: "
+             f"{s['taylor_batch']} of the shipped digits, at most {s['max_timesteps']} timesteps. "
+             "CIFAR-10 architecture: "
              f"random weights, {s['cifar_batch']} random images, {s['cifar_timesteps']} timesteps (the loss of random "
              "weights never falls, so the stop never fires; structure only). Torch-Pruning runs as Diff-Pruning's "
              "`ddpm_prune.py` runs it (`MagnitudePruner`, `TaylorImportance()`, local ratio, conv_out ignored, in "
@@ -697,11 +706,13 @@ def write_markdown(report: dict, path: Path) -> None:
                          f"{'yes' if r['unmodified'] else 'no'} | | |")
             continue
         params = f"{_m(r['params'])} ({r['params'] / b['params']:.1%})"
-        macs = f"{_g(r['macs'])} ({r['macs'] / b['macs']:.1%})" if "macs" in r else f"not traceable: {_short(r['trace_error'])}"
+        macs = (f"{_g(r['macs'])} ({r['macs'] / b['macs']:.1%})" if "macs" in r
+                else f"not traceable: {_short(r['trace_error'])}")
         onnx = r["onnx"]
         onnx_text = f"{onnx['max_abs_diff']:.1e}" if onnx["ok"] else f"fails: {_short(onnx['error'])}"
         lines.append(f"| {r['model']} | {r['method']} | {params} | {macs} | {r['seconds']:.0f} s | "
-                     f"{r.get('timesteps', '')} | {r['groupnorm']} | {'yes' if r['unmodified'] else 'no (pruned in place)'}"
+                     f"{r.get('timesteps', '')} | {r['groupnorm']} | "
+                     f"{'yes' if r['unmodified'] else 'no (pruned in place)'}"
                      f" | {_short(r['save_load'])} | {onnx_text} |")
     notes = []
     changed = {}
@@ -737,7 +748,8 @@ def write_markdown(report: dict, path: Path) -> None:
               + "). "
               f"Both fine-tuned by `dgo-compile finetune` (under torchrun with {s.get('processes', 1)} process(es)) "
               f"with the same budget: {ft['steps']} steps at batch "
-              f"{ft['batch']}, lr {ft['lr']}, EMA {ft['ema_decay']} (Torch-Pruning's model goes through our loader via a "
+              f"{ft['batch']}, lr {ft['lr']}, EMA {ft['ema_decay']} "
+              "(Torch-Pruning's model goes through our loader via a "
               "`dgo_pruning.json` written from its module shapes, reloaded bit-exactly). Quality: DDIM "
               f"{s['steps']}, {s['n']} samples from noise seed {s['seed']}; PSNR / SSIM against the unpruned model's "
               f"images from the same noise, FD against {s['n']} real digits. Latency: onnxruntime CPU, 1 thread, one "
@@ -750,7 +762,8 @@ def write_markdown(report: dict, path: Path) -> None:
     for v in q["variants"]:
         b, a = v["before"], v["after"]
         lines.append(
-            f"| {v['target']:.0%} | {v['method']} | {v['setting']} | {_m(v['params'])} ({v['params'] / u['params']:.1%}) "
+            f"| {v['target']:.0%} | {v['method']} | {v['setting']} | "
+            f"{_m(v['params'])} ({v['params'] / u['params']:.1%}) "
             f"| {_g(v['macs'])} ({v['macs'] / u['macs']:.1%}) | {v['latency_s'] * 1e3:.1f} ms "
             f"({v['latency_s'] / u['latency_s']:.2f}x) | {b['psnr']:.1f} / {b['ssim']:.3f} / {b['fd']:.1f} | "
             f"{a['psnr']:.1f} / {a['ssim']:.3f} / {a['fd']:.1f} | {v['prune_seconds'] / 60:.1f} min "
@@ -758,8 +771,10 @@ def write_markdown(report: dict, path: Path) -> None:
     if "loss_by_band" in u:
         bands = list(u["loss_by_band"])
         lines += ["", f"Denoising loss (epsilon MSE) after fine-tuning, by timestep band, on one batch of "
-                  f"{s.get('band_batch', '')} shipped digits with fixed noise and timesteps (the same for every model):",
-                  "", "| method | setting | MACs/call | " + " | ".join(f"t {b}" for b in bands) + " | final training loss |",
+                  f"{s.get('band_batch', '')} shipped digits with fixed noise and timesteps "
+                  "(the same for every model):",
+                  "", "| method | setting | MACs/call | " + " | ".join(f"t {b}" for b in bands)
+                  + " | final training loss |",
                   "|---|---|---|" + "---|" * len(bands) + "---|",
                   "| unpruned | | 100% | " + " | ".join(f"{u['loss_by_band'][b]:.4f}" for b in bands) + " | |"]
         for v in q["variants"]:

@@ -42,7 +42,8 @@ PRUNERS = (
     ("learned blocks (lr 0.1)", "pruner_block_lr0.1", dict(granularity="block", lr=0.1)),
     ("learned blocks (lr 0.03)", "pruner_block_lr0.03", dict(granularity="block", lr=0.03)),
     ("learned steps (lr 0.1)", "pruner_step_lr0.1", dict(granularity="step", lr=0.1)),
-    ("learned blocks (lr 0.03, trained to 50%)", "pruner_block_lr0.03_r0.5", dict(granularity="block", lr=0.03, keep_macs=0.5)),
+    ("learned blocks (lr 0.03, trained to 50%)", "pruner_block_lr0.03_r0.5", dict(granularity="block", lr=0.03,
+                                                                                  keep_macs=0.5)),
     ("learned units (lr 0.03)", "pruner_unit_lr0.03", dict(granularity="unit", lr=0.03)),
     ("learned blocks (lr 0.03, no timestep input)", "pruner_block_lr0.03_notime",
      dict(granularity="block", lr=0.03, timestep_conditioning=False)),
@@ -107,7 +108,8 @@ def main() -> None:
                 plan.save(RESULTS / f"{stem}.json")
         random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
         schedules[("random", budget)] = extract_schedule(random_scores, cost, budget, f"random {budget}")[0]
-        k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps, names)) - budget))
+        k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps,
+                                                                                    names)) - budget))
         schedules[(f"steps:{k}", budget)] = builtin(f"steps:{k}", args.steps, names)
         specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(4)]
         best = min(specs, key=lambda s: abs(cost.kept_ratio(builtin(s, args.steps, names)) - budget))

@@ -111,7 +111,8 @@ def main() -> None:
         f"{args.threads} threads).", "",
         "| quantity | value |", "|---|---|",
         f"| params | {total.params:,} |",
-        f"| MACs per call (weight + attention) | {total.weight_macs / 1e6:.1f} M + {total.attention_macs / 1e6:.1f} M |",
+        f"| MACs per call (weight + attention) | {total.weight_macs / 1e6:.1f} M + "
+        f"{total.attention_macs / 1e6:.1f} M |",
         f"| FD vs real, {args.n} v {args.n} (DDIM {args.steps}) | {fd:.2f} |",
         f"| FD floor, real v real at the same n | {result['fd_floor_real_vs_real_same_n_mean']:.2f} "
         f"± {result['fd_floor_real_vs_real_same_n_std']:.2f} |",

@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--finetune-batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=150, help="pruner iterations")
-    parser.add_argument("--keep-macs", dest="pruner_ratio", type=float, default=0.2, help="the pruner's training target (total MACs)")
+    parser.add_argument("--keep-macs", dest="pruner_ratio", type=float, default=0.2,
+                        help="the pruner's training target (total MACs)")
     parser.add_argument("--totals", type=float, nargs="+", default=[0.25, 0.2],
                         help="total kept MACs per run, relative to the unpruned model's full run")
     parser.add_argument("--tp-ratio", type=float, default=0.425,
@@ -107,9 +108,11 @@ def main() -> None:
     pruned, tuned, pruner = args.work / "pruned", args.work / "finetuned", args.work / "pruner"
     seconds = {}
     if not pruned.is_dir():
-        seconds["prune"] = cli(["prune", "--channel-ratio", args.ratio, "--batch", 8, "--max-timesteps", 1000, "-o", pruned])
+        seconds["prune"] = cli(["prune", "--channel-ratio", args.ratio, "--batch", 8, "--max-timesteps", 1000, "-o",
+                                pruned])
     if not (tuned.is_dir() and read_finetune(tuned).complete):
-        seconds["finetune"] = cli(["finetune", pruned, "--train-steps", args.finetune_steps, "--batch", args.finetune_batch,
+        seconds["finetune"] = cli(["finetune", pruned, "--train-steps", args.finetune_steps, "--batch",
+                                   args.finetune_batch,
                                    "-o", tuned, *(["--resume"] if tuned.is_dir() else [])], args.processes)
 
     loaded = load()
@@ -118,7 +121,8 @@ def main() -> None:
         seconds["tp_prune"] = torch_pruning(loaded, args.tp_ratio, tp_pruned)
     if args.tp_ratio and not (tp_tuned.is_dir() and read_finetune(tp_tuned).complete):
         seconds["tp_finetune"] = cli(["finetune", tp_pruned, "--train-steps", args.finetune_steps, "--batch",
-                                      args.finetune_batch, "-o", tp_tuned, *(["--resume"] if tp_tuned.is_dir() else [])],
+                                      args.finetune_batch, "-o", tp_tuned,
+                                      *(["--resume"] if tp_tuned.is_dir() else [])],
                                      args.processes)
     tuned_model = load(tuned)
     full_traced, tuned_traced = trace(loaded, verify=False), trace(tuned_model, verify=False)

@@ -50,7 +50,8 @@ def prune(
     if dry_run:
         _, plan = plan_channels(loaded)
         table = Table(title=f"{loaded.source}: {len(plan.groups)} channel groups, {len(plan.prunable())} prunable")
-        for col in ("group", "share", "channels", "cut step", "kept at ratio", "constraints", "modules", "fixed because"):
+        for col in ("group", "share", "channels", "cut step", "kept at ratio", "constraints", "modules",
+                    "fixed because"):
             table.add_column(col, justify="right" if col in ("group", "share", "channels", "cut step") else "left")
         cut = planned_cut(plan, config)
         for g in plan.groups:

@@ -53,7 +53,8 @@ def inspect(
                 table.add_row("  " + name, "", "", "", f"{cost.params:,}", macs_text(cost.weight_macs),
                               macs_text(cost.attention_macs), f"{cost.macs / max(total.macs, 1):.1%}", style="italic")
     table.add_section()
-    table.add_row("total", "", "", "", f"{total.params:,}", macs_text(total.weight_macs), macs_text(total.attention_macs), "100%")
+    table.add_row("total", "", "", "", f"{total.params:,}", macs_text(total.weight_macs),
+                  macs_text(total.attention_macs), "100%")
     out.print(table)
 
 

@@ -23,10 +23,13 @@ def optimize(
                                                  show_default=False)] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
                                                           "Default: the model's.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 150)", show_default=False)] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)", show_default=False)] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 150)",
+                                                 show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)",
+                                                 show_default=False)] = None,
     calibration: Annotated[Optional[int], typer.Option(
-        help="Calibration noises (and conditions) the iterations cycle through. (default: 32)", show_default=False)] = None,
+        help="Calibration noises (and conditions) the iterations cycle through. (default: 32)",
+        show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). (default: 0.03)",
                                                 show_default=False)] = None,
     granularity: Annotated[Optional[str], typer.Option(
@@ -81,7 +84,8 @@ def schedule(
     output: Annotated[Path, typer.Option("-o", "--output", help="Schedule JSON to write.")] = Path("schedule.json"),
     heatmap: Annotated[Optional[Path], typer.Option(
         help="PNG of the scores and the schedule. Default: the JSON's path with .png.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
+    model: Annotated[Optional[Path],
+                     typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
 ) -> None:
     """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
     from dgo_compile.outputs import check_output

@@ -23,8 +23,13 @@ _LAZY = {
     "CompileConfig": "pipeline", "read_config": "pipeline", "run_pipeline": "pipeline",
     "compile_schedule": "pipeline",
 }
-__all__ = sorted(["DgoError", "ModelLoadError", "PassError", "TraceError", "UnsupportedModelError", "__version__",
-                  *_LAZY])
+__all__ = [  # the errors, then the lazily imported names of _LAZY
+    "CompileConfig", "DEFAULT_MODEL", "DgoError", "FinetuneConfig", "FoldedSchedule", "LoadedModel",
+    "ModelLoadError", "OptimizeConfig", "OrtArtifact", "PassError", "PruneConfig", "Schedule", "ScheduleCost",
+    "TraceError", "TracedDenoiser", "UnsupportedModelError", "__version__", "builtin", "compile_artifact",
+    "compile_schedule", "denoiser_timesteps", "extract_schedule", "fold", "initial_noise", "load", "load_pruner",
+    "optimize", "prune", "read_config", "run_pipeline", "sample", "trace",
+]
 
 
 def __getattr__(name: str):

@@ -86,7 +86,8 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             first_call = folded.step_variant.index(key)
             constants = folded.constants[first_call]
             feeds = {name: example[name] for name in signature.inputs}
-            feeds.update({name: constants[name].expand(2, *constants[name].shape[1:]) for name in signature.constant_inputs})
+            feeds.update({name: constants[name].expand(2, *constants[name].shape[1:])
+                          for name in signature.constant_inputs})
             feeds.update({name: torch.zeros((2, *folded.cache_shapes[name])) for name in signature.cache_inputs})
             file = f"variant_{index:03d}.onnx"
             _export_variant(graph_module, feeds, ("prediction", *signature.cache_outputs), staging, file, weights,

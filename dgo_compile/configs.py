@@ -19,7 +19,8 @@ GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blo
 
 # Fields renamed so that no two tables use one name for opposite things: the old name gets an error
 # naming the new one in a config file, and is read as the new one from a stored run (pruner.json, finetune.json).
-RENAMED = {"prune": {"ratio": "channel_ratio"}, "optimize": {"ratio": "keep_macs"}, "finetune": {"steps": "train_steps"}}
+RENAMED = {"prune": {"ratio": "channel_ratio"}, "optimize": {"ratio": "keep_macs"},
+           "finetune": {"steps": "train_steps"}}
 MEANING = {"channel_ratio": "the share of channels removed", "keep_macs": "the kept share of the full model's MACs",
            "train_steps": "optimizer steps, not sampler steps"}
 
@@ -68,7 +69,8 @@ class PruneConfig:
             raise PruneError(f"`channel_ratio` must be in [0, 1) (the share of channels removed), got "
                              f"{self.channel_ratio}", field="channel_ratio")
         if self.importance not in IMPORTANCES:
-            raise PruneError(f"`importance` must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'", field="importance")
+            raise PruneError(f"`importance` must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'",
+                             field="importance")
         if self.scope not in SCOPES:
             raise PruneError(f"`scope` must be one of {', '.join(SCOPES)}, got '{self.scope}'", field="scope")
         if not 0 < self.threshold < 1:
@@ -107,7 +109,8 @@ class FinetuneConfig:
         if not self.lr > 0:
             raise FinetuneError(f"`lr` must be positive, got {self.lr}", field="lr")
         if not 0 <= self.ema_decay < 1:
-            raise FinetuneError(f"`ema_decay` must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}", field="ema_decay")
+            raise FinetuneError(f"`ema_decay` must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}",
+                                field="ema_decay")
         if not self.distill >= 0:
             raise FinetuneError(f"`distill` must be 0 or more, got {self.distill}", field="distill")
 
@@ -158,7 +161,8 @@ class OptimizeConfig:
             raise PrunerError(f"`keep_macs` must be in (0, 1] (the kept share of the full model's MACs), got "
                               f"{self.keep_macs}", field="keep_macs")
         if self.granularity not in GRANULARITIES:
-            raise PrunerError(f"`granularity` must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'", field="granularity")
+            raise PrunerError(f"`granularity` must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'",
+                              field="granularity")
         for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise PrunerError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)

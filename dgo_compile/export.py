@@ -69,7 +69,8 @@ def _without_noop_squeezes(graph_module: fx.GraphModule) -> fx.GraphModule:
     """torch's `squeeze(d)` of a dim whose size is not 1 returns the input; ONNX's Squeeze rejects it
     (PixArt's output `squeeze(1)` over its tokens). A graph without them, sharing the weights."""
     squeezes = {node.name for node in graph_module.graph.nodes
-                if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+                if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim,
+                                                                  torch.ops.aten.squeeze.dims)
                 and _keeps_shape(node)}
     if not squeezes:
         return graph_module

@@ -176,7 +176,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
-        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.train_steps) / config.train_steps)), MIN_LR_FACTOR)
+        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.train_steps) / config.train_steps)),
+                   MIN_LR_FACTOR)
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=EMA_POWER) if config.ema_decay else None

@@ -48,7 +48,8 @@ def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | No
     """
     names = gateable_elements(traced, schedule.granularity)
     if schedule.elements != names:
-        raise ScheduleError(f"schedule '{schedule.name}' is for {schedule.granularity}s {list(schedule.elements)[:3]}..., "
+        raise ScheduleError(f"schedule '{schedule.name}' is for {schedule.granularity}s "
+                            f"{list(schedule.elements)[:3]}..., "
                             f"this model has {list(names)[:3]}...")
     if timesteps is not None and len(timesteps) != schedule.calls:
         raise ScheduleError(f"schedule '{schedule.name}' has {schedule.calls} calls but the sampler makes "

@@ -89,7 +89,8 @@ def schedule_from_pruner(pruner: str | Path, keep_macs: float, output: str | Pat
                           f"{list(cost.elements)[:3]}...; pass the pruner's `model`", field="model")
     plan, kept = extract_schedule(trained.reuse_margins(), cost, keep_macs, f"dipgo:{keep_macs:g}",
                                   trained.whole_calls)
-    save_heatmap(trained.reuse_scores(), plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
-                                                        f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
+    title = (f"{pruner.name}: {kept:.1%} of the MACs kept "
+             f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
+    save_heatmap(trained.reuse_scores(), plan, heatmap, title)
     plan.save(output)
     return ExtractedSchedule(plan, kept, state)

@@ -3,9 +3,9 @@
 A value is checked before anything uses it: TOML values by type (`overwrite = "false"` is an
 error, not true; a bool is not a number), numbers for finiteness (NaN and inf never pass), and
 every number against its range, upper bounds included, so an absurd size is refused in one line
-instead of allocating. The message names the setting as the user wrote it: `[prune] channel_ratio` (or `steps` at the top
-level) in a config file, else the field (`channel_ratio`), which the command line renders as its
-option (`--channel-ratio`).
+instead of allocating. The message names the setting as the user wrote it: `[prune] channel_ratio`
+(or `steps` at the top level) in a config file, else the field (`channel_ratio`), which the command
+line renders as its option (`--channel-ratio`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Spec:
             return None
         what = f" ({self.what})" if self.what else ""
         if self.high is not None and self.low is not None and self.high <= 100:  # a natural range: say it whole
-            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, "
+                    f"{_num(self.high)}{')' if self.high_open else ']'}"
                     f"{what}")
         if above:  # the upper bound only stops absurd values
             return f"at most {_num(self.high)}{what}"

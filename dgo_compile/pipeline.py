@@ -159,7 +159,8 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
     report.update(config=config.to_json(), resolution=resolution.to_json())
     model_path = config.model
     if config.prune is not None:
-        with stages.stage("prune", f"channel pruning, channel_ratio {config.prune.channel_ratio} ({config.prune.importance})"):
+        with stages.stage("prune",
+                          f"channel pruning, channel_ratio {config.prune.channel_ratio} ({config.prune.importance})"):
             model_path = pruned(original, config.prune, work / "pruned")
     if config.finetune is not None:
         teacher = original.source if config.finetune.distill or config.finetune.distill_only else None
@@ -277,7 +278,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     ours = sample(OrtArtifact.open(artifact), loaded.scheduler_config, noise, config.steps, **run)
     torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)
     reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
-    for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"), (reference, "the original model")):
+    for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"),
+                         (reference, "the original model")):
         check_finite(images, f"the verification image batch sampled from {what}", "nothing was written to -o")
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
@@ -291,7 +293,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
                  "kept": macs.total / full_run},
         "predicted_speedup": full_run / macs.total,
         "parity_rel_l2": parity,
-        "quality": {"samples": config.verify_samples, "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
+        "quality": {"samples": config.verify_samples,
+                    "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
                     "ssim_vs_original": float(ssim(ours, reference).mean())},
         "images": ours,
         "reference_images": reference,

@@ -180,7 +180,8 @@ def restartable(output: str | Path) -> bool:
     if not output.is_dir() or output.is_symlink():
         return False
     names = [p.name for p in output.iterdir()]
-    if not names or not all(n in (STATE_FILE, CHECKPOINT_FILE) or n.startswith((f".{STATE_FILE}.", f".{CHECKPOINT_FILE}."))
+    if not names or not all(n in (STATE_FILE, CHECKPOINT_FILE) or n.startswith((f".{STATE_FILE}.",
+                                                                                f".{CHECKPOINT_FILE}."))
                for n in names):
         return False
     try:
@@ -264,8 +265,10 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
             check_output(output, "pruner", protected=[model_source], error=PrunerError,
                          exists_hint="pass --resume to continue it or choose another -o")
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
-        scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
-                     "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
+        scheduler = {"name": config.scheduler,
+                     "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
+                     "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps,
+                     "config": dict(scheduler_config)}
         state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares(),
                             decoded_with_vae=decode is not None)
         pruner = build_pruner(state)
@@ -328,7 +331,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)][rows]
         gates = pruner.gates()
         gates_full = gates.expand(-1, len(elements))  # whole-network gates: one column for all
-        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index], condition_rows(conditions, guidance, index))
+        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index],
+                         condition_rows(conditions, guidance, index))
         loss_consistency = consistency(images, targets[index])
         hard = tuple(tuple(bool(v) for v in row) for row in (gates_full.detach() > 0.5).tolist())
         kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
@@ -344,7 +348,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         optimizer.step()
         lr_schedule.step()
         state.iterations_done = iteration + 1
-        record = {"iteration": iteration + 1, "consistency": world.mean(loss_consistency.item()), "sparsity": sparsity.item(),
+        record = {"iteration": iteration + 1, "consistency": world.mean(loss_consistency.item()),
+                  "sparsity": sparsity.item(),
                   "kept": kept, "lr": optimizer.param_groups[0]["lr"]}
         state.history.append(record)
         state.seconds += time.perf_counter() - started

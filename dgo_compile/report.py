@@ -63,7 +63,8 @@ def measure(folder: Path, config: dict[str, Any], calls: int, original_traced, s
         compile_artifact(original_traced, builtin("full", calls, gateable_elements(original_traced)),
                          scheduler_config, full, overwrite=True, scheduler=config["scheduler"],
                          sampler_steps=config["steps"], precision=config["precision"])
-        artifacts = {"full": OrtArtifact.open(full, threads=threads), "compiled": OrtArtifact.open(folder, threads=threads)}
+        artifacts = {"full": OrtArtifact.open(full, threads=threads),
+                     "compiled": OrtArtifact.open(folder, threads=threads)}
         provider = artifacts["compiled"].sessions[0].get_providers()[0]
         result = bench_artifacts(artifacts, 1, ROUNDS, on_run=on_run)
     finally:
@@ -102,10 +103,12 @@ def _built_text(built: dict[str, Any]) -> str:
     prune, tune = built.get("prune"), built.get("finetune")
     if prune is None and "prune" not in built:
         return ""
-    text = ", channel pruning " + (f"{prune['channel_ratio']} of the channels removed ({prune['importance']} importance, {prune['scope']})"
+    text = ", channel pruning " + (f"{prune['channel_ratio']} of the channels removed ({prune['importance']} "
+                                   f"importance, {prune['scope']})"
                                    if prune else "(settings unknown: no stage.json)")
     if "finetune" in built:
-        text += ", fine-tuned " + (f"{tune['train_steps']} steps at batch {tune['batch']}" if tune else "(settings unknown)")
+        text += ", fine-tuned " + (f"{tune['train_steps']} steps at batch {tune['batch']}" if tune
+                                   else "(settings unknown)")
     return text
 
 

@@ -97,7 +97,8 @@ class Schedule:
             rows = tuple(tuple(_flag(c) for c in row) for row in compute)
             return cls(str(name), tuple(str(b) for b in blocks), rows, str(data.get("granularity", "block")))
         except (KeyError, TypeError) as exc:
-            raise ScheduleError(f"schedule JSON needs 'name', 'blocks' and 'compute' (calls x elements of 0/1): {exc}") \
+            raise ScheduleError(f"schedule JSON needs 'name', 'blocks' and 'compute' (calls x elements of 0/1): "
+                                f"{exc}") \
                 from exc
 
     def save(self, path: str | Path) -> None:

@@ -139,4 +139,5 @@ def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, keep_macs: float,
             if trial <= keep_macs + tolerance:
                 return cost.close(schedule_with(chosen)), trial
     raise ScheduleError(f"no schedule from these scores keeps {keep_macs:.1%} of the MACs within {tolerance:.2%} "
-                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another `keep_macs`", field="keep_macs")
+                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another `keep_macs`",
+                        field="keep_macs")

@@ -59,7 +59,8 @@ def test_manifest_describes_how_to_run(shipped_artifact):
 
 def test_ort_run_refuses_another_sampler(shipped_artifact):
     loaded, _, _, path = shipped_artifact
-    with pytest.raises(ScheduleError, match="call 2 was compiled for timestep 888, got 979: sample with the scheduler and step count"):
+    with pytest.raises(ScheduleError,
+                       match="call 2 was compiled for timestep 888, got 979: sample with the scheduler and step count"):
         sample_ddim(OrtArtifact.open(path), loaded.scheduler_config, initial_noise(1, (1, 32, 32), 0), 50)
 
 

@@ -112,7 +112,8 @@ def test_groupnorm_groups_keep_the_minimum_channels(minimum, ratio, kept):
     (stem, _), = group_of(plan, "stem.weight", 0)
     assert plan.groups[stem].norm_group == 8 and plan.groups[stem].steps == 8
     for scope in ("uniform", "global"):
-        keep = select(plan, {stem: torch.rand(16)}, PruneConfig(channel_ratio=ratio, importance="magnitude", scope=scope,
+        keep = select(plan, {stem: torch.rand(16)}, PruneConfig(channel_ratio=ratio, importance="magnitude",
+                                                                scope=scope,
                                                               min_group_channels=minimum))
         assert torch.bincount(keep[stem] // 8, minlength=2).tolist() == [kept, kept]
 

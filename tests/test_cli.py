@@ -89,7 +89,8 @@ def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
     assert "graphs for heun 3 steps" in result.stdout
     missing = run("sample", artifact, "-o", tmp_path / "g.png")
     assert missing.returncode == 1
-    assert missing.stderr.strip() == "error: this model is class-conditional: pass --class-label (repeat it for several classes)"
+    assert missing.stderr.strip() == ("error: this model is class-conditional: pass --class-label "
+                                      "(repeat it for several classes)")
     sampled = run("sample", artifact, "-n", "3", "--class-label", "1", "--class-label", "7", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
     assert "heun 3 steps" in sampled.stdout and Image.open(tmp_path / "g.png").size == (2 * 8 * 2, 2 * 8 * 2)
@@ -133,7 +134,8 @@ def test_compile_then_sample_the_artifact(tmp_path):
     assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
     wrong_steps = run("sample", artifact, "--steps", "5", "-o", tmp_path / "g.png")
     assert wrong_steps.returncode == 1
-    assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with --steps 5")
+    assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with "
+                                               "--steps 5")
     sampled = run("sample", artifact, "-n", "2", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
     assert "ddim 4 steps" in sampled.stdout and (tmp_path / "g.png").is_file()

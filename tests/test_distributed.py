@@ -1,4 +1,5 @@
-"""Data parallelism: `optimize` and `finetune` under torchrun (2 CPU processes, gloo) follow one process at the same global batch."""
+"""Data parallelism: `optimize` and `finetune` under torchrun (2 CPU processes, gloo) follow one process
+at the same global batch."""
 
 import json
 import os

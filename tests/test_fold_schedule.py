@@ -108,7 +108,8 @@ def test_reused_and_exposed_overlap_is_refused(shipped):
     from dgo_compile import PassError
 
     _, traced = shipped
-    with pytest.raises(PassError, match="pass 'fold_schedule' failed: element mid_block cannot be both reused and exposed"):
+    with pytest.raises(PassError,
+                       match="pass 'fold_schedule' failed: element mid_block cannot be both reused and exposed"):
         PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset({"mid_block"})))]).run(
             build_supernet(traced))
 

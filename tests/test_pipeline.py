@@ -50,7 +50,8 @@ def test_the_readme_example_config_reads_as_documented(tmp_path):
     path = tmp_path / "dgo.toml"
     path.write_text("\n".join(enabled) + "\n")
     tables = read_config(path, {})
-    assert tables.prune.channel_ratio == 0.25 and tables.prune.importance == "taylor" and tables.finetune.train_steps == 300
+    assert tables.prune.channel_ratio == 0.25 and tables.prune.importance == "taylor"
+    assert tables.finetune.train_steps == 300
 
 
 @pytest.mark.parametrize("text, message", [

@@ -124,12 +124,14 @@ def test_schedule_cost_is_what_the_folded_graphs_run(shipped):
 
 def test_ratio_below_the_smallest_schedule_is_refused(shipped):
     cost = ScheduleCost(shipped[1])
-    with pytest.raises(ScheduleError, match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for --keep-macs 0\.02"):
+    with pytest.raises(ScheduleError,
+                       match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for `keep_macs` 0\.02"):
         extract_schedule(torch.rand(50, len(cost.elements)), cost, 0.005, "learned")
 
 
 def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
-    config = OptimizeConfig(keep_macs=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1, checkpoint_every=1)
+    config = OptimizeConfig(keep_macs=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1,
+                            checkpoint_every=1)
     straight = optimize(tiny, DDIM, config, tmp_path / "straight")
 
     def stop_after_two(record):
@@ -146,7 +148,8 @@ def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
     resumed = optimize(tiny, DDIM, config, tmp_path / "resumed", resume=True)
     assert resumed.state.iterations_done == 4
     assert [r["kept"] for r in resumed.state.history] == [r["kept"] for r in straight.state.history]
-    for (name, a), b in zip(straight.pruner.state_dict().items(), load_pruner(tmp_path / "resumed").pruner.state_dict().values()):
+    for (name, a), b in zip(straight.pruner.state_dict().items(),
+                            load_pruner(tmp_path / "resumed").pruner.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(PrunerError, match=r"optimized with other settings \(lr\)"):
         optimize(tiny, DDIM, OptimizeConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed", resume=True)
@@ -179,7 +182,8 @@ def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["optimize", "--keep-macs", "1.5", "-o", "{tmp}/p"], "error: --keep-macs must be in (0, 1] (the kept share of the full "
+    (["optimize", "--keep-macs", "1.5", "-o", "{tmp}/p"],
+     "error: --keep-macs must be in (0, 1] (the kept share of the full "
                                                       "model's MACs), got 1.5"),
     (["optimize", "--granularity", "layer", "-o", "{tmp}/p"], "error: --granularity must be one of block, unit, step"),
     (["optimize", "--resume", "-o", "{tmp}/p"], "is not a pruner folder (needs pruner.json and checkpoint.pt)"),

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this s
 
 STEPS = 2
 # PixArt with its size conditions (resolution, aspect_ratio): its adaLN splits the width in 3.
-PIXART_SIZED = {**TINY["pixart"], "num_attention_heads": 3, "cross_attention_dim": 24, "use_additional_conditions": True}
+PIXART_SIZED = {**TINY["pixart"], "num_attention_heads": 3, "cross_attention_dim": 24,
+                "use_additional_conditions": True}
 # Four blocks: 3 downsamplers, as SD-1.5's UNet.
 UNET_3_DOWN = {**TINY["unet2d"], "block_out_channels": [8, 8, 16, 16], "down_block_types": ["DownBlock2D"] * 4,
                "up_block_types": ["UpBlock2D"] * 4}

@@ -96,15 +96,15 @@ def test_deepcache_needs_a_unet():
 
 
 def test_step_zero_must_compute():
-    with pytest.raises(ScheduleError, match="reuses mid_block at step 0, where no cache exists yet"):
+    with pytest.raises(ScheduleError, match="reuses mid_block at call 0, where no cache exists yet"):
         Schedule("x", UNET, (tuple(n != "mid_block" for n in UNET),))
 
 
 @pytest.mark.parametrize("data, message", [
     ({"name": "x", "blocks": ["a"]}, "needs 'name', 'blocks' and 'compute'"),
     ({"name": "x", "blocks": ["a"], "compute": [[2]]}, "entry 2 is not 0 or 1"),
-    ({"name": "x", "blocks": ["a", "b"], "compute": [[1]]}, "step 0 has 1 entries for 2 blocks"),
-    ({"name": "x", "blocks": ["a"], "compute": []}, "has no steps"),
+    ({"name": "x", "blocks": ["a", "b"], "compute": [[1]]}, "call 0 has 1 entries for 2 blocks"),
+    ({"name": "x", "blocks": ["a"], "compute": []}, "has no calls"),
 ])
 def test_invalid_schedule_json(data, message):
     with pytest.raises(ScheduleError, match=message):

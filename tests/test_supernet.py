@@ -46,7 +46,8 @@ def test_backup_edges_golden_structure(shipped):
     assert edges.elements == UNET and edges.inputs == ("sample", "timestep")
     # Each down block hands on its resnet outputs (skips) and its last output; the last has no downsampler.
     per_block = {b: [e.cache for e in edges.edges if e.element == b] for b in UNET}
-    assert per_block["down_blocks.0"] == ["cache__down_blocks_0__0", "cache__down_blocks_0__1", "cache__down_blocks_0__2"]
+    assert per_block["down_blocks.0"] == ["cache__down_blocks_0__0", "cache__down_blocks_0__1",
+                                          "cache__down_blocks_0__2"]
     assert len(per_block["down_blocks.3"]) == 2
     assert per_block["mid_block"] == ["cache__mid_block__0"] and per_block["up_blocks.3"] == ["cache__up_blocks_3__0"]
     assert placeholders(supernet) == ["sample", "timestep", *(e.cache for e in edges.edges)]
@@ -82,7 +83,8 @@ def test_all_compute_gates_are_bit_identical_over_a_trajectory(shipped):
     assert torch.equal(gated, reference)
 
 
-@pytest.mark.parametrize("granularity, spec", [("block", "deepcache:3"), ("block", "steps:3"), ("unit", "deepcache:2:1")])
+@pytest.mark.parametrize("granularity, spec",
+                         [("block", "deepcache:3"), ("block", "steps:3"), ("unit", "deepcache:2:1")])
 def test_folded_variants_equal_the_supernet_with_binary_gates(shipped, granularity, spec):
     loaded, traced = shipped
     schedule = builtin(spec, 7, UNET)
