@@ -98,7 +98,6 @@ def sample(
     from dgo_compile.finite import check_finite
     from dgo_compile.sampling import (
         conditions_for,
-        denoiser_timesteps,
         initial_noise,
         sample,
         sampling_target,
@@ -110,7 +109,7 @@ def sample(
     conditions, guidance = conditions_for(target.input_names, n, class_label, prompt_embeds, guidance_scale,
                                           target.null_class_label)
     noise = initial_noise(n, target.shape, seed)
-    calls = len(denoiser_timesteps(target.scheduler_config, target.steps, target.scheduler))
+    calls = target.calls
     with ConsoleStages(err) as stages, stages.stage("sample", f"{n} images x {calls} denoiser calls",
                                                     total=n * calls) as step:
         images = sample(target.denoiser, target.scheduler_config, noise, target.steps, scheduler=target.scheduler,

@@ -325,6 +325,11 @@ class SamplingTarget:
     guidance_scale: float | None = None
     null_class_label: int | None = None
 
+    @property
+    def calls(self) -> int:
+        """Denoiser calls of one sampling run."""
+        return len(denoiser_timesteps(self.scheduler_config, self.steps, self.scheduler))
+
 
 def sampling_target(source: Path | None, steps: int | None = None, scheduler: str | None = None,
                     height: int | None = None, width: int | None = None) -> SamplingTarget:
