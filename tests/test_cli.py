@@ -113,7 +113,7 @@ def test_unit_granularity_and_dump_dir(tmp_path):
     assert sorted(p.name for p in dump.iterdir()) == ["supernet", "variant_000", "variant_001"]
     assert "gate__down_blocks_0_resnets_0" in (dump / "supernet" / "03_attach_gates.txt").read_text()
     bad = run("compile", "--granularity", "layer", "-o", tmp_path / "b")
-    assert bad.returncode == 1 and bad.stderr.strip() == "error: --granularity must be block or unit, got 'layer'"
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --granularity must be one of block, unit, got 'layer'"
 
 
 def test_sample_writes_a_grid(tmp_path):
