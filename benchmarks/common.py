@@ -71,7 +71,7 @@ def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, proces
 
     if output.is_dir() and read_finetune(output).complete:
         return read_finetune(output)
-    cli(["finetune", model_folder, "--steps", budget.steps, "--batch", budget.batch, "-o", output]
+    cli(["finetune", model_folder, "--train-steps", budget.train_steps, "--batch", budget.batch, "-o", output]
         + (["--resume"] if output.is_dir() else []), processes)
     return read_finetune(output)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from common import RESULTS, model_configs
 
-MODELS = {**model_configs().FULL_SIZE, "tiny_sd": model_configs().TINY["sd"]}  # tiny_sd: `--check` runs every step of the script in a minute
+MODELS = {**model_configs().FULL_SIZE,
+          "tiny_sd": model_configs().TINY["sd"]}  # tiny_sd: `--check` runs every step of the script in a minute
 
 # Stable Diffusion's own scheduler (scaled-linear betas), DDIM with its leading spacing and offset.
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -132,8 +133,8 @@ def parity_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     import torch
 
     from dgo_compile import load, trace
-    from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.folding import fold
+    from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.sampling import denoiser_timesteps
     from dgo_compile.schedule import Schedule, builtin
 
@@ -192,7 +193,8 @@ def render(results: dict) -> str:
              "Reproduce: `python benchmarks/full_size.py` (cells already in full_size.json are kept). "
              "2-core CPU machine, torch and onnxruntime pinned to `threads` threads; DDIM 50 steps, "
              "Stable Diffusion's scheduler. Memory in GB (1e9 bytes).", "",
-             "| model | precision | schedule | variants | kept MACs | compile min | compile CPU min | peak RSS | artifact | "
+             "| model | precision | schedule | variants | kept MACs | compile min | compile CPU min | peak RSS | "
+             "artifact | "
              "artifact / weights | opened RSS | one-session RSS | ratio | RSS after calls | ORT call b1 s | b2 s | "
              "parity (2 calls) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -211,7 +213,10 @@ def render(results: dict) -> str:
               "artifact / weights = bytes on disk over the model's weights at that precision; opened RSS = resident "
               "memory after opening every variant's session (dgo_compile's runner); one-session RSS = one plain "
               "onnxruntime session of variant 0 (the full graph); ORT call = one full denoiser call on the CPU "
-              "provider; RSS after calls = the opened artifact's resident memory after the timed calls (after the timed calls and a run's first calls up to the last variant's first use: caches and, for fp16 on the CPU provider, fp32 casts of the weights); parity = max |artifact - PyTorch fp32 folded graphs| / max |PyTorch| over the first 2 calls."]
+              "provider; RSS after calls = the opened artifact's resident memory after the timed calls (after the "
+              "timed calls and a run's first calls up to the last variant's first use: caches and, for fp16 on the "
+              "CPU provider, fp32 casts of the weights); parity = max |artifact - PyTorch fp32 folded graphs| / "
+              "max |PyTorch| over the first 2 calls."]
     lines += [""] + [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines) + "\n"
 

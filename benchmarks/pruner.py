@@ -21,28 +21,29 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.data import real_digit_sample
-from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
-from dgo_compile.pruner import OptimizeConfig, extract_schedule, optimize, save_heatmap
 from dgo_compile.folding import fold
+from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.pruner import OptimizeConfig, optimize
+from dgo_compile.report import save_heatmap
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
-from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
 
 BUDGETS = (0.5, 0.25, 0.2)
 # (label, folder, OptimizeConfig settings beyond the shared ones). DiP-GO's lr, a gentler one (the
 # paper's lr saturates the gates within ~60 of our 150 iterations), the same optimizer restricted to
 # whole-network reuse, and the knobs the method leaves open: the training budget, unit granularity
-# and the timestep input. `ratio=None` trains towards --ratio.
+# and the timestep input. `keep_macs=None` trains towards --keep-macs.
 PRUNERS = (
     ("learned blocks (lr 0.1)", "pruner_block_lr0.1", dict(granularity="block", lr=0.1)),
     ("learned blocks (lr 0.03)", "pruner_block_lr0.03", dict(granularity="block", lr=0.03)),
     ("learned steps (lr 0.1)", "pruner_step_lr0.1", dict(granularity="step", lr=0.1)),
-    ("learned blocks (lr 0.03, trained to 50%)", "pruner_block_lr0.03_r0.5", dict(granularity="block", lr=0.03, ratio=0.5)),
+    ("learned blocks (lr 0.03, trained to 50%)", "pruner_block_lr0.03_r0.5", dict(granularity="block", lr=0.03,
+                                                                                  keep_macs=0.5)),
     ("learned units (lr 0.03)", "pruner_unit_lr0.03", dict(granularity="unit", lr=0.03)),
     ("learned blocks (lr 0.03, no timestep input)", "pruner_block_lr0.03_notime",
      dict(granularity="block", lr=0.03, timestep_conditioning=False)),
@@ -54,7 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--ratio", type=float, default=0.2, help="kept-MACs target the pruners train towards")
+    parser.add_argument("--keep-macs", dest="ratio", type=float, default=0.2,
+                        help="kept-MACs target the pruners train towards")
     parser.add_argument("-n", type=int, default=200, help="evaluation samples per schedule")
     parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
     parser.add_argument("--threads", type=int, default=2)
@@ -79,7 +81,7 @@ def main() -> None:
         for index, (label, stem, overrides) in enumerate(PRUNERS):
             if args.train_only is not None and index != args.train_only:
                 continue
-            settings = OptimizeConfig(**{"ratio": args.ratio, "steps": args.steps, "iters": args.iters,
+            settings = OptimizeConfig(**{"keep_macs": args.ratio, "steps": args.steps, "iters": args.iters,
                                          "batch": args.batch, **overrides})
             folder = root / stem
             started = time.perf_counter()
@@ -106,7 +108,8 @@ def main() -> None:
                 plan.save(RESULTS / f"{stem}.json")
         random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
         schedules[("random", budget)] = extract_schedule(random_scores, cost, budget, f"random {budget}")[0]
-        k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps, names)) - budget))
+        k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps,
+                                                                                    names)) - budget))
         schedules[(f"steps:{k}", budget)] = builtin(f"steps:{k}", args.steps, names)
         specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(4)]
         best = min(specs, key=lambda s: abs(cost.kept_ratio(builtin(s, args.steps, names)) - budget))

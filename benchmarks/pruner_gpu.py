@@ -14,16 +14,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.pruner import OptimizeConfig, optimize
 
 
-
 def run(traced, scheduler_config, device: str, precision: str, batch: int, iters: int) -> dict:
-    config = OptimizeConfig(ratio=0.2, steps=50, iters=iters, batch=batch, calibration=max(32, batch),
+    config = OptimizeConfig(keep_macs=0.2, steps=50, iters=iters, batch=batch, calibration=max(32, batch),
                             precision=precision, checkpoint_every=iters)
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:

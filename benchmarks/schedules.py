@@ -5,8 +5,9 @@
 For `full`, `deepcache:2/3/5` and `steps:K` at the MACs of each deepcache (DDIM 50 steps):
 MACs per run, median whole-run wall time at batch 1 and 8 on onnxruntime CPU (all artifacts timed
 round-robin in one process), speedup against `full`, realised / theoretical; PyTorch running
-the same folded graphs (eager fx GraphModules) at both batches for comparison; PSNR / SSIM against `full` from the same noise and the
-Frechet distance of N samples against N real digits; and ORT-vs-PyTorch whole-run parity.
+the same folded graphs (eager fx GraphModules) at both batches for comparison; PSNR / SSIM against
+`full` from the same noise and the Frechet distance of N samples against N real digits; and
+ORT-vs-PyTorch whole-run parity.
 Writes results/schedules.{json,md}.
 """
 
@@ -19,19 +20,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.artifact import compile_artifact
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.bench import time_runs
 from dgo_compile.data import real_digit_sample
-from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.folding import fold
+from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
-
 
 
 def main() -> None:
@@ -57,7 +56,8 @@ def main() -> None:
         artifacts = {}
 
         def compile_spec(spec: str) -> None:
-            path = compile_artifact(traced, builtin(spec, args.steps, names), config, Path(tmp) / spec.replace(":", "_"))
+            path = compile_artifact(traced, builtin(spec, args.steps, names), config, Path(tmp) / spec.replace(":",
+                                                                                                               "_"))
             artifacts[spec] = OrtArtifact.open(path, ["CPUExecutionProvider"], args.threads)
 
         for spec in ("full", "deepcache:2", "deepcache:3", "deepcache:5"):
@@ -112,9 +112,11 @@ def main() -> None:
              "|" + "---|" * 16]
     for r in rows:
         lines.append(
-            f"| {r['schedule']} | {r['macs_ratio']:.1%} | {r['theoretical_speedup']:.2f}x | {r['ort_seconds_batch1']:.2f} | "
-            f"{r['speedup_batch1']:.2f}x | {r['realised_over_theoretical_batch1']:.2f} | {r['torch_seconds_batch1']:.2f} | "
-            f"{r['ort_seconds_batch8']:.2f} | {r['speedup_batch8']:.2f}x | {r['realised_over_theoretical_batch8']:.2f} | "
+            f"| {r['schedule']} | {r['macs_ratio']:.1%} | {r['theoretical_speedup']:.2f}x | "
+            f"{r['ort_seconds_batch1']:.2f} | {r['speedup_batch1']:.2f}x | "
+            f"{r['realised_over_theoretical_batch1']:.2f} | "
+            f"{r['torch_seconds_batch1']:.2f} | {r['ort_seconds_batch8']:.2f} | {r['speedup_batch8']:.2f}x | "
+            f"{r['realised_over_theoretical_batch8']:.2f} | "
             f"{r['torch_seconds_batch8']:.2f} | {r['psnr_vs_full']:.1f} | {r['ssim_vs_full']:.3f} | "
             f"{r['fd_vs_real']:.1f} | {r['ort_vs_torch_rel_l2']:.1e} | {r['ort_vs_torch_max_abs']:.1e} |")
     lines += ["", f"FD: {args.n} samples vs {args.n} real digits on the shipped classifier's features; "

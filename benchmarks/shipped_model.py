@@ -22,17 +22,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.cost import cost_report
 from dgo_compile.data import real_digit_sample
 from dgo_compile.export import export_onnx
-from dgo_compile.ort_runner import session_options
 from dgo_compile.metrics import DEFAULT_CLASSIFIER_DIR, classifier_features, frechet_distance, load_digit_classifier
+from dgo_compile.ort_runner import session_options
 from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
-
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -113,7 +111,8 @@ def main() -> None:
         f"{args.threads} threads).", "",
         "| quantity | value |", "|---|---|",
         f"| params | {total.params:,} |",
-        f"| MACs per call (weight + attention) | {total.weight_macs / 1e6:.1f} M + {total.attention_macs / 1e6:.1f} M |",
+        f"| MACs per call (weight + attention) | {total.weight_macs / 1e6:.1f} M + "
+        f"{total.attention_macs / 1e6:.1f} M |",
         f"| FD vs real, {args.n} v {args.n} (DDIM {args.steps}) | {fd:.2f} |",
         f"| FD floor, real v real at the same n | {result['fd_floor_real_vs_real_same_n_mean']:.2f} "
         f"± {result['fd_floor_real_vs_real_same_n_std']:.2f} |",

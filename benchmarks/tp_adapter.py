@@ -11,9 +11,9 @@ import time
 import warnings
 
 import torch
+from common import first_line
 from torch import nn
 
-from common import first_line
 from dgo_compile.channel_pruning import PruneConfig
 from dgo_compile.channel_surgery import PRUNING_FORMAT, module_shape
 

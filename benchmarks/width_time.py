@@ -3,7 +3,7 @@
 Reproduce: `python benchmarks/width_time.py` (about 35 min on 2 cores; fine-tuning and the pruner run under
 torchrun with 2 processes, through the CLI a user runs).
 
-1. `dgo-compile prune --ratio 0.25` (Taylor, uniform: ~76% of the MACs per call).
+1. `dgo-compile prune --channel-ratio 0.25` (Taylor, uniform: ~76% of the MACs per call).
 2. `dgo-compile finetune` for 600 steps at batch 32: ~11% of the 5,500 x 32 samples the shipped model
    was trained on, the low end of Diff-Pruning's 10-20%.
 3. `dgo-compile optimize` on the fine-tuned pruned model (trained towards the lowest budget), then its
@@ -23,19 +23,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS, cli, quality
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.data import real_digit_sample
 from dgo_compile.finetune import read_finetune
-from dgo_compile.metrics import classifier_features, load_digit_classifier
-from dgo_compile.pruner import extract_schedule, load_pruner
 from dgo_compile.folding import fold
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.metrics import classifier_features, load_digit_classifier
+from dgo_compile.pruner import load_pruner
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
 from dgo_compile.schedule import Schedule, builtin
-from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.supernet import gateable_elements
 
 UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
 READING_MARKER = "<!-- reading: kept by benchmarks/width_time.py on rewrite -->"
@@ -84,11 +83,13 @@ def torch_pruning(loaded, ratio: float, folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate models here (default: temp)")
-    parser.add_argument("--ratio", type=float, default=0.25, help="channel pruning ratio (uniform, Taylor)")
+    parser.add_argument("--channel-ratio", dest="ratio", type=float, default=0.25,
+                        help="channel pruning ratio (uniform, Taylor)")
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--finetune-batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=150, help="pruner iterations")
-    parser.add_argument("--pruner-ratio", type=float, default=0.2, help="the pruner's training target (total MACs)")
+    parser.add_argument("--keep-macs", dest="pruner_ratio", type=float, default=0.2,
+                        help="the pruner's training target (total MACs)")
     parser.add_argument("--totals", type=float, nargs="+", default=[0.25, 0.2],
                         help="total kept MACs per run, relative to the unpruned model's full run")
     parser.add_argument("--tp-ratio", type=float, default=0.425,
@@ -107,9 +108,11 @@ def main() -> None:
     pruned, tuned, pruner = args.work / "pruned", args.work / "finetuned", args.work / "pruner"
     seconds = {}
     if not pruned.is_dir():
-        seconds["prune"] = cli(["prune", "--ratio", args.ratio, "--batch", 8, "--max-timesteps", 1000, "-o", pruned])
+        seconds["prune"] = cli(["prune", "--channel-ratio", args.ratio, "--batch", 8, "--max-timesteps", 1000, "-o",
+                                pruned])
     if not (tuned.is_dir() and read_finetune(tuned).complete):
-        seconds["finetune"] = cli(["finetune", pruned, "--steps", args.finetune_steps, "--batch", args.finetune_batch,
+        seconds["finetune"] = cli(["finetune", pruned, "--train-steps", args.finetune_steps, "--batch",
+                                   args.finetune_batch,
                                    "-o", tuned, *(["--resume"] if tuned.is_dir() else [])], args.processes)
 
     loaded = load()
@@ -117,8 +120,9 @@ def main() -> None:
     if args.tp_ratio and not tp_pruned.is_dir():
         seconds["tp_prune"] = torch_pruning(loaded, args.tp_ratio, tp_pruned)
     if args.tp_ratio and not (tp_tuned.is_dir() and read_finetune(tp_tuned).complete):
-        seconds["tp_finetune"] = cli(["finetune", tp_pruned, "--steps", args.finetune_steps, "--batch",
-                                      args.finetune_batch, "-o", tp_tuned, *(["--resume"] if tp_tuned.is_dir() else [])],
+        seconds["tp_finetune"] = cli(["finetune", tp_pruned, "--train-steps", args.finetune_steps, "--batch",
+                                      args.finetune_batch, "-o", tp_tuned,
+                                      *(["--resume"] if tp_tuned.is_dir() else [])],
                                      args.processes)
     tuned_model = load(tuned)
     full_traced, tuned_traced = trace(loaded, verify=False), trace(tuned_model, verify=False)
@@ -126,7 +130,7 @@ def main() -> None:
     width = tuned_cost.full_macs / full_cost.full_macs  # the pruned model's full run, as a share of the unpruned one
     if not (pruner.is_dir() and load_pruner(pruner, allow_unfinished=True).state.complete):
         # the pruner's --ratio is the pruned model's own share: the total target divided by the width share
-        seconds["optimize"] = cli(["optimize", tuned, "--ratio", f"{args.pruner_ratio / width:.4f}", "--iters",
+        seconds["optimize"] = cli(["optimize", tuned, "--keep-macs", f"{args.pruner_ratio / width:.4f}", "--iters",
                                    args.iters, "--batch", 2, "--steps", args.steps, "-o", pruner,
                                    *(["--resume"] if pruner.is_dir() else [])], args.processes)
     trained = load_pruner(pruner)

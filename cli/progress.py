@@ -14,8 +14,7 @@ import sys
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dgo_compile.progress import Stages, Step
 

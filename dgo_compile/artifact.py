@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -30,13 +29,13 @@ from . import __version__
 from .artifact_files import ArtifactError, check_files, file_record
 from .cost import cost_report
 from .export import ExportError, export_onnx
+from .folding import fold
 from .manifest import InputSpec, Macs, Manifest, ModelInfo, Resolution, SamplerInfo, Variant, WeightsInfo
 from .onnx_weights import WEIGHTS_FILE, SharedWeightsWriter
 from .outputs import check_output, make_staging, publish
 from .passes import cost_of, variant_signature
 from .precision import KEEP_FLOAT_INPUTS, check_precision, to_fp16
 from .resolution import artifact_resolution
-from .folding import fold
 from .sampling import SCHEDULERS, denoiser_timesteps
 from .schedule import Schedule
 from .tracing import TracedDenoiser
@@ -60,7 +59,7 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     """
     output = check_output(output, "artifact", overwrite=overwrite, error=ArtifactError)
     check_precision(precision)
-    sampler_steps = sampler_steps or schedule.steps
+    sampler_steps = sampler_steps or schedule.calls
     timesteps = denoiser_timesteps(scheduler_config, sampler_steps, scheduler)
     folded = fold(traced, schedule, timesteps, dump_dir)
     full_macs = cost_report(traced, batch=1).total.macs
@@ -87,7 +86,8 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
             first_call = folded.step_variant.index(key)
             constants = folded.constants[first_call]
             feeds = {name: example[name] for name in signature.inputs}
-            feeds.update({name: constants[name].expand(2, *constants[name].shape[1:]) for name in signature.constant_inputs})
+            feeds.update({name: constants[name].expand(2, *constants[name].shape[1:])
+                          for name in signature.constant_inputs})
             feeds.update({name: torch.zeros((2, *folded.cache_shapes[name])) for name in signature.cache_inputs})
             file = f"variant_{index:03d}.onnx"
             _export_variant(graph_module, feeds, ("prediction", *signature.cache_outputs), staging, file, weights,
@@ -139,7 +139,7 @@ def _export_variant(graph_module, feeds: dict[str, torch.Tensor], output_names: 
                     max_batch: int | None) -> None:
     """Export one variant to a scratch folder, convert its precision, move its weights into the shared
     file and write the graph alone as `staging/file`. Memory: one graph proto and one tensor at a time."""
-    scratch = Path(tempfile.mkdtemp(prefix=".export.", dir=staging))
+    scratch = make_staging(staging / file)
     try:
         export_onnx(graph_module, feeds, scratch / file, output_names, external_data_bytes=0, max_batch=max_batch)
         model = onnx.load(str(scratch / file), load_external_data=False)

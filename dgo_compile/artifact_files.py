@@ -51,7 +51,8 @@ def check_files(folder: Path, names: list[str], records: object, *, checksums: b
     for name in names:
         path = plain_file(folder, name)
         record = records.get(name)
-        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str)):
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"),
+                                                                                                 str)):
             raise ArtifactError(f"{folder}/manifest.json records no size and checksum for {name}; recompile the model")
         if path.stat().st_size != record["bytes"]:
             raise ArtifactError(f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}: "

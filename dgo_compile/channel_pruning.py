@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
 from .channel_surgery import PRUNING_FORMAT, module_shape, resized
+from .configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
 from .cost import cost_report
 from .loading import LoadedModel
 from .passes import PassManager
@@ -112,12 +112,12 @@ def select(plan: ChannelPlan, scores: dict[int, torch.Tensor], config: PruneConf
     if config.scope == "uniform":
         for share, members in shares.items():
             steps[share] = uniform_step(members, config)
-    else:  # global: remove the cheapest step anywhere until `ratio` of all prunable channels are gone
+    else:  # global: remove the cheapest step anywhere until `channel_ratio` of all prunable channels are gone
         total = sum(g.size for g in plan.prunable())
         removed = 0
         normalised = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in plan.prunable()}
         limits = {share: max_step(members, config.min_group_channels) for share, members in shares.items()}
-        while removed < config.ratio * total:
+        while removed < config.channel_ratio * total:
             candidates = [(share, _step_cost(members, normalised, steps[share] + 1))
                           for share, members in shares.items() if steps[share] < limits[share]]
             if not candidates:
@@ -141,8 +141,16 @@ def max_step(members: tuple[ChannelGroup, ...], min_group_channels: int) -> int:
 
 
 def uniform_step(members: tuple[ChannelGroup, ...], config: PruneConfig) -> int:
-    """Steps a uniform cut at `config.ratio` takes from a share."""
-    return min(round(config.ratio * members[0].steps), max_step(members, config.min_group_channels))
+    """Steps a uniform cut at `config.channel_ratio` takes from a share."""
+    return min(round(config.channel_ratio * members[0].steps), max_step(members, config.min_group_channels))
+
+
+def planned_cut(plan: ChannelPlan, config: PruneConfig) -> dict[int, int | None]:
+    """Channels each prunable group keeps under `config`, before any importance is computed: exact for
+    the uniform scope; None for the global scope, whose cut depends on the importance scores."""
+    shares = plan.shares()
+    return {g.id: (g.size - g.size // g.steps * uniform_step(shares[g.share], config)
+                   if config.scope == "uniform" else None) for g in plan.prunable()}
 
 
 def _atoms(group: ChannelGroup):
@@ -302,8 +310,9 @@ def calibration_images(loaded: LoadedModel, images_file: str | None = None) -> t
         from .data import mnist_digits
 
         return mnist_digits()[0]
-    raise PruneError(f"Taylor importance needs real images of shape {shape}: pass --images F.safetensors "
-                     "holding 'images' [N, C, H, W] in [-1, 1], or use --importance magnitude")
+    raise PruneError(f"Taylor importance needs real images of shape {shape}: pass `images` F.safetensors "
+                     "holding 'images' [N, C, H, W] in [-1, 1], or use `importance` magnitude",
+                     field=("images", "importance"))
 
 
 def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None = None) -> PrunedModel:

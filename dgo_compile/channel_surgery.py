@@ -51,7 +51,8 @@ def resized(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Ten
         size = len(keep)
         if isinstance(module, nn.GroupNorm):
             if size % module.num_groups:
-                raise SurgeryError(f"GroupNorm({module.num_groups}, {module.num_channels}) cannot keep {size} channels: "
+                raise SurgeryError(f"GroupNorm({module.num_groups}, {module.num_channels}) cannot keep {size} "
+                                   f"channels: "
                                    "not a multiple of its groups")
             new.num_channels = size
         else:

@@ -6,14 +6,38 @@ setting before anything heavy is imported; the stage modules re-export these nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import DgoError
 from .options import check
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
+DEFAULT_STEPS = 50  # sampler steps, wherever a command or config leaves them out
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
+
+
+# Fields renamed so that no two tables use one name for opposite things: the old name gets an error
+# naming the new one in a config file, and is read as the new one from a stored run (pruner.json, finetune.json).
+RENAMED = {"prune": {"ratio": "channel_ratio"}, "optimize": {"ratio": "keep_macs"},
+           "finetune": {"steps": "train_steps"}}
+MEANING = {"channel_ratio": "the share of channels removed", "keep_macs": "the kept share of the full model's MACs",
+           "train_steps": "optimizer steps, not sampler steps"}
+
+
+def renamed_problem(table: str, keys, where: str = "") -> str | None:
+    """The one-line message for an old field name among `keys` of `table` (`where` prefixes the name)."""
+    old = next((k for k in keys if k in RENAMED.get(table, {})), None)
+    if old is None:
+        return None
+    new = RENAMED[table][old]
+    return f"{where}{old} was renamed {where}{new} ({MEANING[new]})"
+
+
+def _stored(table: str, data: dict) -> dict:
+    """A stored config with its old field names read as the new ones."""
+    renames = RENAMED[table]
+    return {renames[k] if k in renames and renames[k] not in data else k: v for k, v in data.items()}
 
 
 IMPORTANCES = ("taylor", "magnitude", "random")
@@ -26,7 +50,7 @@ class PruneError(DgoError):
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ratio: float = 0.3  # share of each group's channels removed (uniform), or of all prunable channels (global)
+    channel_ratio: float = 0.3  # share of each group's channels removed (uniform), or of all prunable channels (global)
     importance: str = "taylor"
     scope: str = "uniform"
     threshold: float = 0.05  # Diff-Pruning's stop: loss below threshold x running max (0.05 for CIFAR-10)
@@ -41,17 +65,19 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)
-        if not 0 <= self.ratio < 1:
-            raise PruneError(f"--ratio must be in [0, 1) (the share of channels removed), got {self.ratio}")
+        if not 0 <= self.channel_ratio < 1:
+            raise PruneError(f"`channel_ratio` must be in [0, 1) (the share of channels removed), got "
+                             f"{self.channel_ratio}", field="channel_ratio")
         if self.importance not in IMPORTANCES:
-            raise PruneError(f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
+            raise PruneError(f"`importance` must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'",
+                             field="importance")
         if self.scope not in SCOPES:
-            raise PruneError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
+            raise PruneError(f"`scope` must be one of {', '.join(SCOPES)}, got '{self.scope}'", field="scope")
         if not 0 < self.threshold < 1:
-            raise PruneError(f"--threshold must be in (0, 1), got {self.threshold}")
+            raise PruneError(f"`threshold` must be in (0, 1), got {self.threshold}", field="threshold")
         for name in ("batch", "max_timesteps", "min_group_channels"):
             if getattr(self, name) < 1:
-                raise PruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise PruneError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)
 
 
 class FinetuneError(DgoError):
@@ -62,7 +88,7 @@ class FinetuneError(DgoError):
 class FinetuneConfig:
     """Everything that determines a fine-tuning run besides its models; stored and checked on `--resume`."""
 
-    steps: int = 500
+    train_steps: int = 500  # optimizer steps (not sampler steps)
     batch: int = 32
     lr: float = 2e-4  # AdamW
     ema_decay: float = 0.999  # 0: no EMA, the raw weights are saved
@@ -77,27 +103,29 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
-        for name in ("steps", "batch", "checkpoint_every", "trajectory_steps"):
+        for name in ("train_steps", "batch", "checkpoint_every", "trajectory_steps"):
             if getattr(self, name) < 1:
-                raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise FinetuneError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)
         if self.warmup < 0:
-            raise FinetuneError(f"--warmup must be 0 or more, got {self.warmup}")
+            raise FinetuneError(f"`warmup` must be 0 or more, got {self.warmup}", field="warmup")
         if not self.lr > 0:
-            raise FinetuneError(f"--lr must be positive, got {self.lr}")
+            raise FinetuneError(f"`lr` must be positive, got {self.lr}", field="lr")
         if not 0 <= self.ema_decay < 1:
-            raise FinetuneError(f"--ema-decay must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}")
+            raise FinetuneError(f"`ema_decay` must be in [0, 1) (0 saves the raw weights), got {self.ema_decay}",
+                                field="ema_decay")
         if not self.distill >= 0:
-            raise FinetuneError(f"--distill must be 0 or more, got {self.distill}")
+            raise FinetuneError(f"`distill` must be 0 or more, got {self.distill}", field="distill")
         if self.data is not None and self.distill_only:
-            raise FinetuneError("--data and --distill-only exclude each other: --distill-only trains on the "
-                                "teacher's trajectories instead of data")
+            raise FinetuneError("`data` and `distill_only` exclude each other: `distill_only` trains on the "
+                                "teacher's trajectories instead of data", field=("data", "distill_only"))
         if self.prompts is not None and not self.distill_only:
-            raise FinetuneError("--prompts is read by --distill-only (with --data, captions come from its "
-                                "metadata.jsonl): add --distill-only or leave --prompts out")
+            raise FinetuneError("`prompts` is read by `distill_only` (with `data`, captions come from its "
+                                "metadata.jsonl): set `distill_only` or leave `prompts` out",
+                                field=("prompts", "data", "distill_only"))
 
     @classmethod
     def from_json(cls, data: dict) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
+        known, data = {f.name for f in fields(cls)}, _stored("finetune", data)
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -111,8 +139,8 @@ class PrunerError(DgoError):
 class OptimizeConfig:
     """Everything that determines a trained pruner; stored in it and checked on `--resume`."""
 
-    ratio: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
-    steps: int = 50
+    keep_macs: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
+    steps: int = DEFAULT_STEPS
     scheduler: str | None = None
     iters: int = 150
     batch: int = 2
@@ -138,20 +166,29 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         check("optimize", {f.name: getattr(self, f.name) for f in fields(self)}, error=PrunerError, skip_none=False)
-        if not 0 < self.ratio <= 1:
-            raise PrunerError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {self.ratio}")
+        if not 0 < self.keep_macs <= 1:
+            raise PrunerError(f"`keep_macs` must be in (0, 1] (the kept share of the full model's MACs), got "
+                              f"{self.keep_macs}", field="keep_macs")
         if self.granularity not in GRANULARITIES:
-            raise PrunerError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
+            raise PrunerError(f"`granularity` must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'",
+                              field="granularity")
         for name in ("steps", "iters", "batch", "calibration", "dim", "layers", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise PrunerError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise PrunerError(f"`{name}` must be at least 1, got {getattr(self, name)}", field=name)
         if self.lr <= 0:
-            raise PrunerError(f"--lr must be positive, got {self.lr}")
+            raise PrunerError(f"`lr` must be positive, got {self.lr}", field="lr")
 
     @classmethod
     def from_json(cls, data: dict) -> "OptimizeConfig":
-        known = {f.name for f in fields(cls)}
+        known, data = {f.name for f in fields(cls)}, _stored("optimize", data)
         values = {k: v for k, v in data.items() if k in known}
         if values.get("class_labels") is not None:
             values["class_labels"] = tuple(values["class_labels"])
         return cls(**values)
+
+
+def with_overrides(cls, given: dict, stored=None):
+    """The settings of a run: `stored` (a resumed run's config) or `cls`'s defaults, with the values in
+    `given` that are not None winning. Every value is checked by `cls`."""
+    given = {k: v for k, v in given.items() if v is not None}
+    return replace(stored, **given) if stored is not None else cls(**given)

@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass, field
 from torch import fx
 
 from dgo_compile.passes import (
-    AnnotateBlocks, AnnotateBlocksConfig, CountCosts, CountCostsConfig, PassManager, block_of, cost_of,
+    AnnotateBlocks,
+    AnnotateBlocksConfig,
+    CountCosts,
+    CountCostsConfig,
+    PassManager,
+    block_of,
+    cost_of,
 )
 from dgo_compile.passes.base import editable_copy
 

@@ -130,7 +130,8 @@ def _latent_folder(folder: Path, paths: list[Path], loaded: LoadedModel) -> Data
         missing = [n for n in wanted if n not in shapes]
         extra = sorted(set(shapes) - set(wanted))
         if missing or extra:
-            what = f"lacks {', '.join(missing)}" if missing else f"holds {', '.join(extra)}, which the model does not take"
+            what = (f"lacks {', '.join(missing)}" if missing
+                    else f"holds {', '.join(extra)}, which the model does not take")
             raise FinetuneError(f"{path} {what}; a latents file for this {loaded.class_name} holds exactly "
                                 f"{', '.join(wanted)}")
         rows = {shapes[n][0] if shapes[n] else None for n in wanted}

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class DgoError(Exception):
-    """Base class: the message is one line that says what is wrong and what to do."""
+    """Base class: the message is one line that says what is wrong and what to do.
+
+    Messages name settings as config fields (`keep_macs`), in backticks, and list them in `fields`;
+    the command line renders each as its option (`--keep-macs`), so no caller is told about an option
+    it never had."""
+
+    def __init__(self, *args, field: str | tuple[str, ...] | None = None):
+        super().__init__(*args)
+        self.fields: tuple[str, ...] = (field,) if isinstance(field, str) else tuple(field or ())
 
 
 class ModelLoadError(DgoError):

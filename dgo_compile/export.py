@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from .errors import DgoError
+from .outputs import make_staging
 
 
 class ExportError(DgoError):
@@ -38,8 +39,7 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
         raise ExportError("export needs example inputs with batch >= 2 so the batch stays dynamic")
     batch = torch.export.Dim("batch", max=max_batch) if max_batch else torch.export.Dim("batch")
     dynamic = (tuple({0: batch} for _ in inputs),)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    tmp = make_staging(path)  # beside `path`: each file is then renamed into place
     try:
         wrapper = _Positional(_without_noop_squeezes(graph_module))
         with warnings.catch_warnings():  # the exporter's deprecation and torchvision chatter
@@ -61,9 +61,7 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"ONNX export to {path} failed: {first_line}") from exc
     finally:
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
     return written
 
 
@@ -71,7 +69,8 @@ def _without_noop_squeezes(graph_module: fx.GraphModule) -> fx.GraphModule:
     """torch's `squeeze(d)` of a dim whose size is not 1 returns the input; ONNX's Squeeze rejects it
     (PixArt's output `squeeze(1)` over its tokens). A graph without them, sharing the weights."""
     squeezes = {node.name for node in graph_module.graph.nodes
-                if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+                if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim,
+                                                                  torch.ops.aten.squeeze.dims)
                 and _keeps_shape(node)}
     if not squeezes:
         return graph_module

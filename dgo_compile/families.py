@@ -100,7 +100,8 @@ def _sample_and_timestep(model: nn.Module, batch: int, gen: torch.Generator,
     h, w = size
     return {
         "sample": torch.randn(batch, cfg.in_channels, h, w, generator=gen),
-        "timestep": torch.randint(0, 1000, (batch,), generator=gen).float(),  # float: Euler-type samplers use fractional timesteps
+        "timestep": torch.randint(0, 1000, (batch,),
+                                  generator=gen).float(),  # float: Euler-type samplers use fractional timesteps
     }
 
 

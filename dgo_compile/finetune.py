@@ -3,8 +3,9 @@
 Diff-Pruning recovers a pruned model's quality by training it again for a while. The recipe is
 the shipped model's own (scripts/train_default_model.py): the MSE towards what the pipeline's
 scheduler says the model predicts (noise, velocity or clean sample; `finetune_data`) on the
-shipped MNIST digits or, with `data`, the user's images or latents (`data_folder`), AdamW, gradient clipping at 1, optional linear warmup then cosine decay
-to 2% of the learning rate, and an EMA of the weights with warmup (diffusers' EMAModel). An
+shipped MNIST digits or, with `data`, the user's images or latents (`data_folder`), AdamW,
+gradient clipping at 1, optional linear warmup then cosine decay to 2% of the learning rate, and
+an EMA of the weights with warmup (diffusers' EMAModel). An
 optional distillation term pulls the prediction towards an unpruned teacher's on the same
 noisy input. With `distill_only` there is no data: the teacher's own DDIM trajectories are the
 inputs and its predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
@@ -39,9 +40,9 @@ from .configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
 from .data import mnist_digits
 from .distributed import current_world
 from .families import family_of
+from .files import write_atomic
 from .finetune_data import TeacherTrajectories, data_batch, digit_batch, noise_schedule
 from .finetune_models import check_distill_only, check_student, load_teacher, trajectory_prompts
-from .files import write_atomic
 from .finite import check_finite
 from .loading import DEFAULT_MODEL, WEIGHT_FILES, LoadedModel, load, save_denoiser
 from .outputs import check_output, make_staging, publish, write_error
@@ -79,7 +80,7 @@ class FinetuneRecord:
 
     @property
     def complete(self) -> bool:
-        return self.steps_done >= self.config.steps
+        return self.steps_done >= self.config.train_steps
 
     @property
     def final_loss(self) -> float | None:
@@ -193,7 +194,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
-        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)), MIN_LR_FACTOR)
+        return max(warm * 0.5 * (1 + math.cos(math.pi * min(step, config.train_steps) / config.train_steps)),
+                   MIN_LR_FACTOR)
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=EMA_POWER) if config.ema_decay else None
@@ -228,7 +230,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
         checkpointed = record.steps_done  # the step the folder's checkpoint holds
         started = time.perf_counter()
-        for step in range(record.steps_done + 1, config.steps + 1):
+        for step in range(record.steps_done + 1, config.train_steps + 1):
             if trajectories is not None:
                 batch = trajectories.draw(step)
             elif data is not None:
@@ -266,7 +268,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             record.steps_done = step
             record.seconds += time.perf_counter() - started
             started = time.perf_counter()
-            if world.is_main and (step % config.checkpoint_every == 0 or step == config.steps):
+            if world.is_main and (step % config.checkpoint_every == 0 or step == config.train_steps):
                 _write_checkpoint(output, loaded, saved_model(), record, training_state())
                 checkpointed = step
             if on_step is not None:

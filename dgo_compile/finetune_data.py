@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
-
 from diffusers import DDPMScheduler
+from torch import nn
 
 from .configs import FinetuneError
 from .families import family_of
@@ -81,7 +80,8 @@ def noise_schedule(scheduler_config: dict, where: str) -> NoiseSchedule:
     name = scheduler_config.get("_class_name")
     if name not in BETA_SCHEDULERS:
         raise FinetuneError(f"{where}/scheduler/scheduler_config.json: _class_name {name} is not a DDPM-style "
-                            f"(beta schedule) scheduler; finetune trains with those only ({', '.join(BETA_SCHEDULERS)})")
+                            f"(beta schedule) scheduler; finetune trains with those only "
+                            f"({', '.join(BETA_SCHEDULERS)})")
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise FinetuneError(f"{where}/scheduler/scheduler_config.json: prediction_type {prediction!r} is not one "

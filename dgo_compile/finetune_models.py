@@ -64,7 +64,8 @@ def check_distill_only(loaded: LoadedModel, teacher: LoadedModel) -> bool:
     other = [n for n in family_of(teacher.model).input_names(teacher.model)[2:] if n not in DISTILL_ONLY_CONDITIONS]
     if other:
         raise FinetuneError(f"--teacher ({teacher.source}) takes {', '.join(other)}, which --distill-only cannot "
-                            "make (SDXL-style conditions); fine-tune it with --data, a folder of latents that holds them")
+                            "make (SDXL-style conditions); fine-tune it with --data, a folder of latents "
+                            "that holds them")
     if teacher.scheduler_config is None:
         raise FinetuneError(f"--teacher ({teacher.source}) has no scheduler/ config, which sets the noise schedule "
                             "of its trajectories; pass a pipeline folder")

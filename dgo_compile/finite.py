@@ -40,10 +40,11 @@ def describe(nans: int, infs: int) -> str:
     return " and ".join(parts)
 
 
-def check_finite(value, what: str, hint: str = "") -> None:
+def check_finite(value, what: str, hint: str = "", field: str | None = None) -> None:
     """Raise NonFiniteError when `value` (a tensor, an array, a module, or a mapping of them) holds
     NaN or inf. `what` names it ("the sampled images of artifact A"); mapping keys and parameter
-    names are added ("parameter conv_in.weight of model M has 3 NaN values")."""
+    names are added ("parameter conv_in.weight of model M has 3 NaN values"). `field`: the setting the
+    hint names, in backticks (see DgoError)."""
     if isinstance(value, torch.nn.Module):
         value = {**dict(value.named_parameters()), **dict(value.named_buffers())}
         kind = "parameter"
@@ -57,4 +58,4 @@ def check_finite(value, what: str, hint: str = "") -> None:
     key, counts = bad[0]
     subject = what if key is None else f"{kind} {key} of {what}"
     more = f" (and {len(bad) - 1} more tensor{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
-    raise NonFiniteError(f"{subject} has {describe(*counts)}{more}" + (f"; {hint}" if hint else ""))
+    raise NonFiniteError(f"{subject} has {describe(*counts)}{more}" + (f"; {hint}" if hint else ""), field=field)

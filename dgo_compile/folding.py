@@ -12,17 +12,15 @@ import torch
 from torch import fx
 
 from dgo_compile.passes import PassManager
-from dgo_compile.passes.boundaries import element_consumers
 from dgo_compile.passes.annotations import backup_edges, timestep_constants, timestep_embedder
+from dgo_compile.passes.boundaries import element_consumers
 from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig
 
 from .cost import analyse
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule, ScheduleError, VariantKey, variant_keys
 from .supernet import build_supernet, gateable_elements
 from .torch_runner import ScheduleRun
 from .tracing import TracedDenoiser
-
-VariantKey = tuple[frozenset[str], frozenset[str]]  # (reused elements, exposed elements)
 
 
 @dataclass
@@ -41,20 +39,6 @@ class FoldedSchedule:
         return ScheduleRun(self)
 
 
-def variant_keys(closed: Schedule, consumers: dict[str, set[str]]) -> list[VariantKey]:
-    """Each call's (reused, exposed) graph key for a closed schedule.
-
-    Calls that reuse the same elements share one graph exposing every value any of them must
-    store: an extra output costs no compute, a second graph costs a second copy of the weights.
-    """
-    reused_at = [frozenset(b for b, c in zip(closed.blocks, row) if not c) for row in closed.compute]
-    exposed_with: dict[frozenset[str], set[str]] = {r: set() for r in reused_at}
-    for t, row in enumerate(closed.compute):
-        exposed_with[reused_at[t]] |= {b for b, c in zip(closed.blocks, row)
-                                       if c and closed.cache_read_later(consumers, b, t)}
-    return [(r, frozenset(exposed_with[r])) for r in reused_at]
-
-
 def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | None = None,
          dump_dir: str | Path | None = None) -> FoldedSchedule:
     """Close the schedule over the model's dataflow and fold one graph per distinct step pattern.
@@ -63,12 +47,13 @@ def fold(traced: TracedDenoiser, schedule: Schedule, timesteps: list[float] | No
     timestep-only subgraph is evaluated here, once per call, and leaves the graphs.
     """
     names = gateable_elements(traced, schedule.granularity)
-    if schedule.blocks != names:
-        raise ScheduleError(f"schedule '{schedule.name}' is for {schedule.granularity}s {list(schedule.blocks)[:3]}..., "
+    if schedule.elements != names:
+        raise ScheduleError(f"schedule '{schedule.name}' is for {schedule.granularity}s "
+                            f"{list(schedule.elements)[:3]}..., "
                             f"this model has {list(names)[:3]}...")
-    if timesteps is not None and len(timesteps) != schedule.steps:
-        raise ScheduleError(f"schedule '{schedule.name}' has {schedule.steps} steps but the sampler makes "
-                            f"{len(timesteps)} denoiser calls; build the schedule for {len(timesteps)} steps")
+    if timesteps is not None and len(timesteps) != schedule.calls:
+        raise ScheduleError(f"schedule '{schedule.name}' has {schedule.calls} calls but the sampler makes "
+                            f"{len(timesteps)} denoiser calls; build the schedule for {len(timesteps)} calls")
     dump = Path(dump_dir) if dump_dir is not None else None
     supernet = build_supernet(traced, schedule.granularity, timesteps is not None, dump and dump / "supernet")
     consumers = element_consumers(analyse(traced), names, schedule.granularity)

@@ -56,6 +56,12 @@ class LoadedModel:
     def class_name(self) -> str:
         return type(self.model).__name__
 
+    def require_scheduler(self) -> dict[str, Any]:
+        """The scheduler config that sampling needs; a bare denoiser folder has none."""
+        if self.scheduler_config is None:
+            raise ModelLoadError(f"{self.source} has no scheduler/ config; pass a pipeline folder")
+        return self.scheduler_config
+
 
 def load(path: str | os.PathLike | None = None) -> LoadedModel:
     """Load the denoiser at `path` (default: the shipped MNIST model) in eval mode, float32."""

@@ -123,7 +123,8 @@ class SharedWeights:
         offset, length = int(info.get("offset", 0)), int(info["length"])
         dtype, shape = _NUMPY.get(tensor.data_type), tuple(tensor.dims)
         if dtype is None:
-            raise WeightsError(f"initializer {tensor.name} has ONNX type {tensor.data_type}, which the runner does not map")
+            raise WeightsError(f"initializer {tensor.name} has ONNX type {tensor.data_type}, which the runner does not "
+                               f"map")
         count = int(np.prod(shape, dtype=np.int64))
         if count * np.dtype(dtype).itemsize != length or self._map is None or offset + length > len(self._map):
             raise WeightsError(f"initializer {tensor.name} does not fit {self.path.name} ({length} bytes at {offset})")

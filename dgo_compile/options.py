@@ -3,8 +3,9 @@
 A value is checked before anything uses it: TOML values by type (`overwrite = "false"` is an
 error, not true; a bool is not a number), numbers for finiteness (NaN and inf never pass), and
 every number against its range, upper bounds included, so an absurd size is refused in one line
-instead of allocating. The message names the option as the user wrote it: `--ratio` on the
-command line, `[prune] ratio` (or `steps` at the top level) in a config file.
+instead of allocating. The message names the setting as the user wrote it: `[prune] channel_ratio`
+(or `steps` at the top level) in a config file, else the field (`channel_ratio`), which the command
+line renders as its option (`--channel-ratio`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Spec:
             return None
         what = f" ({self.what})" if self.what else ""
         if self.high is not None and self.low is not None and self.high <= 100:  # a natural range: say it whole
-            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, "
+                    f"{_num(self.high)}{')' if self.high_open else ']'}"
                     f"{what}")
         if above:  # the upper bound only stops absurd values
             return f"at most {_num(self.high)}{what}"
@@ -102,20 +104,20 @@ SPECS: dict[str, dict[str, Spec]] = {
         "precision": _choice(*ARTIFACT_PRECISIONS, optional=True), "height": SIZE, "width": SIZE,
     },
     "prune": {
-        "ratio": _float(0, 1, high_open=True, what="the share of channels removed"),
+        "channel_ratio": _float(0, 1, high_open=True, what="the share of channels removed"),
         "importance": _choice("taylor", "magnitude", "random"), "scope": _choice("uniform", "global"),
         "threshold": _float(0, 1, low_open=True, high_open=True), "batch": _int(1, 4096),
         "max_timesteps": _int(1, 100_000), "seed": SEED, "min_group_channels": _int(1, 4096),
     },
     "finetune": {
-        "steps": _int(1, 10**7), "batch": _int(1, 65536), "lr": _float(0, 1e6, low_open=True),
+        "train_steps": _int(1, 10**7), "batch": _int(1, 65536), "lr": _float(0, 1e6, low_open=True),
         "ema_decay": _float(0, 1, high_open=True, what="0 saves the raw weights"),
         "distill": _float(0, 1e6), "warmup": _int(0, 10**7), "seed": SEED, "checkpoint_every": _int(1, 10**7),
         "distill_only": Spec("bool"), "trajectory_steps": _int(1, 1000), "data": Spec("str", optional=True),
         "prompts": Spec("str", optional=True),
     },
     "optimize": {
-        "ratio": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),
+        "keep_macs": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),
         "batch": _int(1, 4096), "calibration": _int(1, 65536), "lr": _float(0, 1e6, low_open=True),
         "momentum": _float(0, 1, high_open=True), "weight_decay": _float(0, 1e6), "alpha": _float(0, 1e6),
         "granularity": _choice("block", "unit", "step"), "dim": _int(1, 8192), "layers": _int(1, 256),
@@ -129,9 +131,8 @@ SPECS: dict[str, dict[str, Spec]] = {
                "height": SIZE, "width": SIZE},
     "inspect": {"batch": _int(1, 4096), "height": SIZE, "width": SIZE},
     "bench": {"batch": _int(1, 4096), "repeats": _int(1, 1000)},
-    "schedule": {"ratio": KEPT},
+    "schedule": {"keep_macs": KEPT},
 }
-SHORT = {"n": "-n"}
 
 
 def check(table: str, values: dict[str, Any], *, config: bool = False, error: type[DgoError] = OptionError,
@@ -145,12 +146,14 @@ def check(table: str, values: dict[str, Any], *, config: bool = False, error: ty
             continue
         problem = spec.problem(value)
         if problem is not None:
-            raise error(f"{name(table, key, config)} must be {problem}, got {_show(value, config)}")
+            raise error(f"{name(table, key, config)} must be {problem}, got {_show(value, config)}",
+                        field=None if config else key)
 
 
 def name(table: str, key: str, config: bool) -> str:
+    """A setting as a config file names it (`config`), else as a field (the CLI renders it as its option)."""
     if not config:
-        return SHORT.get(key, "--" + key.replace("_", "-"))
+        return f"`{key}`"
     return key if table == "top level" else f"[{table}] {key}"
 
 

@@ -134,7 +134,8 @@ class OrtRun(StepRun):
 
     def __init__(self, artifact: OrtArtifact):
         manifest = artifact.manifest
-        super().__init__(len(manifest.call_variants), tuple(i.name for i in manifest.inputs), manifest.scheduler.timesteps)
+        super().__init__(len(manifest.call_variants), tuple(i.name for i in manifest.inputs),
+                         manifest.scheduler.timesteps)
         self.artifact = artifact
         self.cache: dict = {}  # name -> onnxruntime OrtValue on the artifact's device
 

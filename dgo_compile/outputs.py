@@ -149,13 +149,15 @@ def check_writable(folder: Path, option: str, target: Path, error: type[DgoError
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise (error or OutputError)(f"cannot write {option} {target}: {probe} is not a folder; choose another {option}")
+        raise (error or OutputError)(f"cannot write {option} {target}: {probe} is not a folder; choose another "
+                                     f"{option}")
     try:
         fd, name = tempfile.mkstemp(prefix=".dgo-write-check.", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise (error or OutputError)(f"cannot write {option} {target}: {probe} is not writable ({exc.strerror or exc}); "
+        raise (error or OutputError)(f"cannot write {option} {target}: {probe} is not writable "
+                                     f"({exc.strerror or exc}); "
                           f"choose another {option}") from exc
 
 

@@ -7,7 +7,7 @@ reported to a `dgo_compile.progress.Stages` with what it does and how far along 
   finetune   [finetune] fine-tune the pruned model        -> <work>/finetuned
   trace      the pruned model, traced into its blocks (without [prune] the original is compiled)
   schedule   a named one (`full`, `deepcache:N`, `steps:K`, a JSON file), or with "learned":
-  optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.ratio
+  optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.keep_macs
   compile    fold + export the ONNX artifact (written to a temp folder, then renamed)
   verify     the artifact against the PyTorch graphs it came from and the original model, same noise
   bench      the artifact against the original's `full` artifact, interleaved rounds (dgo_compile.bench)
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .configs import DEFAULT_MODEL, FinetuneConfig, OptimizeConfig, PruneConfig
+import tomllib
+
+from .configs import DEFAULT_MODEL, DEFAULT_STEPS, FinetuneConfig, OptimizeConfig, PruneConfig, renamed_problem
 from .errors import DgoError
 from .options import check
 from .outputs import check_output, exclusive, make_staging, publish
@@ -48,7 +49,7 @@ class CompileConfig:
     model: str | None = None
     output: str = "artifact"
     schedule: str = "full"  # or "learned" (needs [optimize])
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     scheduler: str | None = None
     granularity: str = "block"
     guidance_scale: float | None = None
@@ -66,7 +67,7 @@ class CompileConfig:
         check("top level", {f.name: getattr(self, f.name) for f in fields(self) if f.name in TOP_LEVEL}, config=True,
               error=ConfigError, skip_none=False)
         if self.schedule == "learned" and self.optimize is None:
-            raise ConfigError("schedule = \"learned\" needs an [optimize] table (ratio, iters, ...)")
+            raise ConfigError("schedule = \"learned\" needs an [optimize] table (keep_macs, iters, ...)")
         if self.verify_samples < 1:
             raise ConfigError(f"verify_samples must be at least 1, got {self.verify_samples}")
 
@@ -105,9 +106,12 @@ def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileCo
             if not isinstance(data[name], dict):
                 raise ConfigError(f"{name} must be a table ([{name}] with its keys), got {data[name]!r}")
             table = dict(data[name])
+            problem = renamed_problem(name, table, f"[{name}] ")
+            if problem:
+                raise ConfigError(problem)
             check(name, table, config=True, error=ConfigError)
             if name == "optimize":  # the sampler is the compile's: one place says it
-                table.setdefault("steps", values.get("steps", 50))
+                table.setdefault("steps", values.get("steps", DEFAULT_STEPS))
                 table.setdefault("scheduler", values.get("scheduler"))
                 table.setdefault("guidance_scale", values.get("guidance_scale"))
                 if "class_labels" in table:
@@ -147,8 +151,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
         raise ConfigError("[finetune] without [prune] would fine-tune the unpruned model: add [prune] or drop it")
     with stages.stage("load", f"loading and tracing {config.model or 'the shipped model'}"):
         original = load(config.model)
-        if original.scheduler_config is None:
-            raise DgoError(f"{original.source} has no scheduler/ config; pass a pipeline folder")
+        original.require_scheduler()
         resolution = resolve(original.model, original.source, config.height, config.width)
         # checked against eager only where it is also the model compiled (no [prune])
         original_traced = trace(original, verify=config.prune is None, size=resolution.latent)
@@ -156,12 +159,13 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
     report.update(config=config.to_json(), resolution=resolution.to_json())
     model_path = config.model
     if config.prune is not None:
-        with stages.stage("prune", f"channel pruning, ratio {config.prune.ratio} ({config.prune.importance})"):
+        with stages.stage("prune",
+                          f"channel pruning, channel_ratio {config.prune.channel_ratio} ({config.prune.importance})"):
             model_path = pruned(original, config.prune, work / "pruned")
     if config.finetune is not None:
         teacher = original.source if config.finetune.distill or config.finetune.distill_only else None
         with stages.stage("finetune", f"fine-tuning the pruned model, batch {config.finetune.batch}",
-                          total=config.finetune.steps) as step:
+                          total=config.finetune.train_steps) as step:
             model_path = finetuned(model_path, config.finetune, work / "finetuned", teacher,
                                    on_step=lambda entry: step.update(entry["step"], note=f"loss {entry['loss']:.4f}"))
     loaded, traced = original, original_traced
@@ -171,7 +175,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
             traced = trace(loaded, size=resolution.latent)
     report["built"] = _built(model_path, config)
     if config.schedule == "learned":
-        what, total = f"DiP-GO pruner, {config.optimize.iters} iterations towards {config.optimize.ratio:g}", \
+        what, total = f"DiP-GO pruner, {config.optimize.iters} iterations towards {config.optimize.keep_macs:g}", \
             config.optimize.iters
     else:
         what, total = f"building {config.schedule} over {config.steps} steps", None
@@ -187,14 +191,14 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
                              guidance_scale=config.guidance_scale, precision=config.precision,
                              on_variant=lambda done, total: step.update(done, total=total))
         with stages.stage("verify", f"sampling {config.verify_samples} images each from the artifact, its PyTorch "
-                                    "graphs and the original model", total=3 * config.verify_samples * schedule.steps) \
+                                    "graphs and the original model", total=3 * config.verify_samples * schedule.calls) \
                 as step:
             report.update(_verify(config, tmp, traced, loaded, original, original_traced, schedule, step.advance))
         from .report import ROUNDS
 
         with stages.stage("bench", f"timing the artifact against the original's full artifact, {ROUNDS} "
                                    "interleaved rounds", total=2 * (ROUNDS + 1)) as step:
-            report["measured"] = measure(tmp, report["config"], schedule.steps, original_traced,
+            report["measured"] = measure(tmp, report["config"], schedule.calls, original_traced,
                                          original.scheduler_config, on_run=step.advance)
         report["timings_s"] = dict(stages.seconds)
         with stages.stage("report", "writing report.md, report.json, samples.png and schedule.png"):
@@ -222,11 +226,9 @@ def _built(model_path, config: CompileConfig) -> dict[str, Any]:
 
 
 def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int], step: Step):
-    from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
-    from .supernet import gateable_elements
-    from .sampling import denoiser_timesteps
-    from .schedule import Schedule, builtin
-    from .schedule_cost import ScheduleCost
+    from .calibration import vae_decoder
+    from .pruner import load_pruner, optimize
+    from .schedule_cost import ScheduleCost, extract_schedule
     from .stages import prepare_pruner, pruner_stamp, read_stamp, write_stamp
 
     if config.schedule == "learned":
@@ -247,27 +249,21 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, lat
             decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None, on_iteration=stamp)
         stamp()
         cost = ScheduleCost(traced, trained.state.schedule_granularity)
-        plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.ratio,
-                                   f"dipgo:{config.optimize.ratio:g}", trained.whole_calls)
+        plan, _ = extract_schedule(trained.reuse_margins(), cost, config.optimize.keep_macs,
+                                   f"dipgo:{config.optimize.keep_macs:g}", trained.whole_calls)
         return plan, trained
-    if config.schedule.endswith(".json"):
-        return Schedule.load(config.schedule), None
-    calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
-    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
-    if config.granularity == "unit":
-        plan = plan.for_units({b.name: b.units for b in traced.blocks})
-    return plan, None
+    return resolve_schedule(config, traced, loaded), None
 
 
 def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, original_traced, schedule,
             progress: Callable[[int], None]) -> dict[str, Any]:
     """Artifact vs its own PyTorch graphs (parity), and vs the unpruned full model (quality)."""
     from .artifact import read_manifest
-    from .ort_runner import OrtArtifact
     from .cost import cost_report
     from .finite import check_finite
-    from .metrics import psnr, ssim
     from .folding import fold
+    from .metrics import psnr, ssim
+    from .ort_runner import OrtArtifact
     from .sampling import conditions_for, denoiser_timesteps, initial_noise, sample
 
     manifest = read_manifest(artifact)
@@ -282,7 +278,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     ours = sample(OrtArtifact.open(artifact), loaded.scheduler_config, noise, config.steps, **run)
     torch_graphs = sample(fold(traced, schedule, timesteps), loaded.scheduler_config, noise, config.steps, **run)
     reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
-    for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"), (reference, "the original model")):
+    for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"),
+                         (reference, "the original model")):
         check_finite(images, f"the verification image batch sampled from {what}", "nothing was written to -o")
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
@@ -296,7 +293,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
                  "kept": macs.total / full_run},
         "predicted_speedup": full_run / macs.total,
         "parity_rel_l2": parity,
-        "quality": {"samples": config.verify_samples, "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
+        "quality": {"samples": config.verify_samples,
+                    "psnr_vs_original": float(psnr(ours, reference).clamp(max=100).mean()),
                     "ssim_vs_original": float(ssim(ours, reference).mean())},
         "images": ours,
         "reference_images": reference,
@@ -312,51 +310,50 @@ class ScheduleOutcome:
     precision: str
 
 
-def compile_schedule(model: str | Path | None = None, schedule: str | None = None, steps: int | None = None,
-                     scheduler: str | None = None, granularity: str | None = None,
-                     guidance_scale: float | None = None, output: str | Path | None = None, overwrite: bool = False,
-                     dump_dir: str | Path | None = None, precision: str | None = None, height: int | None = None,
-                     width: int | None = None,
+def compile_schedule(config: CompileConfig, dump_dir: str | Path | None = None,
                      on_compile: Callable[[str], Any] | None = None) -> ScheduleOutcome:
-    """`compile` without --config: fold one schedule into an artifact. Every option, the outputs and
+    """`compile` without a config file: fold one schedule into an artifact. The config, the outputs and
     the schedule are checked before torch is imported; `on_compile(what)` may return a context manager
     (a status line) held while the graphs are exported."""
     import contextlib
 
-    if granularity is not None and granularity not in ("block", "unit"):
-        raise DgoError(f"--granularity must be block or unit, got '{granularity}'")
-    check("top level", {"steps": steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
-                        "precision": precision, "height": height, "width": width})
-    precision = precision or "fp32"
-    schedule, steps, granularity = schedule or "full", 50 if steps is None else steps, granularity or "block"
-    output = check_output(output or Path("artifact"), "artifact", overwrite=overwrite,
-                          protected=[model or DEFAULT_MODEL])
+    if config.schedule == "learned":
+        raise ConfigError('schedule = "learned" needs a config file with an [optimize] table')
+    output = check_output(config.output, "artifact", overwrite=config.overwrite,
+                          protected=[config.model or DEFAULT_MODEL])
     if dump_dir is not None:
-        check_output(dump_dir, "into", option="--dump-dir", protected=[model or DEFAULT_MODEL, output])
-    check_spec(schedule)  # an unknown name or an unreadable file fails before the model loads
+        check_output(dump_dir, "into", option="--dump-dir", protected=[config.model or DEFAULT_MODEL, output])
+    check_spec(config.schedule)  # an unknown name or an unreadable file fails before the model loads
 
     from . import load, trace
     from .artifact import compile_artifact, read_manifest
     from .resolution import resolve
-    from .supernet import gateable_elements
+
+    loaded = load(config.model)
+    loaded.require_scheduler()
+    resolution = resolve(loaded.model, loaded.source, config.height, config.width)
+    traced = trace(loaded, size=resolution.latent)
+    plan = resolve_schedule(config, traced, loaded)
+    status = on_compile(f"compiling {plan.name} ({plan.calls} denoiser calls)") if on_compile else None
+    with status or contextlib.nullcontext():
+        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=config.overwrite,
+                                model_source=str(loaded.source.resolve()), scheduler=config.scheduler,
+                                sampler_steps=config.steps, guidance_scale=config.guidance_scale, dump_dir=dump_dir,
+                                precision=config.precision)
+    return ScheduleOutcome(path, read_manifest(path), resolution, config.steps, config.precision)
+
+
+def resolve_schedule(config: CompileConfig, traced, loaded):
+    """The named schedule of `config` (not "learned"): a JSON file, or a built-in spec built for the
+    sampler's denoiser calls over the model's blocks (then its units, at unit granularity)."""
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
+    from .supernet import gateable_elements
 
-    loaded = load(model)
-    if loaded.scheduler_config is None:
-        raise DgoError(f"{loaded.source} has no scheduler/ config; pass a pipeline folder")
-    resolution = resolve(loaded.model, loaded.source, height, width, names=("--height", "--width"))
-    traced = trace(loaded, size=resolution.latent)
-    if schedule.endswith(".json"):
-        plan = Schedule.load(schedule)
-    else:
-        calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
-        plan = builtin(schedule, calls, gateable_elements(traced, "block"))
-        if granularity == "unit":
-            plan = plan.for_units({b.name: b.units for b in traced.blocks})
-    status = on_compile(f"compiling {plan.name} ({plan.steps} denoiser calls)") if on_compile else None
-    with status or contextlib.nullcontext():
-        path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
-                                model_source=str(loaded.source.resolve()), scheduler=scheduler, sampler_steps=steps,
-                                guidance_scale=guidance_scale, dump_dir=dump_dir, precision=precision)
-    return ScheduleOutcome(path, read_manifest(path), resolution, steps, precision)
+    if config.schedule.endswith(".json"):
+        return Schedule.load(config.schedule)
+    calls = len(denoiser_timesteps(loaded.require_scheduler(), config.steps, config.scheduler))
+    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
+    if config.granularity == "unit":
+        plan = plan.for_units({b.name: b.units for b in traced.blocks})
+    return plan

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .options import check
 from .errors import DgoError
+from .options import check
 
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax")
 KEEP_FLOAT_INPUTS = ("timestep",)

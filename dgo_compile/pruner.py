@@ -6,7 +6,8 @@ SuperNet through a whole sampling trajectory, and the loss is the consistency of
 images with the full model's from the same noise (1 - SSIM) plus DiP-GO's FLOPs-weighted
 sparsity, switched off once the hard schedule keeps no more than the target share of MACs.
 Unlike the authors' release, the encoder really mixes its tokens (self-attention over every
-call and element). One trained pruner yields a schedule at any budget (`extract_schedule`).
+call and element). One trained pruner yields a schedule at any budget
+(`dgo_compile.schedule_cost.extract_schedule`).
 
 A pruner folder holds `pruner.json` (configs, sampler, history, progress) and `checkpoint.pt`
 (weights, optimizer and learning-rate state); both are replaced atomically at every
@@ -31,25 +32,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .calibration import calibration_inputs, condition_rows, consistency
 from .configs import GRANULARITIES, OptimizeConfig, PrunerError  # noqa: F401  (re-exported)
-from .heatmap import save_heatmap  # noqa: F401  (re-exported: it draws a pruner's scores)
 from .distributed import current_world
 from .files import write_atomic
 from .finite import check_finite
-from .metrics import ssim
 from .outputs import check_output, staged
-from .supernet import SuperNetRun, build_supernet, graph_on
-from .sampling import conditions_for, denoiser_timesteps, initial_noise, make_scheduler, trajectory
-from .schedule import Schedule, ScheduleError
-from .prompts import encode_prompts, read_prompts
+from .sampling import denoiser_timesteps, make_scheduler, trajectory
+from .schedule import Schedule
 from .schedule_cost import ScheduleCost
+from .supernet import SuperNetRun, build_supernet, graph_on
 from .tracing import TracedDenoiser
 
 FORMAT = "dgo-compile-pruner"
 FORMAT_VERSION = 1
 STATE_FILE = "pruner.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-RATIO_TOLERANCE = 0.0125
 log = logging.getLogger("dgo_compile.pruner")
 
 
@@ -182,7 +180,8 @@ def restartable(output: str | Path) -> bool:
     if not output.is_dir() or output.is_symlink():
         return False
     names = [p.name for p in output.iterdir()]
-    if not names or not all(n in (STATE_FILE, CHECKPOINT_FILE) or n.startswith((f".{STATE_FILE}.", f".{CHECKPOINT_FILE}."))
+    if not names or not all(n in (STATE_FILE, CHECKPOINT_FILE) or n.startswith((f".{STATE_FILE}.",
+                                                                                f".{CHECKPOINT_FILE}."))
                for n in names):
         return False
     try:
@@ -211,63 +210,6 @@ def load_pruner(path: str | Path, allow_unfinished: bool = False) -> TrainedPrun
         raise PrunerError(f"{path} stopped at iteration {state.iterations_done} of {state.config.iters}; finish it "
                           "with `dgo-compile optimize ... --resume`")
     return TrainedPruner(state, pruner)
-
-
-def _calibration(traced: TracedDenoiser, config: OptimizeConfig, null_class_label: int | None,
-                 pipeline: str | None):
-    """Noise, and condition inputs at batch `calibration` (or guidance), for the whole pool.
-    Prompts cycle over the pool, encoded by the text encoder of the `pipeline` folder."""
-    shape = tuple(traced.example_inputs(1)["sample"].shape[1:])
-    noise = initial_noise(config.calibration, shape, config.seed)
-    labels = list(config.class_labels) if config.class_labels else None
-    if labels is None and "class_labels" in traced.input_names:
-        labels = traced.example_inputs(config.calibration, seed=config.seed)["class_labels"].tolist()
-    encoded = None
-    if config.prompts is not None:
-        if pipeline is None:
-            raise PrunerError("--prompts needs the model's pipeline folder, whose text encoder encodes them")
-        encoded = encode_prompts(pipeline, read_prompts(config.prompts))
-    conditions, guidance = conditions_for(traced.input_names, config.calibration, labels, config.prompt_embeds,
-                                          config.guidance_scale, null_class_label, tensors=encoded)
-    return noise, conditions or {}, guidance
-
-
-def _rows(tensors: dict[str, torch.Tensor], index: list[int]) -> tuple[torch.Tensor, ...]:
-    return tuple(t if t.shape[0] == 1 else t[index] for t in tensors.values())
-
-
-def _extra(conditions, guidance, index: list[int]) -> tuple[torch.Tensor, ...]:
-    if guidance is None:
-        return tuple(v.expand(len(index), *v.shape[1:]) if v.shape[0] == 1 else v for v in _rows(conditions, index))
-    return tuple(torch.cat([u.expand(len(index), *u.shape[1:]), c.expand(len(index), *c.shape[1:])])
-                 for u, c in zip(_rows(guidance.uncond, index), _rows(guidance.cond, index)))
-
-
-def consistency(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM, with the window shrunk to fit small (latent) images."""
-    window = min(11, min(images.shape[-2:]) - (1 - min(images.shape[-2:]) % 2))
-    return 1 - ssim(images, reference, window_size=window).mean()
-
-
-def vae_decoder(pipeline: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For a latent pipeline folder with a `vae/`: latents -> images in [-1, 1], differentiable, so
-    the consistency loss compares pictures rather than latents. None without a VAE."""
-    folder = Path(pipeline) / "vae"
-    if not (folder / "config.json").is_file():
-        return None
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(folder).eval()
-    except Exception as exc:
-        raise PrunerError(f"cannot load the VAE in {folder}: {exc}") from exc
-    scale = vae.config.scaling_factor
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        vae.to(latents.device)  # a no-op after the first call
-        return vae.decode(latents / scale).sample.clamp(-1, 1)
-
-    return decode
 
 
 def gated_step_fn(supernet, elements: tuple[str, ...], gates: torch.Tensor, checkpointed: bool = True):
@@ -323,13 +265,15 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
             check_output(output, "pruner", protected=[model_source], error=PrunerError,
                          exists_hint="pass --resume to continue it or choose another -o")
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
-        scheduler = {"name": config.scheduler, "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
-                     "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps, "config": dict(scheduler_config)}
+        scheduler = {"name": config.scheduler,
+                     "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
+                     "steps": config.steps, "calls": len(timesteps), "timesteps": timesteps,
+                     "config": dict(scheduler_config)}
         state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares(),
                             decoded_with_vae=decode is not None)
         pruner = build_pruner(state)
     elements = state.elements
-    noise, conditions, guidance = _calibration(traced, config, null_class_label, model_source)
+    noise, conditions, guidance = calibration_inputs(traced, config, null_class_label, model_source)
     def on_device(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in tensors.items()}
 
@@ -361,7 +305,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         chunks = [list(range(i, min(i + 16, len(noise)))) for i in range(0, len(noise), 16)]
         everything = torch.ones(state.scheduler["calls"], len(elements), device=device)
         targets = torch.cat([sampler(gated_step_fn(supernet, elements, everything, checkpointed=False), noise[c],
-                                     _extra(conditions, guidance, c)) for c in chunks])
+                                     condition_rows(conditions, guidance, c)) for c in chunks])
     shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
                           else [state.cascade_shares[e] for e in elements], device=device)
 
@@ -387,14 +331,16 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)][rows]
         gates = pruner.gates()
         gates_full = gates.expand(-1, len(elements))  # whole-network gates: one column for all
-        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index], _extra(conditions, guidance, index))
+        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index],
+                         condition_rows(conditions, guidance, index))
         loss_consistency = consistency(images, targets[index])
         hard = tuple(tuple(bool(v) for v in row) for row in (gates_full.detach() > 0.5).tolist())
         kept = cost.kept_ratio(Schedule("hard", elements, hard, granularity))
         sparsity = (gates[1:] * shares).sum(1).mean()
-        loss = loss_consistency + (config.alpha * sparsity if kept > config.ratio else 0.0)
+        loss = loss_consistency + (config.alpha * sparsity if kept > config.keep_macs else 0.0)
         check_finite(torch.tensor(world.mean(loss.item())), f"the pruner's loss at iteration {iteration + 1}",
-                     f"optimization stopped; {output} keeps its last checkpoint: lower --lr and start again")
+                     f"optimization stopped; {output} keeps its last checkpoint: lower `lr` and start again",
+                     field="lr")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
@@ -402,7 +348,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         optimizer.step()
         lr_schedule.step()
         state.iterations_done = iteration + 1
-        record = {"iteration": iteration + 1, "consistency": world.mean(loss_consistency.item()), "sparsity": sparsity.item(),
+        record = {"iteration": iteration + 1, "consistency": world.mean(loss_consistency.item()),
+                  "sparsity": sparsity.item(),
                   "kept": kept, "lr": optimizer.param_groups[0]["lr"]}
         state.history.append(record)
         state.seconds += time.perf_counter() - started
@@ -423,11 +370,13 @@ def _device(name: str, precision: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise PrunerError(f"--device {name} is not a torch device ({exc}); use cpu or cuda") from exc
+        raise PrunerError(f"`device` {name} is not a torch device ({exc}); use cpu or cuda", field="device") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PrunerError(f"--device {name}: this machine has no CUDA GPU torch can use; use --device cpu")
+        raise PrunerError(f"`device` {name}: this machine has no CUDA GPU torch can use; use `device` cpu",
+                          field="device")
     if precision == "bf16" and device.type != "cuda":
-        raise PrunerError("--precision bf16 runs on a GPU; pass --device cuda, or --precision fp32 on the CPU")
+        raise PrunerError("`precision` bf16 runs on a GPU; pass `device` cuda, or `precision` fp32 on the CPU",
+                          field=("precision", "device"))
     return device
 
 
@@ -435,61 +384,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, ratio: float, name: str,
-                     whole_calls: bool = False, tolerance: float = RATIO_TOLERANCE) -> tuple[Schedule, float]:
-    """The closed schedule that reuses the highest-scoring pairs (scores: any reals, e.g. the
-    pruner's reuse margins; call 0 is never reused), with kept MACs within `tolerance`
-    of `ratio`: bisection over how many of the ranked pairs (or whole calls) to reuse, then a
-    greedy sweep down the ranking where one pair's cascade jumps over the budget."""
-    calls, columns = scores.shape
-    if not 0 < ratio <= 1:
-        raise ScheduleError(f"--ratio must be in (0, 1] (the kept share of the full model's MACs), got {ratio}")
-    if whole_calls:
-        ranked = [[(t, b) for b in range(columns)] for t in
-                  sorted(range(1, calls), key=lambda t: (-scores[t].mean().item(), t))]
-    else:
-        ranked = [[(t, b)] for t, b in sorted(((t, b) for t in range(1, calls) for b in range(columns)),
-                                              key=lambda tb: (-scores[tb].item(), tb))]
-
-    def schedule_with(groups) -> Schedule:
-        rows = [[True] * columns for _ in range(calls)]
-        for group in groups:
-            for t, b in group:
-                rows[t][b] = False
-        return Schedule(name, cost.elements, tuple(tuple(r) for r in rows), cost.granularity)  # kept_ratio closes it
-
-    ratios: dict[int, float] = {}
-
-    def kept(k: int) -> float:
-        if k not in ratios:
-            ratios[k] = cost.kept_ratio(schedule_with(ranked[:k]))
-        return ratios[k]
-
-    low, high = 0, len(ranked)  # kept(low) > ratio >= kept(high), when reachable
-    if kept(high) > ratio + tolerance:
-        raise ScheduleError(f"the smallest schedule keeps {kept(high):.1%} of the MACs (call 0 always runs in "
-                            f"full); ask for --ratio {kept(high):.3f} or more")
-    if kept(low) <= ratio + tolerance:
-        return cost.close(schedule_with([])), kept(low)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if kept(middle) > ratio:
-            low = middle
-        else:
-            high = middle
-    best = min((low, high), key=lambda k: abs(kept(k) - ratio))
-    if abs(kept(best) - ratio) <= tolerance:
-        return cost.close(schedule_with(ranked[:best])), kept(best)
-    # The next pair in rank order overshoots (e.g. it kills a whole call): go on down the ranking,
-    # skipping pairs that would overshoot, until the budget is met.
-    chosen = list(ranked[:low])
-    for group in ranked[low:]:
-        trial = cost.kept_ratio(schedule_with(chosen + [group]))
-        if trial >= ratio - tolerance:
-            chosen.append(group)
-            if trial <= ratio + tolerance:
-                return cost.close(schedule_with(chosen)), trial
-    raise ScheduleError(f"no schedule from these scores keeps {ratio:.1%} of the MACs within {tolerance:.2%} "
-                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another --ratio")

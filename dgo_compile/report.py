@@ -8,6 +8,9 @@ session options and thread count, in interleaved rounds (`measure`, the pipeline
 per run as median (min-max), the realised speedup beside the theoretical (MACs) one, the threads used,
 and a warning heading report.md when a spread is over SPREAD_WARN (max / min) or the realised speedup
 exceeds the MACs ratio.
+
+The schedule heatmap (`save_heatmap`) is drawn here too, for report.md and by `dgo-compile schedule`:
+which elements each denoiser call computes, optionally under a pruner's P(reuse).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any, Callable
 
 import torch
 
+from .files import write_atomic
+from .schedule import Schedule
+
 ROUNDS = 5  # timed sampling runs of each artifact
 
 
@@ -29,7 +35,6 @@ SPREAD_WARN = 1.5  # max / min of one artifact's round times (or of the per-roun
 def write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded) -> None:
     """report.json, report.md, samples.png and schedule.png into `folder`; `report["measured"]` comes
     from `measure`."""
-    from .heatmap import save_heatmap
     from .sampling import save_grid
 
     images, reference = report.pop("images"), report.pop("reference_images")
@@ -49,8 +54,8 @@ def measure(folder: Path, config: dict[str, Any], calls: int, original_traced, s
     from .artifact import compile_artifact
     from .bench import bench_artifacts
     from .ort_runner import OrtArtifact
-    from .supernet import gateable_elements
     from .schedule import builtin
+    from .supernet import gateable_elements
 
     threads = torch.get_num_threads()  # PyTorch's default: the physical cores; onnxruntime gets the same
     full = folder.parent / f".{folder.name}.full"
@@ -58,7 +63,8 @@ def measure(folder: Path, config: dict[str, Any], calls: int, original_traced, s
         compile_artifact(original_traced, builtin("full", calls, gateable_elements(original_traced)),
                          scheduler_config, full, overwrite=True, scheduler=config["scheduler"],
                          sampler_steps=config["steps"], precision=config["precision"])
-        artifacts = {"full": OrtArtifact.open(full, threads=threads), "compiled": OrtArtifact.open(folder, threads=threads)}
+        artifacts = {"full": OrtArtifact.open(full, threads=threads),
+                     "compiled": OrtArtifact.open(folder, threads=threads)}
         provider = artifacts["compiled"].sessions[0].get_providers()[0]
         result = bench_artifacts(artifacts, 1, ROUNDS, on_run=on_run)
     finally:
@@ -97,10 +103,12 @@ def _built_text(built: dict[str, Any]) -> str:
     prune, tune = built.get("prune"), built.get("finetune")
     if prune is None and "prune" not in built:
         return ""
-    text = ", channel pruning " + (f"ratio {prune['ratio']} ({prune['importance']} importance, {prune['scope']})"
+    text = ", channel pruning " + (f"{prune['channel_ratio']} of the channels removed ({prune['importance']} "
+                                   f"importance, {prune['scope']})"
                                    if prune else "(settings unknown: no stage.json)")
     if "finetune" in built:
-        text += ", fine-tuned " + (f"{tune['steps']} steps at batch {tune['batch']}" if tune else "(settings unknown)")
+        text += ", fine-tuned " + (f"{tune['train_steps']} steps at batch {tune['batch']}" if tune
+                                   else "(settings unknown)")
     return text
 
 
@@ -147,3 +155,42 @@ def _markdown(report: dict[str, Any], schedule, loaded, trained) -> list[str]:
               + (", under the pruner's P(reuse)" if trained is not None else "") + ".", "",
               "![schedule](schedule.png)"]
     return lines
+
+
+def save_heatmap(scores: torch.Tensor | None, schedule: Schedule, path: str | Path, title: str) -> Path:
+    """One PNG (elements x denoiser calls): the pruner's P(reuse) above the chosen schedule, or the
+    schedule alone without `scores`. Call ticks are whole calls (0-based)."""
+    from matplotlib import pyplot as plt
+
+    fig = heatmap_figure(scores, schedule, title)
+    try:
+        return write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def heatmap_figure(scores: torch.Tensor | None, schedule: Schedule, title: str):
+    """`save_heatmap`'s matplotlib figure (the caller closes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    compute = torch.tensor([[float(c) for c in row] for row in schedule.compute])
+    calls, columns = compute.shape
+    panels = [(compute.T.numpy(), "schedule: dark = compute, light = reuse cached output", "Greys")]
+    if scores is not None:
+        panels.insert(0, (scores.T.numpy(), "P(reuse) from the pruner", "viridis"))
+    height = 1.2 + 0.22 * columns
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.16 * calls + 3), len(panels) * height + 0.6),
+                             constrained_layout=True, squeeze=False)
+    for ax, (data, label, cmap) in zip(axes[:, 0], panels):
+        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(columns), schedule.elements, fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("denoiser call")
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02)
+    fig.suptitle(title, fontsize=10)
+    return fig

@@ -72,8 +72,8 @@ def _nearest(value: int, multiple: int) -> str:
     return " or ".join(str(v) for v in (lower, lower + multiple) if v > 0)
 
 
-def check_size(model: nn.Module, height: int, width: int, scale: int = 1, names: tuple[str, str] = ("height", "width"),
-               ) -> None:
+def check_size(model: nn.Module, height: int, width: int, scale: int = 1,
+               names: tuple[str, str] = ("`height`", "`width`")) -> None:
     """Raise ResolutionError unless `model` runs at (height, width), given in units of 1/`scale` latent
     (scale 1: latent sizes; the VAE's factor: pixels). `names` are what the caller calls the two sizes."""
     rule = family_of(model).size_rule(model)
@@ -81,18 +81,18 @@ def check_size(model: nn.Module, height: int, width: int, scale: int = 1, names:
     why = f"the VAE's {scale} x {rule.why.split(':')[0]}" if scale > 1 else rule.why
     for name, value in zip(names, (height, width)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ResolutionError(f"{name} must be a positive whole number, got {value!r}")
+            raise ResolutionError(f"{name} must be a positive whole number, got {value!r}", field=("height", "width"))
         if value % multiple:
             raise ResolutionError(f"{name} {value} is not a multiple of {multiple} ({why}); "
-                                  f"use {_nearest(value, multiple)}")
+                                  f"use {_nearest(value, multiple)}", field=("height", "width"))
     if rule.square and height != width:
         raise ResolutionError(f"{type(model).__name__} runs square sizes only (it unpatchifies height = width); "
                               f"{names[0]} {height} and {names[1]} {width} differ: use {min(height, width)} "
-                              f"or {max(height, width)} for both")
+                              f"or {max(height, width)} for both", field=("height", "width"))
 
 
 def resolve(model: nn.Module, source: str | os.PathLike | None, height: int | None = None, width: int | None = None,
-            names: tuple[str, str] = ("height", "width")) -> Resolution:
+            names: tuple[str, str] = ("`height`", "`width`")) -> Resolution:
     """The resolution to compile `model` at: pixels when `source` is a pipeline folder with a vae/,
     else latent; a size left out is the config's sample_size (times the VAE's factor). Checked."""
     scale = vae_scale_factor(source) or 1

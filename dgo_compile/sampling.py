@@ -91,18 +91,19 @@ def conditions_for(input_names: tuple[str, ...], n: int, class_labels: list[int]
         uncond.update({k.removeprefix("uncond."): v for k, v in stored.items() if k.startswith("uncond.")})
     if "class_labels" in wanted:
         if not class_labels:
-            raise DgoError("this model is class-conditional: pass --class-label (repeat it for several classes)")
+            raise DgoError("this model is class-conditional: pass `class_labels` (repeat it for several classes)",
+                           field="class_labels")
         cond["class_labels"] = torch.tensor([class_labels[i % len(class_labels)] for i in range(n)])
         if null_class_label is not None:
             uncond["class_labels"] = torch.tensor([null_class_label])
     elif class_labels:
-        raise DgoError("--class-label given, but this model takes no class labels")
+        raise DgoError("`class_labels` given, but this model takes no class labels", field="class_labels")
     missing = [name for name in wanted if name not in cond]
     if missing:
-        text = " (or --prompts, with a pipeline folder that has a text encoder)" \
+        text = " (or `prompts`, with a pipeline folder that has a text encoder)" \
             if "encoder_hidden_states" in missing else ""
         raise DgoError(f"this model also takes {', '.join(missing)}: pass them in a safetensors file "
-                       f"(--prompt-embeds) under those names{text}")
+                       f"(`prompt_embeds`) under those names{text}", field=("prompt_embeds", "prompts"))
     if guidance_scale is None or not wanted:
         return (cond or None), None
     missing = [name for name in wanted if name not in uncond]
@@ -308,3 +309,59 @@ def save_grid(images: torch.Tensor, path: str | Path, scale: int = 2) -> Path:
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     return write_atomic(path, lambda p: image.save(p, format="PNG"))  # a failed save never leaves half a grid
+
+
+@dataclass
+class SamplingTarget:
+    """What `sample` runs: an artifact on onnxruntime (its sampler and size fixed by it) or a model's
+    traced graph, with what a sampling run needs to know about it."""
+
+    denoiser: object
+    scheduler_config: dict
+    scheduler: str | None
+    steps: int
+    shape: tuple[int, ...]
+    input_names: tuple[str, ...]
+    guidance_scale: float | None = None
+    null_class_label: int | None = None
+
+    @property
+    def calls(self) -> int:
+        """Denoiser calls of one sampling run."""
+        return len(denoiser_timesteps(self.scheduler_config, self.steps, self.scheduler))
+
+
+def sampling_target(source: Path | None, steps: int | None = None, scheduler: str | None = None,
+                    height: int | None = None, width: int | None = None) -> SamplingTarget:
+    """The artifact folder `source` (any of steps, scheduler, height and width given must be what it was
+    compiled for) or the model at `source` (default: the shipped one), traced at that size."""
+    from . import load, trace
+    from .configs import DEFAULT_STEPS
+    from .resolution import resolve
+
+    if source is not None and (Path(source) / "manifest.json").is_file():
+        from .ort_runner import OrtArtifact
+
+        artifact = OrtArtifact.open(source)
+        manifest = artifact.manifest
+        if steps is not None and steps != artifact.steps:
+            raise DgoError(f"{source} was compiled for {artifact.steps} steps, not {steps}; "
+                           f"drop `steps` or recompile with `steps` {steps}", field="steps")
+        if scheduler is not None and scheduler != manifest.scheduler.name:
+            raise DgoError(f"{source} was compiled for the {manifest.scheduler.name} sampler, not {scheduler}; "
+                           f"drop `scheduler` or recompile with `scheduler` {scheduler}", field="scheduler")
+        compiled = manifest.resolution
+        if any(given is not None and given != getattr(compiled, key, None)
+               for key, given in (("height", height), ("width", width))):
+            raise DgoError(f"{source} was compiled for height {getattr(compiled, 'height', None)}, width "
+                           f"{getattr(compiled, 'width', None)} ({getattr(compiled, 'unit', 'latent')}); "
+                           "drop `height`/`width` or recompile with them", field=("height", "width"))
+        spec = manifest.input
+        return SamplingTarget(artifact, manifest.scheduler.config, manifest.scheduler.name, artifact.steps,
+                              tuple(spec["sample"].shape[1:]), tuple(spec), manifest.guidance_scale,
+                              manifest.model.null_class_label)
+    loaded = load(source)
+    traced = trace(loaded, size=resolve(loaded.model, loaded.source, height, width).latent)
+    return SamplingTarget(traced, loaded.require_scheduler(), scheduler, steps or DEFAULT_STEPS,
+                          tuple(traced.example_inputs(1)["sample"].shape[1:]), traced.input_names,
+                          null_class_label=traced.family.null_class_label(loaded.model))

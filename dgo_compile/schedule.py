@@ -1,7 +1,11 @@
-"""Static block schedules: for each sampler step, which gateable blocks compute and which reuse.
+"""Static block schedules: for each denoiser call, which gateable elements (blocks, or units inside
+blocks) compute and which reuse.
 
-A schedule is DiP-GO's SubNet written as a table (steps x blocks). Reusing a block means its
-output is the cached output from the last step where it ran. Built-in schedules make the honest
+A schedule is DiP-GO's SubNet written as a table (calls x elements). A sampler step may make more
+than one call (Heun: 2N-1 calls for N steps, PNDM: N+9), so rows count calls, not steps. Reusing an
+element means its output is the cached output from the last call where it ran. The closure (what
+else a schedule may skip) and the graph key of each call (`variant_keys`) live here too; the JSON
+file keeps its keys (`blocks`, `compute`) for the elements and the rows. Built-in schedules make the honest
 baselines one flag away: `full`, `deepcache:N[:branch]` and `steps:K` (reuse every block, which
 for DDIM with eta 0 and trailing spacing is exactly DDIM with K uniform steps).
 """
@@ -26,8 +30,8 @@ class ScheduleError(DgoError):
 @dataclass(frozen=True)
 class Schedule:
     name: str
-    blocks: tuple[str, ...]  # gateable elements: blocks, or units inside blocks
-    compute: tuple[tuple[bool, ...], ...]  # compute[step][block]: True = run the block
+    elements: tuple[str, ...]  # gateable elements: blocks, or units inside blocks
+    compute: tuple[tuple[bool, ...], ...]  # compute[call][element]: True = run the element
     granularity: str = "block"
 
     def __post_init__(self) -> None:
@@ -37,18 +41,19 @@ class Schedule:
             raise ScheduleError(f"schedule '{self.name}' has granularity '{self.granularity}'; "
                                 f"use one of {', '.join(GRANULARITIES)}")
         if not self.compute:
-            raise ScheduleError(f"schedule '{self.name}' has no steps")
+            raise ScheduleError(f"schedule '{self.name}' has no calls")
         for i, row in enumerate(self.compute):
-            if len(row) != len(self.blocks):
-                raise ScheduleError(f"schedule '{self.name}' step {i} has {len(row)} entries for "
-                                    f"{len(self.blocks)} blocks")
+            if len(row) != len(self.elements):
+                raise ScheduleError(f"schedule '{self.name}' call {i} has {len(row)} entries for "
+                                    f"{len(self.elements)} {self.granularity}s")
         if not all(self.compute[0]):
-            skipped = [b for b, c in zip(self.blocks, self.compute[0]) if not c]
-            raise ScheduleError(f"schedule '{self.name}' reuses {skipped[0]} at step 0, where no cache exists yet; "
-                                "step 0 must compute every block")
+            skipped = [b for b, c in zip(self.elements, self.compute[0]) if not c]
+            raise ScheduleError(f"schedule '{self.name}' reuses {skipped[0]} at call 0, where no cache exists yet; "
+                                f"call 0 must compute every {self.granularity}")
 
     @property
-    def steps(self) -> int:
+    def calls(self) -> int:
+        """Denoiser calls (rows): the sampler steps only for one-call-per-step samplers."""
         return len(self.compute)
 
     def with_closure(self, consumers: dict[str, set[str]]) -> Schedule:
@@ -56,51 +61,44 @@ class Schedule:
         later step reads the cache before the block runs again. Results never change."""
         from dgo_compile.passes.boundaries import OUTPUT
 
-        rows = [dict(zip(self.blocks, row)) for row in self.compute]
+        rows = [dict(zip(self.elements, row)) for row in self.compute]
         changed = True
         while changed:
             changed = False
             for step in range(1, len(rows)):
-                for block in self.blocks:
+                for block in self.elements:
                     users = consumers.get(block, set())
                     if (rows[step][block] and users and not any(u == OUTPUT or rows[step].get(u, False) for u in users)
                             and not _cache_read_later(rows, users, block, step)):
                         rows[step][block] = False
                         changed = True
-        return Schedule(self.name, self.blocks, tuple(tuple(r[b] for b in self.blocks) for r in rows), self.granularity)
-
-    def cache_read_later(self, consumers: dict[str, set[str]], block: str, step: int) -> bool:
-        """Whether some later step reads `block`'s cache before computing it again (so store it now)."""
-        rows = [dict(zip(self.blocks, row)) for row in self.compute]
-        return _cache_read_later(rows, consumers.get(block, set()), block, step)
+        return Schedule(self.name, self.elements, tuple(tuple(r[b] for b in self.elements) for r in rows),
+                        self.granularity)
 
     def for_units(self, units: dict[str, tuple[str, ...]]) -> Schedule:
         """The same schedule at unit granularity: every unit follows its block."""
         if self.granularity == "unit":
             return self
-        names = tuple(u for b in self.blocks for u in units[b])
-        rows = tuple(tuple(c for b, c in zip(self.blocks, row) for _ in units[b]) for row in self.compute)
+        names = tuple(u for b in self.elements for u in units[b])
+        rows = tuple(tuple(c for b, c in zip(self.elements, row) for _ in units[b]) for row in self.compute)
         return Schedule(self.name, names, rows, "unit")
 
-    def kept_macs(self, block_macs: dict[str, int], other_macs: int) -> list[int]:
-        """MACs of each step: computed blocks plus everything outside the gateable blocks."""
-        return [other_macs + sum(block_macs[b] for b, c in zip(self.blocks, row) if c) for row in self.compute]
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "granularity": self.granularity, "blocks": list(self.blocks),
+    def to_json(self) -> dict:  # the file's keys predate the attribute names: "blocks" holds the elements
+        return {"name": self.name, "granularity": self.granularity, "blocks": list(self.elements),
                 "compute": [[int(c) for c in row] for row in self.compute]}
 
     @classmethod
     def from_json(cls, data: dict) -> Schedule:
         if not isinstance(data, dict):
             raise ScheduleError(f"schedule JSON must be an object with 'name', 'blocks' and 'compute' "
-                                f"(steps x blocks of 0/1), not {type(data).__name__}")
+                                f"(calls x elements of 0/1), not {type(data).__name__}")
         try:
             name, blocks, compute = data["name"], data["blocks"], data["compute"]
             rows = tuple(tuple(_flag(c) for c in row) for row in compute)
             return cls(str(name), tuple(str(b) for b in blocks), rows, str(data.get("granularity", "block")))
         except (KeyError, TypeError) as exc:
-            raise ScheduleError(f"schedule JSON needs 'name', 'blocks' and 'compute' (steps x blocks of 0/1): {exc}") \
+            raise ScheduleError(f"schedule JSON needs 'name', 'blocks' and 'compute' (calls x elements of 0/1): "
+                                f"{exc}") \
                 from exc
 
     def save(self, path: str | Path) -> None:
@@ -123,6 +121,24 @@ def _cache_read_later(rows: list[dict[str, bool]], users: set[str], block: str, 
         if any(u == OUTPUT or row.get(u, False) for u in users):
             return True
     return False
+
+
+VariantKey = tuple[frozenset[str], frozenset[str]]  # (reused elements, exposed elements)
+
+
+def variant_keys(closed: Schedule, consumers: dict[str, set[str]]) -> list[VariantKey]:
+    """Each call's (reused, exposed) graph key for a closed schedule.
+
+    Calls that reuse the same elements share one graph exposing every value any of them must
+    store: an extra output costs no compute, a second graph costs a second copy of the weights.
+    """
+    rows = [dict(zip(closed.elements, row)) for row in closed.compute]  # built once, not once per (element, call)
+    reused_at = [frozenset(e for e, c in zip(closed.elements, row) if not c) for row in closed.compute]
+    exposed_with: dict[frozenset[str], set[str]] = {r: set() for r in reused_at}
+    for t, row in enumerate(closed.compute):
+        exposed_with[reused_at[t]] |= {e for e, c in zip(closed.elements, row)
+                                       if c and _cache_read_later(rows, consumers.get(e, set()), e, t)}
+    return [(r, frozenset(exposed_with[r])) for r in reused_at]
 
 
 def _flag(value) -> bool:
@@ -149,23 +165,24 @@ def check_spec(spec: str, *, learned: bool = False) -> None:
         raise ScheduleError(f"steps:K needs K >= 1, got {match.group(4)}")
 
 
-def builtin(spec: str, steps: int, blocks: tuple[str, ...]) -> Schedule:
-    """`full`, `deepcache:N[:branch]` or `steps:K` over `blocks` (diffusers block names)."""
+def builtin(spec: str, calls: int, elements: tuple[str, ...]) -> Schedule:
+    """`full`, `deepcache:N[:branch]` or `steps:K` over `calls` denoiser calls and `elements` (diffusers
+    block names)."""
     match = SPEC.match(spec)
     if match is None:
         raise ScheduleError(f"unknown schedule '{spec}'; use full, deepcache:N[:branch] or steps:K")
-    if steps < 1:
-        raise ScheduleError(f"steps must be at least 1, got {steps}")
+    if calls < 1:
+        raise ScheduleError(f"calls must be at least 1, got {calls}")
     if spec == "full":
-        return Schedule(spec, blocks, tuple(tuple(True for _ in blocks) for _ in range(steps)))
+        return Schedule(spec, elements, tuple(tuple(True for _ in elements) for _ in range(calls)))
     if match.group(4) is not None:
         k = int(match.group(4))
-        if not 1 <= k <= steps:
-            raise ScheduleError(f"steps:K needs 1 <= K <= {steps}, got {k}")
-        computed = _uniform_steps(steps, k)
-        return Schedule(spec, blocks, tuple(tuple(i in computed for _ in blocks) for i in range(steps)))
+        if not 1 <= k <= calls:
+            raise ScheduleError(f"steps:K needs 1 <= K <= {calls}, got {k}")
+        computed = _uniform_steps(calls, k)
+        return Schedule(spec, elements, tuple(tuple(i in computed for _ in elements) for i in range(calls)))
     interval, branch = int(match.group(2)), int(match.group(3) or 0)
-    return _deepcache(spec, steps, blocks, interval, branch)
+    return _deepcache(spec, calls, elements, interval, branch)
 
 
 def _uniform_steps(steps: int, k: int) -> set[int]:

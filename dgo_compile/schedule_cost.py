@@ -9,16 +9,18 @@ leaves in each artifact variant, so a ratio chosen here is the ratio the manifes
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from dgo_compile.passes import FoldTimestep, PassManager, cost_of
 from dgo_compile.passes.boundaries import boundary_values, data_inputs, element_consumers, element_of, sample_dependent
 
 from .cost import analyse
-from .folding import VariantKey, variant_keys
+from .schedule import Schedule, ScheduleError, VariantKey, variant_keys
 from .supernet import gateable_elements
-from .schedule import Schedule
 from .tracing import TracedDenoiser
+
+KEPT_TOLERANCE = 0.0125  # how far an extracted schedule's kept MACs may be from the asked share
 
 
 class ScheduleCost:
@@ -63,7 +65,7 @@ class ScheduleCost:
 
     def kept_ratio(self, schedule: Schedule) -> float:
         """The closed schedule's MACs per run over the full model's."""
-        return sum(self.per_call(schedule)) / (self.full_macs * schedule.steps)
+        return sum(self.per_call(schedule)) / (self.full_macs * schedule.calls)
 
     def cascade_shares(self) -> dict[str, float]:
         """DiP-GO's gamma: the share of a call's MACs that reusing one element saves, counting
@@ -79,3 +81,63 @@ class ScheduleCost:
     def reuse_all_share(self) -> float:
         """What reusing every element of a call saves (the head on the cached output remains)."""
         return 1 - self.step_macs(frozenset(self.elements)) / self.full_macs
+
+
+def extract_schedule(scores: torch.Tensor, cost: ScheduleCost, keep_macs: float, name: str,
+                     whole_calls: bool = False, tolerance: float = KEPT_TOLERANCE) -> tuple[Schedule, float]:
+    """The closed schedule that reuses the highest-scoring pairs (scores: any reals, e.g. the
+    pruner's reuse margins; call 0 is never reused), with kept MACs within `tolerance`
+    of `keep_macs`: bisection over how many of the ranked pairs (or whole calls) to reuse, then a
+    greedy sweep down the ranking where one pair's cascade jumps over the budget."""
+    calls, columns = scores.shape
+    if not 0 < keep_macs <= 1:
+        raise ScheduleError(f"`keep_macs` must be in (0, 1] (the kept share of the full model's MACs), got {keep_macs}",
+                            field="keep_macs")
+    if whole_calls:
+        ranked = [[(t, b) for b in range(columns)] for t in
+                  sorted(range(1, calls), key=lambda t: (-scores[t].mean().item(), t))]
+    else:
+        ranked = [[(t, b)] for t, b in sorted(((t, b) for t in range(1, calls) for b in range(columns)),
+                                              key=lambda tb: (-scores[tb].item(), tb))]
+
+    def schedule_with(groups) -> Schedule:
+        rows = [[True] * columns for _ in range(calls)]
+        for group in groups:
+            for t, b in group:
+                rows[t][b] = False
+        return Schedule(name, cost.elements, tuple(tuple(r) for r in rows), cost.granularity)  # kept_ratio closes it
+
+    kepts: dict[int, float] = {}
+
+    def kept(k: int) -> float:
+        if k not in kepts:
+            kepts[k] = cost.kept_ratio(schedule_with(ranked[:k]))
+        return kepts[k]
+
+    low, high = 0, len(ranked)  # kept(low) > keep_macs >= kept(high), when reachable
+    if kept(high) > keep_macs + tolerance:
+        raise ScheduleError(f"the smallest schedule keeps {kept(high):.1%} of the MACs (call 0 always runs in "
+                            f"full); ask for `keep_macs` {kept(high):.3f} or more", field="keep_macs")
+    if kept(low) <= keep_macs + tolerance:
+        return cost.close(schedule_with([])), kept(low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if kept(middle) > keep_macs:
+            low = middle
+        else:
+            high = middle
+    best = min((low, high), key=lambda k: abs(kept(k) - keep_macs))
+    if abs(kept(best) - keep_macs) <= tolerance:
+        return cost.close(schedule_with(ranked[:best])), kept(best)
+    # The next pair in rank order overshoots (e.g. it kills a whole call): go on down the ranking,
+    # skipping pairs that would overshoot, until the budget is met.
+    chosen = list(ranked[:low])
+    for group in ranked[low:]:
+        trial = cost.kept_ratio(schedule_with(chosen + [group]))
+        if trial >= keep_macs - tolerance:
+            chosen.append(group)
+            if trial <= keep_macs + tolerance:
+                return cost.close(schedule_with(chosen)), trial
+    raise ScheduleError(f"no schedule from these scores keeps {keep_macs:.1%} of the MACs within {tolerance:.2%} "
+                        f"(nearest: {kept(low):.1%} and {kept(high):.1%}); choose another `keep_macs`",
+                        field="keep_macs")

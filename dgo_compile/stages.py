@@ -33,7 +33,8 @@ def file_digest(path: str | Path) -> str:
     path = Path(path)
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     for file in files:
         digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
         digest.update(_content_digest(file) + b"\0")
@@ -104,7 +105,9 @@ def stale_reason(folder: str | Path, expected: dict[str, Any]) -> str | None:
                if old.get(key) != new.get(key)]
     if changed:
         return f"{table} settings changed: " + ", ".join(changed)
-    return f"its input changed ({', '.join(k for k in sorted(set(stored.get('inputs', {})) | set(expected['inputs'])) if stored.get('inputs', {}).get(k) != expected['inputs'].get(k))})"
+    old_inputs, new_inputs = stored.get("inputs", {}), expected["inputs"]
+    changed_inputs = [k for k in sorted(set(old_inputs) | set(new_inputs)) if old_inputs.get(k) != new_inputs.get(k)]
+    return f"its input changed ({', '.join(changed_inputs)})"
 
 
 def discard(folder: Path, reason: str) -> None:

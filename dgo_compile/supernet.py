@@ -88,7 +88,8 @@ class SuperNetRun:
             self.cache = [inputs[0].new_zeros((batch, *placeholders[e.cache].meta["tensor_meta"].shape[1:]))
                           for e in self.edges.edges]
         if self.checkpointed:
-            outputs = torch.utils.checkpoint.checkpoint(self.supernet, *inputs, *self.cache, *values, use_reentrant=False)
+            outputs = torch.utils.checkpoint.checkpoint(self.supernet, *inputs, *self.cache, *values,
+                                                        use_reentrant=False)
         else:
             outputs = self.supernet(*inputs, *self.cache, *values)
         self.cache = list(outputs[1:])

@@ -62,7 +62,8 @@ class ScheduleRun(StepRun):
         batch = named["sample"].shape[0]
         constants = self.folded.constants[step] if self.folded.constants else {}
         outputs = graph_module(*(named[n] for n in signature.inputs),
-                               *(constants[n].expand(batch, *constants[n].shape[1:]) for n in signature.constant_inputs),
+                               *(constants[n].expand(batch, *constants[n].shape[1:])
+                                 for n in signature.constant_inputs),
                                *(self.cache[n] for n in signature.cache_inputs))
         self.cache.update(zip(signature.cache_outputs, outputs[1:]))
         return outputs[0]

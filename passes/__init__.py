@@ -19,8 +19,17 @@ smaller modules, and the pruned model is traced afresh for the passes above.
 
 from .annotate_blocks import AnnotateBlocks, AnnotateBlocksConfig
 from .annotations import (
-    BackupEdges, BlockAnnotation, Gates, NodeCost, VariantSignature, backup_edges, block_of, channel_plan, cost_of,
-    gates_of, variant_signature,
+    BackupEdges,
+    BlockAnnotation,
+    Gates,
+    NodeCost,
+    VariantSignature,
+    backup_edges,
+    block_of,
+    channel_plan,
+    cost_of,
+    gates_of,
+    variant_signature,
 )
 from .attach_gates import AttachGates, AttachGatesConfig
 from .base import AnalysisPass, Pass, PassManager, PassResult, TransformPass

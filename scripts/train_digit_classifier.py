@@ -25,7 +25,11 @@ from torch.nn import functional as F
 
 from dgo_compile.data import mnist_digits
 from dgo_compile.metrics import (
-    CLASSIFIER_FILE, DEFAULT_CLASSIFIER_DIR, DigitClassifier, classifier_features, classifier_split,
+    CLASSIFIER_FILE,
+    DEFAULT_CLASSIFIER_DIR,
+    DigitClassifier,
+    classifier_features,
+    classifier_split,
     frechet_distance,
 )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from model_configs import TINY
 
 # Under pytest-xdist every core has its own worker: one thread each (and in the commands tests start),
@@ -51,9 +52,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny UNet (random weights) with the shipped model's sampler: exports in seconds."""
-    from model_configs import TINY_UNET2D
-
     from dgo_compile import load, trace
+    from model_configs import TINY_UNET2D
 
     config = tmp_path_factory.mktemp("tiny") / "config.json"
     config.write_text(json.dumps(TINY_UNET2D))
@@ -66,8 +66,8 @@ def artifact(tiny, tmp_path_factory):
     test come from the manifest and the files, not from the model). Tests copy it before changing it."""
     from dgo_compile.artifact import compile_artifact
     from dgo_compile.loading import DEFAULT_MODEL
-    from dgo_compile.supernet import gateable_elements
     from dgo_compile.schedule import builtin
+    from dgo_compile.supernet import gateable_elements
 
     _, traced, scheduler_config = tiny
     plan = builtin("full", 2, gateable_elements(traced, "block"))

@@ -7,6 +7,7 @@ import string
 from pathlib import Path
 
 import torch
+
 from model_configs import TINY_DIT, TINY_PIXART, TINY_SD, TINY_SDXL
 
 TOKENS = 8  # tokenizer.model_max_length: the tiny text encoder's sequence length
@@ -22,7 +23,8 @@ def write_clip_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TOKENS).save_pretrained(folder)
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                  model_max_length=TOKENS).save_pretrained(folder)
 
 
 def _clip_config(hidden: int, **extra):
@@ -125,7 +127,8 @@ def write_t5_tokenizer(folder: Path) -> None:
     """A character-level T5 (Unigram) tokenizer: pad, eos, unk, the word boundary and the letters."""
     from transformers import T5Tokenizer
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *((c, -1.0) for c in string.ascii_lowercase)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *((c,
+                                                                                 -1.0) for c in string.ascii_lowercase)]
     T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
 
 

@@ -8,12 +8,12 @@ import torch
 
 from dgo_compile import load, trace
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.export import export_onnx
 from dgo_compile.folding import fold
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.sampling import Guidance, denoiser_timesteps, initial_noise, sample, sample_ddim
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.supernet import gateable_elements
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def test_manifest_describes_how_to_run(shipped_artifact):
 
 def test_ort_run_refuses_another_sampler(shipped_artifact):
     loaded, _, _, path = shipped_artifact
-    with pytest.raises(ScheduleError, match="call 2 was compiled for timestep 888, got 979: sample with the scheduler and step count"):
+    with pytest.raises(ScheduleError,
+                       match="call 2 was compiled for timestep 888, got 979: sample with the scheduler and step count"):
         sample_ddim(OrtArtifact.open(path), loaded.scheduler_config, initial_noise(1, (1, 32, 32), 0), 50)
 
 

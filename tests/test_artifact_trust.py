@@ -9,10 +9,10 @@ import pytest
 
 from dgo_compile import load, trace
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.artifact_files import file_record
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.schedule import builtin
+from dgo_compile.supernet import gateable_elements
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 

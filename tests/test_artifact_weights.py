@@ -10,8 +10,8 @@ import torch
 from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact, read_manifest
 from dgo_compile.ort_runner import OrtArtifact, session_options
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import Schedule
+from dgo_compile.supernet import gateable_elements
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 STEPS = 4
@@ -54,7 +54,8 @@ def test_variants_share_one_weights_file(compiled):
         assert locations == {"weights.bin"}
         inline = [len(t.raw_data) for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
         assert max(inline, default=0) <= 1024  # only the exporter's small constants stay in the graph
-    assert sorted(p.name for p in path.iterdir() if p.suffix not in (".onnx", ".json", ".safetensors")) == ["weights.bin"]
+    assert sorted(p.name for p in path.iterdir() if p.suffix not in (".onnx", ".json",
+                                                                     ".safetensors")) == ["weights.bin"]
 
 
 def test_a_variant_opens_on_its_own_and_matches_the_shared_session(compiled):
@@ -89,7 +90,8 @@ def test_fp16_artifact_call_is_as_close_to_fp32_as_pytorch_fp16(compiled):
     inputs["timestep"] = torch.full_like(inputs["timestep"], half.manifest.scheduler.timesteps[0])
     reference = traced.graph_module(*inputs.values())
     relative = lambda y: ((y - reference).abs().max() / reference.abs().max()).item()
-    ours, theirs = relative(half.new_run()(*inputs.values())), relative(_torch_fp16(traced.model, traced.family, inputs))
+    ours, theirs = relative(half.new_run()(*inputs.values())), relative(_torch_fp16(traced.model, traced.family,
+                                                                                    inputs))
     assert ours < FP16_CALL_BOUND and ours <= 1.5 * theirs + 2e-4, (ours, theirs)
     manifest = read_manifest(paths["fp16"]).to_json()
     assert manifest["precision"] == "fp16"

@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from dgo_compile.passes.channel_groups import analyse_channels
+from dgo_compile.passes.channel_plan import ChannelRuleError
+from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 from torch import nn
 
 from dgo_compile import load, trace
 from dgo_compile.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
 from dgo_compile.export import export_onnx
 from dgo_compile.loading import save_denoiser
-from dgo_compile.passes.channel_groups import analyse_channels
-from dgo_compile.passes.channel_plan import ChannelRuleError
-from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 
 
 def exported(module: nn.Module, *inputs):
@@ -84,14 +84,14 @@ def test_cat_skip_connection_offsets_and_groupnorm_atoms_across_the_seam():
     assert plan.groups[deep].atoms == (2, 2, 2) and plan.groups[shallow].atoms == (2, 2)
     assert plan.groups[deep].share == plan.groups[shallow].share  # one GroupNorm: they lose the same share
     scores = {g.id: torch.arange(g.size, dtype=torch.float) for g in plan.prunable()}
-    keep = select(plan, scores, PruneConfig(ratio=0.5, importance="magnitude", min_group_channels=1))
+    keep = select(plan, scores, PruneConfig(channel_ratio=0.5, importance="magnitude", min_group_channels=1))
     kept_channels = torch.cat([keep[deep], keep[shallow] + 6])
     per_norm_group = torch.bincount(kept_channels // 2, minlength=5)
     assert per_norm_group.tolist() == [1, 1, 1, 1, 1]  # channels per group stay whole and equal
     assert keep[deep].tolist() == [1, 3, 5]  # the higher-scored channel of each pair survives
     # by default a GroupNorm group keeps 2 channels: groups of 2 are not cut at any ratio
     for scope in ("uniform", "global"):
-        keep = select(plan, scores, PruneConfig(ratio=0.9, importance="magnitude", scope=scope))
+        keep = select(plan, scores, PruneConfig(channel_ratio=0.9, importance="magnitude", scope=scope))
         assert keep[deep].tolist() == [0, 1, 2, 3, 4, 5] and keep[shallow].tolist() == [0, 1, 2, 3]
 
 
@@ -112,7 +112,8 @@ def test_groupnorm_groups_keep_the_minimum_channels(minimum, ratio, kept):
     (stem, _), = group_of(plan, "stem.weight", 0)
     assert plan.groups[stem].norm_group == 8 and plan.groups[stem].steps == 8
     for scope in ("uniform", "global"):
-        keep = select(plan, {stem: torch.rand(16)}, PruneConfig(ratio=ratio, importance="magnitude", scope=scope,
+        keep = select(plan, {stem: torch.rand(16)}, PruneConfig(channel_ratio=ratio, importance="magnitude",
+                                                                scope=scope,
                                                               min_group_channels=minimum))
         assert torch.bincount(keep[stem] // 8, minlength=2).tolist() == [kept, kept]
 
@@ -287,7 +288,7 @@ def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_pa
 
     loaded = load(config_dir / family / "config.json")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    pruned = prune(loaded, PruneConfig(ratio=0.5, importance="magnitude"))  # re-traces and checks itself
+    pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="magnitude"))  # re-traces and checks itself
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())  # user's model untouched
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert params(pruned.model) < 0.8 * params(loaded.model)
@@ -306,7 +307,7 @@ def test_pruned_model_saves_and_loads_back_exactly(config_dir, family, tmp_path)
     loaded = load(config_dir / family / "config.json")
     model_folder = save_denoiser(loaded, loaded.model, tmp_path / "model")
     loaded = load(model_folder)
-    pruned = prune(loaded, PruneConfig(ratio=0.5, importance="random", scope="global"))
+    pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="random", scope="global"))
     save_denoiser(loaded, pruned.model, tmp_path / "pruned", pruned.pruning)
     back = load(tmp_path / "pruned")
     assert back.pruning["modules"] == pruned.pruning["modules"]
@@ -321,13 +322,13 @@ def test_taylor_accumulates_timesteps_until_the_loss_falls_below_the_threshold()
     loaded = load()
     from dgo_compile.data import mnist_digits
 
-    config = PruneConfig(ratio=0.3, threshold=0.2, batch=4, max_timesteps=40)
+    config = PruneConfig(channel_ratio=0.3, threshold=0.2, batch=4, max_timesteps=40)
     pruned = prune(loaded, config, mnist_digits()[0][:64])
     losses = pruned.taylor_losses
     assert 1 <= len(losses) <= 40
     stops = [i for i, loss in enumerate(losses) if loss < config.threshold * max(losses[:i + 1])]
     assert stops in ([len(losses) - 1], []) and (stops or len(losses) == 40)
-    magnitude = prune(loaded, PruneConfig(ratio=0.3, importance="magnitude"))
+    magnitude = prune(loaded, PruneConfig(channel_ratio=0.3, importance="magnitude"))
     assert any(not torch.equal(pruned.keep[g], magnitude.keep[g]) for g in pruned.keep)  # the gradients matter
 
 
@@ -337,7 +338,7 @@ def run(*args):
 
 
 def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
-    result = run("prune", "--dry-run", "--ratio", "0.5", "-o", tmp_path / "p")
+    result = run("prune", "--dry-run", "--channel-ratio", "0.5", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr
     assert "57 channel groups, 56 prunable" in result.stdout
     assert "GroupNorm(16) conv_norm_out" in result.stdout and "the model output" in result.stdout
@@ -345,7 +346,7 @@ def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
 
 
 def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
-    result = run("prune", "--importance", "magnitude", "--ratio", "0.5", "-o", tmp_path / "p")
+    result = run("prune", "--importance", "magnitude", "--channel-ratio", "0.5", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr
     stored = json.loads((tmp_path / "p" / "unet" / "dgo_pruning.json").read_text())
     assert stored["macs"]["after"] < 0.6 * stored["macs"]["before"]
@@ -357,7 +358,8 @@ def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["prune", "--ratio", "1.5", "-o", "{tmp}/p"], "error: --ratio must be in [0, 1) (the share of channels removed)"),
+    (["prune", "--channel-ratio", "1.5", "-o", "{tmp}/p"],
+     "error: --channel-ratio must be in [0, 1) (the share of channels removed)"),
     (["prune", "--importance", "fisher", "-o", "{tmp}/p"], "error: --importance must be one of taylor, magnitude"),
     (["prune", "--images", "{tmp}/none.safetensors", "-o", "{tmp}/p"], "cannot read 'images' from"),
 ])
@@ -369,9 +371,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 
 
 def test_prune_config_errors():
-    with pytest.raises(PruneError, match="--scope must be one of uniform, global"):
+    with pytest.raises(PruneError, match="`scope` must be one of uniform, global"):
         PruneConfig(scope="layer")
-    with pytest.raises(PruneError, match="--min-group-channels must be at least 1, got 0"):
+    with pytest.raises(PruneError, match="`min_group_channels` must be at least 1, got 0"):
         PruneConfig(min_group_channels=0)
     _, plan = plan_channels(load())
     assert len(plan.prunable()) == 56

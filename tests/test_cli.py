@@ -89,7 +89,8 @@ def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
     assert "graphs for heun 3 steps" in result.stdout
     missing = run("sample", artifact, "-o", tmp_path / "g.png")
     assert missing.returncode == 1
-    assert missing.stderr.strip() == "error: this model is class-conditional: pass --class-label (repeat it for several classes)"
+    assert missing.stderr.strip() == ("error: this model is class-conditional: pass --class-label "
+                                      "(repeat it for several classes)")
     sampled = run("sample", artifact, "-n", "3", "--class-label", "1", "--class-label", "7", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
     assert "heun 3 steps" in sampled.stdout and Image.open(tmp_path / "g.png").size == (2 * 8 * 2, 2 * 8 * 2)
@@ -112,7 +113,7 @@ def test_unit_granularity_and_dump_dir(tmp_path):
     assert sorted(p.name for p in dump.iterdir()) == ["supernet", "variant_000", "variant_001"]
     assert "gate__down_blocks_0_resnets_0" in (dump / "supernet" / "03_attach_gates.txt").read_text()
     bad = run("compile", "--granularity", "layer", "-o", tmp_path / "b")
-    assert bad.returncode == 1 and bad.stderr.strip() == "error: --granularity must be block or unit, got 'layer'"
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --granularity must be one of block, unit, got 'layer'"
 
 
 def test_sample_writes_a_grid(tmp_path):
@@ -133,7 +134,8 @@ def test_compile_then_sample_the_artifact(tmp_path):
     assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
     wrong_steps = run("sample", artifact, "--steps", "5", "-o", tmp_path / "g.png")
     assert wrong_steps.returncode == 1
-    assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with --steps 5")
+    assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with "
+                                               "--steps 5")
     sampled = run("sample", artifact, "-n", "2", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
     assert "ddim 4 steps" in sampled.stdout and (tmp_path / "g.png").is_file()
@@ -184,21 +186,27 @@ PROBE = ("import sys\nfrom dgo_compile.cli.app import main\nsys.argv = ['dgo-com
     (["compile", "--schedule", "bogus:3", "-o", "{tmp}/a"], "unknown schedule 'bogus:3'"),
     (["compile", "--config", "{tmp}/dgo.toml", "-o", "{tmp}/exists"], "exists already exists"),
     (["compile", "--config", "{tmp}/dgo.toml", "--schedule", "nope", "-o", "{tmp}/a"], "unknown schedule 'nope'"),
-    (["prune", "--ratio", "2", "-o", "{tmp}/p"], "--ratio must be in [0, 1)"),
+    (["prune", "--channel-ratio", "2", "-o", "{tmp}/p"], "--channel-ratio must be in [0, 1)"),
     (["sample", "-n", "0"], "-n must be at least 1"),
     (["finetune", "-o", "{tmp}/exists"], "exists already exists"),
+    # renamed options: one line naming the new one
+    (["prune", "--ratio", "0.3"], "--ratio was renamed --channel-ratio (the share of channels removed)"),
+    (["optimize", "--ratio=0.3"], "--ratio was renamed --keep-macs (the kept share of the full model's MACs)"),
+    (["schedule", "{tmp}", "--ratio", "0.3"], "--ratio was renamed --keep-macs"),
+    (["finetune", "--steps", "3"], "--steps was renamed --train-steps (optimizer steps, not sampler steps)"),
 ])
 def test_help_and_bad_arguments_import_nothing_heavy(tmp_path, args, message):
     """Options, outputs and the schedule's syntax are checked before torch, diffusers or onnx are imported."""
     (tmp_path / "exists").mkdir()
-    (tmp_path / "dgo.toml").write_text('schedule = "deepcache:3"\nsteps = 4\n[prune]\nratio = 0.25\n')
+    (tmp_path / "dgo.toml").write_text('schedule = "deepcache:3"\nsteps = 4\n[prune]\nchannel_ratio = 0.25\n')
     result = subprocess.run([sys.executable, "-c", PROBE, *(a.format(tmp=tmp_path) for a in args)],
                             capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in result.stderr, result.stderr
     if message is None:
         assert result.returncode == 0 and "Usage:" in result.stdout
     else:
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert result.returncode == (2 if "renamed" in message else 1) and message in result.stderr, result.stderr
+        assert len([line for line in result.stderr.splitlines() if not line.startswith("HEAVY")]) == 1, result.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
 
 
@@ -209,3 +217,25 @@ def test_help_renders_flags_and_config_sections_as_written():
     assert "<bool>" not in text
     assert "([prune], [finetune], [optimize], then compile" in text
     assert "--overwrite / --no-overwrite" in text
+
+
+def test_one_library_error_names_the_field_for_python_and_toml_and_the_option_on_the_command_line(tmp_path):
+    """The library's message names the config field; a config file names its table and key; the command
+    line renders the same error with the option (cli/flags.py), and exits 1 with one line."""
+    from dgo_compile.cli.flags import render
+
+    from dgo_compile.configs import OptimizeConfig, PrunerError
+    from dgo_compile.errors import DgoError
+    from dgo_compile.pipeline import read_config
+
+    meaning = "must be in (0, 1] (the kept share of the full model's MACs), got 2.0"
+    with pytest.raises(PrunerError) as info:
+        OptimizeConfig(keep_macs=2.0)
+    assert str(info.value) == f"`keep_macs` {meaning}" and info.value.fields == ("keep_macs",)
+    assert render(info.value) == f"--keep-macs {meaning}"
+    config = tmp_path / "dgo.toml"
+    config.write_text('schedule = "learned"\n[optimize]\nkeep_macs = 2.0\n')
+    with pytest.raises(DgoError, match=re.escape(f"[optimize] keep_macs {meaning}")):
+        read_config(config, {})
+    result = run("optimize", "--keep-macs", "2", "-o", tmp_path / "p")
+    assert result.returncode == 1 and result.stderr.strip() == f"error: --keep-macs {meaning}", result.stderr

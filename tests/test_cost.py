@@ -33,7 +33,8 @@ def test_conv_and_linear_macs_by_hand():
     hw = 8 * 8
     conv3 = lambda cin, cout: hw * cout * cin * 9
     temb = 32  # time_embedding_dim = 4 * block_out_channels[0]
-    resnet = lambda cin, cout: conv3(cin, cout) + conv3(cout, cout) + cout * temb + (hw * cout * cin if cin != cout else 0)
+    resnet = lambda cin, cout: conv3(cin, cout) + conv3(cout,
+                                                        cout) + cout * temb + (hw * cout * cin if cin != cout else 0)
     assert rows["conv_in"].cost.weight_macs == conv3(1, 8)
     assert rows["down_blocks.0"].cost.weight_macs == resnet(8, 8)
     assert rows["mid_block"].cost.weight_macs == 2 * resnet(8, 8)
@@ -78,8 +79,9 @@ def test_macs_scale_with_batch():
 
 
 def test_compile_analyses_once_and_leaves_the_traced_graph_as_traced(tiny, tmp_path, monkeypatch):
-    from dgo_compile.artifact import compile_artifact
     from dgo_compile.passes import CountCosts
+
+    from dgo_compile.artifact import compile_artifact
     from dgo_compile.schedule import builtin
     from dgo_compile.supernet import gateable_elements
 

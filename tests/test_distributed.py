@@ -1,4 +1,5 @@
-"""Data parallelism: `optimize` and `finetune` under torchrun (2 CPU processes, gloo) follow one process at the same global batch."""
+"""Data parallelism: `optimize` and `finetune` under torchrun (2 CPU processes, gloo) follow one process
+at the same global batch."""
 
 import json
 import os
@@ -9,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgo_compile.distributed import DistributedError, World
 from dgo_compile import DEFAULT_MODEL
+from dgo_compile.distributed import DistributedError, World
 from dgo_compile.finetune import read_finetune
 from dgo_compile.pruner import build_pruner, load_pruner
 
@@ -26,7 +27,7 @@ def run(*args, processes=1):
 
 
 def test_optimize_on_two_processes_matches_one_at_the_same_global_batch(tmp_path):
-    options = ("optimize", "--steps", "4", "--iters", "4", "--batch", "2", "--calibration", "4", "--ratio", "0.3",
+    options = ("optimize", "--steps", "4", "--iters", "4", "--batch", "2", "--calibration", "4", "--keep-macs", "0.3",
                "--lr", "3")  # a large step, so gates flip and later iterations carry a consistency gradient
     one = run(*options, "-o", tmp_path / "one")
     two = run(*options, "-o", tmp_path / "two", processes=2)
@@ -52,7 +53,7 @@ def test_optimize_on_two_processes_matches_one_at_the_same_global_batch(tmp_path
     assert any(not torch.equal(initial[name], a) for name, a in weights[0].items())
 
 def test_finetune_on_two_processes_matches_one_at_the_same_global_batch(tmp_path):
-    options = ("finetune", "--steps", "3", "--batch", "4", "--ema-decay", "0")
+    options = ("finetune", "--train-steps", "3", "--batch", "4", "--ema-decay", "0")
     one = run(*options, "-o", tmp_path / "one")
     two = run(*options, "-o", tmp_path / "two", processes=2)
     assert one.returncode == 0, one.stderr
@@ -79,7 +80,7 @@ def test_finetune_on_two_processes_matches_one_at_the_same_global_batch(tmp_path
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_writing(tmp_path):
-    result = run("finetune", "--steps", "1", "--batch", "3", "-o", tmp_path / "out", processes=2)
+    result = run("finetune", "--train-steps", "1", "--batch", "3", "-o", tmp_path / "out", processes=2)
     assert result.returncode != 0
     assert "error: --batch 3 does not split evenly over 2 processes; pass a multiple of 2" in result.stderr
     assert not (tmp_path / "out").exists()

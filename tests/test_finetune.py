@@ -19,7 +19,7 @@ WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """Two raw-weight steps on the shipped model: the run the others are compared with."""
-    return finetune(None, FinetuneConfig(steps=2, batch=2, ema_decay=0), tmp_path_factory.mktemp("plain") / "out")
+    return finetune(None, FinetuneConfig(train_steps=2, batch=2, ema_decay=0), tmp_path_factory.mktemp("plain") / "out")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def pruned(tmp_path_factory):
 
 
 def test_pruned_model_trains_and_stays_loadable(pruned, tmp_path):
-    result = finetune(pruned, FinetuneConfig(steps=2, batch=2, ema_decay=0), tmp_path / "out")
+    result = finetune(pruned, FinetuneConfig(train_steps=2, batch=2, ema_decay=0), tmp_path / "out")
     before, after = load(pruned), load(tmp_path / "out")
     assert after.pruning == before.pruning and after.scheduler_config == before.scheduler_config
     old, new = before.model.state_dict(), after.model.state_dict()
@@ -55,8 +55,8 @@ def test_pruned_model_trains_and_stays_loadable(pruned, tmp_path):
 
 
 def test_saved_weights_are_the_ema_of_the_raw_weights(plain, tmp_path):
-    one = finetune(None, FinetuneConfig(steps=1, batch=2, ema_decay=0), tmp_path / "one")
-    finetune(None, FinetuneConfig(steps=2, batch=2, ema_decay=0.999), tmp_path / "ema")
+    one = finetune(None, FinetuneConfig(train_steps=1, batch=2, ema_decay=0), tmp_path / "one")
+    finetune(None, FinetuneConfig(train_steps=2, batch=2, ema_decay=0.999), tmp_path / "ema")
     raw2 = torch.load(plain.output / STATE_FILE, weights_only=True)["model"]
     assert all(torch.equal(v, raw2[k]) for k, v in load_file(plain.output / WEIGHTS).items())  # ema_decay 0: raw
     raw1 = one.model.state_dict()
@@ -73,7 +73,7 @@ def test_saved_weights_are_the_ema_of_the_raw_weights(plain, tmp_path):
 
 
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-    config = FinetuneConfig(steps=4, batch=2, checkpoint_every=2)
+    config = FinetuneConfig(train_steps=4, batch=2, checkpoint_every=2)
     straight = finetune(None, config, tmp_path / "straight")
 
     class Interrupt(Exception):
@@ -101,7 +101,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
 
 
 def test_distilling_from_the_model_itself_adds_nothing_until_it_moves(plain, tmp_path):
-    result = finetune(None, FinetuneConfig(steps=2, batch=2, ema_decay=0, distill=0.5), tmp_path / "d",
+    result = finetune(None, FinetuneConfig(train_steps=2, batch=2, ema_decay=0, distill=0.5), tmp_path / "d",
                       teacher=DEFAULT_MODEL)
     first, second = result.record.history
     reference = plain.record.history
@@ -115,12 +115,12 @@ def test_distilling_from_the_model_itself_adds_nothing_until_it_moves(plain, tmp
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(steps=0), "--steps must be at least 1, got 0"),
-    (dict(batch=0), "--batch must be at least 1, got 0"),
-    (dict(lr=0.0), "--lr must be positive, got 0.0"),
-    (dict(ema_decay=1.0), "--ema-decay must be in [0, 1)"),
-    (dict(distill=-1.0), "--distill must be 0 or more, got -1.0"),
-    (dict(warmup=-1), "--warmup must be 0 or more, got -1"),
+    (dict(train_steps=0), "`train_steps` must be at least 1, got 0"),
+    (dict(batch=0), "`batch` must be at least 1, got 0"),
+    (dict(lr=0.0), "`lr` must be positive, got 0.0"),
+    (dict(ema_decay=1.0), "`ema_decay` must be in [0, 1)"),
+    (dict(distill=-1.0), "`distill` must be 0 or more, got -1.0"),
+    (dict(warmup=-1), "`warmup` must be 0 or more, got -1"),
 ])
 def test_config_is_validated(options, message):
     with pytest.raises(FinetuneError) as info:
@@ -130,7 +130,7 @@ def test_config_is_validated(options, message):
 
 def test_bad_models_and_teacher_options_are_refused_before_writing(config_dir, tmp_path):
     with pytest.raises(FinetuneError, match="only fits 1x32x32 models"):
-        finetune(config_dir / "unet2d" / "config.json", FinetuneConfig(steps=1), tmp_path / "o")
+        finetune(config_dir / "unet2d" / "config.json", FinetuneConfig(train_steps=1), tmp_path / "o")
     with pytest.raises(FinetuneError, match="--distill needs --teacher"):
         finetune(None, FinetuneConfig(distill=1.0), tmp_path / "o")
     with pytest.raises(FinetuneError, match="--teacher needs --distill"):
@@ -147,7 +147,7 @@ def run(*args):
 
 def test_cli_finetune_then_resume_with_other_settings(tmp_path):
     out = tmp_path / "out"
-    result = run("finetune", "--steps", "2", "--batch", "2", "--checkpoint-every", "1", "-o", out)
+    result = run("finetune", "--train-steps", "2", "--batch", "2", "--checkpoint-every", "1", "-o", out)
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 2 steps in" in result.stdout and "final loss" in result.stdout
     assert read_finetune(out).complete and load(out).model is not None
@@ -157,7 +157,7 @@ def test_cli_finetune_then_resume_with_other_settings(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0", "-o", "{tmp}/p"], "error: --steps must be at least 1, got 0"),
+    (["--train-steps", "0", "-o", "{tmp}/p"], "error: --train-steps must be at least 1, got 0"),
     (["-o", "{tmp}"], "already exists; pass --resume to continue it"),
     (["--resume", "-o", "{tmp}/p"], "is not a fine-tuning output (needs finetune.json and finetune_state.pt)"),
     (["--distill", "0.5", "-o", "{tmp}/p"], "error: --distill needs --teacher"),

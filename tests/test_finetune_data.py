@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -20,6 +19,7 @@ from dgo_compile.data_folder import open_data
 from dgo_compile.families import family_of
 from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
 from dgo_compile.finetune_data import data_batch, noise_schedule
+from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255)}
@@ -74,7 +74,7 @@ def test_class_folders_become_labels_and_the_model_learns_them(tmp_path):
     rows = source.rows(torch.arange(8))
     assert rows["class_labels"].tolist() == [0] * 4 + [1] * 4  # sorted names: blue 0, red 1
     assert (rows["latents"][:4, 2] == 1).all() and (rows["latents"][4:, 0] == 1).all()
-    result = finetune(model, FinetuneConfig(steps=30, batch=8, lr=1e-3, ema_decay=0, data=str(data)),
+    result = finetune(model, FinetuneConfig(train_steps=30, batch=8, lr=1e-3, ema_decay=0, data=str(data)),
                       tmp_path / "out")
     first, last = _mean_loss(result.record.history)
     assert last < 0.7 * first, (first, last)  # measured: 0.50
@@ -90,7 +90,7 @@ def test_image_folder_run_resumes_bit_identically_and_refuses_changed_data(tmp_p
     data = tmp_path / "data"
     for i in range(6):
         _image(data / f"{i}.jpg", (20 + i, 18), seed=i)
-    config = FinetuneConfig(steps=4, batch=2, checkpoint_every=2, data=str(data))
+    config = FinetuneConfig(train_steps=4, batch=2, checkpoint_every=2, data=str(data))
     straight = finetune(model, config, tmp_path / "straight")
 
     class Interrupt(Exception):
@@ -131,7 +131,7 @@ def test_text_to_image_pipeline_encodes_images_and_captions_once(tmp_path, monke
     calls = []
     encode = AutoencoderKL.encode
     monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x))
-    config = FinetuneConfig(steps=3, batch=2, ema_decay=0, data=str(data))
+    config = FinetuneConfig(train_steps=3, batch=2, ema_decay=0, data=str(data))
     first = finetune(sd, config, tmp_path / "out")
     assert sum(calls) == 4  # every image once
     record = read_finetune(tmp_path / "out").data
@@ -182,13 +182,14 @@ def test_latent_folder_trains_a_dit(tmp_path):
     assert len(source) == 16 and source.record["kind"] == "latents" and not (tmp_path / "cache").exists()
     b = load_file(tmp_path / "data" / "part" / "b.safetensors")
     rows = source.rows(torch.tensor([7, 0, 15]))
-    assert torch.equal(rows["latents"][0], b["latents"][1]) and torch.equal(rows["class_labels"][2], b["class_labels"][9])
+    assert torch.equal(rows["latents"][0], b["latents"][1])
+    assert torch.equal(rows["class_labels"][2], b["class_labels"][9])
     # DiT's label dropout: about 10% of the labels become the null class (10), which guidance needs trained
     batch = data_batch(source, noise_schedule(load(dit).scheduler_config, ""), 400, torch.Generator().manual_seed(0),
                        null_label=TINY_DIT["num_embeds_ada_norm"])
     labels = batch.inputs[2]
     assert 0.05 < (labels == 10).float().mean() < 0.15 and labels.max() == 10
-    finetune(dit, FinetuneConfig(steps=30, batch=8, lr=3e-3, ema_decay=0, checkpoint_every=30,
+    finetune(dit, FinetuneConfig(train_steps=30, batch=8, lr=3e-3, ema_decay=0, checkpoint_every=30,
                                  data=str(tmp_path / "data")), tmp_path / "out")
     before, after = _held_out_loss(dit, source), _held_out_loss(tmp_path / "out", source)
     assert after < 0.8 * before, (before, after)  # measured: 0.63
@@ -206,7 +207,7 @@ def _held_out_loss(model_path, source):
 def test_data_with_distillation_pairs_only_the_same_architecture(tmp_path):
     dit = pipelines.write_model_pipeline(tmp_path / "dit", TINY_DIT)
     _latent_file(tmp_path / "data" / "a.safetensors", 4)
-    config = FinetuneConfig(steps=1, batch=2, ema_decay=0, distill=0.5, data=str(tmp_path / "data"))
+    config = FinetuneConfig(train_steps=1, batch=2, ema_decay=0, distill=0.5, data=str(tmp_path / "data"))
     result = finetune(dit, config, tmp_path / "out", teacher=dit)
     assert result.record.history[0]["distill"] < 1e-10  # the student starts as the teacher
     unet = pipelines.write_model_pipeline(tmp_path / "unet", TINY_UNET2D)
@@ -268,7 +269,7 @@ def _bad_case(tmp_path, case):
 def test_bad_data_folders_are_refused_in_one_line_writing_nothing(tmp_path, case, message):
     model, data = _bad_case(tmp_path, case)
     with pytest.raises(FinetuneError, match=message) as info:
-        finetune(model, FinetuneConfig(steps=1, batch=2, data=str(data)), tmp_path / "out")
+        finetune(model, FinetuneConfig(train_steps=1, batch=2, data=str(data)), tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
@@ -281,7 +282,7 @@ def run(*args):
 def test_cli_finetune_on_a_data_folder(tmp_path):
     model = pipelines.write_model_pipeline(tmp_path / "m", TINY_UNET2D_CLASS_COND)
     data = _colour_folder(tmp_path / "data", per_class=1)
-    result = run(model, "--data", data, "--steps", "2", "--batch", "2", "-o", tmp_path / "out")
+    result = run(model, "--data", data, "--train-steps", "2", "--batch", "2", "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert read_finetune(tmp_path / "out").config.data == str(data)
     (data / "blue" / "0.png").write_bytes(b"broken")

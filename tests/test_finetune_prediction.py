@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from model_configs import TINY_UNET2D
 from safetensors.torch import save_file
 
 import pipelines
@@ -14,6 +13,7 @@ from dgo_compile.data_folder import open_data
 from dgo_compile.families import family_of
 from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune
 from dgo_compile.finetune_data import noise_schedule
+from model_configs import TINY_UNET2D
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
              "beta_end": 0.012, "num_train_timesteps": 1000}
@@ -53,7 +53,7 @@ def _pipeline_with(tmp_path, **scheduler):
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_the_first_step_loss_is_towards_the_configured_target(tmp_path, prediction):
     model, data = _pipeline_with(tmp_path, prediction_type=prediction)
-    result = finetune(model, FinetuneConfig(steps=1, batch=4, ema_decay=0, data=str(data)), tmp_path / "out")
+    result = finetune(model, FinetuneConfig(train_steps=1, batch=4, ema_decay=0, data=str(data)), tmp_path / "out")
     loaded = load(model)
     source = open_data(data, loaded, tmp_path / "cache")
     schedule = noise_schedule(loaded.scheduler_config, str(model))
@@ -79,5 +79,5 @@ def test_the_first_step_loss_is_towards_the_configured_target(tmp_path, predicti
 def test_unsupported_schedulers_are_refused_naming_the_field(tmp_path, scheduler, message):
     model, data = _pipeline_with(tmp_path, **scheduler)
     with pytest.raises(FinetuneError, match=message):
-        finetune(model, FinetuneConfig(steps=1, batch=2, data=str(data)), tmp_path / "out")
+        finetune(model, FinetuneConfig(train_steps=1, batch=2, data=str(data)), tmp_path / "out")
     assert not (tmp_path / "out").exists()

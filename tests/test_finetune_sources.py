@@ -4,7 +4,6 @@ while reading no data."""
 
 import pytest
 import torch
-from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 
 import dgo_compile.data
 import dgo_compile.finetune
@@ -14,6 +13,7 @@ from dgo_compile.families import family_of
 from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
 from dgo_compile.finetune_data import TeacherTrajectories
 from dgo_compile.loading import save_denoiser
+from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 
 TRAJECTORY_STEPS = 8
 
@@ -51,7 +51,7 @@ def no_data(monkeypatch):
 def test_distill_only_brings_the_student_to_the_teacher_without_data(config, no_data, tmp_path):
     teacher = pipelines.write_model_pipeline(tmp_path / "teacher", config)
     student = _student(teacher, tmp_path / "student")
-    settings = FinetuneConfig(steps=40, batch=8, lr=1e-3, ema_decay=0, distill_only=True,
+    settings = FinetuneConfig(train_steps=40, batch=8, lr=1e-3, ema_decay=0, distill_only=True,
                               trajectory_steps=TRAJECTORY_STEPS, checkpoint_every=40)
     result = finetune(student, settings, tmp_path / "out", teacher=teacher)
     losses = [h["loss"] for h in result.record.history]
@@ -74,7 +74,7 @@ def test_distill_only_on_a_text_to_image_model_samples_the_users_prompts(family,
     prompts = ["a red cat", "a blue dog", "a green bird"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
     student = _student(teacher, tmp_path / "student")
-    settings = FinetuneConfig(steps=30, batch=8, lr=1e-3, ema_decay=0, distill_only=True, checkpoint_every=30,
+    settings = FinetuneConfig(train_steps=30, batch=8, lr=1e-3, ema_decay=0, distill_only=True, checkpoint_every=30,
                               trajectory_steps=TRAJECTORY_STEPS, prompts=str(tmp_path / "prompts.txt"))
     result = finetune(student, settings, tmp_path / "out", teacher=teacher)
     losses = [h["loss"] for h in result.record.history]
@@ -136,9 +136,9 @@ def test_distill_only_options_are_checked_before_writing(config_dir, tmp_path):
     with pytest.raises(FinetuneError, match="takes no text conditions; leave --prompts out"):
         finetune(teacher, FinetuneConfig(distill_only=True, prompts=str(tmp_path / "prompts.txt")), out,
                  teacher=teacher)
-    with pytest.raises(FinetuneError, match="--prompts is read by --distill-only"):
+    with pytest.raises(FinetuneError, match="`prompts` is read by `distill_only`"):
         FinetuneConfig(prompts="p.txt")
-    with pytest.raises(FinetuneError, match="--trajectory-steps must be at least 1, got 0"):
+    with pytest.raises(FinetuneError, match="`trajectory_steps` must be at least 1, got 0"):
         FinetuneConfig(distill_only=True, trajectory_steps=0)
     assert not out.exists()
 
@@ -159,7 +159,7 @@ def test_cli_distill_only(tmp_path):
         "error: --distill-only needs --teacher, the unpruned model whose trajectories are the data")
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "out"
-    result = run(student, "--distill-only", "--teacher", teacher, "--trajectory-steps", "4", "--steps", "2",
+    result = run(student, "--distill-only", "--teacher", teacher, "--trajectory-steps", "4", "--train-steps", "2",
                  "--batch", "2", "-o", out)
     assert result.returncode == 0, result.stderr
     record = read_finetune(out)

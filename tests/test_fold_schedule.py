@@ -2,16 +2,16 @@
 
 import pytest
 import torch
-
-from dgo_compile import load, trace
-from dgo_compile.cost import analyse
 from dgo_compile.passes import PassManager
 from dgo_compile.passes.annotations import variant_signature
 from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig
+
+from dgo_compile import load, trace
+from dgo_compile.cost import analyse
 from dgo_compile.folding import fold
-from dgo_compile.supernet import build_supernet
 from dgo_compile.sampling import initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
+from dgo_compile.supernet import build_supernet
 
 CONV = torch.ops.aten.conv2d.default
 
@@ -108,7 +108,8 @@ def test_reused_and_exposed_overlap_is_refused(shipped):
     from dgo_compile import PassError
 
     _, traced = shipped
-    with pytest.raises(PassError, match="pass 'fold_schedule' failed: element mid_block cannot be both reused and exposed"):
+    with pytest.raises(PassError,
+                       match="pass 'fold_schedule' failed: element mid_block cannot be both reused and exposed"):
         PassManager([FoldSchedule(FoldScheduleConfig(frozenset({"mid_block"}), frozenset({"mid_block"})))]).run(
             build_supernet(traced))
 

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from dgo_compile.metrics import (
-    DEFAULT_CLASSIFIER_DIR, CLASSIFIER_FILE, classifier_features, classifier_split, digit_frechet_distance,
-    frechet_distance, load_digit_classifier, psnr, ssim,
+    CLASSIFIER_FILE,
+    DEFAULT_CLASSIFIER_DIR,
+    classifier_features,
+    classifier_split,
+    digit_frechet_distance,
+    frechet_distance,
+    load_digit_classifier,
+    psnr,
+    ssim,
 )
 
 

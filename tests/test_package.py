@@ -19,7 +19,8 @@ def test_passes_and_cli_import_from_their_folders():
 
 def test_no_top_level_passes_or_cli_package_is_installed():
     # Generic names must not leak into site-packages as top-level packages.
-    code = "import importlib.util, json; print(json.dumps([importlib.util.find_spec(n) is not None for n in ('passes', 'cli')]))"
+    code = ("import importlib.util, json; "
+            "print(json.dumps([importlib.util.find_spec(n) is not None for n in ('passes', 'cli')]))")
     found = json.loads(subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                                       check=True).stdout)
     assert found == [False, False]

@@ -5,14 +5,27 @@ import copy
 
 import pytest
 import torch
+from dgo_compile.passes import (
+    AnalysisPass,
+    AnnotateBlocks,
+    AnnotateBlocksConfig,
+    AttachGates,
+    ChannelGroups,
+    CountCosts,
+    CountCostsConfig,
+    FoldSchedule,
+    FoldTimestep,
+    InsertBackupEdges,
+    Pass,
+    PassManager,
+    PassResult,
+    TransformPass,
+    annotations,
+)
+from dgo_compile.passes.base import editable_copy
 
 from dgo_compile import PassError, load, trace
 from dgo_compile.errors import AnnotationMissingError
-from dgo_compile.passes import (
-    AnalysisPass, AnnotateBlocks, AnnotateBlocksConfig, AttachGates, ChannelGroups, CountCosts, CountCostsConfig,
-    FoldSchedule, FoldTimestep, InsertBackupEdges, Pass, PassManager, PassResult, TransformPass, annotations,
-)
-from dgo_compile.passes.base import editable_copy
 
 
 @pytest.fixture(scope="module")

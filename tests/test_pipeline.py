@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dgo_compile.configs import FinetuneConfig, OptimizeConfig
 from dgo_compile.errors import DgoError
 from dgo_compile.pipeline import read_config
 
@@ -19,11 +20,11 @@ def run(*args):
 
 def test_config_file_with_cli_overrides(tmp_path):
     path = tmp_path / "dgo.toml"
-    path.write_text('schedule = "learned"\nsteps = 20\n[prune]\nratio = 0.4\nimportance = "magnitude"\n'
-                    "[optimize]\nratio = 0.3\niters = 5\n")
+    path.write_text('schedule = "learned"\nsteps = 20\n[prune]\nchannel_ratio = 0.4\nimportance = "magnitude"\n'
+                    "[optimize]\nkeep_macs = 0.3\niters = 5\n")
     config = read_config(path, {"steps": 10, "schedule": None})
     assert config.steps == 10 and config.schedule == "learned"  # the CLI wins, the file fills the rest
-    assert config.prune.ratio == 0.4 and config.prune.importance == "magnitude"
+    assert config.prune.channel_ratio == 0.4 and config.prune.importance == "magnitude"
     assert config.optimize.steps == 10 and config.optimize.iters == 5  # the optimizer samples like the compile
     path.write_text("height = 48\nwidth = 64\n")
     assert (read_config(path, {"width": 24}).height, read_config(path, {"width": 24}).width) == (48, 24)
@@ -49,15 +50,20 @@ def test_the_readme_example_config_reads_as_documented(tmp_path):
     path = tmp_path / "dgo.toml"
     path.write_text("\n".join(enabled) + "\n")
     tables = read_config(path, {})
-    assert tables.prune.ratio == 0.25 and tables.prune.importance == "taylor" and tables.finetune.steps == 300
+    assert tables.prune.channel_ratio == 0.25 and tables.prune.importance == "taylor"
+    assert tables.finetune.train_steps == 300
 
 
 @pytest.mark.parametrize("text, message", [
     ("stepz = 3\n", "has unknown key(s) stepz"),
     ("[prune]\nration = 0.3\n", "[prune] has unknown key(s) ration"),
     ('schedule = "learned"\n', 'schedule = "learned" needs an [optimize] table'),
-    ("[prune]\nratio = 1.5\n", "[prune] ratio must be in [0, 1)"),
+    ("[prune]\nchannel_ratio = 1.5\n", "[prune] channel_ratio must be in [0, 1)"),
     ("steps = \n", "cannot read the config"),
+    # renamed keys: one line naming the new one ([optimize] steps stays: sampler steps)
+    ("[prune]\nratio = 0.3\n", "[prune] ratio was renamed [prune] channel_ratio (the share of channels removed)"),
+    ("[optimize]\nratio = 0.3\n", "[optimize] ratio was renamed [optimize] keep_macs (the kept share of the full"),
+    ("[finetune]\nsteps = 30\n", "[finetune] steps was renamed [finetune] train_steps (optimizer steps, not"),
 ])
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path, text, message):
     path = tmp_path / "dgo.toml"
@@ -71,16 +77,23 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, text, message):
     assert not (tmp_path / "a").exists()
 
 
+def test_stored_runs_with_the_old_field_names_read_as_the_new():
+    """pruner.json and finetune.json written before the renames resume with the same settings."""
+    assert OptimizeConfig.from_json({"ratio": 0.4, "steps": 7}).keep_macs == 0.4
+    assert OptimizeConfig.from_json({"ratio": 0.4, "steps": 7}).steps == 7  # [optimize] steps: sampler steps
+    assert FinetuneConfig.from_json({"steps": 30}).train_steps == 30
+
+
 def test_compile_config_runs_prune_compile_verify_report(tmp_path):
     path = tmp_path / "dgo.toml"
     path.write_text('schedule = "deepcache:2"\nsteps = 20\nverify_samples = 4\n'
-                    '[prune]\nratio = 0.5\nimportance = "magnitude"\n')
+                    '[prune]\nchannel_ratio = 0.5\nimportance = "magnitude"\n')
     result = run("compile", "--config", path, "--steps", "4", "-o", tmp_path / "a")
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "a"
     report = json.loads((folder / "report.json").read_text())
     stored = json.loads((folder / "dgo_config.json").read_text())
-    assert stored["steps"] == 4 and stored["prune"]["ratio"] == 0.5  # the resolved config, CLI included
+    assert stored["steps"] == 4 and stored["prune"]["channel_ratio"] == 0.5  # the resolved config, CLI included
     assert (stored["height"], stored["width"]) == (32, 32)  # the shipped model's sample_size (no VAE: latent)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["resolution"] == {"height": 32, "width": 32, "unit": "latent"}
@@ -120,17 +133,17 @@ def test_stage_stamps_match_only_the_same_settings_and_inputs(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    stamp = make_stamp("prune", PruneConfig(ratio=0.25), {"model": model_digest(model)})
+    stamp = make_stamp("prune", PruneConfig(channel_ratio=0.25), {"model": model_digest(model)})
     folder = tmp_path / "pruned"
     assert stale_reason(folder, stamp) == "not built yet"
     folder.mkdir()
     assert "no stage.json" in stale_reason(folder, stamp)
     write_stamp(folder, stamp)
     assert stale_reason(folder, stamp) is None
-    assert "ratio 0.25 -> 0.5" in stale_reason(folder, make_stamp("prune", PruneConfig(ratio=0.5),
+    assert "channel_ratio 0.25 -> 0.5" in stale_reason(folder, make_stamp("prune", PruneConfig(channel_ratio=0.5),
                                                                    {"model": model_digest(model)}))
     (model / "config.json").write_text('{"changed": 1}')
-    assert "input changed (model)" in stale_reason(folder, make_stamp("prune", PruneConfig(ratio=0.25),
+    assert "input changed (model)" in stale_reason(folder, make_stamp("prune", PruneConfig(channel_ratio=0.25),
                                                                        {"model": model_digest(model)}))
     assert model_digest(folder).startswith("stage:")  # a later stage is keyed on this stage's stamp
 
@@ -165,7 +178,7 @@ def test_a_distilling_finetune_stage_gets_the_unpruned_model_as_its_teacher(tmp_
     from dgo_compile.loading import DEFAULT_MODEL
     from dgo_compile.stages import finetuned, read_stamp
 
-    folder = finetuned(DEFAULT_MODEL, FinetuneConfig(steps=1, batch=2, distill_only=True), tmp_path / "ft",
+    folder = finetuned(DEFAULT_MODEL, FinetuneConfig(train_steps=1, batch=2, distill_only=True), tmp_path / "ft",
                        teacher=DEFAULT_MODEL)
     assert read_stamp(folder)["inputs"]["teacher"].startswith("files:")
     record = read_finetune(folder)

@@ -5,9 +5,9 @@ import io
 import re
 
 import pytest
+from dgo_compile.cli.progress import ConsoleStages
 from rich.console import Console
 
-from dgo_compile.cli.progress import ConsoleStages
 from dgo_compile.bench import BenchResult
 from dgo_compile.progress import Stages
 from dgo_compile.report import _warnings
@@ -68,7 +68,7 @@ def test_disabled_stages_show_nothing():
 def test_the_schedule_heatmap_has_whole_call_ticks():
     from matplotlib import pyplot as plt
 
-    from dgo_compile.heatmap import heatmap_figure
+    from dgo_compile.report import heatmap_figure
 
     schedule = builtin("steps:21", 50, ("down_blocks.0", "mid_block", "up_blocks.0"))
     fig = heatmap_figure(None, schedule, "steps:21")

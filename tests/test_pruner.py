@@ -1,24 +1,29 @@
 """DiP-GO's pruner: gradients through the trajectory, schedule extraction, resume, the CLI."""
 
 import json
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from dgo_compile.passes import cost_of
 from PIL import Image
 
 from dgo_compile import load, trace
-from dgo_compile.passes import cost_of
-from dgo_compile.pruner import (
-    OptimizeConfig, PrunerError, consistency, extract_schedule, gated_step_fn, load_pruner, optimize,
-)
+from dgo_compile.calibration import consistency
 from dgo_compile.folding import fold
-from dgo_compile.supernet import build_supernet, gateable_elements
+from dgo_compile.pruner import (
+    OptimizeConfig,
+    PrunerError,
+    gated_step_fn,
+    load_pruner,
+    optimize,
+)
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
 from dgo_compile.schedule import Schedule, ScheduleError
-from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.supernet import build_supernet, gateable_elements
 
 DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
         "clip_sample": False}
@@ -67,7 +72,7 @@ def test_gate_gradients_match_finite_differences_through_later_calls(tiny):
 
 
 def test_consistency_gradient_reaches_the_pruner_parameters(tiny, tmp_path):
-    config = OptimizeConfig(ratio=0.5, steps=4, iters=1, batch=1, calibration=1, dim=16, layers=1)
+    config = OptimizeConfig(keep_macs=0.5, steps=4, iters=1, batch=1, calibration=1, dim=16, layers=1)
     trained = optimize(tiny, DDIM, config, tmp_path / "p")
     pruner = trained.pruner
     with torch.no_grad():  # make calls 1-3 reuse every block, so the images clearly differ from the full model's
@@ -119,12 +124,14 @@ def test_schedule_cost_is_what_the_folded_graphs_run(shipped):
 
 def test_ratio_below_the_smallest_schedule_is_refused(shipped):
     cost = ScheduleCost(shipped[1])
-    with pytest.raises(ScheduleError, match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for --ratio 0\.02"):
+    with pytest.raises(ScheduleError,
+                       match=r"the smallest schedule keeps 2\.\d% of the MACs .*ask for `keep_macs` 0\.02"):
         extract_schedule(torch.rand(50, len(cost.elements)), cost, 0.005, "learned")
 
 
 def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
-    config = OptimizeConfig(ratio=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1, checkpoint_every=1)
+    config = OptimizeConfig(keep_macs=0.4, steps=4, iters=4, batch=1, calibration=3, dim=16, layers=1,
+                            checkpoint_every=1)
     straight = optimize(tiny, DDIM, config, tmp_path / "straight")
 
     def stop_after_two(record):
@@ -141,7 +148,8 @@ def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
     resumed = optimize(tiny, DDIM, config, tmp_path / "resumed", resume=True)
     assert resumed.state.iterations_done == 4
     assert [r["kept"] for r in resumed.state.history] == [r["kept"] for r in straight.state.history]
-    for (name, a), b in zip(straight.pruner.state_dict().items(), load_pruner(tmp_path / "resumed").pruner.state_dict().values()):
+    for (name, a), b in zip(straight.pruner.state_dict().items(),
+                            load_pruner(tmp_path / "resumed").pruner.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(PrunerError, match=r"optimized with other settings \(lr\)"):
         optimize(tiny, DDIM, OptimizeConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed", resume=True)
@@ -155,16 +163,16 @@ def run(*args, cwd=None):
 
 
 def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
-    result = run("optimize", "--steps", "4", "--iters", "2", "--batch", "1", "--calibration", "2", "--ratio", "0.5",
+    result = run("optimize", "--steps", "4", "--iters", "2", "--batch", "1", "--calibration", "2", "--keep-macs", "0.5",
                  "-o", tmp_path / "pruner")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "2 iterations" in result.stdout
     state = json.loads((tmp_path / "pruner" / "pruner.json").read_text())
     assert state["complete"] and len(state["history"]) == 2 and state["elements"][0] == "down_blocks.0"
-    result = run("schedule", tmp_path / "pruner", "--ratio", "0.6", "-o", tmp_path / "s.json")
+    result = run("schedule", tmp_path / "pruner", "--keep-macs", "0.6", "-o", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
     plan = Schedule.load(tmp_path / "s.json")
-    assert plan.steps == 4 and all(plan.compute[0])
+    assert plan.calls == 4 and all(plan.compute[0])
     with Image.open(tmp_path / "s.png") as heatmap:
         assert heatmap.width > 400 and heatmap.height > 200
     result = run("compile", "--schedule", tmp_path / "s.json", "--steps", "4", "-o", tmp_path / "artifact")
@@ -174,11 +182,12 @@ def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["optimize", "--ratio", "1.5", "-o", "{tmp}/p"], "error: --ratio must be in (0, 1] (the kept share of the full "
+    (["optimize", "--keep-macs", "1.5", "-o", "{tmp}/p"],
+     "error: --keep-macs must be in (0, 1] (the kept share of the full "
                                                       "model's MACs), got 1.5"),
     (["optimize", "--granularity", "layer", "-o", "{tmp}/p"], "error: --granularity must be one of block, unit, step"),
     (["optimize", "--resume", "-o", "{tmp}/p"], "is not a pruner folder (needs pruner.json and checkpoint.pt)"),
-    (["schedule", "{tmp}", "--ratio", "0.5"], "is not a pruner folder"),
+    (["schedule", "{tmp}", "--keep-macs", "0.5"], "is not a pruner folder"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = run(*[a.format(tmp=tmp_path) for a in args])
@@ -200,7 +209,7 @@ def latent_pipeline(tmp_path_factory):
 
 
 def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, tmp_path):
-    from dgo_compile.pruner import vae_decoder
+    from dgo_compile.calibration import vae_decoder
 
     decode = vae_decoder(latent_pipeline)
     assert decode(torch.randn(2, 4, 16, 16)).shape == (2, 3, 32, 32)
@@ -217,11 +226,11 @@ def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, t
 
 def test_device_and_precision_are_checked_before_anything_runs(shipped, tmp_path):
     loaded, traced = shipped
-    with pytest.raises(PrunerError, match="--precision bf16 runs on a GPU; pass --device cuda"):
+    with pytest.raises(PrunerError, match="`precision` bf16 runs on a GPU; pass `device` cuda"):
         optimize(traced, loaded.scheduler_config, OptimizeConfig(precision="bf16"), tmp_path / "p")
-    with pytest.raises(PrunerError, match="--precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(PrunerError, match="`precision` must be one of fp32, bf16, got 'fp16'"):
         OptimizeConfig(precision="fp16")
-    with pytest.raises(PrunerError, match="--device gpu0 is not a torch device"):
+    with pytest.raises(PrunerError, match="`device` gpu0 is not a torch device"):
         optimize(traced, loaded.scheduler_config, OptimizeConfig(), tmp_path / "p", device="gpu0")
     assert not (tmp_path / "p").exists()
 
@@ -229,7 +238,7 @@ def test_device_and_precision_are_checked_before_anything_runs(shipped, tmp_path
 @pytest.mark.cuda
 def test_pruner_on_the_gpu_follows_the_cpu_and_runs_in_bf16(shipped, tmp_path):
     loaded, traced = shipped
-    config = OptimizeConfig(ratio=0.3, steps=4, iters=4, batch=2, calibration=4, lr=3.0)
+    config = OptimizeConfig(keep_macs=0.3, steps=4, iters=4, batch=2, calibration=4, lr=3.0)
     user = {k: v.clone() for k, v in traced.graph_module.state_dict().items()}
     cpu = optimize(traced, loaded.scheduler_config, config, tmp_path / "cpu")
     gpu = optimize(traced, loaded.scheduler_config, config, tmp_path / "gpu", device="cuda")

@@ -17,13 +17,13 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability import assert_nothing_left, assert_one_line_error, cli, run
 
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
 from dgo_compile.errors import DgoError
 from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.supernet import gateable_elements
+from reliability import assert_nothing_left, assert_one_line_error, cli, run
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHIPPED_BLOCKS = ["down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
@@ -221,20 +221,20 @@ class TestOneLineErrors:
 
     def test_optimize_ratio_zero(self, tmp_path):
         output = tmp_path / "P"
-        assert_one_line_error(cli("optimize", "--ratio", "0", "-o", output),
-                              "--ratio must be in (0, 1] (the kept share of the full model's MACs), got 0.0")
+        assert_one_line_error(cli("optimize", "--keep-macs", "0", "-o", output),
+                              "--keep-macs must be in (0, 1] (the kept share of the full model's MACs), got 0.0")
         assert_nothing_left(output)
 
     def test_prune_ratio_one(self, tmp_path):
         output = tmp_path / "pruned"
-        assert_one_line_error(cli("prune", "--ratio", "1", "-o", output),
-                              "--ratio must be in [0, 1) (the share of channels removed), got 1.0")
+        assert_one_line_error(cli("prune", "--channel-ratio", "1", "-o", output),
+                              "--channel-ratio must be in [0, 1) (the share of channels removed), got 1.0")
         assert_nothing_left(output)
 
     def test_schedule_ratio_above_one(self, resumed_pruner, tmp_path):
         output = tmp_path / "s.json"
-        assert_one_line_error(cli("schedule", resumed_pruner["path"], "--ratio", "1.5", "-o", output),
-                              "--ratio must be in (0, 1] (the kept share of the full model's MACs), got 1.5")
+        assert_one_line_error(cli("schedule", resumed_pruner["path"], "--keep-macs", "1.5", "-o", output),
+                              "--keep-macs must be in (0, 1] (the kept share of the full model's MACs), got 1.5")
         assert list(tmp_path.iterdir()) == []
 
 
@@ -262,7 +262,7 @@ class TestLoadersRaiseOnlyTheirOwnError:
         except ScheduleError as exc:
             assert len(str(exc).splitlines()) == 1
             return
-        assert plan.steps >= 1 and all(plan.compute[0]) and all(len(row) == len(plan.blocks) for row in plan.compute)
+        assert plan.calls >= 1 and all(plan.compute[0]) and all(len(row) == len(plan.elements) for row in plan.compute)
 
     def test_read_manifest_raises_only_artifact_error(self, artifact, tmp_path_factory):
         manifest = json.loads((artifact / "manifest.json").read_text())
@@ -324,10 +324,10 @@ class TestNeverStuck:
         state = load_pruner(resumed_pruner["path"]).state
         assert state.complete and [r["iteration"] for r in state.history] == list(range(1, ITERS + 1))
         # 3 denoiser calls, call 0 always full: kept shares come near thirds, so 0.5 has no schedule within 1.25 points.
-        result = run("schedule", resumed_pruner["path"], "--ratio", "0.667", "-o", tmp_path / "s.json")
+        result = run("schedule", resumed_pruner["path"], "--keep-macs", "0.667", "-o", tmp_path / "s.json")
         assert result.returncode == 0, result.stderr
         plan = Schedule.load(tmp_path / "s.json")
-        assert plan.steps == 3 and (tmp_path / "s.png").is_file()
+        assert plan.calls == 3 and (tmp_path / "s.png").is_file()
 
     @pytest.mark.parametrize("where", ["onnx_save", "constants_write"])
     def test_full_disk_during_export(self, tiny, tmp_path, monkeypatch, where):

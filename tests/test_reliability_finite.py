@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from reliability import assert_one_line_error, cli
 from safetensors.torch import load_file, save_file
 
 from dgo_compile import load, trace
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.finite import NonFiniteError, check_finite
 from dgo_compile.loading import DEFAULT_MODEL
+from dgo_compile.ort_runner import OrtArtifact
+from reliability import assert_one_line_error, cli
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -56,7 +56,7 @@ class TestNaNIsCaught:
 
     def test_finetune_stops_at_the_first_non_finite_loss_and_keeps_its_checkpoint(self, tmp_path):
         output = tmp_path / "F"
-        result = cli("finetune", "--steps", "20", "--batch", "2", "--lr", "1e6", "--ema-decay", "0",
+        result = cli("finetune", "--train-steps", "20", "--batch", "2", "--lr", "1e6", "--ema-decay", "0",
                      "--checkpoint-every", "100", "-o", output)
         # The progress bar's last state comes first (as in a terminal); the error is one line after it.
         result.stderr = result.stderr.strip().splitlines()[-1]

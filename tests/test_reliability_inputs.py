@@ -10,13 +10,13 @@ import shutil
 import time
 
 import pytest
-from model_configs import TINY_UNET2D
-from reliability import assert_nothing_left, assert_one_line_error, cli
 
 from dgo_compile import load
 from dgo_compile.errors import ModelLoadError
 from dgo_compile.loading import DEFAULT_MODEL, save_denoiser
 from dgo_compile.pipeline import ConfigError, read_config
+from model_configs import TINY_UNET2D
+from reliability import assert_nothing_left, assert_one_line_error, cli
 
 
 class TestTypedConfig:
@@ -30,10 +30,10 @@ class TestTypedConfig:
         ("verify_samples = 1_000_000_000\n", "verify_samples must be at most 4096, got 1000000000"),
         ("seed = -1\n", "seed must be 0 or more, got -1"),
         ('granularity = "layer"\n', 'granularity must be one of block, unit, got "layer"'),
-        ('[prune]\nratio = "x"\n', '[prune] ratio must be a number, got "x"'),
-        ("[prune]\nratio = inf\n", "[prune] ratio must be a finite number, got inf"),
+        ('[prune]\nchannel_ratio = "x"\n', '[prune] channel_ratio must be a number, got "x"'),
+        ("[prune]\nchannel_ratio = inf\n", "[prune] channel_ratio must be a finite number, got inf"),
         ("[finetune]\nlr = -inf\n", "[finetune] lr must be a finite number, got -inf"),
-        ("[finetune]\nsteps = 10_000_000_000\n", "[finetune] steps must be at most 10,000,000"),
+        ("[finetune]\ntrain_steps = 10_000_000_000\n", "[finetune] train_steps must be at most 10,000,000"),
         ('[optimize]\nclass_labels = [1, "2"]\n', "[optimize] class_labels must be an integer"),
         ("[optimize]\ntimestep_conditioning = 1\n", "[optimize] timestep_conditioning must be true or false, got 1"),
         ("prune = 3\n", "prune must be a table ([prune] with its keys), got 3"),
@@ -45,9 +45,12 @@ class TestTypedConfig:
             read_config(path, {})
         assert message in str(info.value) and len(str(info.value).splitlines()) == 1
 
-    def test_command_line_values_are_named_as_options(self):
-        with pytest.raises(ConfigError, match=r"^--guidance-scale must be a finite number, got nan$"):
+    def test_command_line_values_are_named_as_fields_and_rendered_as_options(self):
+        from dgo_compile.cli.flags import render
+
+        with pytest.raises(ConfigError, match=r"^`guidance_scale` must be a finite number, got nan$") as info:
             read_config(None, {"guidance_scale": float("nan")})
+        assert render(info.value) == "--guidance-scale must be a finite number, got nan"
 
 
 class TestNumericOptions:
@@ -63,8 +66,8 @@ class TestNumericOptions:
         (["sample", "--seed", "-1"], "--seed must be 0 or more, got -1"),
         (["inspect", "--batch", "0"], "--batch must be at least 1, got 0"),
         (["bench", "{tmp}/a", "--repeats", "0"], "--repeats must be at least 1, got 0"),
-        (["schedule", "{tmp}/p", "--ratio", "nan"], "--ratio must be a finite number, got nan"),
-        (["prune", "--ratio", "nan"], "--ratio must be a finite number, got nan"),
+        (["schedule", "{tmp}/p", "--keep-macs", "nan"], "--keep-macs must be a finite number, got nan"),
+        (["prune", "--channel-ratio", "nan"], "--channel-ratio must be a finite number, got nan"),
         (["prune", "--batch", "100000000"], "--batch must be at most 4096"),
         (["finetune", "--lr", "inf"], "--lr must be a finite number, got inf"),
         (["finetune", "--ema-decay", "nan"], "--ema-decay must be a finite number"),
@@ -93,7 +96,7 @@ def pruned_tiny(tiny, tmp_path_factory):
     from dgo_compile.channel_pruning import PruneConfig, prune
 
     loaded, _, _ = tiny
-    pruned = prune(loaded, PruneConfig(ratio=0.5, importance="magnitude"))
+    pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="magnitude"))
     return save_denoiser(loaded, pruned.model, tmp_path_factory.mktemp("pruned") / "p", pruned.pruning)
 
 
@@ -148,16 +151,16 @@ class TestDamagedResumeState:
     def test_finetune_resume_with_a_hostile_record(self, finetuned, tmp_path):
         copy = shutil.copytree(finetuned, tmp_path / "r")
         record = json.loads((copy / "finetune.json").read_text())
-        record["config"]["steps"] = "many"
+        record["config"]["train_steps"] = "many"
         (copy / "finetune.json").write_text(json.dumps(record))
-        assert_one_line_error(cli("finetune", "--resume", "-o", copy), "--steps must be an integer, got 'many'")
+        assert_one_line_error(cli("finetune", "--resume", "-o", copy), "--train-steps must be an integer, got 'many'")
 
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """`finetune --steps 1 --batch 2` of the shipped model: a complete, resumable run folder."""
+    """`finetune --train-steps 1 --batch 2` of the shipped model: a complete, resumable run folder."""
     from dgo_compile.finetune import FinetuneConfig, finetune
 
     output = tmp_path_factory.mktemp("finetune") / "F"
-    finetune(DEFAULT_MODEL, FinetuneConfig(steps=1, batch=2, checkpoint_every=1), output)
+    finetune(DEFAULT_MODEL, FinetuneConfig(train_steps=1, batch=2, checkpoint_every=1), output)
     return output

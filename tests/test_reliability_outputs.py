@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability import assert_nothing_left, assert_one_line_error, cli, tree
 
 from dgo_compile import outputs
 from dgo_compile.artifact import ArtifactError, compile_artifact
@@ -27,8 +26,9 @@ from dgo_compile.outputs import (
     publish,
 )
 from dgo_compile.pipeline import read_config, run_pipeline
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import builtin
+from dgo_compile.supernet import gateable_elements
+from reliability import assert_nothing_left, assert_one_line_error, cli, tree
 
 MANIFEST = {"format": "dgo-compile-artifact", "format_version": 2}
 
@@ -209,11 +209,11 @@ class TestOutputsCheckedBeforeWork:
 
     @pytest.mark.parametrize("args, fragment", [
         (["prune", "--importance", "magnitude", "-o", "/proc/dgo-out"], "cannot write -o /proc/dgo-out: /proc is not"),
-        (["finetune", "--steps", "1", "-o", "/proc/dgo-out"], "/proc is not writable"),
+        (["finetune", "--train-steps", "1", "-o", "/proc/dgo-out"], "/proc is not writable"),
         (["optimize", "--iters", "1", "-o", "/proc/dgo-out"], "/proc is not writable"),
         (["sample", "-n", "1", "-o", "{dir}"], "is a folder; give a file path"),
         (["sample", "-n", "1", "-o", "{file}/grid.png"], "is not a folder"),
-        (["schedule", "{tmp}/p", "--ratio", "0.5", "-o", "{dir}"], "-o {dir} is a folder"),
+        (["schedule", "{tmp}/p", "--keep-macs", "0.5", "-o", "{dir}"], "-o {dir} is a folder"),
         (["compile", "--steps", "2", "--dump-dir", "{file}", "-o", "{tmp}/a"], "--dump-dir {file} is not a folder"),
         (["encode-prompts", "{tmp}/pipe", "--prompts", "{file}", "-o", "{dir}"], "-o {dir} is a folder"),
     ])

@@ -6,32 +6,33 @@ runs its artifacts at a non-default size in test_integrations.)"""
 import json
 
 import numpy as np
-import pipelines
 import pytest
 import torch
-from model_configs import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
+import pipelines
 from dgo_compile import load, trace
 from dgo_compile.artifact import compile_artifact
-from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.families import CLIP_TOKENS, FAMILIES
 from dgo_compile.integrations.diffusers import IntegrationError, attach, detach
+from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.resolution import (
     ResolutionError,
     check_size,
     resolve,
     vae_scale_factor,
 )
-from dgo_compile.supernet import gateable_elements
 from dgo_compile.schedule import builtin
+from dgo_compile.supernet import gateable_elements
+from model_configs import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
 
 STEPS = 2
 # PixArt with its size conditions (resolution, aspect_ratio): its adaLN splits the width in 3.
-PIXART_SIZED = {**TINY["pixart"], "num_attention_heads": 3, "cross_attention_dim": 24, "use_additional_conditions": True}
+PIXART_SIZED = {**TINY["pixart"], "num_attention_heads": 3, "cross_attention_dim": 24,
+                "use_additional_conditions": True}
 # Four blocks: 3 downsamplers, as SD-1.5's UNet.
 UNET_3_DOWN = {**TINY["unet2d"], "block_out_channels": [8, 8, 16, 16], "down_block_types": ["DownBlock2D"] * 4,
                "up_block_types": ["UpBlock2D"] * 4}
@@ -43,14 +44,14 @@ def _model(config):
 
 
 @pytest.mark.parametrize("config, size, message", [
-    (TINY["unet2d"], (25, 16), "height 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"),
-    (UNET_3_DOWN, (64, 20), "width 20 is not a multiple of 8 (the UNet's 8: 3 downsamplers); use 16 or 24"),
-    (TINY["sdxl"], (16, 1), "width 1 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 2"),
-    (TINY["dit"], (12, 7), "width 7 is not a multiple of 2 (the patch size 2); use 6 or 8"),
+    (TINY["unet2d"], (25, 16), "`height` 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"),
+    (UNET_3_DOWN, (64, 20), "`width` 20 is not a multiple of 8 (the UNet's 8: 3 downsamplers); use 16 or 24"),
+    (TINY["sdxl"], (16, 1), "`width` 1 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 2"),
+    (TINY["dit"], (12, 7), "`width` 7 is not a multiple of 2 (the patch size 2); use 6 or 8"),
     (TINY["dit"], (12, 8), ("DiTTransformer2DModel runs square sizes only (it unpatchifies height = width); "
-                            "height 12 and width 8 differ: use 8 or 12 for both")),
-    (TINY["pixart"], (9, 6), "height 9 is not a multiple of 2 (the patch size 2); use 8 or 10"),
-    (TINY["unet2d"], (0, 16), "height must be a positive whole number, got 0"),
+                            "`height` 12 and width 8 differ: use 8 or 12 for both")),
+    (TINY["pixart"], (9, 6), "`height` 9 is not a multiple of 2 (the patch size 2); use 8 or 10"),
+    (TINY["unet2d"], (0, 16), "`height` must be a positive whole number, got 0"),
 ])
 def test_a_size_the_architecture_cannot_run_is_one_line_naming_sizes_that_work(config, size, message):
     with pytest.raises(ResolutionError) as error:
@@ -119,7 +120,7 @@ def test_cli_compiles_and_samples_at_the_compiled_size(tmp_path):
     runner, artifact = CliRunner(), tmp_path / "artifact"
     result = runner.invoke(app, ["compile", str(folder), "--height", "25", "--steps", str(STEPS), "-o", str(artifact)])
     assert isinstance(result.exception, ResolutionError) and not artifact.exists()
-    assert str(result.exception) == "--height 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"
+    assert str(result.exception) == "`height` 25 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 24 or 26"
     result = runner.invoke(app, ["compile", str(folder), "--height", "24", "--width", "16", "--steps", str(STEPS),
                                  "-o", str(artifact)])
     assert result.exit_code == 0, result.output
@@ -128,7 +129,7 @@ def test_cli_compiles_and_samples_at_the_compiled_size(tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == (2 * 2 * 16, 2 * 24)  # 2 images side by side, scale 2
     result = runner.invoke(app, ["sample", str(artifact), "--height", "16", "-o", str(tmp_path / "g.png")])
-    assert "was compiled for height 24, width 16 (latent); drop --height/--width" in str(result.exception)
+    assert "was compiled for height 24, width 16 (latent); drop `height`/`width`" in str(result.exception)
 
 
 SDXL_SIZE = {"height": 48, "width": 24}  # pixels: the tiny VAE's 2 x latent 24 x 12; the config's is 32 x 32

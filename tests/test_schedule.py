@@ -4,13 +4,14 @@ import json
 import re
 
 import pytest
+from dgo_compile.passes.boundaries import OUTPUT, element_consumers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dgo_compile import load, trace
-from dgo_compile.cost import analyse, cost_report
-from dgo_compile.passes.boundaries import OUTPUT, element_consumers
+from dgo_compile.cost import analyse
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.schedule_cost import ScheduleCost
 
 UNET = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
         "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")
@@ -66,15 +67,15 @@ def test_steps_k_computes_k_evenly_spaced_steps():
     assert all(not any(row) for i, row in enumerate(schedule.compute) if i not in computed)
 
 
-def test_kept_macs_per_step(shipped):
+def test_per_call_macs_of_a_closed_schedule(shipped):
+    """A full call costs the whole model; a deepcache call costs only the shallow blocks it runs plus what
+    lies outside the blocks, and never more than a full call."""
     traced, names, consumers = shipped
-    report = cost_report(traced)
-    block_macs = {r.name: r.cost.macs for r in report.rows if r.gateable}
-    other = report.total.macs - sum(block_macs.values())
-    full = builtin("full", 4, names).kept_macs(block_macs, other)
-    assert full == [report.total.macs] * 4
-    cached = builtin("deepcache:2", 2, names).with_closure(consumers).kept_macs(block_macs, other)
-    assert cached[1] == other + block_macs["down_blocks.0"] + block_macs["up_blocks.3"]
+    cost = ScheduleCost(traced)
+    assert cost.per_call(builtin("full", 4, names)) == [cost.full_macs] * 4
+    cached = cost.per_call(builtin("deepcache:2", 2, names))
+    assert cached[0] == cost.full_macs and 0 < cached[1] < cost.full_macs
+    assert cached[1] == cost.step_macs(frozenset(n for n in names if n not in ("down_blocks.0", "up_blocks.3")))
 
 
 @pytest.mark.parametrize("spec, steps, message", [
@@ -82,7 +83,7 @@ def test_kept_macs_per_step(shipped):
     ("steps:60", 50, "steps:K needs 1 <= K <= 50, got 60"),
     ("deepcache:0", 50, "deepcache interval must be at least 1, got 0"),
     ("deepcache:3:4", 50, "deepcache branch must be in 0..3, got 4"),
-    ("full", 0, "steps must be at least 1, got 0"),
+    ("full", 0, "calls must be at least 1, got 0"),
 ])
 def test_bad_specs(spec, steps, message):
     with pytest.raises(ScheduleError, match=f"^{re.escape(message)}$"):
@@ -95,15 +96,15 @@ def test_deepcache_needs_a_unet():
 
 
 def test_step_zero_must_compute():
-    with pytest.raises(ScheduleError, match="reuses mid_block at step 0, where no cache exists yet"):
+    with pytest.raises(ScheduleError, match="reuses mid_block at call 0, where no cache exists yet"):
         Schedule("x", UNET, (tuple(n != "mid_block" for n in UNET),))
 
 
 @pytest.mark.parametrize("data, message", [
     ({"name": "x", "blocks": ["a"]}, "needs 'name', 'blocks' and 'compute'"),
     ({"name": "x", "blocks": ["a"], "compute": [[2]]}, "entry 2 is not 0 or 1"),
-    ({"name": "x", "blocks": ["a", "b"], "compute": [[1]]}, "step 0 has 1 entries for 2 blocks"),
-    ({"name": "x", "blocks": ["a"], "compute": []}, "has no steps"),
+    ({"name": "x", "blocks": ["a", "b"], "compute": [[1]]}, "call 0 has 1 entries for 2 blocks"),
+    ({"name": "x", "blocks": ["a"], "compute": []}, "has no calls"),
 ])
 def test_invalid_schedule_json(data, message):
     with pytest.raises(ScheduleError, match=message):
@@ -137,7 +138,7 @@ def simulate_chain(schedule):
     cache, outputs = {}, []
     for step, row in enumerate(schedule.compute):
         value = ("input", step)
-        for block, computed in zip(schedule.blocks, row):
+        for block, computed in zip(schedule.elements, row):
             value = cache[block] = (block, step, value) if computed else cache[block]
         outputs.append(value)
     return outputs
@@ -156,7 +157,7 @@ def test_closure_keeps_a_block_whose_cache_a_later_step_reads():
 def test_unit_schedule_follows_blocks_and_round_trips():
     blocks = Schedule("s", ("a", "b"), ((True, True), (False, True)))
     units = blocks.for_units({"a": ("a.0", "a.1"), "b": ("b.0",)})
-    assert units.blocks == ("a.0", "a.1", "b.0") and units.compute[1] == (False, False, True)
+    assert units.elements == ("a.0", "a.1", "b.0") and units.compute[1] == (False, False, True)
     assert Schedule.from_json(units.to_json()) == units and units.granularity == "unit"
     with pytest.raises(ScheduleError, match="has granularity 'layer'; use one of block, unit"):
         Schedule.from_json({**units.to_json(), "granularity": "layer"})

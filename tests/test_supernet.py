@@ -2,20 +2,27 @@
 
 import pytest
 import torch
+from dgo_compile.passes import (
+    AttachGates,
+    FoldSchedule,
+    FoldScheduleConfig,
+    FoldTimestep,
+    FoldTimestepConfig,
+    InsertBackupEdges,
+    InsertBackupEdgesConfig,
+    PassManager,
+    variant_signature,
+)
+from dgo_compile.passes.annotations import CONSTANTS_KEY, backup_edges, gates_of
+from dgo_compile.passes.boundaries import element_consumers
 from diffusers import DDIMScheduler
 
 from dgo_compile import PassError, load, trace
 from dgo_compile.cost import analyse
-from dgo_compile.passes import (
-    AttachGates, FoldSchedule, FoldScheduleConfig, FoldTimestep, FoldTimestepConfig, InsertBackupEdges, InsertBackupEdgesConfig,
-    PassManager, variant_signature,
-)
-from dgo_compile.passes.annotations import CONSTANTS_KEY, backup_edges, gates_of
-from dgo_compile.passes.boundaries import element_consumers
 from dgo_compile.folding import fold
-from dgo_compile.supernet import SuperNetRun, build_supernet, gateable_elements
 from dgo_compile.sampling import initial_noise, sample_ddim
 from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.supernet import SuperNetRun, build_supernet, gateable_elements
 
 UNET = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
         "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")
@@ -39,7 +46,8 @@ def test_backup_edges_golden_structure(shipped):
     assert edges.elements == UNET and edges.inputs == ("sample", "timestep")
     # Each down block hands on its resnet outputs (skips) and its last output; the last has no downsampler.
     per_block = {b: [e.cache for e in edges.edges if e.element == b] for b in UNET}
-    assert per_block["down_blocks.0"] == ["cache__down_blocks_0__0", "cache__down_blocks_0__1", "cache__down_blocks_0__2"]
+    assert per_block["down_blocks.0"] == ["cache__down_blocks_0__0", "cache__down_blocks_0__1",
+                                          "cache__down_blocks_0__2"]
     assert len(per_block["down_blocks.3"]) == 2
     assert per_block["mid_block"] == ["cache__mid_block__0"] and per_block["up_blocks.3"] == ["cache__up_blocks_3__0"]
     assert placeholders(supernet) == ["sample", "timestep", *(e.cache for e in edges.edges)]
@@ -75,7 +83,8 @@ def test_all_compute_gates_are_bit_identical_over_a_trajectory(shipped):
     assert torch.equal(gated, reference)
 
 
-@pytest.mark.parametrize("granularity, spec", [("block", "deepcache:3"), ("block", "steps:3"), ("unit", "deepcache:2:1")])
+@pytest.mark.parametrize("granularity, spec",
+                         [("block", "deepcache:3"), ("block", "steps:3"), ("unit", "deepcache:2:1")])
 def test_folded_variants_equal_the_supernet_with_binary_gates(shipped, granularity, spec):
     loaded, traced = shipped
     schedule = builtin(spec, 7, UNET)
@@ -83,15 +92,15 @@ def test_folded_variants_equal_the_supernet_with_binary_gates(shipped, granulari
         schedule = schedule.for_units({b.name: b.units for b in traced.blocks})
         # Make it properly unit-level: also reuse one resnet of the otherwise computed first block.
         rows = [list(r) for r in schedule.compute]
-        rows[2][schedule.blocks.index("down_blocks.0.resnets.1")] = False
-        schedule = Schedule("units", schedule.blocks, tuple(map(tuple, rows)), "unit")
+        rows[2][schedule.elements.index("down_blocks.0.resnets.1")] = False
+        schedule = Schedule("units", schedule.elements, tuple(map(tuple, rows)), "unit")
     noise = initial_noise(2, (1, 32, 32), 5)
     run = SuperNetRun(build_supernet(traced, granularity))
-    step = iter(range(schedule.steps))
+    step = iter(range(schedule.calls))
 
     def gated(x, t):
         row = schedule.compute[next(step)]
-        return run(x, t, gates={e: torch.tensor(float(c)) for e, c in zip(schedule.blocks, row)})
+        return run(x, t, gates={e: torch.tensor(float(c)) for e, c in zip(schedule.elements, row)})
 
     expected = sample_ddim(gated, loaded.scheduler_config, noise, 7)
     folded = fold(traced, schedule)

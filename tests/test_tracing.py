@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from dgo_compile.passes import AnnotateBlocks, AnnotateBlocksConfig, block_of
 
 from dgo_compile import TraceError, load, trace
 from dgo_compile.errors import AnnotationMissingError
-from dgo_compile.passes import AnnotateBlocks, AnnotateBlocksConfig, block_of
 from dgo_compile.tracing import check_against_eager
 from model_configs import TINY
 
@@ -158,7 +158,8 @@ def test_mismatch_is_an_error(traced):
     broken.recompile()
     t.graph_module = broken
     try:
-        with pytest.raises(TraceError, match=r"traced graph of UNet2DModel differs from eager at batch 2: max \|diff\|"):
+        with pytest.raises(TraceError,
+                           match=r"traced graph of UNet2DModel differs from eager at batch 2: max \|diff\|"):
             check_against_eager(t, batch=2)
     finally:
         t.graph_module = original

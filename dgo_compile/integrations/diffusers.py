@@ -46,10 +46,10 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from ..ort_runner import OrtArtifact
 from ..errors import DgoError
 from ..families import family_of
 from ..folding import FoldedSchedule
+from ..ort_runner import OrtArtifact
 from ..sampling import SCHEDULERS
 
 TIMESTEP_ATOL = 1e-3  # as the runtime's own per-call check
@@ -185,7 +185,8 @@ class CompiledDenoiser(nn.Module):
         passed["timestep"] = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
         if c.latent is not None and tuple(sample.shape[-2:]) != c.latent:
             raise IntegrationError(f"{c.label} was compiled for {_size(c.latent, self._pipe)}; the pipeline runs "
-                                   f"{_size(tuple(sample.shape[-2:]), self._pipe)}: run it at {_size(c.latent, self._pipe)}, "
+                                   f"{_size(tuple(sample.shape[-2:]), self._pipe)}: "
+                                   f"run it at {_size(c.latent, self._pipe)}, "
                                    "or compile another artifact with --height/--width")
         for name, shape in (c.shapes or {}).items():
             if tuple(passed[name].shape[1:]) != shape:
@@ -228,13 +229,15 @@ class CompiledDenoiser(nn.Module):
                 and (c.timesteps is None or (len(timesteps) == len(c.timesteps) and all(
                     abs(a - b) <= TIMESTEP_ATOL for a, b in zip(timesteps, c.timesteps)))))
         if not same:
-            raise IntegrationError(f"{c.label} was compiled for {_describe(c.scheduler, c.steps, c.calls, c.timesteps)}; "
+            raise IntegrationError(f"{c.label} was compiled for "
+                                   f"{_describe(c.scheduler, c.steps, c.calls, c.timesteps)}; "
                                    f"the pipeline runs {_describe(name, steps, len(timesteps), timesteps)}: set "
                                    "pipe.scheduler and num_inference_steps to match, or compile another artifact")
         exposed = hasattr(self._pipe, "guidance_scale")  # SD and SDXL do; DiT and PixArt keep it local
         scale = getattr(self._pipe, "guidance_scale", None)
         if c.guidance_scale is not None and exposed and scale != c.guidance_scale:
-            raise IntegrationError(f"{c.label} was compiled for classifier-free guidance at scale {c.guidance_scale:g}; "
+            raise IntegrationError(f"{c.label} was compiled for classifier-free guidance at scale "
+                                   f"{c.guidance_scale:g}; "
                                    f"the pipeline runs guidance_scale={scale}: pass guidance_scale="
                                    f"{c.guidance_scale:g}, or compile without --guidance-scale to run at any scale")
 

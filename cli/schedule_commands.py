@@ -1,0 +1,105 @@
+"""`optimize` and `schedule`: DiP-GO's pruner trained, and a schedule extracted from it at a MACs budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dgo_compile.configs import OptimizeConfig
+from dgo_compile.options import check
+
+from .common import MAIN_PROCESS, ModelArg, err, out
+from .progress import ConsoleStages
+
+
+def optimize(
+    model: ModelArg = None,
+    keep_macs: Annotated[Optional[float], typer.Option(
+        help="Kept-MACs target in (0, 1]: the sparsity loss is off once the schedule keeps no more. (default: 0.25)",
+        show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Sampler steps. (default: {OptimizeConfig.steps})",
+                                                 show_default=False)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
+                                                          "Default: the model's.")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 150)",
+                                                 show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)",
+                                                 show_default=False)] = None,
+    calibration: Annotated[Optional[int], typer.Option(
+        help="Calibration noises (and conditions) the iterations cycle through. (default: 32)",
+        show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay). (default: 0.03)",
+                                                show_default=False)] = None,
+    granularity: Annotated[Optional[str], typer.Option(
+        help="Gate blocks, units, or whole steps (a learned non-uniform step schedule). "
+             f"(default: {OptimizeConfig.granularity})",
+        show_default=False)] = None,
+    timestep_conditioning: Annotated[Optional[bool], typer.Option(
+        "--timestep-conditioning/--no-timestep-conditioning",
+        help="Feed each call's timestep embedding to the pruner. (default: on)", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the pruner and the calibration noise. (default: 0)",
+                                                show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Iterations between checkpoints. (default: 10)",
+                                                            show_default=False)] = None,
+    class_label: Annotated[Optional[list[int]], typer.Option(
+        help="Calibration classes for class-conditional models (default: random classes).")] = None,
+    prompt_embeds: Annotated[Optional[Path], typer.Option(
+        help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    device: Annotated[str, typer.Option(help="Where the SuperNet and the pruner run: cpu, cuda, cuda:1.")] = "cpu",
+    precision: Annotated[Optional[str], typer.Option(
+        help="SuperNet autocast precision: fp32, or bf16 on a GPU. (default: fp32)", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Pruner folder to write.")] = Path("pruner"),
+    resume: Annotated[bool, typer.Option(help="Continue the pruner in -o from its last checkpoint.")] = False,
+) -> None:
+    """Learn a block schedule (DiP-GO): gradient descent through whole sampling trajectories."""
+
+    from dgo_compile.learned import prepare_optimize
+
+    given = dict(
+        keep_macs=keep_macs, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration,
+        lr=lr, granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
+        checkpoint_every=checkpoint_every, class_labels=tuple(class_label) if class_label else None,
+        prompt_embeds=str(prompt_embeds) if prompt_embeds else None,
+        prompts=str(prompts.resolve()) if prompts else None, guidance_scale=guidance_scale, precision=precision)
+    run = prepare_optimize(model, given, output, resume)
+    with ConsoleStages(err, enabled=MAIN_PROCESS) as stages, stages.stage(
+            "optimize", f"DiP-GO pruner towards {run.config.keep_macs:g} of the MACs", total=run.config.iters) as step:
+        trained = run.run(device, on_iteration=lambda r: step.update(
+            r["iteration"], note=f"consistency {r['consistency']:.4f}  sparsity {r['sparsity']:.3f}  "
+                                 f"kept MACs {r['kept']:.1%}"))
+    last = trained.state.history[-1] if trained.state.history else {}
+    out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "
+              f"last kept MACs {last.get('kept', 1.0):.1%}; make a schedule with "
+              f"`dgo-compile schedule {output} --keep-macs R`")
+
+
+def schedule(
+    pruner: Annotated[Path, typer.Argument(help="Pruner folder from `optimize`.")],
+    keep_macs: Annotated[float, typer.Option(help="Kept share of the full model's MACs per run, in (0, 1].")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Schedule JSON to write.")] = Path("schedule.json"),
+    heatmap: Annotated[Optional[Path], typer.Option(
+        help="PNG of the scores and the schedule. Default: the JSON's path with .png.")] = None,
+    model: Annotated[Optional[Path],
+                     typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
+) -> None:
+    """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
+    from dgo_compile.outputs import check_output
+
+    check("schedule", {"keep_macs": keep_macs})  # before torch is imported
+    heatmap = heatmap or output.with_suffix(".png")
+    for path, option in ((output, "-o"), (heatmap, "--heatmap")):
+        check_output(path, None, option=option, protected=[pruner, model])
+    from dgo_compile.learned import schedule_from_pruner
+
+    done = schedule_from_pruner(pruner, keep_macs, output, heatmap, model)
+    plan, kept, state = done.schedule, done.kept, done.state
+    reused_calls = sum(not any(row) for row in plan.compute)
+    sampler = state.scheduler["name"]
+    out.print(f"wrote {output} and {heatmap}: {kept:.1%} of the MACs kept, {reused_calls} of {plan.calls} calls "
+              f"reuse every block; compile it with `dgo-compile compile --schedule {output} "
+              f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")

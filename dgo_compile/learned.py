@@ -1,0 +1,96 @@
+"""The learned-schedule commands as library calls: train DiP-GO's pruner for a model (`prepare_optimize`,
+then `OptimizeRun.run`), and extract a schedule from a trained pruner folder (`schedule_from_pruner`).
+
+Settings and outputs are checked before torch is imported, so a bad option answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .configs import DEFAULT_MODEL, OptimizeConfig, PrunerError, with_overrides
+from .outputs import check_output
+
+
+@dataclass
+class OptimizeRun:
+    """A pruner run ready to train: its resolved settings, the traced model and where it is kept."""
+
+    config: OptimizeConfig
+    loaded: Any  # dgo_compile.loading.LoadedModel
+    traced: Any  # dgo_compile.tracing.TracedDenoiser
+    output: Path
+    resume: bool
+
+    def run(self, device: str = "cpu", on_iteration: Callable[[dict], None] | None = None):
+        """Train (or continue) the pruner; returns the `TrainedPruner`."""
+        from .calibration import vae_decoder
+        from .pruner import optimize
+
+        loaded, traced = self.loaded, self.traced
+        return optimize(traced, loaded.scheduler_config, self.config, self.output,
+                        model_source=str(loaded.source.resolve()),
+                        null_class_label=traced.family.null_class_label(loaded.model), resume=self.resume,
+                        decode=vae_decoder(loaded.source) if loaded.source.is_dir() else None,
+                        on_iteration=on_iteration, device=device)
+
+
+def prepare_optimize(model: str | Path | None, given: dict[str, Any], output: str | Path,
+                     resume: bool = False) -> OptimizeRun:
+    """The settings `given` (None values left out) over the defaults, or over the stored run's with
+    `resume`; the model loaded (it needs a scheduler) and traced."""
+    output = Path(output)
+    if not resume:  # settings and a plain new output are checked before torch is imported
+        with_overrides(OptimizeConfig, given)
+        if not output.exists():
+            check_output(output, "pruner", protected=[model or DEFAULT_MODEL], error=PrunerError)
+    from . import load, trace
+    from .pruner import load_pruner, restartable
+
+    stored = None
+    if resume and not restartable(output):
+        stored = load_pruner(output, allow_unfinished=True).state
+        model = model or stored.model_path
+    config = with_overrides(OptimizeConfig, given, stored.config if stored is not None else None)
+    if not restartable(output):
+        check_output(output, "pruner", resume=resume, protected=[model or DEFAULT_MODEL], error=PrunerError,
+                     exists_hint="pass --resume to continue it or choose another -o")
+    loaded = load(model)
+    loaded.require_scheduler()
+    return OptimizeRun(config, loaded, trace(loaded), output, resume)
+
+
+@dataclass
+class ExtractedSchedule:
+    schedule: Any  # dgo_compile.schedule.Schedule
+    kept: float  # its kept share of the full model's MACs
+    state: Any  # the pruner's PrunerState
+
+
+def schedule_from_pruner(pruner: str | Path, keep_macs: float, output: str | Path, heatmap: str | Path,
+                         model: str | Path | None = None) -> ExtractedSchedule:
+    """The schedule at `keep_macs` from the trained pruner folder `pruner`, saved to `output` with its
+    heatmap; `model` is the pruner's model when it has moved since training."""
+    from . import load, trace
+    from .options import check
+    from .pruner import load_pruner
+    from .report import save_heatmap
+    from .schedule_cost import ScheduleCost, extract_schedule
+
+    check("schedule", {"keep_macs": keep_macs})
+    pruner = Path(pruner)
+    trained = load_pruner(pruner)
+    state = trained.state
+    cost = ScheduleCost(trace(load(model or state.model_path)), state.schedule_granularity)
+    if cost.elements != state.elements:
+        raise PrunerError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
+                          f"{list(cost.elements)[:3]}...; pass the pruner's `model`", field="model")
+    plan, kept = extract_schedule(trained.reuse_margins(), cost, keep_macs, f"dipgo:{keep_macs:g}",
+                                  trained.whole_calls)
+    title = (f"{pruner.name}: {kept:.1%} of the MACs kept "
+             f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
+    save_heatmap(trained.reuse_scores(), plan, heatmap, title)
+    plan.save(output)
+    return ExtractedSchedule(plan, kept, state)
