@@ -223,7 +223,7 @@ def _built(model_path, config: CompileConfig) -> dict[str, Any]:
 
 def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, latent: tuple[int, int], step: Step):
     from .pruner import extract_schedule, load_pruner, optimize, vae_decoder
-    from .supernet import gateable_elements
+    from .supernet import block_units, gateable_elements
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
     from .schedule_cost import ScheduleCost
@@ -253,9 +253,9 @@ def _schedule(config: CompileConfig, traced, loaded, work: Path, model_path, lat
     if config.schedule.endswith(".json"):
         return Schedule.load(config.schedule), None
     calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
-    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
+    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"), block_units(traced))
     if config.granularity == "unit":
-        plan = plan.for_units({b.name: b.units for b in traced.blocks})
+        plan = plan.for_units(block_units(traced))
     return plan, None
 
 
@@ -338,7 +338,7 @@ def compile_schedule(model: str | Path | None = None, schedule: str | None = Non
     from . import load, trace
     from .artifact import compile_artifact, read_manifest
     from .resolution import resolve
-    from .supernet import gateable_elements
+    from .supernet import block_units, gateable_elements
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
 
@@ -351,9 +351,9 @@ def compile_schedule(model: str | Path | None = None, schedule: str | None = Non
         plan = Schedule.load(schedule)
     else:
         calls = len(denoiser_timesteps(loaded.scheduler_config, steps, scheduler))
-        plan = builtin(schedule, calls, gateable_elements(traced, "block"))
+        plan = builtin(schedule, calls, gateable_elements(traced, "block"), block_units(traced))
         if granularity == "unit":
-            plan = plan.for_units({b.name: b.units for b in traced.blocks})
+            plan = plan.for_units(block_units(traced))
     status = on_compile(f"compiling {plan.name} ({plan.steps} denoiser calls)") if on_compile else None
     with status or contextlib.nullcontext():
         path = compile_artifact(traced, plan, loaded.scheduler_config, output, overwrite=overwrite,
