@@ -327,34 +327,48 @@ def schedule(
     heatmap: Annotated[Optional[Path], typer.Option(
         help="PNG of the scores and the schedule. Default: the JSON's path with .png.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
+    calibration_samples: Annotated[int, typer.Option(
+        help="Samples (noise seed 30000) on which the learned schedule is scored against steps:K and deepcache:N:B "
+             "at the same MACs; the best is written. 0: the learned schedule, unscored.")] = 4,
 ) -> None:
-    """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
+    """Extract a schedule at a MACs budget from a trained pruner, never worse on calibration noise than the
+    closed-form schedules at that budget, with a heatmap to read it by."""
     from dgo_compile.outputs import check_output
 
     check("schedule", {"ratio": ratio})
+    if calibration_samples < 0:
+        raise DgoError(f"--calibration-samples must be 0 or more, got {calibration_samples}")
     heatmap = heatmap or output.with_suffix(".png")
     for path, option in ((output, "-o"), (heatmap, "--heatmap")):
         check_output(path, None, option=option, protected=[pruner, model])
     from dgo_compile import load, trace
     from dgo_compile.heatmap import save_heatmap
-    from dgo_compile.pruner import extract_schedule, load_pruner
+    from dgo_compile.pruner import load_pruner, vae_decoder
     from dgo_compile.schedule_cost import ScheduleCost
+    from dgo_compile.selection import schedule_at
 
     trained = load_pruner(pruner)
     state = trained.state
     loaded = load(model or state.model_path)
-    cost = ScheduleCost(trace(loaded), state.schedule_granularity)
+    traced = trace(loaded)
+    cost = ScheduleCost(traced, state.schedule_granularity)
     if cost.elements != state.elements:
         raise DgoError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
                        f"{list(cost.elements)[:3]}...; pass the pruner's model with --model")
-    plan, kept = extract_schedule(trained.reuse_margins(), cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
-    save_heatmap(trained.reuse_scores(), plan, heatmap, f"{pruner.name}: {kept:.1%} of the MACs kept "
+    decode = vae_decoder(loaded.source) if state.decoded_with_vae and loaded.source.is_dir() else None
+    selection = schedule_at(traced, trained, ratio, samples=calibration_samples, decode=decode,
+                            null_class_label=traced.family.null_class_label(loaded.model))
+    plan, kept = selection.best.schedule, selection.best.kept
+    scores = trained.reuse_scores() if plan.blocks == state.elements else None
+    save_heatmap(scores, plan, heatmap, f"{pruner.name}: {plan.name}, {kept:.1%} of the MACs kept "
                                         f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
     plan.save(output)
+    if selection.samples:
+        out.print(selection.summary())
     reused_calls = sum(not any(row) for row in plan.compute)
     sampler = state.scheduler["name"]
-    out.print(f"wrote {output} and {heatmap}: {kept:.1%} of the MACs kept, {reused_calls} of {plan.steps} calls "
-              f"reuse every block; compile it with `dgo-compile compile --schedule {output} "
+    out.print(f"wrote {output} and {heatmap}: {plan.name}, {kept:.1%} of the MACs kept, {reused_calls} of "
+              f"{plan.steps} calls reuse every block; compile it with `dgo-compile compile --schedule {output} "
               f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")
 
 
