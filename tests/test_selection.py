@@ -46,12 +46,11 @@ def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
                  "-o", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
     plan = Schedule.load(tmp_path / "s.json")
-    # At DDIM 10 and half the MACs, deepcache:4:1 (measured 2 dB ahead of steps:5) wins; the learned one is last.
+    # At DDIM 10 and half the MACs, deepcache:4:1 wins (measured); the learned one loses.
     assert plan.name in ("steps:5", "deepcache:3:0", "deepcache:4:1", "deepcache:5:2")
-    summary = result.stdout.splitlines()[0]
-    assert summary.startswith(f"{plan.name} won on 2 calibration samples (noise seed 30000): PSNR ")
-    assert "over the learned schedule" in summary or "dB over dipgo:0.5 (" in summary
-    assert f"wrote {tmp_path / 's.json'}" in result.stdout.replace("\n", "")
+    text = " ".join(result.stdout.split())  # the console wraps at 150 columns
+    assert text.startswith(f"{plan.name} won on 2 calibration samples (noise seed 30000): PSNR ")
+    assert "dB over the learned schedule (" in text or "dB over dipgo:0.5 (" in text
     unscored = run("schedule", tmp_path / "pruner", "--ratio", "0.5", "--calibration-samples", "0",
                    "-o", tmp_path / "learned.json")
     assert unscored.returncode == 0, unscored.stderr
