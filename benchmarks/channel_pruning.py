@@ -62,9 +62,8 @@ from dgo_compile.data import real_digit_sample
 from dgo_compile.finetune import FinetuneConfig
 from dgo_compile.metrics import classifier_features, load_digit_classifier
 from dgo_compile.sampling import initial_noise
-from dgo_compile.schedule import builtin
+from dgo_compile.schedule import builtin_for
 from dgo_compile.schedule_cost import ScheduleCost
-from dgo_compile.supernet import gateable_elements
 
 
 def nearest(options: dict, target: float):
@@ -252,21 +251,22 @@ def main() -> None:
         half = min((v for v in variants if v["method"] == "ours" and v["minimum"] == args.min_group_channels[0]),
                    key=lambda v: abs(v["macs"] / base.macs - 0.5))
         pruned_model = load(half["tuned_folder"]).model
-        full_cost = ScheduleCost(trace(loaded.model))
-        pruned_cost = ScheduleCost(trace(pruned_model))
-        names = gateable_elements(trace(loaded.model))
-        dc2 = builtin("deepcache:2", args.steps, names)
+        full_traced = trace(loaded.model)
+        full_cost = ScheduleCost(full_traced, "unit")  # prices block and unit (deepcache) schedules
+        pruned_cost = ScheduleCost(trace(pruned_model), "unit")
+        dc2 = builtin_for("deepcache:2", args.steps, full_traced)
         kept = pruned_cost.kept_ratio(dc2) * pruned_cost.full_macs / full_cost.full_macs
         k = min(range(1, args.steps + 1),
-                key=lambda k: abs(full_cost.kept_ratio(builtin(f"steps:{k}", args.steps, names)) - kept))
-        specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(4)]
-        dc = min(specs, key=lambda s: abs(full_cost.kept_ratio(builtin(s, args.steps, names)) - kept))
+                key=lambda k: abs(full_cost.kept_ratio(builtin_for(f"steps:{k}", args.steps, full_traced)) - kept))
+        branches = 3 * sum(b.name.startswith("down_blocks.") for b in full_traced.blocks)
+        specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(branches)]
+        dc = min(specs, key=lambda s: abs(full_cost.kept_ratio(builtin_for(s, args.steps, full_traced)) - kept))
         name = Path(half["tuned_folder"]).name
         entries = [(f"ours {half['target']:.0%} pruned + fine-tuned, deepcache:2", pruned_model, "deepcache:2", kept,
                     samples / f"{name}_deepcache2.pt")]
         for spec in (f"steps:{k}", dc):
             entries.append((f"unpruned, {spec}", loaded.model, spec,
-                            full_cost.kept_ratio(builtin(spec, args.steps, names)),
+                            full_cost.kept_ratio(builtin_for(spec, args.steps, full_traced)),
                             samples / f"full_{spec.replace(':', '')}.pt"))
         entries.append((f"ours {half['target']:.0%} pruned + fine-tuned, full", pruned_model, "full",
                         pruned_cost.full_macs / full_cost.full_macs, None))

@@ -32,8 +32,7 @@ from dgo_compile.export import export_onnx
 from dgo_compile.folding import fold
 from dgo_compile.loading import save_denoiser
 from dgo_compile.sampling import denoiser_timesteps, sample_ddim
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.schedule import builtin_for
 
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)
@@ -360,7 +359,7 @@ def sample_images(model: nn.Module, scheduler_config: dict, noise: torch.Tensor,
     if file.is_file():
         return torch.load(file)
     traced = trace(model)
-    plan = builtin(schedule, steps, gateable_elements(traced))
+    plan = builtin_for(schedule, steps, traced)
     images = sample_ddim(fold(traced, plan, denoiser_timesteps(scheduler_config, steps)), scheduler_config,
                          noise, steps, 50)
     torch.save(images, file)

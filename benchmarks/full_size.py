@@ -1,10 +1,10 @@
 """Full-size published UNet configs (random weights): compile cost, artifact size and memory, ORT CPU speed.
 
     python benchmarks/full_size.py                       # every cell; hours on 2 CPU cores
-    python benchmarks/full_size.py --models sd15 --precisions fp16 --schedules deepcache:3
+    python benchmarks/full_size.py --models sd15 --precisions fp16 --schedules deepcache:3:2
 
 For SD-1.5 (512 px), SD-2.1 (768 px) and SDXL (1024 px) UNets built from their published
-config.json with random weights, at fp32 and fp16, for `deepcache:3` and a 6-pattern schedule
+config.json with random weights, at fp32 and fp16, for `deepcache:3:2` and a 6-pattern schedule
 JSON over DDIM 50 steps, each in a fresh process:
 - compile: wall time and peak RSS of load + trace (verified) + fold + export + write;
 - artifact bytes on disk, against the bytes of the weights its variants use (the model's);
@@ -61,7 +61,7 @@ def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
 
     from dgo_compile import load, trace
     from dgo_compile.artifact import compile_artifact
-    from dgo_compile.schedule import Schedule, builtin
+    from dgo_compile.schedule import Schedule, builtin_for
 
     config = work / model / "config.json"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     traced = trace(loaded)
     times["trace_s"] = time.perf_counter() - start
     blocks = [b.name for b in traced.blocks]
-    plan = builtin(schedule, STEPS, tuple(blocks)) if schedule != "six_patterns" \
+    plan = builtin_for(schedule, STEPS, traced) if schedule != "six_patterns" \
         else Schedule.from_json(six_patterns(blocks, STEPS))
     start = time.perf_counter()
     path = compile_artifact(traced, plan, SD_SCHEDULER, work / "artifact", overwrite=True, precision=precision)
@@ -136,12 +136,12 @@ def parity_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     from dgo_compile.folding import fold
     from dgo_compile.ort_runner import OrtArtifact
     from dgo_compile.sampling import denoiser_timesteps
-    from dgo_compile.schedule import Schedule, builtin
+    from dgo_compile.schedule import Schedule, builtin_for
 
     torch.manual_seed(0)  # the compile process's random weights
     traced = trace(load(work / model / "config.json"), verify=False)
     blocks = [b.name for b in traced.blocks]
-    plan = builtin(schedule, STEPS, tuple(blocks)) if schedule != "six_patterns" \
+    plan = builtin_for(schedule, STEPS, traced) if schedule != "six_patterns" \
         else Schedule.from_json(six_patterns(blocks, STEPS))
     timesteps = denoiser_timesteps(SD_SCHEDULER, STEPS)
     reference, ours = fold(traced, plan, timesteps).new_run(), OrtArtifact.open(work / "artifact").new_run()
@@ -225,7 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["sd15", "sd21_768", "sdxl"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
-    parser.add_argument("--schedules", nargs="+", default=["deepcache:3", "six_patterns"])
+    parser.add_argument("--schedules", nargs="+", default=["deepcache:3:2", "six_patterns"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--again", action="store_true", help="re-measure cells already in the results")

@@ -19,9 +19,8 @@ from dgo_compile import load, trace
 from dgo_compile.folding import fold
 from dgo_compile.metrics import psnr, ssim
 from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample
-from dgo_compile.schedule import builtin
+from dgo_compile.schedule import builtin_for
 from dgo_compile.schedule_cost import ScheduleCost
-from dgo_compile.supernet import gateable_elements
 
 
 def main() -> None:
@@ -41,9 +40,9 @@ def main() -> None:
                                           traced.family.null_class_label(loaded.model))
     run = dict(conditions=conditions, guidance=guidance, seed=0)
     reference = sample(traced, loaded.scheduler_config, noise, args.steps, **run)
-    cost = ScheduleCost(traced, "block")
+    cost = ScheduleCost(traced, "unit")  # prices block and unit (deepcache) schedules
     for spec in args.schedules:
-        plan = builtin(spec, len(timesteps), gateable_elements(traced, "block"))
+        plan = builtin_for(spec, len(timesteps), traced)
         images = sample(fold(traced, plan, timesteps), loaded.scheduler_config, noise, args.steps, **run)
         s, p = ssim(images, reference), psnr(images, reference).clamp(max=100)
         print(json.dumps({"schedule": spec, "kept_macs": round(cost.kept_ratio(cost.close(plan)), 4),

@@ -30,7 +30,7 @@ from dgo_compile.metrics import classifier_features, frechet_distance, load_digi
 from dgo_compile.pruner import OptimizeConfig, optimize
 from dgo_compile.report import save_heatmap
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
-from dgo_compile.schedule import builtin
+from dgo_compile.schedule import builtin, builtin_for
 from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
 
 BUDGETS = (0.5, 0.25, 0.2)
@@ -111,9 +111,11 @@ def main() -> None:
         k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps,
                                                                                     names)) - budget))
         schedules[(f"steps:{k}", budget)] = builtin(f"steps:{k}", args.steps, names)
-        specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(4)]
-        best = min(specs, key=lambda s: abs(cost.kept_ratio(builtin(s, args.steps, names)) - budget))
-        schedules[(best, budget)] = builtin(best, args.steps, names)
+        unit_cost = costs.setdefault("unit", ScheduleCost(traced, "unit"))
+        branches = 3 * sum(n.startswith("down_blocks.") for n in names)
+        specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(branches)]
+        best = min(specs, key=lambda s: abs(unit_cost.kept_ratio(builtin_for(s, args.steps, traced)) - budget))
+        schedules[(best, budget)] = builtin_for(best, args.steps, traced)
 
     classifier = load_digit_classifier()
     real_features = classifier_features(real_digit_sample(args.n, args.seed), classifier)

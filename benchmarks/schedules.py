@@ -30,7 +30,7 @@ from dgo_compile.folding import fold
 from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
-from dgo_compile.schedule import builtin
+from dgo_compile.schedule import builtin_for
 
 
 def main() -> None:
@@ -45,7 +45,6 @@ def main() -> None:
 
     loaded = load()
     traced = trace(loaded)
-    names = tuple(b.name for b in traced.blocks)
     config = loaded.scheduler_config
     shape = (1, 32, 32)
     classifier = load_digit_classifier()
@@ -56,8 +55,8 @@ def main() -> None:
         artifacts = {}
 
         def compile_spec(spec: str) -> None:
-            path = compile_artifact(traced, builtin(spec, args.steps, names), config, Path(tmp) / spec.replace(":",
-                                                                                                               "_"))
+            path = compile_artifact(traced, builtin_for(spec, args.steps, traced), config,
+                                    Path(tmp) / spec.replace(":", "_"))
             artifacts[spec] = OrtArtifact.open(path, ["CPUExecutionProvider"], args.threads)
 
         for spec in ("full", "deepcache:2", "deepcache:3", "deepcache:5"):
@@ -70,7 +69,7 @@ def main() -> None:
 
         timing = {b: time_runs(artifacts, config, shape, args.steps, b, args.repeats) for b in (1, 8)}
         timesteps = denoiser_timesteps(config, args.steps)
-        torch_schedules = {spec: fold(traced, builtin(spec, args.steps, names), timesteps) for spec in artifacts}
+        torch_schedules = {spec: fold(traced, builtin_for(spec, args.steps, traced), timesteps) for spec in artifacts}
         eager = {b: time_runs(torch_schedules, config, shape, args.steps, b, max(1, args.repeats // 2)) for b in (1, 8)}
 
         noise = initial_noise(args.n, shape, args.seed)

@@ -3,7 +3,7 @@
     python benchmarks/session_memory.py          # ~10 minutes on 2 CPU cores
 
 The numbers behind `ort_runner.session_options`: a 220 M-parameter SD-shaped UNet (SD-1.5's
-config at half its widths, 32x32 latents, random weights) compiled with `deepcache:3` (2 variants)
+config at half its widths, 32x32 latents, random weights) compiled with `deepcache:3:2` (2 variants)
 over 10 DDIM steps, in fp32 and fp16, opened on the CPU provider (1 thread) in a fresh process per
 setting, then run for 4 calls (both variants, twice). For each: RSS after opening and after every
 call (call times go to the JSON only: this script measures memory, and is not run on a quiet machine).
@@ -46,13 +46,13 @@ def compile_one(folder: Path, precision: str) -> None:
 
     from dgo_compile import load, trace
     from dgo_compile.artifact import compile_artifact
-    from dgo_compile.schedule import builtin
+    from dgo_compile.schedule import builtin_for
 
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "model" / "config.json").write_text(json.dumps(CONFIG))
     torch.manual_seed(0)
     traced = trace(load(folder / "model" / "config.json"), verify=False)
-    plan = builtin("deepcache:3", STEPS, tuple(b.name for b in traced.blocks))
+    plan = builtin_for("deepcache:3:2", STEPS, traced)
     compile_artifact(traced, plan, {"_class_name": "DDIMScheduler"}, folder / precision, overwrite=True,
                      precision=precision)
 

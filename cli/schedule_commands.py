@@ -86,8 +86,12 @@ def schedule(
         help="PNG of the scores and the schedule. Default: the JSON's path with .png.")] = None,
     model: Annotated[Optional[Path],
                      typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
+    calibration_samples: Annotated[int, typer.Option(
+        help="Samples (noise seed 30000) on which the learned schedule is scored against steps:K and "
+             "deepcache:N:B at the same MACs; the best is written. 0: the learned schedule, unscored.")] = 4,
 ) -> None:
-    """Extract a schedule at a MACs budget from a trained pruner, with a heatmap to read it by."""
+    """Extract a schedule at a MACs budget from a trained pruner, never worse on calibration noise than
+    the closed-form schedules at that budget, with a heatmap to read it by."""
     from dgo_compile.outputs import check_output
 
     check("schedule", {"keep_macs": keep_macs})  # before torch is imported
@@ -96,10 +100,13 @@ def schedule(
         check_output(path, None, option=option, protected=[pruner, model])
     from dgo_compile.learned import schedule_from_pruner
 
-    done = schedule_from_pruner(pruner, keep_macs, output, heatmap, model)
+    done = schedule_from_pruner(pruner, keep_macs, output, heatmap, model, calibration_samples)
     plan, kept, state = done.schedule, done.kept, done.state
+    if done.selection.samples:
+        out.print(done.selection.summary())
     reused_calls = sum(not any(row) for row in plan.compute)
     sampler = state.scheduler["name"]
-    out.print(f"wrote {output} and {heatmap}: {kept:.1%} of the MACs kept, {reused_calls} of {plan.calls} calls "
+    out.print(f"wrote {output} and {heatmap}: {plan.name}, {kept:.1%} of the MACs kept, {reused_calls} of "
+              f"{plan.calls} calls "
               f"reuse every block; compile it with `dgo-compile compile --schedule {output} "
               f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")

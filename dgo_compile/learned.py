@@ -67,30 +67,43 @@ class ExtractedSchedule:
     schedule: Any  # dgo_compile.schedule.Schedule
     kept: float  # its kept share of the full model's MACs
     state: Any  # the pruner's PrunerState
+    selection: Any  # dgo_compile.selection.Selection: how it compared with the closed-form schedules
 
 
 def schedule_from_pruner(pruner: str | Path, keep_macs: float, output: str | Path, heatmap: str | Path,
-                         model: str | Path | None = None) -> ExtractedSchedule:
+                         model: str | Path | None = None, calibration_samples: int = 4) -> ExtractedSchedule:
     """The schedule at `keep_macs` from the trained pruner folder `pruner`, saved to `output` with its
-    heatmap; `model` is the pruner's model when it has moved since training."""
+    heatmap; `model` is the pruner's model when it has moved since training. With
+    `calibration_samples` > 0 the learned schedule is scored against the closed-form ones at the
+    same MACs on calibration noise, and the best is saved (`dgo_compile.selection`)."""
     from . import load, trace
+    from .calibration import vae_decoder
     from .options import check
     from .pruner import load_pruner
     from .report import save_heatmap
-    from .schedule_cost import ScheduleCost, extract_schedule
+    from .schedule_cost import ScheduleCost
+    from .selection import schedule_at
 
     check("schedule", {"keep_macs": keep_macs})
+    if calibration_samples < 0:
+        raise PrunerError(f"`calibration_samples` must be 0 or more, got {calibration_samples}",
+                          field="calibration_samples")
     pruner = Path(pruner)
     trained = load_pruner(pruner)
     state = trained.state
-    cost = ScheduleCost(trace(load(model or state.model_path)), state.schedule_granularity)
+    loaded = load(model or state.model_path)
+    traced = trace(loaded)
+    cost = ScheduleCost(traced, state.schedule_granularity)
     if cost.elements != state.elements:
         raise PrunerError(f"{pruner} was trained on elements {list(state.elements)[:3]}..., this model has "
                           f"{list(cost.elements)[:3]}...; pass the pruner's `model`", field="model")
-    plan, kept = extract_schedule(trained.reuse_margins(), cost, keep_macs, f"dipgo:{keep_macs:g}",
-                                  trained.whole_calls)
-    title = (f"{pruner.name}: {kept:.1%} of the MACs kept "
+    decode = vae_decoder(loaded.source) if state.decoded_with_vae and loaded.source.is_dir() else None
+    selection = schedule_at(traced, trained, keep_macs, samples=calibration_samples, decode=decode,
+                            null_class_label=traced.family.null_class_label(loaded.model))
+    plan, kept = selection.best.schedule, selection.best.kept
+    scores = trained.reuse_scores() if plan.elements == state.elements else None  # a closed-form winner has none
+    title = (f"{pruner.name}: {plan.name}, {kept:.1%} of the MACs kept "
              f"({state.scheduler['class']} {state.scheduler['steps']} steps)")
-    save_heatmap(trained.reuse_scores(), plan, heatmap, title)
+    save_heatmap(scores, plan, heatmap, title)
     plan.save(output)
-    return ExtractedSchedule(plan, kept, state)
+    return ExtractedSchedule(plan, kept, state, selection)

@@ -348,12 +348,12 @@ def resolve_schedule(config: CompileConfig, traced, loaded):
     sampler's denoiser calls over the model's blocks (then its units, at unit granularity)."""
     from .sampling import denoiser_timesteps
     from .schedule import Schedule, builtin
-    from .supernet import gateable_elements
+    from .supernet import block_units, gateable_elements
 
     if config.schedule.endswith(".json"):
         return Schedule.load(config.schedule)
     calls = len(denoiser_timesteps(loaded.require_scheduler(), config.steps, config.scheduler))
-    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"))
+    plan = builtin(config.schedule, calls, gateable_elements(traced, "block"), block_units(traced))
     if config.granularity == "unit":
-        plan = plan.for_units({b.name: b.units for b in traced.blocks})
+        plan = plan.for_units(block_units(traced))
     return plan

@@ -5,9 +5,10 @@ A schedule is DiP-GO's SubNet written as a table (calls x elements). A sampler s
 than one call (Heun: 2N-1 calls for N steps, PNDM: N+9), so rows count calls, not steps. Reusing an
 element means its output is the cached output from the last call where it ran. The closure (what
 else a schedule may skip) and the graph key of each call (`variant_keys`) live here too; the JSON
-file keeps its keys (`blocks`, `compute`) for the elements and the rows. Built-in schedules make the honest
-baselines one flag away: `full`, `deepcache:N[:branch]` and `steps:K` (reuse every block, which
-for DDIM with eta 0 and trailing spacing is exactly DDIM with K uniform steps).
+file keeps its keys (`blocks`, `compute`) for the elements and the rows. Built-in schedules make the
+honest baselines one flag away: `full`, `deepcache:N[:branch]` (the DeepCache package's rule, at unit
+granularity: see dgo_compile.deepcache) and `steps:K` (reuse every block, which for DDIM with eta 0
+and trailing spacing is exactly DDIM with K uniform steps).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from .errors import DgoError
 from .files import write_atomic
@@ -165,9 +167,11 @@ def check_spec(spec: str, *, learned: bool = False) -> None:
         raise ScheduleError(f"steps:K needs K >= 1, got {match.group(4)}")
 
 
-def builtin(spec: str, calls: int, elements: tuple[str, ...]) -> Schedule:
+def builtin(spec: str, calls: int, elements: tuple[str, ...],
+            units: Mapping[str, Sequence[str]] | None = None) -> Schedule:
     """`full`, `deepcache:N[:branch]` or `steps:K` over `calls` denoiser calls and `elements` (diffusers
-    block names)."""
+    block names). `deepcache` counts layers inside blocks and needs `units` (each block's unit names,
+    e.g. `block_units(traced)`)."""
     match = SPEC.match(spec)
     if match is None:
         raise ScheduleError(f"unknown schedule '{spec}'; use full, deepcache:N[:branch] or steps:K")
@@ -181,26 +185,19 @@ def builtin(spec: str, calls: int, elements: tuple[str, ...]) -> Schedule:
             raise ScheduleError(f"steps:K needs 1 <= K <= {calls}, got {k}")
         computed = _uniform_steps(calls, k)
         return Schedule(spec, elements, tuple(tuple(i in computed for _ in elements) for i in range(calls)))
-    interval, branch = int(match.group(2)), int(match.group(3) or 0)
-    return _deepcache(spec, calls, elements, interval, branch)
+    from .deepcache import deepcache_schedule
+
+    if units is None:
+        raise ScheduleError(f"{spec} counts layers inside blocks: pass the model's units "
+                            "(builtin(..., units=block_units(traced)) or builtin_for(spec, calls, traced))")
+    return deepcache_schedule(spec, calls, elements, units, int(match.group(2)), int(match.group(3) or 0))
+
+
+def builtin_for(spec: str, calls: int, traced) -> Schedule:
+    """`builtin` over a traced model's blocks (and, for deepcache, their units)."""
+    return builtin(spec, calls, tuple(b.name for b in traced.blocks), {b.name: b.units for b in traced.blocks})
 
 
 def _uniform_steps(steps: int, k: int) -> set[int]:
     """Indices of K evenly spaced compute steps, starting at 0 (exact DDIM-K when K divides steps)."""
     return {round(i * steps / k) for i in range(k)}
-
-
-def _deepcache(spec: str, steps: int, blocks: tuple[str, ...], interval: int, branch: int) -> Schedule:
-    """DeepCache at block granularity: between full steps run only the shallowest `branch`+1 down
-    and up blocks; the cached input of the up path is the reused deeper up block's output."""
-    downs = [b for b in blocks if b.startswith("down_blocks.")]
-    ups = [b for b in blocks if b.startswith("up_blocks.")]
-    if not downs or not ups:
-        raise ScheduleError(f"deepcache needs a UNet (down and up blocks); this model has {', '.join(blocks[:3])}...")
-    if interval < 1:
-        raise ScheduleError(f"deepcache interval must be at least 1, got {interval}")
-    if not 0 <= branch < len(downs):
-        raise ScheduleError(f"deepcache branch must be in 0..{len(downs) - 1}, got {branch}")
-    shallow = set(downs[: branch + 1]) | set(ups[len(ups) - branch - 1:])
-    rows = tuple(tuple(i % interval == 0 or b in shallow for b in blocks) for i in range(steps))
-    return Schedule(spec, blocks, rows)

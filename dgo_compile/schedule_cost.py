@@ -30,6 +30,7 @@ class ScheduleCost:
         graph_module = PassManager([FoldTimestep()]).run(analyse(traced)).graph_module
         self.granularity = granularity
         self.elements = gateable_elements(traced, granularity)
+        self._units = {b.name: b.units for b in traced.blocks}
         self.consumers = element_consumers(graph_module, self.elements, granularity)
         self._dependent = sample_dependent(graph_module)
         self._owner = {n: element_of(n, granularity) for n in graph_module.graph.nodes}
@@ -57,6 +58,13 @@ class ScheduleCost:
         return self._memo[key]
 
     def close(self, schedule: Schedule) -> Schedule:
+        """The schedule with its dependency closure; a unit cost model prices block schedules too
+        (each unit follows its block), so block and unit candidates compare on one scale."""
+        if schedule.granularity != self.granularity:
+            if self.granularity != "unit":
+                raise ScheduleError(f"schedule '{schedule.name}' is at {schedule.granularity} granularity; "
+                                    f"price it with ScheduleCost(traced, '{schedule.granularity}')")
+            schedule = schedule.for_units(self._units)
         return schedule.with_closure(self.consumers)
 
     def per_call(self, schedule: Schedule) -> list[int]:

@@ -32,6 +32,11 @@ def gateable_elements(traced: TracedDenoiser, granularity: str = "block") -> tup
     return tuple(u for b in traced.blocks for u in b.units)
 
 
+def block_units(traced: TracedDenoiser) -> dict[str, tuple[str, ...]]:
+    """Each block's units in call order: what unit-granularity built-ins (deepcache) are laid out by."""
+    return {b.name: b.units for b in traced.blocks}
+
+
 def build_supernet(traced: TracedDenoiser, granularity: str = "block", fold_timestep: bool = False,
                    dump_dir: str | Path | None = None) -> fx.GraphModule:
     """DiP-GO's SuperNet: the traced graph with backup edges and a gate per element."""

@@ -11,7 +11,7 @@ from dgo_compile.cost import analyse
 from dgo_compile.folding import fold
 from dgo_compile.sampling import initial_noise, sample_ddim
 from dgo_compile.schedule import builtin
-from dgo_compile.supernet import build_supernet
+from dgo_compile.supernet import block_units, build_supernet
 
 CONV = torch.ops.aten.conv2d.default
 
@@ -49,22 +49,23 @@ def test_whole_network_reuse_is_ddim_with_fewer_steps(shipped):
 
 def test_deepcache_shallow_variant_structure(shipped):
     _, traced = shipped
-    folded = fold(traced, builtin("deepcache:5", 10, names(traced)))
+    folded = fold(traced, builtin("deepcache:5", 10, names(traced), block_units(traced)))
     full_key, shallow_key = folded.step_variant[0], folded.step_variant[1]
     shallow = folded.variants[shallow_key]
     signature = variant_signature(shallow)
-    # The only cached value the shallow path reads is the deep feature entering up_blocks.3.
-    assert signature.cache_inputs == ("cache__up_blocks_2__0",)
+    # Branch 0: the only cached value the shallow path reads is the one entering up_blocks.3's last resnet.
+    assert signature.cache_inputs == ("cache__up_blocks_3_resnets_1__0",)
     assert signature.cache_outputs == ()
-    assert variant_signature(folded.variants[full_key]).cache_outputs == ("cache__up_blocks_2__0",)
+    assert variant_signature(folded.variants[full_key]).cache_outputs == ("cache__up_blocks_3_resnets_1__0",)
     convs = [n for n in shallow.graph.nodes if n.target is CONV]
-    # conv_in, down_blocks.0's 2 resnets x 2 convs (its downsampler only feeds reused/dead blocks,
-    # so it is gone), up_blocks.3's 3 resnets x (2 + skip-concat shortcut), conv_out
-    assert len(convs) == 1 + 4 + 9 + 1
-    assert not any("downsamplers" in str(n.meta.get("nn_module_stack")) for n in convs)
+    modules = [list(n.meta["nn_module_stack"].values())[-1][0] for n in convs]
+    # conv_in (its output is the last resnet's skip input), that resnet's 2 convs and skip-concat shortcut, conv_out
+    assert modules == ["model.conv_in", "model.up_blocks.3.resnets.2.conv1", "model.up_blocks.3.resnets.2.conv2",
+                       "model.up_blocks.3.resnets.2.conv_shortcut", "model.conv_out"]
     used = {n.target for n in shallow.graph.nodes if n.op == "get_attr"}
-    assert not any(t.startswith(("model.down_blocks.1", "model.mid_block", "model.up_blocks.0")) for t in used)
-    assert sum(p.numel() for p in shallow.parameters()) < 0.2 * sum(p.numel() for p in traced.graph_module.parameters())
+    assert not any(t.startswith(("model.down_blocks", "model.mid_block", "model.up_blocks.3.resnets.1")) for t in used)
+    total = sum(p.numel() for p in traced.graph_module.parameters())
+    assert sum(p.numel() for p in shallow.parameters()) < 0.05 * total
 
 
 @pytest.mark.parametrize("family, reused", [
@@ -116,7 +117,7 @@ def test_reused_and_exposed_overlap_is_refused(shipped):
 
 def test_two_runs_never_share_a_cache(shipped):
     loaded, traced = shipped
-    folded = fold(traced, builtin("deepcache:3", 6, names(traced)))
+    folded = fold(traced, builtin("deepcache:3", 6, names(traced), block_units(traced)))
     a, b = folded.new_run(), folded.new_run()
     inputs = tuple(traced.example_inputs(1).values())
     a(*inputs)
@@ -128,7 +129,7 @@ def test_two_runs_never_share_a_cache(shipped):
 
 def test_steps_with_the_same_reuse_share_one_graph(shipped):
     _, traced = shipped
-    folded = fold(traced, builtin("deepcache:3", 10, names(traced)))
+    folded = fold(traced, builtin("deepcache:3", 10, names(traced), block_units(traced)))
     # Step 9 computes everything like steps 0, 3 and 6, but nothing reads its caches: it still
     # runs the exposing graph (extra outputs cost no compute; a third graph would copy the weights).
     assert len(folded.variants) == 2

@@ -17,7 +17,7 @@ from dgo_compile.ort_runner import OrtArtifact
 from dgo_compile.resolution import resolve
 from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample
 from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.supernet import block_units, gateable_elements
 
 # The tiny SD pipeline's scheduler config is "outdated" for diffusers (steps_offset 0); irrelevant here.
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
@@ -34,8 +34,8 @@ def shipped():
 
 def _compile(shipped, path, schedule, scheduler):
     loaded, traced = shipped
-    return compile_artifact(traced, builtin(schedule, STEPS, gateable_elements(traced)), loaded.scheduler_config,
-                            path, scheduler=scheduler)
+    return compile_artifact(traced, builtin(schedule, STEPS, gateable_elements(traced), block_units(traced)),
+                            loaded.scheduler_config, path, scheduler=scheduler)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_pytorch_models_attach_the_same_way(shipped, ddim_deepcache):
     plain = _images(pipe, 5)
     attach(pipe, ddim_deepcache)
     from_artifact = _images(pipe)
-    schedule = builtin("deepcache:2", STEPS, gateable_elements(traced))
+    schedule = builtin("deepcache:2", STEPS, gateable_elements(traced), block_units(traced))
     attach(pipe, fold(traced, schedule, denoiser_timesteps(loaded.scheduler_config, STEPS)))
     assert np.abs(_images(pipe) - from_artifact).max() < 1e-4
     attach(pipe, traced)  # a plain denoiser: no schedule, any sampler

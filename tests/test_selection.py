@@ -1,0 +1,57 @@
+"""`schedule --keep-macs R` is never worse on calibration noise than the closed-form schedules at R."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dgo_compile import load, trace
+from dgo_compile.schedule import Schedule, builtin_for
+from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.selection import TOLERANCE, closed_form_candidates
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return trace(load(), verify=False)
+
+
+def test_candidates_are_the_most_compute_that_fits_the_budget(shipped):
+    cost = ScheduleCost(shipped, "unit")
+    candidates = closed_form_candidates(shipped, 10, 0.5, cost)
+    names = [s.name for s in candidates]
+    assert names[0] == "steps:5" and cost.kept_ratio(builtin_for("steps:6", 10, shipped)) > 0.5 + TOLERANCE
+    for schedule in candidates:
+        assert cost.kept_ratio(schedule) <= 0.5 + TOLERANCE
+        if schedule.name.startswith("deepcache:"):
+            interval, branch = map(int, schedule.name.split(":")[1:])
+            tighter = builtin_for(f"deepcache:{interval - 1}:{branch}", 10, shipped)
+            assert interval == 2 or cost.kept_ratio(tighter) > 0.5 + TOLERANCE
+    # 4 down blocks x 3 layers: only branches within down_blocks.0 fit half the MACs at any interval
+    assert names == ["steps:5", "deepcache:3:0", "deepcache:4:1", "deepcache:5:2"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
+    # One iteration: the gates are still at their initialisation, so extraction reuses pairs in (call, block)
+    # order: whole early calls, block by block. Every closed-form schedule at the same MACs beats it.
+    result = run("optimize", "--steps", "10", "--iters", "1", "--batch", "1", "--calibration", "1",
+                 "--keep-macs", "0.5", "-o", tmp_path / "pruner")
+    assert result.returncode == 0, result.stderr
+    result = run("schedule", tmp_path / "pruner", "--keep-macs", "0.5", "--calibration-samples", "2",
+                 "-o", tmp_path / "s.json")
+    assert result.returncode == 0, result.stderr
+    plan = Schedule.load(tmp_path / "s.json")
+    # At DDIM 10 and half the MACs, deepcache:4:1 wins (measured); the learned one loses.
+    assert plan.name in ("steps:5", "deepcache:3:0", "deepcache:4:1", "deepcache:5:2")
+    text = " ".join(result.stdout.split())  # the console wraps at 150 columns
+    assert text.startswith(f"{plan.name} won on 2 calibration samples (noise seed 30000): PSNR ")
+    assert "dB over the learned schedule (" in text or "dB over dipgo:0.5 (" in text
+    unscored = run("schedule", tmp_path / "pruner", "--keep-macs", "0.5", "--calibration-samples", "0",
+                   "-o", tmp_path / "learned.json")
+    assert unscored.returncode == 0, unscored.stderr
+    assert Schedule.load(tmp_path / "learned.json").name == "dipgo:0.5" and "won" not in unscored.stdout
