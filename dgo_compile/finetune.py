@@ -294,9 +294,7 @@ def _open_data(folder: str, loaded: LoadedModel, output: Path, world):
     """The --data rows; process 0 prepares an image folder's cache while the others wait for it."""
     from .data_folder import open_data
 
-    if loaded.scheduler_config is None:
-        raise FinetuneError(f"the model ({loaded.source}) has no scheduler/ config, which sets the noise schedule; "
-                            "pass a pipeline folder")
+    loaded.require_scheduler("the model", FinetuneError, ", which sets the noise schedule")
     work = output.with_name(output.name + ".work")
     made = not work.exists()
     try:

@@ -66,9 +66,7 @@ def check_distill_only(loaded: LoadedModel, teacher: LoadedModel) -> bool:
         raise FinetuneError(f"--teacher ({teacher.source}) takes {', '.join(other)}, which --distill-only cannot "
                             "make (SDXL-style conditions); fine-tune it with --data, a folder of latents "
                             "that holds them")
-    if teacher.scheduler_config is None:
-        raise FinetuneError(f"--teacher ({teacher.source}) has no scheduler/ config, which sets the noise schedule "
-                            "of its trajectories; pass a pipeline folder")
+    teacher.require_scheduler("--teacher", FinetuneError, ", which sets the noise schedule of its trajectories")
     if teacher.model.config.get("class_embed_type") is not None:  # a UNet2DModel conditioned on other vectors
         raise FinetuneError(f"--teacher ({teacher.source}) is conditioned on something other than class labels")
     return "class_labels" in _check_pair(loaded, teacher)
@@ -91,9 +89,7 @@ def check_student(loaded: LoadedModel) -> bool:
     """Refuse a model the recipe cannot train on the shipped digits; True when it takes class labels."""
     role = "the model"
     conditional = _check_inputs(loaded, role)
-    if loaded.scheduler_config is None:
-        raise FinetuneError(f"{role} ({loaded.source}) has no scheduler/ config, which sets the noise schedule; "
-                            "pass a pipeline folder")
+    loaded.require_scheduler(role, FinetuneError, ", which sets the noise schedule")
     return conditional
 
 

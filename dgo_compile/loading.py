@@ -20,7 +20,7 @@ from torch import nn
 
 from .bounds import check_config, check_json_file, check_record
 from .configs import DEFAULT_MODEL
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import DgoError, ModelLoadError, UnsupportedModelError
 from .families import FAMILIES, Family
 from .finite import check_finite
 from .outputs import check_output, make_staging, publish, write_error
@@ -56,10 +56,13 @@ class LoadedModel:
     def class_name(self) -> str:
         return type(self.model).__name__
 
-    def require_scheduler(self) -> dict[str, Any]:
-        """The scheduler config that sampling needs; a bare denoiser folder has none."""
+    def require_scheduler(self, role: str | None = None, error: type[DgoError] = ModelLoadError,
+                          needed_for: str = "") -> dict[str, Any]:
+        """The scheduler config that sampling (or training: `needed_for`) needs; a bare denoiser folder
+        has none. The one place this is checked; `role` names the model in the message (`teacher`)."""
         if self.scheduler_config is None:
-            raise ModelLoadError(f"{self.source} has no scheduler/ config; pass a pipeline folder")
+            who = f"{role} ({self.source})" if role else str(self.source)
+            raise error(f"{who} has no scheduler/ config{needed_for}; pass a pipeline folder")
         return self.scheduler_config
 
 

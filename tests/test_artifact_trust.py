@@ -11,8 +11,7 @@ from dgo_compile import load, trace
 from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
 from dgo_compile.artifact_files import file_record
 from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.schedule import builtin_for
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 
@@ -20,7 +19,7 @@ SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 @pytest.fixture(scope="module")
 def artifact(config_dir, tmp_path_factory):
     traced = trace(load(config_dir / "unet2d" / "config.json"), verify=False)
-    schedule = builtin("deepcache:2", 4, gateable_elements(traced))
+    schedule = builtin_for("deepcache:2", 4, traced)
     return compile_artifact(traced, schedule, SCHEDULER, tmp_path_factory.mktemp("trust") / "artifact")
 
 

@@ -49,7 +49,7 @@ def _model(config):
     (TINY["sdxl"], (16, 1), "`width` 1 is not a multiple of 2 (the UNet's 2: 1 downsampler); use 2"),
     (TINY["dit"], (12, 7), "`width` 7 is not a multiple of 2 (the patch size 2); use 6 or 8"),
     (TINY["dit"], (12, 8), ("DiTTransformer2DModel runs square sizes only (it unpatchifies height = width); "
-                            "`height` 12 and width 8 differ: use 8 or 12 for both")),
+                            "`height` 12 and `width` 8 differ: use 8 or 12 for both")),
     (TINY["pixart"], (9, 6), "`height` 9 is not a multiple of 2 (the patch size 2); use 8 or 10"),
     (TINY["unet2d"], (0, 16), "`height` must be a positive whole number, got 0"),
 ])

@@ -21,7 +21,7 @@ from dgo_compile import PassError, load, trace
 from dgo_compile.cost import analyse
 from dgo_compile.folding import fold
 from dgo_compile.sampling import initial_noise, sample_ddim
-from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.schedule import Schedule, ScheduleError, builtin_for
 from dgo_compile.supernet import SuperNetRun, build_supernet, gateable_elements
 
 UNET = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
@@ -83,13 +83,21 @@ def test_all_compute_gates_are_bit_identical_over_a_trajectory(shipped):
     assert torch.equal(gated, reference)
 
 
+def _schedule(spec: str, traced) -> Schedule:
+    if spec == "outer-blocks:3":  # block-granular caching: only the outermost blocks run between full calls
+        outer = ("down_blocks.0", "up_blocks.3")
+        return Schedule(spec, UNET, tuple(tuple(i % 3 == 0 or n in outer for n in UNET) for i in range(7)))
+    return builtin_for(spec, 7, traced)
+
+
 @pytest.mark.parametrize("granularity, spec",
-                         [("block", "deepcache:3"), ("block", "steps:3"), ("unit", "deepcache:2:1")])
+                         [("block", "outer-blocks:3"), ("block", "steps:3"), ("unit", "deepcache:2:1")])
 def test_folded_variants_equal_the_supernet_with_binary_gates(shipped, granularity, spec):
     loaded, traced = shipped
-    schedule = builtin(spec, 7, UNET)
+    schedule = _schedule(spec, traced)
     if granularity == "unit":
-        schedule = schedule.for_units({b.name: b.units for b in traced.blocks})
+        if schedule.granularity != "unit":
+            schedule = schedule.for_units({b.name: b.units for b in traced.blocks})
         # Make it properly unit-level: also reuse one resnet of the otherwise computed first block.
         rows = [list(r) for r in schedule.compute]
         rows[2][schedule.elements.index("down_blocks.0.resnets.1")] = False
@@ -158,7 +166,7 @@ def test_timestep_folded_sampling_matches_and_refuses_other_timesteps(shipped):
     scheduler = DDIMScheduler.from_config(loaded.scheduler_config)
     scheduler.set_timesteps(6)
     timesteps = [float(t) for t in scheduler.timesteps]
-    schedule = builtin("deepcache:2", 6, UNET)
+    schedule = builtin_for("deepcache:2", 6, traced)
     noise = initial_noise(2, (1, 32, 32), 9)
     folded = fold(traced, schedule, timesteps)
     assert all("timestep" not in variant_signature(v).inputs for v in folded.variants.values())
@@ -166,7 +174,7 @@ def test_timestep_folded_sampling_matches_and_refuses_other_timesteps(shipped):
     assert (sample_ddim(folded, loaded.scheduler_config, noise, 6) - reference).abs().max().item() < 1e-4
     with pytest.raises(ScheduleError, match="call 1 was compiled for timestep 999, got 991"):
         folded.new_run()(noise, torch.full((2,), 991.0))
-    with pytest.raises(ScheduleError, match="has 6 steps but the sampler makes 5 denoiser calls"):
+    with pytest.raises(ScheduleError, match="has 6 calls but the sampler makes 5 denoiser calls"):
         fold(traced, schedule, timesteps[:5])
 
 
