@@ -72,19 +72,23 @@ def test_saved_weights_are_the_ema_of_the_raw_weights(plain, tmp_path):
     assert [h["lr"] for h in plain.record.history] == pytest.approx([2e-4, 1e-4])  # cosine over 2 steps
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-    config = FinetuneConfig(train_steps=4, batch=2, checkpoint_every=2)
-    straight = finetune(None, config, tmp_path / "straight")
-
+def finetune_interrupted_at(step, model, config, output):
+    """Run `finetune` and stop it by an exception raised once `step` has trained (after its checkpoint, if any)."""
     class Interrupt(Exception):
         pass
 
     def interrupt(entry):
-        if entry["step"] == 3:
+        if entry["step"] == step:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        finetune(None, config, tmp_path / "resumed", on_step=interrupt)
+        finetune(model, config, output, on_step=interrupt)
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    config = FinetuneConfig(train_steps=4, batch=2, checkpoint_every=2)
+    straight = finetune(None, config, tmp_path / "straight")
+    finetune_interrupted_at(3, None, config, tmp_path / "resumed")
     assert read_finetune(tmp_path / "resumed").steps_done == 2
     load(tmp_path / "resumed")  # a loadable model mid-run
     with pytest.raises(FinetuneError, match=r"fine-tuned with other settings \(--lr, --seed\)"):

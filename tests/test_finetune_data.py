@@ -20,6 +20,7 @@ from dgo_compile.families import family_of
 from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
 from dgo_compile.finetune_data import data_batch, noise_schedule
 from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
+from test_finetune import finetune_interrupted_at
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255)}
@@ -92,16 +93,7 @@ def test_image_folder_run_resumes_bit_identically_and_refuses_changed_data(tmp_p
         _image(data / f"{i}.jpg", (20 + i, 18), seed=i)
     config = FinetuneConfig(train_steps=4, batch=2, checkpoint_every=2, data=str(data))
     straight = finetune(model, config, tmp_path / "straight")
-
-    class Interrupt(Exception):
-        pass
-
-    def interrupt(entry):
-        if entry["step"] == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        finetune(model, config, tmp_path / "resumed", on_step=interrupt)
+    finetune_interrupted_at(3, model, config, tmp_path / "resumed")
     resumed = finetune(model, config, tmp_path / "resumed", resume=True)
     assert resumed.record.history == straight.record.history
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
