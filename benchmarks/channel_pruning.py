@@ -13,7 +13,7 @@
    load, and ONNX export -> onnxruntime against eager.
 2. Quality on the shipped model near 70% and 50% kept MACs: ours (Taylor, uniform) against
    Torch-Pruning (Taylor) pruned to the nearest MACs it can reach, both fine-tuned with the same
-   `dgo_compile.finetune` budget; ORT CPU latency of one call at batch 8 beside the unpruned model,
+   `dgo_compile.channels.finetune` budget; ORT CPU latency of one call at batch 8 beside the unpruned model,
    and PSNR / SSIM against the unpruned model's images from the same noise and the Frechet distance
    against real digits, before and after fine-tuning (DDIM 50, N samples from noise seed 20000).
 3. Width + time: the ~50% pruned and fine-tuned model with DeepCache (`deepcache:2`) against the
@@ -54,16 +54,16 @@ from channel_pruning_steps import (
 from common import RESULTS, STARTED, log, model_configs, quality, run_finetune, write_json
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.channel_pruning import (
+from dgo_compile.backend.sampling import initial_noise
+from dgo_compile.channels.channel_pruning import (
     PruneConfig,
     calibration_images,
 )
-from dgo_compile.data import real_digit_sample
-from dgo_compile.finetune import FinetuneConfig
-from dgo_compile.metrics import classifier_features, load_digit_classifier
-from dgo_compile.sampling import initial_noise
-from dgo_compile.schedule import builtin_for
-from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.channels.data import real_digit_sample
+from dgo_compile.channels.finetune import FinetuneConfig
+from dgo_compile.core.metrics import classifier_features, load_digit_classifier
+from dgo_compile.schedules.schedule import builtin_for
+from dgo_compile.schedules.schedule_cost import ScheduleCost
 
 
 def nearest(options: dict, target: float):

@@ -19,7 +19,10 @@ from torch import nn
 from tp_adapter import accumulate_gradients, pruning_record, tp_cut, tp_from_gradients, tp_pruner
 
 from dgo_compile import load, trace
-from dgo_compile.channel_pruning import (
+from dgo_compile.backend.export import export_onnx
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import denoiser_timesteps, sample_ddim
+from dgo_compile.channels.channel_pruning import (
     PruneConfig,
     apply_pruning,
     importance,
@@ -27,12 +30,9 @@ from dgo_compile.channel_pruning import (
     prune,
     select,
 )
-from dgo_compile.cost import cost_report
-from dgo_compile.export import export_onnx
-from dgo_compile.folding import fold
-from dgo_compile.loading import save_denoiser
-from dgo_compile.sampling import denoiser_timesteps, sample_ddim
-from dgo_compile.schedule import builtin_for
+from dgo_compile.frontend.loading import save_denoiser
+from dgo_compile.schedules.cost import cost_report
+from dgo_compile.schedules.schedule import builtin_for
 
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)

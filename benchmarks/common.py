@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dgo_compile.finetune import FinetuneConfig
+    from dgo_compile.channels.finetune import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -67,7 +67,7 @@ def cli(args: list, processes: int = 1) -> float:
 
 def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, processes: int):
     """`dgo-compile finetune` as a user runs it (under torchrun with `processes` > 1); its record."""
-    from dgo_compile.finetune import read_finetune
+    from dgo_compile.channels.finetune import read_finetune
 
     if output.is_dir() and read_finetune(output).complete:
         return read_finetune(output)
@@ -78,7 +78,7 @@ def run_finetune(model_folder: str, budget: FinetuneConfig, output: Path, proces
 
 def quality(images, full, classifier, real_features) -> dict:
     """PSNR / SSIM against the unpruned model's images from the same noise, Frechet distance against real digits."""
-    from dgo_compile.metrics import classifier_features, frechet_distance, psnr, ssim
+    from dgo_compile.core.metrics import classifier_features, frechet_distance, psnr, ssim
 
     return {"psnr": float(psnr(images, full).clamp(max=100).mean()), "ssim": float(ssim(images, full).mean()),
             "fd": frechet_distance(classifier_features(images, classifier), real_features)}

@@ -60,8 +60,8 @@ def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     import torch
 
     from dgo_compile import load, trace
-    from dgo_compile.artifact import compile_artifact
-    from dgo_compile.schedule import Schedule, builtin_for
+    from dgo_compile.backend.artifact import compile_artifact
+    from dgo_compile.schedules.schedule import Schedule, builtin_for
 
     config = work / model / "config.json"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def measure_one(artifact: Path, mode: str, repeats: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from dgo_compile.ort_runner import OrtArtifact, session_options
+    from dgo_compile.backend.ort_runner import OrtArtifact, session_options
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     if mode == "one_session":  # a plain session reading weights.bin itself, with the runner's options
@@ -133,10 +133,10 @@ def parity_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     import torch
 
     from dgo_compile import load, trace
-    from dgo_compile.folding import fold
-    from dgo_compile.ort_runner import OrtArtifact
-    from dgo_compile.sampling import denoiser_timesteps
-    from dgo_compile.schedule import Schedule, builtin_for
+    from dgo_compile.backend.folding import fold
+    from dgo_compile.backend.ort_runner import OrtArtifact
+    from dgo_compile.backend.sampling import denoiser_timesteps
+    from dgo_compile.schedules.schedule import Schedule, builtin_for
 
     torch.manual_seed(0)  # the compile process's random weights
     traced = trace(load(work / model / "config.json"), verify=False)

@@ -16,11 +16,11 @@ import json
 import torch
 
 from dgo_compile import load, trace
-from dgo_compile.folding import fold
-from dgo_compile.metrics import psnr, ssim
-from dgo_compile.sampling import conditions_for, denoiser_timesteps, initial_noise, sample
-from dgo_compile.schedule import builtin_for
-from dgo_compile.schedule_cost import ScheduleCost
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import conditions_for, denoiser_timesteps, initial_noise, sample
+from dgo_compile.core.metrics import psnr, ssim
+from dgo_compile.schedules.schedule import builtin_for
+from dgo_compile.schedules.schedule_cost import ScheduleCost
 
 
 def main() -> None:

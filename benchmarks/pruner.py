@@ -24,14 +24,14 @@ import torch
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.data import real_digit_sample
-from dgo_compile.folding import fold
-from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
-from dgo_compile.pruner import OptimizeConfig, optimize
-from dgo_compile.report import save_heatmap
-from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
-from dgo_compile.schedule import builtin, builtin_for
-from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample_ddim
+from dgo_compile.channels.data import real_digit_sample
+from dgo_compile.core.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.driver.report import save_heatmap
+from dgo_compile.schedules.schedule import builtin, builtin_for
+from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.search.pruner import OptimizeConfig, optimize
 
 BUDGETS = (0.5, 0.25, 0.2)
 # (label, folder, OptimizeConfig settings beyond the shared ones). DiP-GO's lr, a gentler one (the

@@ -17,7 +17,7 @@ import torch
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.pruner import OptimizeConfig, optimize
+from dgo_compile.search.pruner import OptimizeConfig, optimize
 
 
 def run(traced, scheduler_config, device: str, precision: str, batch: int, iters: int) -> dict:

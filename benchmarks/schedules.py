@@ -23,14 +23,14 @@ import torch
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.artifact import compile_artifact
-from dgo_compile.bench import time_runs
-from dgo_compile.data import real_digit_sample
-from dgo_compile.folding import fold
-from dgo_compile.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
-from dgo_compile.schedule import builtin_for
+from dgo_compile.backend.artifact import compile_artifact
+from dgo_compile.backend.bench import time_runs
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample_ddim
+from dgo_compile.channels.data import real_digit_sample
+from dgo_compile.core.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
+from dgo_compile.schedules.schedule import builtin_for
 
 
 def main() -> None:

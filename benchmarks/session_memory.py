@@ -45,8 +45,8 @@ def compile_one(folder: Path, precision: str) -> None:
     import torch
 
     from dgo_compile import load, trace
-    from dgo_compile.artifact import compile_artifact
-    from dgo_compile.schedule import builtin_for
+    from dgo_compile.backend.artifact import compile_artifact
+    from dgo_compile.schedules.schedule import builtin_for
 
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "model" / "config.json").write_text(json.dumps(CONFIG))
@@ -61,7 +61,7 @@ def measure_one(artifact: Path, setting: str) -> dict:
     import onnxruntime as ort
     import torch
 
-    from dgo_compile import ort_runner
+    from dgo_compile.backend import ort_runner
 
     base = ort_runner.session_options
     if setting == "runner+arena":

@@ -25,12 +25,17 @@ import torch
 from common import RESULTS
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.cost import cost_report
-from dgo_compile.data import real_digit_sample
-from dgo_compile.export import export_onnx
-from dgo_compile.metrics import DEFAULT_CLASSIFIER_DIR, classifier_features, frechet_distance, load_digit_classifier
-from dgo_compile.ort_runner import session_options
-from dgo_compile.sampling import initial_noise, sample_ddim, save_grid
+from dgo_compile.backend.export import export_onnx
+from dgo_compile.backend.ort_runner import session_options
+from dgo_compile.backend.sampling import initial_noise, sample_ddim, save_grid
+from dgo_compile.channels.data import real_digit_sample
+from dgo_compile.core.metrics import (
+    DEFAULT_CLASSIFIER_DIR,
+    classifier_features,
+    frechet_distance,
+    load_digit_classifier,
+)
+from dgo_compile.schedules.cost import cost_report
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -14,12 +14,12 @@ import torch
 from common import first_line
 from torch import nn
 
-from dgo_compile.channel_pruning import PruneConfig
-from dgo_compile.channel_surgery import PRUNING_FORMAT, module_shape
+from dgo_compile.channels.channel_pruning import PruneConfig
+from dgo_compile.frontend.channel_surgery import PRUNING_FORMAT, module_shape
 
 
 def taylor_batch(images: torch.Tensor, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration batch and noise exactly as dgo_compile.channel_pruning draws them."""
+    """The calibration batch and noise exactly as dgo_compile.channels.channel_pruning draws them."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(images), generator=generator)[:batch]
     clean = images[index]

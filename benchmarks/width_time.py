@@ -26,15 +26,15 @@ import torch
 from common import RESULTS, cli, quality
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.data import real_digit_sample
-from dgo_compile.finetune import read_finetune
-from dgo_compile.folding import fold
-from dgo_compile.metrics import classifier_features, load_digit_classifier
-from dgo_compile.pruner import load_pruner
-from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample_ddim
-from dgo_compile.schedule import Schedule, builtin
-from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample_ddim
+from dgo_compile.channels.data import real_digit_sample
+from dgo_compile.channels.finetune import read_finetune
+from dgo_compile.core.metrics import classifier_features, load_digit_classifier
+from dgo_compile.schedules.schedule import Schedule, builtin
+from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.schedules.supernet import gateable_elements
+from dgo_compile.search.pruner import load_pruner
 
 UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
 READING_MARKER = "<!-- reading: kept by benchmarks/width_time.py on rewrite -->"
@@ -63,8 +63,8 @@ def torch_pruning(loaded, ratio: float, folder: Path) -> float:
 
     from tp_adapter import accumulate_gradients, pruning_record, tp_from_gradients
 
-    from dgo_compile.channel_pruning import PruneConfig, calibration_images
-    from dgo_compile.loading import save_denoiser
+    from dgo_compile.channels.channel_pruning import PruneConfig, calibration_images
+    from dgo_compile.frontend.loading import save_denoiser
 
     log(f"Torch-Pruning: Taylor gradients, global ratio {ratio}")
     started = time.perf_counter()

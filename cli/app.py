@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from dgo_compile.errors import DgoError
+from dgo_compile.core.errors import DgoError
 
 from .channel_commands import finetune, prune
 from .common import MAIN_PROCESS, app, err
@@ -28,7 +28,7 @@ for command in (inspect, compile, sample, bench, optimize, schedule, finetune, p
     app.command()(command)
 app.command("encode-prompts")(encode_prompts_command)
 
-# The config table whose renamed fields (dgo_compile.configs.RENAMED) each command's options follow.
+# The config table whose renamed fields (dgo_compile.core.configs.RENAMED) each command's options follow.
 RENAMED_TABLE = {"prune": "prune", "optimize": "optimize", "schedule": "optimize", "finetune": "finetune"}
 
 
@@ -41,7 +41,7 @@ class _Notices(logging.Handler):
 
 def _renamed_option(exc, no_such_option) -> str | None:
     """The message for an unknown option that is a renamed one (`prune --ratio`), naming the new option."""
-    from dgo_compile.configs import renamed_problem
+    from dgo_compile.core.configs import renamed_problem
 
     table = RENAMED_TABLE.get(getattr(getattr(exc, "ctx", None), "info_name", None))
     if not isinstance(exc, no_such_option) or table is None or not exc.option_name.startswith("--"):

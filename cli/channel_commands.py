@@ -33,8 +33,8 @@ def prune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruned model folder to write.")] = Path("pruned"),
 ) -> None:
     """Channel pruning (Diff-Pruning): dependency groups, Taylor importance, real channel removal."""
-    from dgo_compile.configs import DEFAULT_MODEL, PruneConfig
-    from dgo_compile.outputs import check_output
+    from dgo_compile.core.configs import DEFAULT_MODEL, PruneConfig
+    from dgo_compile.core.outputs import check_output
 
     config = PruneConfig(channel_ratio=channel_ratio, importance=importance, scope=scope, threshold=threshold,
                          batch=batch, max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels)
@@ -42,9 +42,9 @@ def prune(
         check_output(output, "model", protected=[model or DEFAULT_MODEL, images],
                      exists_hint="choose another -o or remove it")
     from dgo_compile import load
-    from dgo_compile.channel_pruning import calibration_images, plan_channels, planned_cut
-    from dgo_compile.channel_pruning import prune as run_prune
-    from dgo_compile.loading import save_denoiser
+    from dgo_compile.channels.channel_pruning import calibration_images, plan_channels, planned_cut
+    from dgo_compile.channels.channel_pruning import prune as run_prune
+    from dgo_compile.frontend.loading import save_denoiser
 
     loaded = load(model)
     if dry_run:
@@ -113,8 +113,8 @@ def finetune(
 ) -> None:
     """Fine-tune a (channel-pruned) model with the denoising loss on --data (default: the shipped MNIST
     digits), or with --distill-only on its teacher's own sampling trajectories."""
-    from dgo_compile.configs import DEFAULT_MODEL, FinetuneConfig, FinetuneError, with_overrides
-    from dgo_compile.outputs import check_output
+    from dgo_compile.core.configs import DEFAULT_MODEL, FinetuneConfig, FinetuneError, with_overrides
+    from dgo_compile.core.outputs import check_output
 
     given = dict(train_steps=train_steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill, warmup=warmup,
                  seed=seed, checkpoint_every=checkpoint_every, distill_only=distill_only,
@@ -125,8 +125,8 @@ def finetune(
         check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher, data, prompts],
                      error=FinetuneError,
                      exists_hint="pass --resume to continue it or choose another -o")
-    from dgo_compile.finetune import FINAL_LOSS_WINDOW, read_finetune
-    from dgo_compile.finetune import finetune as run_finetune
+    from dgo_compile.channels.finetune import FINAL_LOSS_WINDOW, read_finetune
+    from dgo_compile.channels.finetune import finetune as run_finetune
 
     stored = read_finetune(output) if resume else None
     config = with_overrides(FinetuneConfig, given, stored.config if stored else None)

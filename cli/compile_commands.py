@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from dgo_compile.options import check
-from dgo_compile.pipeline import CompileConfig
+from dgo_compile.core.options import check
+from dgo_compile.driver.pipeline import CompileConfig
 
 from .common import MAIN_PROCESS, Height, ModelArg, Seed, Width, err, macs_text, out
 from .progress import ConsoleStages
@@ -44,7 +44,7 @@ def compile(
              "report.md); options given here win over the file.")] = None,
 ) -> None:
     """Fold a block schedule into static graphs and export them as an ONNX artifact."""
-    from dgo_compile.pipeline import compile_schedule, read_config, run_pipeline
+    from dgo_compile.driver.pipeline import compile_schedule, read_config, run_pipeline
 
     resolved = read_config(config, dict(
         model=str(model) if model else None, schedule=schedule, steps=steps, scheduler=scheduler,
@@ -89,20 +89,20 @@ def sample(
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG grid to write.")] = Path("grid.png"),
 ) -> None:
     """Sample a grid of images, from an artifact on onnxruntime or a model's traced graph."""
-    from dgo_compile.configs import DEFAULT_MODEL
-    from dgo_compile.outputs import check_output
+    from dgo_compile.core.configs import DEFAULT_MODEL
+    from dgo_compile.core.outputs import check_output
 
     check("sample", {"n": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
                     "class_label": class_label, "height": height, "width": width})
     check_output(output, None, protected=[source or DEFAULT_MODEL, prompt_embeds])
-    from dgo_compile.finite import check_finite
-    from dgo_compile.sampling import (
+    from dgo_compile.backend.sampling import (
         conditions_for,
         initial_noise,
         sample,
         sampling_target,
         save_grid,
     )
+    from dgo_compile.core.finite import check_finite
 
     target = sampling_target(source, steps, scheduler, height, width)
     guidance_scale = guidance_scale if guidance_scale is not None else target.guidance_scale
@@ -130,7 +130,7 @@ def bench(
     """Wall time of whole sampling runs against the unpruned model on the same provider, options and batch:
     interleaved rounds, the median speedup with its min-max, and the MACs ratio it can be held to."""
     check("bench", {"batch": batch, "repeats": repeats})
-    from dgo_compile.bench import bench_against
+    from dgo_compile.backend.bench import bench_against
 
     with ConsoleStages(err) as stages:
         done = bench_against(artifact, against, batch, repeats, on_status=stages.named("bench"))

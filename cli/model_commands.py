@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dgo_compile.options import check
+from dgo_compile.core.options import check
 
 from .common import Height, ModelArg, Width, macs_text, out
 
@@ -25,8 +25,8 @@ def inspect(
     """Blocks of a denoiser with their shapes, parameters and MACs per call."""
     check("inspect", {"batch": batch, "height": height, "width": width})
     from dgo_compile import load, trace
-    from dgo_compile.cost import cost_report
-    from dgo_compile.resolution import resolve
+    from dgo_compile.frontend.resolution import resolve
+    from dgo_compile.schedules.cost import cost_report
 
     loaded = load(model)
     report = cost_report(trace(loaded, size=resolve(loaded.model, loaded.source, height, width).latent), batch=batch)
@@ -66,13 +66,13 @@ def encode_prompts_command(
 ) -> None:
     """Encode prompts with a pipeline's own text encoder into a --prompt-embeds file (with the empty
     prompt as uncond.encoder_hidden_states, for guidance)."""
-    from dgo_compile.outputs import check_output
+    from dgo_compile.core.outputs import check_output
 
     check_output(output, None, protected=[pipeline, prompts])
     from safetensors.torch import save_file
 
-    from dgo_compile.files import write_atomic
-    from dgo_compile.prompts import encode_prompts, read_prompts
+    from dgo_compile.core.files import write_atomic
+    from dgo_compile.frontend.prompts import encode_prompts, read_prompts
 
     tensors = encode_prompts(pipeline, read_prompts(prompts))
     write_atomic(output, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))

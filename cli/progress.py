@@ -1,4 +1,4 @@
-"""The CLI's one progress display, for every command: the library's stages (dgo_compile.progress)
+"""The CLI's one progress display, for every command: the library's stages (dgo_compile.core.progress)
 drawn with rich.
 
 On a terminal (stdout and stderr both are one) each stage gets a live line on stderr: what it does, a
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dgo_compile.progress import Stages, Step
+from dgo_compile.core.progress import Stages, Step
 
 
 class ConsoleStages(Stages):

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dgo_compile.configs import OptimizeConfig
-from dgo_compile.options import check
+from dgo_compile.core.configs import OptimizeConfig
+from dgo_compile.core.options import check
 
 from .common import MAIN_PROCESS, ModelArg, err, out
 from .progress import ConsoleStages
@@ -58,7 +58,7 @@ def optimize(
 ) -> None:
     """Learn a block schedule (DiP-GO): gradient descent through whole sampling trajectories."""
 
-    from dgo_compile.learned import prepare_optimize
+    from dgo_compile.driver.learned import prepare_optimize
 
     given = dict(
         keep_macs=keep_macs, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration,
@@ -92,13 +92,13 @@ def schedule(
 ) -> None:
     """Extract a schedule at a MACs budget from a trained pruner, never worse on calibration noise than
     the closed-form schedules at that budget, with a heatmap to read it by."""
-    from dgo_compile.outputs import check_output
+    from dgo_compile.core.outputs import check_output
 
     check("schedule", {"keep_macs": keep_macs})  # before torch is imported
     heatmap = heatmap or output.with_suffix(".png")
     for path, option in ((output, "-o"), (heatmap, "--heatmap")):
         check_output(path, None, option=option, protected=[pruner, model])
-    from dgo_compile.learned import schedule_from_pruner
+    from dgo_compile.driver.learned import schedule_from_pruner
 
     done = schedule_from_pruner(pruner, keep_macs, output, heatmap, model, calibration_samples)
     plan, kept, state = done.schedule, done.kept, done.state

@@ -7,21 +7,21 @@ errors comes from a module that imports torch, diffusers or onnxruntime; each is
 so `import dgo_compile` (and `dgo-compile --help`) stays light.
 """
 
-from .errors import DgoError, ModelLoadError, PassError, TraceError, UnsupportedModelError
+from .core.errors import DgoError, ModelLoadError, PassError, TraceError, UnsupportedModelError
 
 __version__ = "0.1.0"
 _LAZY = {
-    "DEFAULT_MODEL": "loading", "LoadedModel": "loading", "load": "loading",
-    "TracedDenoiser": "tracing", "trace": "tracing",
-    "Schedule": "schedule", "builtin": "schedule",
-    "ScheduleCost": "schedule_cost", "extract_schedule": "schedule_cost",
-    "OptimizeConfig": "configs", "PruneConfig": "configs", "FinetuneConfig": "configs",
-    "optimize": "pruner", "load_pruner": "pruner", "prune": "channel_pruning",
-    "fold": "folding", "FoldedSchedule": "folding",
-    "compile_artifact": "artifact", "OrtArtifact": "ort_runner",
-    "sample": "sampling", "denoiser_timesteps": "sampling", "initial_noise": "sampling",
-    "CompileConfig": "pipeline", "read_config": "pipeline", "run_pipeline": "pipeline",
-    "compile_schedule": "pipeline",
+    "DEFAULT_MODEL": "frontend.loading", "LoadedModel": "frontend.loading", "load": "frontend.loading",
+    "TracedDenoiser": "frontend.tracing", "trace": "frontend.tracing",
+    "Schedule": "schedules.schedule", "builtin": "schedules.schedule",
+    "ScheduleCost": "schedules.schedule_cost", "extract_schedule": "schedules.schedule_cost",
+    "OptimizeConfig": "core.configs", "PruneConfig": "core.configs", "FinetuneConfig": "core.configs",
+    "optimize": "search.pruner", "load_pruner": "search.pruner", "prune": "channels.channel_pruning",
+    "fold": "backend.folding", "FoldedSchedule": "backend.folding",
+    "compile_artifact": "backend.artifact", "OrtArtifact": "backend.ort_runner",
+    "sample": "backend.sampling", "denoiser_timesteps": "backend.sampling", "initial_noise": "backend.sampling",
+    "CompileConfig": "driver.pipeline", "read_config": "driver.pipeline", "run_pipeline": "driver.pipeline",
+    "compile_schedule": "driver.pipeline",
 }
 __all__ = [  # the errors, then the lazily imported names of _LAZY
     "CompileConfig", "DEFAULT_MODEL", "DgoError", "FinetuneConfig", "FoldedSchedule", "LoadedModel",

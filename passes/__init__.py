@@ -13,7 +13,7 @@ each other. Each pass is an `AnalysisPass` (in place) or a `TransformPass` (func
 `PassManager` checks that it kept to its kind.
 
 Channel pruning runs before all of these, on its own: `channel_groups` (analysis) finds the groups
-of channels that must be cut together; `dgo_compile.channel_pruning` materialises the cut as new,
+of channels that must be cut together; `dgo_compile.channels.channel_pruning` materialises the cut as new,
 smaller modules, and the pruned model is traced afresh for the passes above.
 """
 

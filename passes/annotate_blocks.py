@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from torch import fx
 
-from dgo_compile.families import BlockSpec
-from dgo_compile.tracing import module_path
+from dgo_compile.frontend.families import BlockSpec
+from dgo_compile.frontend.tracing import module_path
 
 from . import annotations as ann
 from .annotations import BLOCK_KEY, BlockAnnotation

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from dgo_compile.errors import AnnotationMissingError
+from dgo_compile.core.errors import AnnotationMissingError
 
 from .channel_plan import ChannelPlan
 

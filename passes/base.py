@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from torch import fx
 
-from dgo_compile.errors import PassError
+from dgo_compile.core.errors import PassError
 
 PASSES_RUN = "dgo.passes_run"  # graph_module.meta: names of the passes already run, in order
 

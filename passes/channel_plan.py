@@ -1,4 +1,4 @@
-"""The channel plan: what `channel_groups` finds and `dgo_compile.channel_pruning` cuts.
+"""The channel plan: what `channel_groups` finds and `dgo_compile.channels.channel_pruning` cuts.
 
 A data contract kept apart from the analysis so that its consumers (the surgery, the benchmarks,
 the annotations module) read the plan's types without importing the op rules or networkx walks.
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from dgo_compile.errors import DgoError
+from dgo_compile.core.errors import DgoError
 
 NORMALIZED_SHAPE = "normalized_shape"  # ParamSlice.param leaf of a LayerNorm without weights
 

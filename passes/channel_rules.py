@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from dgo_compile.tracing import module_path
+from dgo_compile.frontend.tracing import module_path
 
 from .channel_plan import NORMALIZED_SHAPE
 from .channel_spaces import Axis, Walk, aligned_chunks, int_shape_of, ndim_of, shape_of

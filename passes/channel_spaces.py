@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from dgo_compile.tracing import MODEL_PREFIX
+from dgo_compile.frontend.tracing import MODEL_PREFIX
 
 from .channel_plan import ChannelRuleError
 

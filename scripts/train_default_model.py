@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from dgo_compile.data import mnist_digits
+from dgo_compile.channels.data import mnist_digits
 
 UNET_CONFIG = dict(
     sample_size=32,

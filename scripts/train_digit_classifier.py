@@ -2,7 +2,7 @@
 
     python scripts/train_digit_classifier.py --out dgo_compile/assets/mnist_ddpm/classifier
 
-trains `dgo_compile.metrics.DigitClassifier` on 4,000 of the 5,000 shipped MNIST digits (a
+trains `dgo_compile.core.metrics.DigitClassifier` on 4,000 of the 5,000 shipped MNIST digits (a
 stratified split, seed 0), with random shifts of up to 2 pixels so the features describe digit
 shape rather than memorised pixels, and writes classifier.safetensors and classifier.json.
 The JSON records the held-out accuracy and the FD reference points a reader needs to judge a
@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from dgo_compile.data import mnist_digits
-from dgo_compile.metrics import (
+from dgo_compile.channels.data import mnist_digits
+from dgo_compile.core.metrics import (
     CLASSIFIER_FILE,
     DEFAULT_CLASSIFIER_DIR,
     DigitClassifier,

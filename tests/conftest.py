@@ -64,10 +64,10 @@ def tiny(tmp_path_factory):
 def artifact(tiny, tmp_path_factory):
     """What `dgo-compile compile --schedule full --steps 2 -o A` writes (for the tiny UNet: the errors under
     test come from the manifest and the files, not from the model). Tests copy it before changing it."""
-    from dgo_compile.artifact import compile_artifact
-    from dgo_compile.loading import DEFAULT_MODEL
-    from dgo_compile.schedule import builtin
-    from dgo_compile.supernet import gateable_elements
+    from dgo_compile.backend.artifact import compile_artifact
+    from dgo_compile.frontend.loading import DEFAULT_MODEL
+    from dgo_compile.schedules.schedule import builtin
+    from dgo_compile.schedules.supernet import gateable_elements
 
     _, traced, scheduler_config = tiny
     plan = builtin("full", 2, gateable_elements(traced, "block"))

@@ -75,7 +75,7 @@ def write_model_pipeline(path: Path, config: dict) -> Path:
     """A pipeline folder without a VAE (random weights, DDIM scheduler) around a tiny model config."""
     from diffusers import DDIMScheduler
 
-    from dgo_compile.families import FAMILIES
+    from dgo_compile.frontend.families import FAMILIES
 
     torch.manual_seed(0)
     folder = "transformer" if "Transformer" in config["_class_name"] else "unet"

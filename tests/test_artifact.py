@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
-from dgo_compile.export import export_onnx
-from dgo_compile.folding import fold
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.sampling import Guidance, denoiser_timesteps, initial_noise, sample, sample_ddim
-from dgo_compile.schedule import Schedule, ScheduleError
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.backend.artifact import ArtifactError, compile_artifact, read_manifest
+from dgo_compile.backend.export import export_onnx
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.backend.sampling import Guidance, denoiser_timesteps, initial_noise, sample, sample_ddim
+from dgo_compile.schedules.schedule import Schedule, ScheduleError
+from dgo_compile.schedules.supernet import gateable_elements
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_run_past_the_compiled_steps_is_an_error(shipped_artifact):
 
 def test_failed_compile_leaves_nothing_behind(shipped_artifact, tmp_path, monkeypatch):
     loaded, traced, schedule, _ = shipped_artifact
-    import dgo_compile.artifact as artifact_module
+    import dgo_compile.backend.artifact as artifact_module
 
     calls = []
 

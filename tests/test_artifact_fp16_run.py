@@ -7,12 +7,12 @@ import copy
 import torch
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import compile_artifact
-from dgo_compile.metrics import psnr
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.sampling import initial_noise, sample_ddim
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.backend.artifact import compile_artifact
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.backend.sampling import initial_noise, sample_ddim
+from dgo_compile.core.metrics import psnr
+from dgo_compile.schedules.schedule import builtin
+from dgo_compile.schedules.supernet import gateable_elements
 
 # Whole 20-step DDIM run on the shipped model, fp16 artifact vs fp32: mean PSNR in dB (measured ~50).
 FP16_RUN_PSNR = 40

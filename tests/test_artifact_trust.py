@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
-from dgo_compile.artifact_files import file_record
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.schedule import builtin_for
+from dgo_compile.backend.artifact import ArtifactError, compile_artifact, read_manifest
+from dgo_compile.backend.artifact_files import file_record
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.schedules.schedule import builtin_for
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 

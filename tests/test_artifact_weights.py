@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from dgo_compile import load, trace
-from dgo_compile.artifact import compile_artifact, read_manifest
-from dgo_compile.ort_runner import OrtArtifact, session_options
-from dgo_compile.schedule import Schedule
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.backend.artifact import compile_artifact, read_manifest
+from dgo_compile.backend.ort_runner import OrtArtifact, session_options
+from dgo_compile.schedules.schedule import Schedule
+from dgo_compile.schedules.supernet import gateable_elements
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}
 STEPS = 4

@@ -13,9 +13,9 @@ from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 from torch import nn
 
 from dgo_compile import load, trace
-from dgo_compile.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
-from dgo_compile.export import export_onnx
-from dgo_compile.loading import save_denoiser
+from dgo_compile.backend.export import export_onnx
+from dgo_compile.channels.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
+from dgo_compile.frontend.loading import save_denoiser
 
 
 def exported(module: nn.Module, *inputs):
@@ -320,7 +320,7 @@ def test_pruned_model_saves_and_loads_back_exactly(config_dir, family, tmp_path)
 
 def test_taylor_accumulates_timesteps_until_the_loss_falls_below_the_threshold():
     loaded = load()
-    from dgo_compile.data import mnist_digits
+    from dgo_compile.channels.data import mnist_digits
 
     config = PruneConfig(channel_ratio=0.3, threshold=0.2, batch=4, max_timesteps=40)
     pruned = prune(loaded, config, mnist_digits()[0][:64])

@@ -66,7 +66,7 @@ def tiny_pipeline(path, family):
     import torch
     from diffusers import DDIMScheduler
 
-    from dgo_compile.families import FAMILIES
+    from dgo_compile.frontend.families import FAMILIES
 
     config = TINY[family]
     torch.manual_seed(0)
@@ -224,9 +224,9 @@ def test_one_library_error_names_the_field_for_python_and_toml_and_the_option_on
     line renders the same error with the option (cli/flags.py), and exits 1 with one line."""
     from dgo_compile.cli.flags import render
 
-    from dgo_compile.configs import OptimizeConfig, PrunerError
-    from dgo_compile.errors import DgoError
-    from dgo_compile.pipeline import read_config
+    from dgo_compile.core.configs import OptimizeConfig, PrunerError
+    from dgo_compile.core.errors import DgoError
+    from dgo_compile.driver.pipeline import read_config
 
     meaning = "must be in (0, 1] (the kept share of the full model's MACs), got 2.0"
     with pytest.raises(PrunerError) as info:

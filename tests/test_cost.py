@@ -7,8 +7,8 @@ import torch
 from diffusers import UNet2DModel
 
 from dgo_compile import trace
-from dgo_compile.cost import cost_report
-from dgo_compile.families import FAMILIES
+from dgo_compile.frontend.families import FAMILIES
+from dgo_compile.schedules.cost import cost_report
 from model_configs import PUBLISHED_MACS, TINY_DIT
 
 
@@ -81,9 +81,9 @@ def test_macs_scale_with_batch():
 def test_compile_analyses_once_and_leaves_the_traced_graph_as_traced(tiny, tmp_path, monkeypatch):
     from dgo_compile.passes import CountCosts
 
-    from dgo_compile.artifact import compile_artifact
-    from dgo_compile.schedule import builtin
-    from dgo_compile.supernet import gateable_elements
+    from dgo_compile.backend.artifact import compile_artifact
+    from dgo_compile.schedules.schedule import builtin
+    from dgo_compile.schedules.supernet import gateable_elements
 
     loaded, _, scheduler_config = tiny
     traced = trace(loaded, verify=False)  # its own trace: the session's may have been analysed already

@@ -8,11 +8,11 @@ import torch
 
 import pipelines
 from dgo_compile import load, trace
-from dgo_compile.families import CLIP_TOKENS, FAMILIES
-from dgo_compile.folding import fold
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import denoiser_timesteps
+from dgo_compile.frontend.families import CLIP_TOKENS, FAMILIES
 from dgo_compile.integrations.diffusers import attach
-from dgo_compile.sampling import denoiser_timesteps
-from dgo_compile.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin
 from model_configs import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
@@ -154,7 +154,7 @@ def test_shipped_unet2d_matches_deepcache_sd_helper_in_a_ddim_pipeline():
     pytest.importorskip("DeepCache")
     from diffusers import DDIMPipeline
 
-    from dgo_compile.loading import DEFAULT_MODEL
+    from dgo_compile.frontend.loading import DEFAULT_MODEL
 
     def run(pipe):
         return pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),

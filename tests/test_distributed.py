@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from dgo_compile import DEFAULT_MODEL
-from dgo_compile.distributed import DistributedError, World
-from dgo_compile.finetune import read_finetune
-from dgo_compile.pruner import build_pruner, load_pruner
+from dgo_compile.channels.finetune import read_finetune
+from dgo_compile.core.distributed import DistributedError, World
+from dgo_compile.search.pruner import build_pruner, load_pruner
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 STATE = "finetune_state.pt"

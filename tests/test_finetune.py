@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from dgo_compile import DEFAULT_MODEL, load
-from dgo_compile.finetune import STATE_FILE, FinetuneConfig, FinetuneError, finetune, read_finetune
-from dgo_compile.loading import save_denoiser
+from dgo_compile.channels.finetune import STATE_FILE, FinetuneConfig, FinetuneError, finetune, read_finetune
+from dgo_compile.frontend.loading import save_denoiser
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -25,7 +25,7 @@ def plain(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """The shipped model with its time MLP's hidden width halved: a small, real channel pruning."""
-    from dgo_compile.channel_surgery import PRUNING_FORMAT, module_shape, resized
+    from dgo_compile.frontend.channel_surgery import PRUNING_FORMAT, module_shape, resized
 
     loaded = load()
     model = copy.deepcopy(loaded.model)

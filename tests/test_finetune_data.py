@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import dgo_compile.data_folder
 import pipelines
 from dgo_compile import load
-from dgo_compile.data_folder import open_data
-from dgo_compile.families import family_of
-from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
-from dgo_compile.finetune_data import data_batch, noise_schedule
+from dgo_compile.channels import data_folder
+from dgo_compile.channels.data_folder import open_data
+from dgo_compile.channels.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
+from dgo_compile.channels.finetune_data import data_batch, noise_schedule
+from dgo_compile.frontend.families import family_of
 from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 from test_finetune import finetune_interrupted_at
 
@@ -116,7 +116,7 @@ def _caption_folder(folder, n=4):
 def test_text_to_image_pipeline_encodes_images_and_captions_once(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
 
-    from dgo_compile.prompts import prompt_encoder
+    from dgo_compile.frontend.prompts import prompt_encoder
 
     sd = pipelines.write_text_pipeline(tmp_path / "sd", vae=True)  # latent 4x16x16, 32x32 pixels
     data = _caption_folder(tmp_path / "data")
@@ -141,8 +141,8 @@ def test_text_to_image_pipeline_encodes_images_and_captions_once(tmp_path, monke
     torch.testing.assert_close(rows["latents"][:1], expected, atol=1e-4, rtol=1e-4)
 
     shutil.rmtree(tmp_path / "out")  # a rerun on the same -o reads the cache: no VAE, no text encoder
-    monkeypatch.setattr(dgo_compile.data_folder, "_load_vae", lambda *a: pytest.fail("the VAE was loaded again"))
-    monkeypatch.setattr("dgo_compile.prompts.prompt_encoder", lambda *a: pytest.fail("captions encoded again"))
+    monkeypatch.setattr(data_folder, "_load_vae", lambda *a: pytest.fail("the VAE was loaded again"))
+    monkeypatch.setattr("dgo_compile.frontend.prompts.prompt_encoder", lambda *a: pytest.fail("captions encoded again"))
     second = finetune(sd, config, tmp_path / "out")
     assert second.record.history == first.record.history
     before = [p.name for p in (tmp_path / "out.work" / "data").iterdir() if not p.name.startswith(".")]

@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 
 import pipelines
 from dgo_compile import load
-from dgo_compile.data_folder import open_data
-from dgo_compile.families import family_of
-from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune
-from dgo_compile.finetune_data import noise_schedule
+from dgo_compile.channels.data_folder import open_data
+from dgo_compile.channels.finetune import FinetuneConfig, FinetuneError, finetune
+from dgo_compile.channels.finetune_data import noise_schedule
+from dgo_compile.frontend.families import family_of
 from model_configs import TINY_UNET2D
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,

@@ -5,14 +5,14 @@ while reading no data."""
 import pytest
 import torch
 
-import dgo_compile.data
-import dgo_compile.finetune
+import dgo_compile.channels.data
+import dgo_compile.channels.finetune
 import pipelines
 from dgo_compile import load
-from dgo_compile.families import family_of
-from dgo_compile.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
-from dgo_compile.finetune_data import TeacherTrajectories
-from dgo_compile.loading import save_denoiser
+from dgo_compile.channels.finetune import FinetuneConfig, FinetuneError, finetune, read_finetune
+from dgo_compile.channels.finetune_data import TeacherTrajectories
+from dgo_compile.frontend.families import family_of
+from dgo_compile.frontend.loading import save_denoiser
 from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
 
 TRAJECTORY_STEPS = 8
@@ -43,8 +43,8 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("--distill-only read the shipped digits")
 
-    monkeypatch.setattr(dgo_compile.finetune, "mnist_digits", refuse)
-    monkeypatch.setattr(dgo_compile.data, "_mnist_digits", refuse)
+    monkeypatch.setattr(dgo_compile.channels.finetune, "mnist_digits", refuse)
+    monkeypatch.setattr(dgo_compile.channels.data, "_mnist_digits", refuse)
 
 
 @pytest.mark.parametrize("config", [TINY_UNET2D, TINY_UNET2D_CLASS_COND, TINY_DIT], ids=["unet", "unet_class", "dit"])
@@ -67,7 +67,7 @@ def test_distill_only_brings_the_student_to_the_teacher_without_data(config, no_
 
 @pytest.mark.parametrize("family", ["sd", "pixart"])
 def test_distill_only_on_a_text_to_image_model_samples_the_users_prompts(family, no_data, tmp_path):
-    from dgo_compile.prompts import prompt_encoder
+    from dgo_compile.frontend.prompts import prompt_encoder
 
     teacher = pipelines.write_text_pipeline(tmp_path / "teacher") if family == "sd" else \
         pipelines.write_pixart_pipeline(tmp_path / "teacher", sigma=True)

@@ -7,11 +7,11 @@ from dgo_compile.passes.annotations import variant_signature
 from dgo_compile.passes.fold_schedule import FoldSchedule, FoldScheduleConfig
 
 from dgo_compile import load, trace
-from dgo_compile.cost import analyse
-from dgo_compile.folding import fold
-from dgo_compile.sampling import initial_noise, sample_ddim
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import block_units, build_supernet
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import initial_noise, sample_ddim
+from dgo_compile.schedules.cost import analyse
+from dgo_compile.schedules.schedule import builtin
+from dgo_compile.schedules.supernet import block_units, build_supernet
 
 CONV = torch.ops.aten.conv2d.default
 

@@ -8,16 +8,16 @@ from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusion
 
 import pipelines
 from dgo_compile import load, trace
-from dgo_compile.artifact import compile_artifact
-from dgo_compile.families import CLIP_TOKENS
-from dgo_compile.folding import fold
+from dgo_compile.backend.artifact import compile_artifact
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample
+from dgo_compile.frontend.families import CLIP_TOKENS
+from dgo_compile.frontend.loading import DEFAULT_MODEL
+from dgo_compile.frontend.resolution import resolve
 from dgo_compile.integrations.diffusers import CompiledDenoiser, IntegrationError, attach, detach
-from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.resolution import resolve
-from dgo_compile.sampling import denoiser_timesteps, initial_noise, sample
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import block_units, gateable_elements
+from dgo_compile.schedules.schedule import builtin
+from dgo_compile.schedules.supernet import block_units, gateable_elements
 
 # The tiny SD pipeline's scheduler config is "outdated" for diffusers (steps_offset 0); irrelevant here.
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")

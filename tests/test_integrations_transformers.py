@@ -9,13 +9,13 @@ from diffusers import DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
 import pipelines
 from dgo_compile import load, trace
-from dgo_compile.artifact import compile_artifact
-from dgo_compile.families import T5_TOKENS
+from dgo_compile.backend.artifact import compile_artifact
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.frontend.families import T5_TOKENS
+from dgo_compile.frontend.resolution import resolve
 from dgo_compile.integrations.diffusers import CompiledDenoiser, IntegrationError, attach, detach
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.resolution import resolve
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.schedules.schedule import builtin
+from dgo_compile.schedules.supernet import gateable_elements
 
 STEPS = 3
 PARITY = 1e-4  # relative L2 of the final latents, float32 (measured ~4e-7)

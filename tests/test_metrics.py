@@ -1,4 +1,4 @@
-"""Tests for dgo_compile.metrics: PSNR, SSIM, Frechet distance and the shipped digit classifier."""
+"""Tests for dgo_compile.core.metrics: PSNR, SSIM, Frechet distance and the shipped digit classifier."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgo_compile.metrics import (
+from dgo_compile.core.metrics import (
     CLASSIFIER_FILE,
     DEFAULT_CLASSIFIER_DIR,
     classifier_features,
@@ -188,7 +188,7 @@ def test_frechet_distance_fewer_samples_than_dims_is_real_and_close():
 
 
 def test_frechet_distance_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
-    from dgo_compile import metrics
+    from dgo_compile.core import metrics
 
     calls = []
     real_sqrtm = metrics.linalg.sqrtm
@@ -227,7 +227,7 @@ shipped = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def digits():
-    from dgo_compile.data import mnist_digits
+    from dgo_compile.channels.data import mnist_digits
 
     return mnist_digits()
 

@@ -25,7 +25,7 @@ from dgo_compile.passes import (
 from dgo_compile.passes.base import editable_copy
 
 from dgo_compile import PassError, load, trace
-from dgo_compile.errors import AnnotationMissingError
+from dgo_compile.core.errors import AnnotationMissingError
 
 
 @pytest.fixture(scope="module")

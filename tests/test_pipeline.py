@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dgo_compile.configs import FinetuneConfig, OptimizeConfig
-from dgo_compile.errors import DgoError
-from dgo_compile.pipeline import read_config
+from dgo_compile.core.configs import FinetuneConfig, OptimizeConfig
+from dgo_compile.core.errors import DgoError
+from dgo_compile.driver.pipeline import read_config
 
 
 def run(*args):
@@ -127,8 +127,8 @@ def test_compile_config_runs_prune_compile_verify_report(tmp_path):
 
 
 def test_stage_stamps_match_only_the_same_settings_and_inputs(tmp_path):
-    from dgo_compile.configs import PruneConfig
-    from dgo_compile.stages import make_stamp, model_digest, stale_reason, write_stamp
+    from dgo_compile.core.configs import PruneConfig
+    from dgo_compile.driver.stages import make_stamp, model_digest, stale_reason, write_stamp
 
     model = tmp_path / "model"
     model.mkdir()
@@ -153,7 +153,7 @@ def test_a_model_file_is_read_once_per_run_until_it_changes(tmp_path, monkeypatc
     and a rewrite (same size, new mtime) is still seen."""
     import os
 
-    from dgo_compile import stages
+    from dgo_compile.driver import stages
 
     model = tmp_path / "model"
     model.mkdir()
@@ -173,10 +173,10 @@ def test_a_model_file_is_read_once_per_run_until_it_changes(tmp_path, monkeypatc
 def test_a_distilling_finetune_stage_gets_the_unpruned_model_as_its_teacher(tmp_path):
     """[finetune] distill_only in a config file: the pipeline passes the original model as the teacher, and the
     stage's stamp names it, so a rerun against another original rebuilds."""
-    from dgo_compile.configs import FinetuneConfig
-    from dgo_compile.finetune import read_finetune
-    from dgo_compile.loading import DEFAULT_MODEL
-    from dgo_compile.stages import finetuned, read_stamp
+    from dgo_compile.channels.finetune import read_finetune
+    from dgo_compile.core.configs import FinetuneConfig
+    from dgo_compile.driver.stages import finetuned, read_stamp
+    from dgo_compile.frontend.loading import DEFAULT_MODEL
 
     folder = finetuned(DEFAULT_MODEL, FinetuneConfig(train_steps=1, batch=2, distill_only=True), tmp_path / "ft",
                        teacher=DEFAULT_MODEL)

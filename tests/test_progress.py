@@ -8,10 +8,10 @@ import pytest
 from dgo_compile.cli.progress import ConsoleStages
 from rich.console import Console
 
-from dgo_compile.bench import BenchResult
-from dgo_compile.progress import Stages
-from dgo_compile.report import _warnings
-from dgo_compile.schedule import builtin
+from dgo_compile.backend.bench import BenchResult
+from dgo_compile.core.progress import Stages
+from dgo_compile.driver.report import _warnings
+from dgo_compile.schedules.schedule import builtin
 
 
 def _run(stages: Stages) -> None:
@@ -68,7 +68,7 @@ def test_disabled_stages_show_nothing():
 def test_the_schedule_heatmap_has_whole_call_ticks():
     from matplotlib import pyplot as plt
 
-    from dgo_compile.report import heatmap_figure
+    from dgo_compile.driver.report import heatmap_figure
 
     schedule = builtin("steps:21", 50, ("down_blocks.0", "mid_block", "up_blocks.0"))
     fig = heatmap_figure(None, schedule, "steps:21")

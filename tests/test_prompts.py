@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dgo_compile.errors import DgoError
-from dgo_compile.prompts import encode_prompts, read_prompts
+from dgo_compile.core.errors import DgoError
+from dgo_compile.frontend.prompts import encode_prompts, read_prompts
 from pipelines import TOKENS, write_text_pipeline
 
 
@@ -71,7 +71,7 @@ def test_cli_optimize_calibrates_on_encoded_prompts(text_pipeline, prompts_file,
 
 
 def test_conditions_cycle_prompts_over_the_images(text_pipeline):
-    from dgo_compile.sampling import conditions_for
+    from dgo_compile.backend.sampling import conditions_for
 
     tensors = encode_prompts(text_pipeline, ["a cat", "a dog"])
     conditions, _ = conditions_for(("sample", "timestep", "encoder_hidden_states"), 5, tensors=tensors)

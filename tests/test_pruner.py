@@ -11,19 +11,19 @@ from dgo_compile.passes import cost_of
 from PIL import Image
 
 from dgo_compile import load, trace
-from dgo_compile.calibration import consistency
-from dgo_compile.folding import fold
-from dgo_compile.pruner import (
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, trajectory
+from dgo_compile.schedules.schedule import Schedule, ScheduleError
+from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
+from dgo_compile.schedules.supernet import build_supernet, gateable_elements
+from dgo_compile.search.calibration import consistency
+from dgo_compile.search.pruner import (
     OptimizeConfig,
     PrunerError,
     gated_step_fn,
     load_pruner,
     optimize,
 )
-from dgo_compile.sampling import denoiser_timesteps, initial_noise, trajectory
-from dgo_compile.schedule import Schedule, ScheduleError
-from dgo_compile.schedule_cost import ScheduleCost, extract_schedule
-from dgo_compile.supernet import build_supernet, gateable_elements
 
 DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
         "clip_sample": False}
@@ -209,7 +209,7 @@ def latent_pipeline(tmp_path_factory):
 
 
 def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, tmp_path):
-    from dgo_compile.calibration import vae_decoder
+    from dgo_compile.search.calibration import vae_decoder
 
     decode = vae_decoder(latent_pipeline)
     assert decode(torch.randn(2, 4, 16, 16)).shape == (2, 3, 32, 32)

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgo_compile.artifact import ArtifactError, compile_artifact, read_manifest
-from dgo_compile.errors import DgoError
-from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.schedule import Schedule, ScheduleError, builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.backend.artifact import ArtifactError, compile_artifact, read_manifest
+from dgo_compile.core.errors import DgoError
+from dgo_compile.frontend.loading import DEFAULT_MODEL
+from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.schedules.supernet import gateable_elements
 from reliability import assert_nothing_left, assert_one_line_error, cli, run
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -76,7 +76,7 @@ ITERS = 12  # a few more than needed, so the kill lands before the run ends even
 
 def resumed_pruner(tmp_path_factory):
     """`optimize` killed (SIGKILL) once a checkpoint shows an iteration done, then `--resume`d to the end."""
-    from dgo_compile.pruner import load_pruner
+    from dgo_compile.search.pruner import load_pruner
 
     path = tmp_path_factory.mktemp("pruner") / "P"
     args = ["optimize", "--steps", "3", "--iters", ITERS, "--batch", "1", "--calibration", "2",
@@ -311,7 +311,7 @@ class TestNeverStuck:
     """Kills and full disks leave a folder that a rerun or `--resume` accepts, or nothing at all."""
 
     def test_interrupted_optimize_resumes_and_yields_a_schedule(self, resumed_pruner, tmp_path):
-        from dgo_compile.pruner import load_pruner
+        from dgo_compile.search.pruner import load_pruner
 
         assert resumed_pruner["done_at_kill"] is not None, "optimize ended before a checkpoint was seen"
         killed = resumed_pruner["killed"]
@@ -333,7 +333,7 @@ class TestNeverStuck:
     def test_full_disk_during_export(self, tiny, tmp_path, monkeypatch, where):
         import torch
 
-        import dgo_compile.artifact as artifact_module
+        import dgo_compile.backend.artifact as artifact_module
 
         _, traced, scheduler_config = tiny
         if where == "onnx_save":  # inside export_onnx, after the graph is exported, while the file is written
@@ -354,7 +354,7 @@ class TestNeverStuck:
     def test_optimize_after_a_kill_during_its_first_checkpoint(self, tmp_path, resume):
         """An older version wrote the first checkpoint in place: a kill left a folder with a temp file and an
         empty checkpoint, which neither a rerun ("already exists") nor --resume ("cannot read") accepted."""
-        from dgo_compile.pruner import load_pruner
+        from dgo_compile.search.pruner import load_pruner
 
         output = tmp_path / "P"
         output.mkdir()
@@ -377,10 +377,10 @@ class TestNeverStuck:
 
     def test_a_full_disk_at_the_first_optimize_checkpoint_leaves_nothing_to_trip_over(self, tmp_path, monkeypatch):
         """The first checkpoint is staged and renamed in whole: a failure leaves no folder, so a rerun just runs."""
-        import dgo_compile.pruner as pruner_module
+        import dgo_compile.search.pruner as pruner_module
         from dgo_compile import load, trace
-        from dgo_compile.outputs import OutputError
-        from dgo_compile.pruner import OptimizeConfig, optimize
+        from dgo_compile.core.outputs import OutputError
+        from dgo_compile.search.pruner import OptimizeConfig, optimize
 
         real = pruner_module.write_atomic
 

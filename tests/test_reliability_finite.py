@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dgo_compile import load, trace
-from dgo_compile.finite import NonFiniteError, check_finite
-from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.ort_runner import OrtArtifact
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.core.finite import NonFiniteError, check_finite
+from dgo_compile.frontend.loading import DEFAULT_MODEL
 from reliability import assert_one_line_error, cli
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -102,7 +102,7 @@ class TestNaNIsCaught:
 
 def _record(folder, name):
     """Record a changed file's size and checksum in the manifest, so the artifact's own checks pass."""
-    from dgo_compile.artifact_files import file_record
+    from dgo_compile.backend.artifact_files import file_record
 
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name] = file_record(folder / name)

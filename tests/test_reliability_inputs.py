@@ -12,9 +12,9 @@ import time
 import pytest
 
 from dgo_compile import load
-from dgo_compile.errors import ModelLoadError
-from dgo_compile.loading import DEFAULT_MODEL, save_denoiser
-from dgo_compile.pipeline import ConfigError, read_config
+from dgo_compile.core.errors import ModelLoadError
+from dgo_compile.driver.pipeline import ConfigError, read_config
+from dgo_compile.frontend.loading import DEFAULT_MODEL, save_denoiser
 from model_configs import TINY_UNET2D
 from reliability import assert_nothing_left, assert_one_line_error, cli
 
@@ -93,7 +93,7 @@ def _model_folder(root, config, name="m"):
 
 @pytest.fixture(scope="module")
 def pruned_tiny(tiny, tmp_path_factory):
-    from dgo_compile.channel_pruning import PruneConfig, prune
+    from dgo_compile.channels.channel_pruning import PruneConfig, prune
 
     loaded, _, _ = tiny
     pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="magnitude"))
@@ -159,7 +159,7 @@ class TestDamagedResumeState:
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """`finetune --train-steps 1 --batch 2` of the shipped model: a complete, resumable run folder."""
-    from dgo_compile.finetune import FinetuneConfig, finetune
+    from dgo_compile.channels.finetune import FinetuneConfig, finetune
 
     output = tmp_path_factory.mktemp("finetune") / "F"
     finetune(DEFAULT_MODEL, FinetuneConfig(train_steps=1, batch=2, checkpoint_every=1), output)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dgo_compile import outputs
-from dgo_compile.artifact import ArtifactError, compile_artifact
-from dgo_compile.files import write_atomic
-from dgo_compile.loading import DEFAULT_MODEL
-from dgo_compile.outputs import (
+from dgo_compile.backend.artifact import ArtifactError, compile_artifact
+from dgo_compile.core import outputs
+from dgo_compile.core.files import write_atomic
+from dgo_compile.core.outputs import (
     OutputError,
     check_output,
     clean_leftovers,
@@ -25,9 +24,10 @@ from dgo_compile.outputs import (
     make_staging,
     publish,
 )
-from dgo_compile.pipeline import read_config, run_pipeline
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.driver.pipeline import read_config, run_pipeline
+from dgo_compile.frontend.loading import DEFAULT_MODEL
+from dgo_compile.schedules.schedule import builtin
+from dgo_compile.schedules.supernet import gateable_elements
 from reliability import assert_nothing_left, assert_one_line_error, cli, tree
 
 MANIFEST = {"format": "dgo-compile-artifact", "format_version": 2}
@@ -95,7 +95,7 @@ class TestOverwriteNeverDestroys:
 class TestNothingIsReplacedUnasked:
     def test_a_folder_that_appears_during_compile_is_kept(self, tiny, tmp_path, monkeypatch):
         """The existence check passes, then another process writes -o while the graphs export."""
-        import dgo_compile.artifact as artifact_module
+        import dgo_compile.backend.artifact as artifact_module
 
         _, traced, scheduler_config = tiny
         output = tmp_path / "out"

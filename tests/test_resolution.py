@@ -13,18 +13,18 @@ from typer.testing import CliRunner
 
 import pipelines
 from dgo_compile import load, trace
-from dgo_compile.artifact import compile_artifact
-from dgo_compile.families import CLIP_TOKENS, FAMILIES
-from dgo_compile.integrations.diffusers import IntegrationError, attach, detach
-from dgo_compile.ort_runner import OrtArtifact
-from dgo_compile.resolution import (
+from dgo_compile.backend.artifact import compile_artifact
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.frontend.families import CLIP_TOKENS, FAMILIES
+from dgo_compile.frontend.resolution import (
     ResolutionError,
     check_size,
     resolve,
     vae_scale_factor,
 )
-from dgo_compile.schedule import builtin
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.integrations.diffusers import IntegrationError, attach, detach
+from dgo_compile.schedules.schedule import builtin
+from dgo_compile.schedules.supernet import gateable_elements
 from model_configs import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from dgo_compile import DgoError, load, trace
-from dgo_compile.sampling import (
+from dgo_compile.backend.sampling import (
     SCHEDULERS,
     Guidance,
     denoiser_timesteps,

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dgo_compile import load, trace
-from dgo_compile.cost import analyse
-from dgo_compile.schedule import Schedule, ScheduleError, builtin
-from dgo_compile.schedule_cost import ScheduleCost
-from dgo_compile.supernet import gateable_elements
+from dgo_compile.schedules.cost import analyse
+from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.schedules.schedule_cost import ScheduleCost
+from dgo_compile.schedules.supernet import gateable_elements
 
 UNET = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
         "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")

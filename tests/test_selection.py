@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from dgo_compile import load, trace
-from dgo_compile.schedule import Schedule, builtin_for
-from dgo_compile.schedule_cost import ScheduleCost
-from dgo_compile.selection import TOLERANCE, closed_form_candidates
+from dgo_compile.schedules.schedule import Schedule, builtin_for
+from dgo_compile.schedules.schedule_cost import ScheduleCost
+from dgo_compile.search.selection import TOLERANCE, closed_form_candidates
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from dgo_compile.passes.boundaries import element_consumers
 from diffusers import DDIMScheduler
 
 from dgo_compile import PassError, load, trace
-from dgo_compile.cost import analyse
-from dgo_compile.folding import fold
-from dgo_compile.sampling import initial_noise, sample_ddim
-from dgo_compile.schedule import Schedule, ScheduleError, builtin_for
-from dgo_compile.supernet import SuperNetRun, build_supernet, gateable_elements
+from dgo_compile.backend.folding import fold
+from dgo_compile.backend.sampling import initial_noise, sample_ddim
+from dgo_compile.schedules.cost import analyse
+from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin_for
+from dgo_compile.schedules.supernet import SuperNetRun, build_supernet, gateable_elements
 
 UNET = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
         "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3")

@@ -7,8 +7,8 @@ import torch
 from dgo_compile.passes import AnnotateBlocks, AnnotateBlocksConfig, block_of
 
 from dgo_compile import TraceError, load, trace
-from dgo_compile.errors import AnnotationMissingError
-from dgo_compile.tracing import check_against_eager
+from dgo_compile.core.errors import AnnotationMissingError
+from dgo_compile.frontend.tracing import check_against_eager
 from model_configs import TINY
 
 EXPECTED_BLOCKS = {
@@ -137,7 +137,7 @@ class _Branchy(torch.nn.Module):
 
 @pytest.mark.parametrize("changes_values", [False, True])
 def test_a_guarded_branch_is_compared_op_for_op(changes_values):
-    from dgo_compile.tracing import _export, _plain_graph_module, batch_bound, same_computation
+    from dgo_compile.frontend.tracing import _export, _plain_graph_module, batch_bound, same_computation
 
     model = _Branchy(changes_values)
     below = _export(model, {"x": torch.randn(2, 4)}, "toy")

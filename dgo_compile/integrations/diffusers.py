@@ -46,11 +46,11 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from ..errors import DgoError
-from ..families import family_of
-from ..folding import FoldedSchedule
-from ..ort_runner import OrtArtifact
-from ..sampling import SCHEDULERS
+from dgo_compile.backend.folding import FoldedSchedule
+from dgo_compile.backend.ort_runner import OrtArtifact
+from dgo_compile.backend.sampling import SCHEDULERS
+from dgo_compile.core.errors import DgoError
+from dgo_compile.frontend.families import family_of
 
 TIMESTEP_ATOL = 1e-3  # as the runtime's own per-call check
 SLOTS = ("unet", "transformer")  # where pipelines keep their denoiser

@@ -1,0 +1,190 @@
+"""Where `finetune`'s training batches come from.
+
+Each source gives, per step, the denoiser's inputs (sample, timestep, then its conditions, in the
+family's input order) for the whole global batch, and what the prediction is trained towards.
+All randomness comes from the run's seed and the step number, so a resumed run draws the same
+batches as an uninterrupted one and every data-parallel process draws the same global batch.
+
+- `digit_batch` and `data_batch`: the shipped MNIST digits or the user's `--data`
+  (`data_folder`), noised by the pipeline's own schedule; the target is what its scheduler's
+  `prediction_type` says the model predicts: the noise (epsilon), the velocity (v_prediction,
+  `scheduler.get_velocity`) or the clean sample (sample). Anything else is refused, never trained
+  as epsilon.
+- `TeacherTrajectories` (`--distill-only`): no data at all. The teacher samples from random noise
+  with deterministic DDIM; every state x_t it visits, with its timestep, conditions and the
+  teacher's own prediction there, is a training example. Runs are made in pools of one batch of
+  trajectories; a pool's states are shuffled and used once each, so a pool lasts as many steps as
+  a trajectory has, and the teacher costs one prediction per trained row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from dgo_compile.backend.sampling import make_scheduler
+from dgo_compile.core.configs import FinetuneError
+from dgo_compile.frontend.families import family_of
+
+POOL_SEED_STRIDE = 1_000_003  # pool k of a run with seed s is drawn from seed s * stride + k
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Schedulers whose training noise is DDPM's beta schedule (their config's betas fields say which).
+BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                   "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                   "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                   "DEISMultistepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+CLASS_DROPOUT = 0.1  # DiT's label dropout, which trains the null class that guidance needs
+
+
+@dataclass
+class Batch:
+    inputs: tuple[torch.Tensor, ...]  # the denoiser's inputs, in its input order
+    target: torch.Tensor  # the noise (data) or the teacher's prediction (trajectories)
+    teacher: bool = False  # the target already is the teacher's prediction
+
+
+@dataclass
+class NoiseSchedule:
+    """The pipeline's training noise schedule and what its denoiser predicts, which together define the loss."""
+
+    scheduler: DDPMScheduler
+    prediction_type: str
+
+    def batch(self, x0: torch.Tensor, conditions: tuple[torch.Tensor, ...], generator: torch.Generator,
+              null_label: int | None = None) -> Batch:
+        """`x0` noised at uniform timesteps; the target is what the model predicts for it (noise, velocity or
+        x0). With `null_label`, a CLASS_DROPOUT share of the class labels (the last condition) become it."""
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        if null_label is not None:
+            dropped = torch.rand(len(x0), generator=generator) < CLASS_DROPOUT
+            conditions = (*conditions[:-1], torch.where(dropped, null_label, conditions[-1]))
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        return Batch((noisy, t, *conditions), self.target(x0, noise, t))
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return x0
+
+
+def noise_schedule(scheduler_config: dict, where: str) -> NoiseSchedule:
+    """The training schedule of `scheduler_config` (from the pipeline folder `where`); schedulers and
+    prediction types the loss cannot be built for are refused, naming the field."""
+    name = scheduler_config.get("_class_name")
+    if name not in BETA_SCHEDULERS:
+        raise FinetuneError(f"{where}/scheduler/scheduler_config.json: _class_name {name} is not a DDPM-style "
+                            f"(beta schedule) scheduler; finetune trains with those only "
+                            f"({', '.join(BETA_SCHEDULERS)})")
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise FinetuneError(f"{where}/scheduler/scheduler_config.json: prediction_type {prediction!r} is not one "
+                            f"finetune trains ({', '.join(PREDICTION_TYPES)})")
+    return NoiseSchedule(DDPMScheduler.from_config(scheduler_config), prediction)
+
+
+def digit_batch(images: torch.Tensor, labels: torch.Tensor, conditional: bool, schedule: NoiseSchedule,
+                batch: int, generator: torch.Generator) -> Batch:
+    """A batch of shipped digits at uniform timesteps, noised by the model's schedule."""
+    index = torch.randint(0, len(images), (batch,), generator=generator)
+    return schedule.batch(images[index], (labels[index],) if conditional else (), generator)
+
+
+def data_batch(data, schedule: NoiseSchedule, batch: int, generator: torch.Generator,
+               null_label: int | None = None) -> Batch:
+    """A batch of rows of `data` (a `data_folder.DataSource`) at uniform timesteps."""
+    index = torch.randint(0, len(data), (batch,), generator=generator)
+    rows = data.rows(index)
+    return schedule.batch(rows[data.names[0]], tuple(rows[n] for n in data.names[1:]), generator, null_label)
+
+
+def label_count(model: nn.Module) -> int | None:
+    """How many class labels training draws from: the classes, plus the null class where the model has one
+    (DiT), so the unconditional prediction that guidance needs is trained too. None without class labels."""
+    family = family_of(model)
+    if "class_labels" not in family.input_names(model):
+        return None
+    null = family.null_class_label(model)
+    if null is not None:
+        return null + 1
+    return model.config.num_class_embeds
+
+
+class TeacherTrajectories:
+    """States along the teacher's deterministic DDIM runs from random noise (see the module docstring).
+
+    A text-conditional teacher (UNet2DConditionModel, PixArt) runs each trajectory on one of
+    `prompts`, encoded per pool by `encode` (its pipeline's text encoder), or, a CLASS_DROPOUT share
+    of the time, on the empty prompt, so the unconditional prediction guidance needs is trained too."""
+
+    def __init__(self, teacher: nn.Module, scheduler_config: dict, steps: int, batch: int, seed: int,
+                 prompts: list[str] | None = None, encode: Callable[[list[str]], torch.Tensor] | None = None):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.family = family_of(teacher)
+        self.scheduler_config = scheduler_config
+        self.steps, self.batch, self.seed = steps, batch, seed
+        self.labels = label_count(teacher)
+        self.conditions = self.family.input_names(teacher)[2:]
+        self.prompts, self.encode = prompts, encode
+        self._pool: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def draw(self, step: int) -> Batch:
+        """The batch of training step `step` (1-based): a slice of its pool's shuffled states."""
+        pool, within = divmod(step - 1, self.steps)
+        states = self._states(pool)
+        rows = states["order"][within * self.batch:(within + 1) * self.batch]
+        inputs = tuple(states[name][rows] for name in ("sample", "timestep", *self.conditions))
+        return Batch(inputs, states["prediction"][rows], teacher=True)
+
+    def _states(self, pool: int) -> dict[str, torch.Tensor]:
+        if self._pool is None or self._pool[0] != pool:
+            self._pool = pool, self.run(torch.Generator().manual_seed(self.seed * POOL_SEED_STRIDE + pool),
+                                        self.batch)
+        return self._pool[1]
+
+    def _condition_rows(self, generator: torch.Generator, n: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Each trajectory's conditions: a class label, or a prompt's embedding (PixArt: and its size)."""
+        rows: dict[str, torch.Tensor] = {}
+        if self.labels is not None:
+            rows["class_labels"] = torch.randint(0, self.labels, (n,), generator=generator)
+        if "encoder_hidden_states" in self.conditions:
+            choice = torch.randint(0, len(self.prompts), (n,), generator=generator)
+            empty = torch.rand(n, generator=generator) < CLASS_DROPOUT
+            rows["encoder_hidden_states"] = self.encode(["" if e else self.prompts[c] for c, e in
+                                                         zip(choice.tolist(), empty.tolist())])
+        if "resolution" in self.conditions:  # PixArt-Alpha: the pixel size, 8 pixels per latent as its VAE
+            rows["resolution"] = torch.tensor([[size[0] * 8.0, size[1] * 8.0]]).expand(n, 2)
+            rows["aspect_ratio"] = torch.tensor([[size[0] / size[1]]]).expand(n, 1)
+        return rows
+
+    @torch.no_grad()
+    def run(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+        """n teacher trajectories: every (sample, timestep, conditions, prediction) they pass, n * steps of
+        each, and `order`, a seeded shuffle of them."""
+        cfg = self.teacher.config
+        size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+        x = torch.randn((n, cfg.in_channels, *size), generator=generator)
+        conditions = self._condition_rows(generator, n, size)
+        extra = tuple(conditions[name] for name in self.conditions)
+        scheduler = make_scheduler(self.scheduler_config, "ddim")
+        scheduler.set_timesteps(self.steps)
+        x = x * scheduler.init_noise_sigma
+        seen: dict[str, list[torch.Tensor]] = {"sample": [], "timestep": [], "prediction": []}
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            timestep = t.float().expand(n)
+            prediction = self.family.call(self.teacher, x_in, timestep, *extra)
+            for key, value in (("sample", x_in), ("timestep", timestep), ("prediction", prediction)):
+                seen[key].append(value)
+            noise = prediction[:, :cfg.in_channels]  # learned sigma: DDIM steps with the noise half
+            x = scheduler.step(noise, t, x, eta=0.0).prev_sample
+        states = {k: torch.cat(v) for k, v in seen.items()}
+        states.update({name: value.repeat(self.steps, *([1] * (value.ndim - 1))) for name, value in conditions.items()})
+        states["order"] = torch.randperm(n * self.steps, generator=generator)
+        return states

@@ -1,0 +1,163 @@
+"""Never worse than a closed-form schedule: at a MACs budget, the learned schedule and the closed-form
+ones that fit it are scored on calibration noise, and the best is returned.
+
+Candidates at budget R (kept MACs at most R + the learned extraction's own tolerance): the learned
+schedule, `steps:K` with the largest K that fits, and per DeepCache branch B the smallest interval N
+with `deepcache:N:B` fitting (the most compute the branch can have in the budget). Each is folded and
+runs one trajectory (the artifact's numbers, reused work skipped) from the same noise and conditions
+as the full model; the score is the
+PSNR of its final samples against the full schedule's (data range 2, over the pooled squared error;
+decoded by the pipeline's VAE where the pruner was trained on decoded images). Ties keep the learned
+schedule, then the cheaper one.
+
+Noise: `SELECTION_SEED` (30000). Disjoint from the optimizer's calibration pool and the report's
+verification noise (seed 0 by default), the shipped model's benchmark (10000) and the benchmarks'
+evaluation noise (20000). Cost: a fold and one trajectory per candidate, plus the full model's; on the
+shipped model at DDIM 50 and 50% of the MACs, 5 candidates (branches deeper than 2 do not fit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from dgo_compile.frontend.tracing import TracedDenoiser
+from dgo_compile.schedules.schedule import Schedule, builtin_for
+from dgo_compile.schedules.schedule_cost import ScheduleCost
+
+SELECTION_SEED = 30_000
+DEFAULT_SAMPLES = 4
+TOLERANCE = 0.0125  # as extract_schedule's
+
+
+@dataclass(frozen=True)
+class Scored:
+    schedule: Schedule
+    kept: float  # MACs per run over the full model's
+    psnr: float  # dB against the full schedule on the calibration samples; inf when identical
+
+
+@dataclass(frozen=True)
+class Selection:
+    scored: tuple[Scored, ...]  # best first
+    learned: Scored
+    samples: int
+    seed: int = SELECTION_SEED
+
+    @property
+    def best(self) -> Scored:
+        return self.scored[0]
+
+    @property
+    def learned_won(self) -> bool:
+        return self.best is self.learned
+
+    def summary(self) -> str:
+        """One line: which won, its margin over the runner-up and where the learned schedule stands."""
+        best = self.best
+        line = (f"{best.schedule.name} won on {self.samples} calibration samples (noise seed {self.seed}): "
+                f"PSNR {best.psnr:.2f} dB vs the full schedule at {best.kept:.1%} of the MACs")
+        if len(self.scored) > 1:
+            second = self.scored[1]
+            line += f", {best.psnr - second.psnr:+.2f} dB over {second.schedule.name} ({second.psnr:.2f} dB)"
+        if not self.learned_won and self.learned is not self.scored[1]:
+            line += f", {best.psnr - self.learned.psnr:+.2f} dB over the learned schedule ({self.learned.psnr:.2f} dB)"
+        return line
+
+
+def closed_form_candidates(traced: TracedDenoiser, calls: int, ratio: float, cost: ScheduleCost,
+                           tolerance: float = TOLERANCE) -> list[Schedule]:
+    """`steps:K` with the largest K, and per DeepCache branch the smallest interval, within `ratio`."""
+    limit = ratio + tolerance
+
+    def fits(spec: str) -> bool:
+        return cost.kept_ratio(builtin_for(spec, calls, traced)) <= limit
+
+    found = []
+    k = _last_true(lambda k: fits(f"steps:{k}"), 1, calls, decreasing=True)
+    if k is not None:
+        found.append(builtin_for(f"steps:{k}", calls, traced))
+    downs = sum(b.name.startswith("down_blocks.") for b in traced.blocks)
+    ups = sum(b.name.startswith("up_blocks.") for b in traced.blocks)
+    if downs and ups:
+        for branch in range(3 * downs):
+            interval = _last_true(lambda n, b=branch: fits(f"deepcache:{n}:{b}"), 2, calls, decreasing=False)
+            if interval is not None:
+                found.append(builtin_for(f"deepcache:{interval}:{branch}", calls, traced))
+    return found
+
+
+def _last_true(predicate: Callable[[int], bool], low: int, high: int, decreasing: bool) -> int | None:
+    """Bisection over a monotone predicate on [low, high]: the largest true value when it holds for
+    small values (`decreasing`: it holds up to some point), else the smallest true value."""
+    if decreasing:
+        if not predicate(low):
+            return None
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if predicate(middle) else (low, middle - 1)
+        return low
+    if not predicate(high):
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if predicate(middle) else (middle + 1, high)
+    return low
+
+
+def select_schedule(traced: TracedDenoiser, trained, learned: Schedule, ratio: float, *,
+                    samples: int = DEFAULT_SAMPLES, seed: int = SELECTION_SEED, null_class_label: int | None = None,
+                    decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Selection:
+    """Score the learned schedule (from `trained`, a TrainedPruner) and the closed-form candidates at
+    `ratio` on `samples` calibration samples under the pruner's sampler, conditions and guidance."""
+    from dgo_compile.backend.folding import fold
+    from dgo_compile.backend.sampling import trajectory
+    from dgo_compile.search.calibration import calibration_inputs, condition_rows
+
+    state = trained.state
+    cost = ScheduleCost(traced, "unit")
+    calls = state.scheduler["calls"]
+    candidates = [learned] + closed_form_candidates(traced, calls, ratio, cost)
+    config = replace(state.config, calibration=samples, seed=seed)
+    noise, conditions, guidance = calibration_inputs(traced, config, null_class_label, state.model_source)
+    extra = condition_rows(conditions, guidance, list(range(samples)))
+
+    @torch.no_grad()
+    def final(denoiser) -> torch.Tensor:
+        images = trajectory(denoiser, state.scheduler["config"], noise, state.config.steps,
+                            scheduler=state.config.scheduler, extra=extra, guidance_scale=state.config.guidance_scale,
+                            clamp=decode is None)
+        return images if decode is None else decode(images)
+
+    reference = final(traced)
+    scored, seen = [], {}
+    for schedule in candidates:
+        closed = cost.close(schedule).compute
+        if closed in seen:  # the same computation under another name
+            continue
+        mse = (final(fold(traced, schedule).new_run()) - reference).pow(2).mean().item()  # reused work skipped
+        seen[closed] = Scored(schedule, cost.kept_ratio(schedule), 10 * math.log10(4 / mse) if mse > 0 else math.inf)
+        scored.append(seen[closed])
+    learned_scored = scored[0]
+    order = sorted(range(len(scored)), key=lambda i: (-scored[i].psnr, i != 0, scored[i].kept))
+    return Selection(tuple(scored[i] for i in order), learned_scored, samples, seed)
+
+
+def schedule_at(traced: TracedDenoiser, trained, ratio: float, *, samples: int = DEFAULT_SAMPLES,
+                null_class_label: int | None = None,
+                decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Selection:
+    """What `dgo-compile schedule` returns: the trained pruner's schedule at `ratio`, and with `samples`
+    > 0 the best of it and the closed-form candidates (`select_schedule`). With 0 samples nothing is
+    scored (psnr nan) and the learned schedule is returned as it is."""
+    from dgo_compile.schedules.schedule_cost import extract_schedule
+
+    cost = ScheduleCost(traced, trained.state.schedule_granularity)
+    learned, kept = extract_schedule(trained.reuse_margins(), cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
+    if samples < 1:
+        alone = Scored(learned, kept, math.nan)
+        return Selection((alone,), alone, 0)
+    return select_schedule(traced, trained, learned, ratio, samples=samples, null_class_label=null_class_label,
+                           decode=decode)
