@@ -40,7 +40,7 @@ def prune(
                          batch=batch, max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels)
     if not dry_run:
         check_output(output, "model", protected=[model or DEFAULT_MODEL, images],
-                     exists_hint="choose another -o or remove it")
+                     exists_hint="choose another `output` or remove it")
     from dgo_compile import load
     from dgo_compile.channels.channel_pruning import calibration_images, plan_channels, planned_cut
     from dgo_compile.channels.channel_pruning import prune as run_prune
@@ -124,7 +124,7 @@ def finetune(
         with_overrides(FinetuneConfig, given)
         check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher, data, prompts],
                      error=FinetuneError,
-                     exists_hint="pass --resume to continue it or choose another -o")
+                     exists_hint="pass `resume` to continue it or choose another `output`")
     from dgo_compile.channels.finetune import FINAL_LOSS_WINDOW, read_finetune
     from dgo_compile.channels.finetune import finetune as run_finetune
 

@@ -96,8 +96,8 @@ def schedule(
 
     check("schedule", {"keep_macs": keep_macs})  # before torch is imported
     heatmap = heatmap or output.with_suffix(".png")
-    for path, option in ((output, "-o"), (heatmap, "--heatmap")):
-        check_output(path, None, option=option, protected=[pruner, model])
+    for path, field in ((output, "output"), (heatmap, "heatmap")):
+        check_output(path, None, field=field, protected=[pruner, model])
     from dgo_compile.driver.learned import schedule_from_pruner
 
     done = schedule_from_pruner(pruner, keep_macs, output, heatmap, model, calibration_samples)

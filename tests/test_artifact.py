@@ -158,14 +158,14 @@ def test_failed_compile_leaves_nothing_behind(shipped_artifact, tmp_path, monkey
     original = artifact_module.export_onnx
     monkeypatch.setattr(artifact_module, "export_onnx", disk_full)
     with pytest.raises(ArtifactError, match="could not write the artifact .*artifact: No space left on device; free "
-                                            "some disk space or choose another -o"):
+                                            "some disk space or choose another `output`"):
         compile_artifact(traced, schedule, loaded.scheduler_config, tmp_path / "artifact")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_not_overwritten_unless_asked(shipped_artifact):
     loaded, traced, schedule, path = shipped_artifact
-    with pytest.raises(ArtifactError, match="already exists; pass --overwrite or choose another -o"):
+    with pytest.raises(ArtifactError, match="already exists; pass `overwrite` or choose another `output`"):
         compile_artifact(traced, schedule, loaded.scheduler_config, path)
 
 

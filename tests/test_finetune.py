@@ -91,7 +91,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     finetune_interrupted_at(3, None, config, tmp_path / "resumed")
     assert read_finetune(tmp_path / "resumed").steps_done == 2
     load(tmp_path / "resumed")  # a loadable model mid-run
-    with pytest.raises(FinetuneError, match=r"fine-tuned with other settings \(--lr, --seed\)"):
+    with pytest.raises(FinetuneError, match=r"fine-tuned with other settings \(`lr`, `seed`\)"):
         finetune(None, replace(config, lr=1e-3, seed=1), tmp_path / "resumed", resume=True)
     resumed = finetune(None, config, tmp_path / "resumed", resume=True)
     assert resumed.record.history == straight.record.history
@@ -99,7 +99,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     raw_a, raw_b = (torch.load(tmp_path / p / STATE_FILE, weights_only=True)["model"] for p in ("straight", "resumed"))
     assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
-    with pytest.raises(FinetuneError, match="already exists; pass --resume"):
+    with pytest.raises(FinetuneError, match="already exists; pass `resume`"):
         finetune(None, config, tmp_path / "straight")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]
 
@@ -135,9 +135,9 @@ def test_config_is_validated(options, message):
 def test_bad_models_and_teacher_options_are_refused_before_writing(config_dir, tmp_path):
     with pytest.raises(FinetuneError, match="only fits 1x32x32 models"):
         finetune(config_dir / "unet2d" / "config.json", FinetuneConfig(train_steps=1), tmp_path / "o")
-    with pytest.raises(FinetuneError, match="--distill needs --teacher"):
+    with pytest.raises(FinetuneError, match="`distill` needs `teacher`"):
         finetune(None, FinetuneConfig(distill=1.0), tmp_path / "o")
-    with pytest.raises(FinetuneError, match="--teacher needs --distill"):
+    with pytest.raises(FinetuneError, match="`teacher` needs `distill`"):
         finetune(None, FinetuneConfig(), tmp_path / "o", teacher=DEFAULT_MODEL)
     with pytest.raises(FinetuneError, match="only fits 1x32x32 models"):
         finetune(None, FinetuneConfig(distill=1.0), tmp_path / "o", teacher=config_dir / "unet2d" / "config.json")

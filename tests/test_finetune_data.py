@@ -100,7 +100,7 @@ def test_image_folder_run_resumes_bit_identically_and_refuses_changed_data(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a.keys() == _weights(model).keys() and any(not torch.equal(a[k], v) for k, v in _weights(model).items())
     _image(data / "0.jpg", (20, 18), seed=99)
-    with pytest.raises(FinetuneError, match="files of --data .* changed since"):
+    with pytest.raises(FinetuneError, match="files of `data` .* changed since"):
         finetune(model, config, tmp_path / "resumed", resume=True)
 
 

@@ -127,13 +127,13 @@ def test_distill_only_options_are_checked_before_writing(config_dir, tmp_path):
             finetune(teacher, FinetuneConfig(distill_only=True, **extra), out, teacher=given)
     with pytest.raises(FinetuneError, match="differ in class, sample shape or inputs"):
         finetune(unet, FinetuneConfig(distill_only=True), out, teacher=teacher)
-    with pytest.raises(FinetuneError, match="takes text_embeds, time_ids, which --distill-only cannot make"):
+    with pytest.raises(FinetuneError, match="takes text_embeds, time_ids, which `distill_only` cannot make"):
         finetune(teacher, FinetuneConfig(distill_only=True), out, teacher=config_dir / "sdxl" / "config.json")
     text = pipelines.write_text_pipeline(tmp_path / "sd")
-    with pytest.raises(FinetuneError, match=r"text-conditional --teacher \(UNet2DConditionModel\) needs --prompts"):
+    with pytest.raises(FinetuneError, match=r"text-conditional `teacher` \(UNet2DConditionModel\) needs `prompts`"):
         finetune(text, FinetuneConfig(distill_only=True), out, teacher=text)
     (tmp_path / "prompts.txt").write_text("a cat\n")
-    with pytest.raises(FinetuneError, match="takes no text conditions; leave --prompts out"):
+    with pytest.raises(FinetuneError, match="takes no text conditions; leave `prompts` out"):
         finetune(teacher, FinetuneConfig(distill_only=True, prompts=str(tmp_path / "prompts.txt")), out,
                  teacher=teacher)
     with pytest.raises(FinetuneError, match="`prompts` is read by `distill_only`"):

@@ -12,6 +12,7 @@ import torch
 from dgo_compile.core.metrics import (
     CLASSIFIER_FILE,
     DEFAULT_CLASSIFIER_DIR,
+    MetricError,
     classifier_features,
     classifier_split,
     digit_frechet_distance,
@@ -49,7 +50,7 @@ def test_psnr_constant_offset_matches_analytic_value():
 
 
 def test_psnr_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(MetricError, match="same shape"):
         psnr(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9))
 
 
@@ -138,7 +139,7 @@ def test_ssim_gradient_flows():
     ],
 )
 def test_ssim_rejects_bad_inputs(a, b, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(MetricError, match=message):
         ssim(a, b)
 
 
@@ -206,7 +207,7 @@ def test_frechet_distance_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch)
 
 
 def test_frechet_distance_rejects_mismatched_dims():
-    with pytest.raises(ValueError, match="same D"):
+    with pytest.raises(MetricError, match="same D"):
         frechet_distance(np.zeros((10, 3)), np.zeros((10, 4)))
 
 

@@ -153,7 +153,7 @@ def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(PrunerError, match=r"optimized with other settings \(lr\)"):
         optimize(tiny, DDIM, OptimizeConfig(**{**config.__dict__, "lr": 0.5}), tmp_path / "resumed", resume=True)
-    with pytest.raises(PrunerError, match="already exists; pass --resume"):
+    with pytest.raises(PrunerError, match="already exists; pass `resume`"):
         optimize(tiny, DDIM, config, tmp_path / "straight")
 
 

@@ -346,7 +346,7 @@ class TestNeverStuck:
             compile_artifact(traced, plan, scheduler_config, output, sampler_steps=2)
         message = str(caught.value)
         assert message == (f"could not write the artifact {output}: No space left on device; free some disk space or "
-                           "choose another -o, then compile again")
+                           "choose another `output`, then compile again")
         assert len(message.splitlines()) == 1
         assert list(tmp_path.iterdir()) == []
 

@@ -256,5 +256,19 @@ class TestPermissionsFollowTheUmask:
 def test_check_output_accepts_a_new_path_and_its_own_output(tmp_path, artifact):
     assert check_output(tmp_path / "new" / "a", "artifact") == tmp_path / "new" / "a"
     assert check_output(artifact, "artifact", overwrite=True) == artifact
-    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+    with pytest.raises(ArtifactError, match="already exists; pass `overwrite`"):
         check_output(artifact, "artifact", error=ArtifactError)
+
+
+def test_output_refusals_name_fields_that_the_command_line_renders_as_options(tmp_path, artifact):
+    """A Python or TOML caller reads `output`/`overwrite`; the command line reads -o/--overwrite."""
+    from dgo_compile.cli.flags import render
+
+    with pytest.raises(ArtifactError) as info:
+        check_output(artifact, "artifact", error=ArtifactError)
+    assert info.value.fields == ("overwrite", "output")
+    assert render(info.value) == f"{artifact} already exists; pass --overwrite or choose another -o"
+    with pytest.raises(outputs.OutputError) as info:
+        check_output(tmp_path / "g.png", None, field="heatmap", protected=[tmp_path])
+    inside = tmp_path / "g.png"
+    assert render(info.value) == f"--heatmap {inside} is inside the input {tmp_path}; choose another --heatmap"

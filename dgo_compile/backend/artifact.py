@@ -14,7 +14,6 @@ never leaves a half-written artifact. `dgo_compile.backend.manifest` describes t
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors.numpy import save_file
 from dgo_compile import __version__
 from dgo_compile.backend.artifact_files import ArtifactError, check_files, file_record
 from dgo_compile.backend.export import ExportError, export_onnx
-from dgo_compile.backend.folding import fold
+from dgo_compile.backend.folding import FoldedSchedule, fold
 from dgo_compile.backend.manifest import (
     InputSpec,
     Macs,
@@ -42,7 +41,7 @@ from dgo_compile.backend.manifest import (
 from dgo_compile.backend.onnx_weights import WEIGHTS_FILE, SharedWeightsWriter
 from dgo_compile.backend.precision import KEEP_FLOAT_INPUTS, check_precision, to_fp16
 from dgo_compile.backend.sampling import SCHEDULERS, denoiser_timesteps
-from dgo_compile.core.outputs import check_output, make_staging, publish
+from dgo_compile.core.outputs import check_output, make_staging, staged, write_error
 from dgo_compile.frontend.resolution import artifact_resolution
 from dgo_compile.frontend.tracing import TracedDenoiser
 from dgo_compile.passes import cost_of, variant_signature
@@ -71,6 +70,23 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     sampler_steps = sampler_steps or schedule.calls
     timesteps = denoiser_timesteps(scheduler_config, sampler_steps, scheduler)
     folded = fold(traced, schedule, timesteps, dump_dir)
+    sampler = SamplerInfo(_scheduler_name(scheduler_config, scheduler), sampler_steps, len(timesteps),
+                          tuple(folded.timesteps), dict(scheduler_config))
+    try:
+        with staged(output, "artifact", overwrite=overwrite) as staging:
+            _write_artifact(traced, folded, staging, sampler, guidance_scale, precision, model_source, on_variant)
+    except BaseException as exc:
+        cause = exc.__cause__ if isinstance(exc, ExportError) else exc  # export_onnx wraps its write errors
+        if isinstance(cause, OSError):
+            raise write_error(output, cause, ArtifactError, "the artifact ", ", then compile again") from exc
+        raise
+    return output
+
+
+def _write_artifact(traced: TracedDenoiser, folded: FoldedSchedule, staging: Path, sampler: SamplerInfo,
+                    guidance_scale: float | None, precision: str, model_source: str | None,
+                    on_variant: Callable[[int, int], None] | None) -> None:
+    """Fill the staging folder: one ONNX graph per variant, the shared weights, constants, manifest."""
     full_macs = cost_report(traced, batch=1).total.macs
     # Exact per-variant MACs: what is left in each folded graph (the stem of a fully reused step is gone too).
     variant_macs = {key: sum(cost_of(n).macs for n in gm.graph.nodes if n.op == "call_function")
@@ -78,69 +94,54 @@ def compile_artifact(traced: TracedDenoiser, schedule: Schedule, scheduler_confi
     step_macs = [variant_macs[key] for key in folded.step_variant]
     example = traced.example_inputs(batch=2)
     upcast_attention = bool(getattr(traced.model.config, "upcast_attention", False))
-
-    try:
-        staging = make_staging(output)
-    except OSError as exc:
-        raise _write_error(output, exc) from exc
-    try:
-        weights = SharedWeightsWriter(staging)
-        variants = []
-        order = list(dict.fromkeys(folded.step_variant))
+    weights = SharedWeightsWriter(staging)
+    variants = []
+    order = list(dict.fromkeys(folded.step_variant))
+    if on_variant is not None:
+        on_variant(0, len(order))
+    for index, key in enumerate(order):
+        graph_module = folded.variants[key]
+        signature = variant_signature(graph_module)
+        first_call = folded.step_variant.index(key)
+        constants = folded.constants[first_call]
+        feeds = {name: example[name] for name in signature.inputs}
+        feeds.update({name: constants[name].expand(2, *constants[name].shape[1:])
+                      for name in signature.constant_inputs})
+        feeds.update({name: torch.zeros((2, *folded.cache_shapes[name])) for name in signature.cache_inputs})
+        file = f"variant_{index:03d}.onnx"
+        _export_variant(graph_module, feeds, ("prediction", *signature.cache_outputs), staging, file, weights,
+                        precision, upcast_attention, traced.max_batch)
+        variants.append(Variant(file, tuple(sorted(key[0])), tuple(signature.inputs),
+                                tuple(signature.constant_inputs), tuple(signature.cache_inputs),
+                                tuple(signature.cache_outputs)))
         if on_variant is not None:
-            on_variant(0, len(order))
-        for index, key in enumerate(order):
-            graph_module = folded.variants[key]
-            signature = variant_signature(graph_module)
-            first_call = folded.step_variant.index(key)
-            constants = folded.constants[first_call]
-            feeds = {name: example[name] for name in signature.inputs}
-            feeds.update({name: constants[name].expand(2, *constants[name].shape[1:])
-                          for name in signature.constant_inputs})
-            feeds.update({name: torch.zeros((2, *folded.cache_shapes[name])) for name in signature.cache_inputs})
-            file = f"variant_{index:03d}.onnx"
-            _export_variant(graph_module, feeds, ("prediction", *signature.cache_outputs), staging, file, weights,
-                            precision, upcast_attention, traced.max_batch)
-            variants.append(Variant(file, tuple(sorted(key[0])), tuple(signature.inputs),
-                                    tuple(signature.constant_inputs), tuple(signature.cache_inputs),
-                                    tuple(signature.cache_outputs)))
-            if on_variant is not None:
-                on_variant(index + 1, len(order))
-        weights_bytes = weights.close()
-        for variant in variants:
-            onnx.checker.check_model(str(staging / variant.file))  # by path: resolves weights.bin
-        constant_dtype = np.float16 if precision == "fp16" else np.float32
-        if any(folded.constants):
-            save_file({f"{call}/{name}": value.contiguous().numpy().astype(constant_dtype)
-                       for call, values in enumerate(folded.constants) for name, value in values.items()},
-                      str(staging / CONSTANTS_FILE))
-        float_dtype = "float16" if precision == "fp16" else "float32"
-        manifest = Manifest(
-            dgo_compile=__version__,
-            model=ModelInfo(type(traced.model).__name__, traced.family.name, model_source,
-                            traced.family.null_class_label(traced.model)),
-            precision=precision, max_batch=traced.max_batch,
-            inputs=tuple(InputSpec(k, ("batch", *v.shape[1:]), float_dtype if v.is_floating_point()
-                                   and k not in KEEP_FLOAT_INPUTS else str(v.dtype).removeprefix("torch."))
-                         for k, v in example.items()),
-            resolution=Resolution(**artifact_resolution(tuple(example["sample"].shape[-2:]), model_source)),
-            scheduler=SamplerInfo(_scheduler_name(scheduler_config, scheduler), sampler_steps, len(timesteps),
-                                  tuple(folded.timesteps), dict(scheduler_config)),
-            guidance_scale=guidance_scale, schedule=folded.schedule.to_json(),
-            macs=Macs(tuple(step_macs), sum(step_macs), full_macs * len(timesteps)),
-            constants_file=CONSTANTS_FILE if any(folded.constants) else None,
-            weights=WeightsInfo(WEIGHTS_FILE, weights_bytes, weights.bytes_referenced),
-            variants=tuple(variants), call_variants=tuple(order.index(key) for key in folded.step_variant),
-            files={p.name: file_record(p) for p in sorted(staging.iterdir())})
-        (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, default=str, allow_nan=False))
-        publish(staging, output, "artifact", overwrite=overwrite)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        cause = exc.__cause__ if isinstance(exc, ExportError) else exc  # export_onnx wraps its write errors
-        if isinstance(cause, OSError):
-            raise _write_error(output, cause) from exc
-        raise
-    return output
+            on_variant(index + 1, len(order))
+    weights_bytes = weights.close()
+    for variant in variants:
+        onnx.checker.check_model(str(staging / variant.file))  # by path: resolves weights.bin
+    constant_dtype = np.float16 if precision == "fp16" else np.float32
+    if any(folded.constants):
+        save_file({f"{call}/{name}": value.contiguous().numpy().astype(constant_dtype)
+                   for call, values in enumerate(folded.constants) for name, value in values.items()},
+                  str(staging / CONSTANTS_FILE))
+    float_dtype = "float16" if precision == "fp16" else "float32"
+    manifest = Manifest(
+        dgo_compile=__version__,
+        model=ModelInfo(type(traced.model).__name__, traced.family.name, model_source,
+                        traced.family.null_class_label(traced.model)),
+        precision=precision, max_batch=traced.max_batch,
+        inputs=tuple(InputSpec(k, ("batch", *v.shape[1:]), float_dtype if v.is_floating_point()
+                               and k not in KEEP_FLOAT_INPUTS else str(v.dtype).removeprefix("torch."))
+                     for k, v in example.items()),
+        resolution=Resolution(**artifact_resolution(tuple(example["sample"].shape[-2:]), model_source)),
+        scheduler=sampler,
+        guidance_scale=guidance_scale, schedule=folded.schedule.to_json(),
+        macs=Macs(tuple(step_macs), sum(step_macs), full_macs * sampler.calls),
+        constants_file=CONSTANTS_FILE if any(folded.constants) else None,
+        weights=WeightsInfo(WEIGHTS_FILE, weights_bytes, weights.bytes_referenced),
+        variants=tuple(variants), call_variants=tuple(order.index(key) for key in folded.step_variant),
+        files={p.name: file_record(p) for p in sorted(staging.iterdir())})
+    (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1, default=str, allow_nan=False))
 
 
 def _export_variant(graph_module, feeds: dict[str, torch.Tensor], output_names: tuple[str, ...], staging: Path,
@@ -159,13 +160,6 @@ def _export_variant(graph_module, feeds: dict[str, torch.Tensor], output_names: 
         onnx.save(model, str(staging / file))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _write_error(output: Path, exc: OSError) -> ArtifactError:
-    reason = exc.strerror or str(exc)
-    hint = "free some disk space or choose another -o" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
-        else "check the folder is writable or choose another -o"
-    return ArtifactError(f"could not write the artifact {output}: {reason}; {hint}, then compile again")
 
 
 def _scheduler_name(scheduler_config: dict, name: str | None) -> str:

@@ -133,7 +133,7 @@ def bench_against(artifact, against=None, batch: int = 1, repeats: int = 5, on_s
         if against is None:
             source = manifest.model.source
             if not source:
-                raise DgoError(f"{artifact} does not record its model; pass --against FULL_ARTIFACT")
+                raise DgoError(f"{artifact} does not record its model; pass `against` FULL_ARTIFACT", field="against")
             from dgo_compile import load, trace
             from dgo_compile.schedules.schedule import builtin
 

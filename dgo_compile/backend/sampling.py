@@ -109,7 +109,7 @@ def conditions_for(input_names: tuple[str, ...], n: int, class_labels: list[int]
     missing = [name for name in wanted if name not in uncond]
     if missing:
         raise DgoError(f"guidance needs the null condition for {', '.join(missing)}: add uncond.<name> tensors "
-                       "to the --prompt-embeds file (class labels use the model's null class)")
+                       "to the `prompt_embeds` file (class labels use the model's null class)", field="prompt_embeds")
     return None, Guidance(guidance_scale, {k: cond[k] for k in wanted}, {k: uncond[k] for k in wanted})
 
 

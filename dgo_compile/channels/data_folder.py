@@ -96,17 +96,19 @@ def open_data(folder: str | os.PathLike, loaded: LoadedModel, cache_root: Path, 
     (only with `prepare`: other processes of a distributed run wait for process 0's cache)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FinetuneError(f"--data {folder} is not a folder; pass a folder of images or of .safetensors latents")
+        raise FinetuneError(f"`data` {folder} is not a folder; pass a folder of images or of .safetensors latents",
+                            field="data")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder))
     latents = [p for p in files if p.suffix == ".safetensors"]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if latents and images:
-        raise FinetuneError(f"--data {folder} holds both images and .safetensors latents; keep one kind per folder")
+        raise FinetuneError(f"`data` {folder} holds both images and .safetensors latents; keep one kind per folder",
+                            field="data")
     if latents:
         return _latent_folder(folder, latents, loaded)
     if not images:
-        raise FinetuneError(f"--data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .safetensors "
-                            "latents")
+        raise FinetuneError(f"`data` {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .safetensors "
+                            "latents", field="data")
     return _image_folder(folder, images, loaded, cache_root, prepare, on_image)
 
 
@@ -151,7 +153,7 @@ def _latent_folder(folder: Path, paths: list[Path], loaded: LoadedModel) -> Data
     source = DataSource(files, wanted, {"path": str(folder.resolve()), "kind": "latents",
                                         "files": len(files)})
     if not len(source):
-        raise FinetuneError(f"--data {folder}: its latents files hold no rows")
+        raise FinetuneError(f"`data` {folder}: its latents files hold no rows", field="data")
     if "class_labels" in wanted:
         _check_labels(source, loaded, folder)
     source.record.update(rows=len(source), digest=file_digest_of(paths, folder))
@@ -204,13 +206,13 @@ def _image_folder(folder: Path, images: list[Path], loaded: LoadedModel, cache_r
     unknown = [n for n in wanted if n not in ("class_labels", "encoder_hidden_states", *COMPUTED)]
     if unknown:
         raise FinetuneError(f"{loaded.source} takes {', '.join(unknown)}, which an image folder cannot give: pass "
-                            "--data a folder of .safetensors latents that holds them")
+                            "`data` a folder of .safetensors latents that holds them", field="data")
     pipeline = loaded.source if loaded.source.is_dir() else None
     vae = pipeline / "vae" if pipeline is not None and (pipeline / "vae" / "config.json").is_file() else None
     if loaded.model.config.get("in_channels") not in (1, 3) and vae is None:
         raise FinetuneError(f"{loaded.source} denoises {loaded.model.config.get('in_channels')}-channel samples and "
-                            "has no vae/ to encode images with; pass its pipeline folder, or --data a folder of "
-                            ".safetensors latents")
+                            "has no vae/ to encode images with; pass its pipeline folder, or `data` a folder of "
+                            ".safetensors latents", field="data")
     if vae is not None:
         latent_channels = json.loads((vae / "config.json").read_text()).get("latent_channels")
         if latent_channels != loaded.model.config.get("in_channels"):
@@ -225,7 +227,7 @@ def _image_folder(folder: Path, images: list[Path], loaded: LoadedModel, cache_r
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     cache = cache_root / digest[:32]
     if not (cache / "data.json").is_file() and prepare:
-        with exclusive(cache_root, "-o"):
+        with exclusive(cache_root):
             if not (cache / "data.json").is_file():
                 _prepare(folder, images, labels, captions, loaded, vae, wanted, cache, on_image)
     try:
@@ -269,11 +271,11 @@ def _captions(folder: Path, images: list[Path], loaded: LoadedModel) -> list[str
     pipeline = loaded.source
     if not (pipeline / "text_encoder" / "config.json").is_file() or not (pipeline / "tokenizer").is_dir():
         raise FinetuneError(f"{loaded.source} takes text conditions but has no text_encoder/ and tokenizer/ to "
-                            "encode captions with; pass its pipeline folder, or --data a folder of latents with "
-                            "encoder_hidden_states")
+                            "encode captions with; pass its pipeline folder, or `data` a folder of latents with "
+                            "encoder_hidden_states", field="data")
     if (pipeline / "text_encoder_2").is_dir():
-        raise FinetuneError(f"{loaded.source} has two text encoders (SDXL-style); pass --data a folder of "
-                            "latents with encoder_hidden_states, text_embeds and time_ids")
+        raise FinetuneError(f"{loaded.source} has two text encoders (SDXL-style); pass `data` a folder of "
+                            "latents with encoder_hidden_states, text_embeds and time_ids", field="data")
     metadata = folder / METADATA_FILE
     if not metadata.is_file():
         raise FinetuneError(f"{loaded.source} takes text conditions and {folder} has no {METADATA_FILE}: add one "

@@ -138,18 +138,20 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     """
     output = Path(output)
     world = current_world()
-    rows = world.shard(config.batch, "--batch")
+    rows = world.shard(config.batch, "batch")
     check_output(output, "finetune", resume=resume, protected=[model_path or DEFAULT_MODEL, teacher, config.data],
-                 exists_hint="pass --resume to continue it or choose another -o", error=FinetuneError)
+                 exists_hint="pass `resume` to continue it or choose another `output`", error=FinetuneError)
     stored = read_finetune(output) if resume else None
     if config.distill_only and (teacher is None or config.distill > 0):
-        raise FinetuneError("--distill-only needs --teacher, the unpruned model whose trajectories are the data"
-                            if teacher is None else "--distill-only trains on the distillation term alone: "
-                            "leave out --distill")
+        raise FinetuneError("`distill_only` needs `teacher`, the unpruned model whose trajectories are the data"
+                            if teacher is None else "`distill_only` trains on the distillation term alone: "
+                            "leave out `distill`", field=("distill_only", "teacher", "distill"))
     if config.distill > 0 and teacher is None:
-        raise FinetuneError("--distill needs --teacher, the unpruned model to distill from")
+        raise FinetuneError("`distill` needs `teacher`, the unpruned model to distill from",
+                            field=("distill", "teacher"))
     if teacher is not None and config.distill == 0 and not config.distill_only:
-        raise FinetuneError("--teacher needs --distill W > 0, the weight of the distillation term, or --distill-only")
+        raise FinetuneError("`teacher` needs `distill` W > 0, the weight of the distillation term, or `distill_only`",
+                            field=("teacher", "distill", "distill_only"))
     loaded = load(model_path)
     teacher_loaded = load(teacher) if config.distill_only else None
     if teacher_loaded is not None:
@@ -161,15 +163,16 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     if data is not None:
         record.data = data.record
     if stored is not None:
-        differ = [f"--{k.replace('_', '-')}" for k, v in asdict(config).items() if asdict(stored.config)[k] != v]
+        differ = [k for k, v in asdict(config).items() if asdict(stored.config)[k] != v]
         differ += ["MODEL"] * (stored.model_source != record.model_source)
-        differ += ["--teacher"] * (stored.teacher != record.teacher)
+        differ += ["teacher"] * (stored.teacher != record.teacher)
         if (stored.data or {}).get("digest") != (record.data or {}).get("digest"):
-            raise FinetuneError(f"the files of --data {config.data} changed since {output} began fine-tuning on them; "
-                                "fine-tune into another -o")
+            raise FinetuneError(f"the files of `data` {config.data} changed since {output} began fine-tuning on them; "
+                                "fine-tune into another `output`", field=("data", "output"))
         if differ:
-            raise FinetuneError(f"{output} was fine-tuned with other settings ({', '.join(differ)}); resume with the "
-                                "same options or choose another -o")
+            named = [name if name == "MODEL" else f"`{name}`" for name in differ]
+            raise FinetuneError(f"{output} was fine-tuned with other settings ({', '.join(named)}); resume with the "
+                                "same settings or choose another `output`", field=(*differ, "output"))
     if teacher_loaded is not None:
         trajectories = TeacherTrajectories(teacher_loaded.model, teacher_loaded.scheduler_config,
                                            config.trajectory_steps, config.batch, config.seed,
@@ -251,7 +254,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             mean_loss = world.mean(loss.item())
             check_finite(torch.tensor(mean_loss), f"the training loss at step {step}",
                          f"training stopped; {output} keeps its last checkpoint (step {checkpointed}): lower "
-                         f"--lr (now {config.lr:g}) and start again")
+                         f"`lr` (now {config.lr:g}) and start again", field="lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             world.average_gradients(params)
@@ -286,7 +289,7 @@ def _read_state(output: Path) -> dict:
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FinetuneError(f"cannot read {output / STATE_FILE} ({first_line}); it is damaged: fine-tune again into "
-                            "a new -o") from exc
+                            "a new `output`", field="output") from exc
     return state
 
 
@@ -316,7 +319,7 @@ def _write_checkpoint(output: Path, loaded: LoadedModel, weights: nn.Module, rec
     loadable model and the state file always one whole checkpoint.
     """
     check_finite(weights, f"the fine-tuned model at step {record.steps_done}",
-                 f"training stopped; {output} keeps its last checkpoint: lower --lr and start again")
+                 f"training stopped; {output} keeps its last checkpoint: lower `lr` and start again", field="lr")
     staging = make_staging(output)
     try:
         fresh = save_denoiser(loaded, weights, staging / "model", pruning=loaded.pruning)

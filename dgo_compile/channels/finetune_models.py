@@ -32,16 +32,17 @@ def trajectory_prompts(config: FinetuneConfig, teacher: LoadedModel) -> tuple:
     text = "encoder_hidden_states" in family_of(teacher.model).input_names(teacher.model)
     if not text:
         if config.prompts is not None:
-            raise FinetuneError(f"--prompts: --teacher ({teacher.source}, a {teacher.class_name}) takes no text "
-                                "conditions; leave --prompts out")
+            raise FinetuneError(f"`prompts`: `teacher` ({teacher.source}, a {teacher.class_name}) takes no text "
+                                "conditions; leave `prompts` out", field=("prompts", "teacher"))
         return ()
     if config.prompts is None:
-        raise FinetuneError(f"--distill-only on a text-conditional --teacher ({teacher.class_name}) needs --prompts "
-                            "FILE, one prompt per line, which its pipeline's text encoder encodes")
+        raise FinetuneError(f"`distill_only` on a text-conditional `teacher` ({teacher.class_name}) needs `prompts` "
+                            "FILE, one prompt per line, which its pipeline's text encoder encodes",
+                            field=("distill_only", "teacher", "prompts"))
     try:
         return read_prompts(config.prompts), prompt_encoder(teacher.source)
     except DgoError as exc:
-        raise FinetuneError(f"--prompts: {exc}") from exc
+        raise FinetuneError(f"`prompts`: {exc}", field="prompts") from exc
 
 
 def load_teacher(teacher: str | os.PathLike, student: LoadedModel, conditional: bool | None) -> nn.Module:
@@ -50,25 +51,27 @@ def load_teacher(teacher: str | os.PathLike, student: LoadedModel, conditional: 
     loaded = load(teacher)
     if conditional is None:
         _check_pair(student, loaded)
-    elif _check_inputs(loaded, "--teacher") != conditional:
-        raise FinetuneError(f"--teacher {teacher} and the model differ in class conditioning; distill from the "
-                            "unpruned version of the same model")
+    elif _check_inputs(loaded, "`teacher`") != conditional:
+        raise FinetuneError(f"`teacher` {teacher} and the model differ in class conditioning; distill from the "
+                            "unpruned version of the same model", field="teacher")
     return loaded.model
 
 
 def check_distill_only(loaded: LoadedModel, teacher: LoadedModel) -> bool:
     """Refuse a student and teacher that --distill-only cannot pair; True when they take class labels."""
     if teacher.class_name not in DISTILL_ONLY_CLASSES:
-        raise FinetuneError(f"--teacher ({teacher.source}) is a {teacher.class_name}; --distill-only samples "
-                            f"the trajectories of {', '.join(DISTILL_ONLY_CLASSES)} denoisers")
+        raise FinetuneError(f"`teacher` ({teacher.source}) is a {teacher.class_name}; `distill_only` samples "
+                            f"the trajectories of {', '.join(DISTILL_ONLY_CLASSES)} denoisers",
+                            field=("teacher", "distill_only"))
     other = [n for n in family_of(teacher.model).input_names(teacher.model)[2:] if n not in DISTILL_ONLY_CONDITIONS]
     if other:
-        raise FinetuneError(f"--teacher ({teacher.source}) takes {', '.join(other)}, which --distill-only cannot "
-                            "make (SDXL-style conditions); fine-tune it with --data, a folder of latents "
-                            "that holds them")
-    teacher.require_scheduler("--teacher", FinetuneError, ", which sets the noise schedule of its trajectories")
+        raise FinetuneError(f"`teacher` ({teacher.source}) takes {', '.join(other)}, which `distill_only` cannot "
+                            "make (SDXL-style conditions); fine-tune it with `data`, a folder of latents "
+                            "that holds them", field=("teacher", "distill_only", "data"))
+    teacher.require_scheduler("`teacher`", FinetuneError, ", which sets the noise schedule of its trajectories")
     if teacher.model.config.get("class_embed_type") is not None:  # a UNet2DModel conditioned on other vectors
-        raise FinetuneError(f"--teacher ({teacher.source}) is conditioned on something other than class labels")
+        raise FinetuneError(f"`teacher` ({teacher.source}) is conditioned on something other than class labels",
+                            field="teacher")
     return "class_labels" in _check_pair(loaded, teacher)
 
 
@@ -79,9 +82,9 @@ def _check_pair(loaded: LoadedModel, teacher: LoadedModel) -> tuple[str, ...]:
     student = {k: loaded.model.config.get(k) for k in shape}
     if loaded.class_name != teacher.class_name or student != shape or \
             family_of(loaded.model).input_names(loaded.model) != names:
-        raise FinetuneError(f"the model ({loaded.source}, a {loaded.class_name}) and --teacher ({teacher.source}, a "
+        raise FinetuneError(f"the model ({loaded.source}, a {loaded.class_name}) and `teacher` ({teacher.source}, a "
                             f"{teacher.class_name}) differ in class, sample shape or inputs; distill from the "
-                            "unpruned version of the same model")
+                            "unpruned version of the same model", field="teacher")
     return names
 
 
@@ -97,14 +100,16 @@ def _check_inputs(loaded: LoadedModel, role: str) -> bool:
     """Refuse a denoiser the shipped digits cannot feed; True when it takes class labels."""
     if loaded.class_name != "UNet2DModel":
         raise FinetuneError(f"{role} ({loaded.source}) is a {loaded.class_name}; the shipped MNIST digits only "
-                            "train UNet2DModel denoisers: pass --data, your own images or latents")
+                            "train UNet2DModel denoisers: pass `data`, your own images or latents",
+                            field=("data", "teacher"))
     cfg = loaded.model.config
     size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     shape = (cfg.in_channels, *size)
     if shape != DATA_SHAPE or cfg.out_channels != cfg.in_channels:
         raise FinetuneError(f"{role} ({loaded.source}) denoises {'x'.join(map(str, shape))} samples into "
                             f"{cfg.out_channels} channels; the shipped data (MNIST digits) only fits "
-                            f"{'x'.join(map(str, DATA_SHAPE))} models: pass --data, your own images or latents")
+                            f"{'x'.join(map(str, DATA_SHAPE))} models: pass `data`, your own images or latents",
+                            field=("data", "teacher"))
     if getattr(loaded.model, "class_embedding", None) is None:
         return False
     if cfg.class_embed_type is not None or (cfg.num_class_embeds or 0) < DIGIT_CLASSES:

@@ -12,7 +12,7 @@ from pathlib import Path
 from dgo_compile.core.errors import DgoError
 from dgo_compile.core.options import check
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "mnist_ddpm"
+DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "mnist_ddpm"
 DEFAULT_STEPS = 50  # sampler steps, wherever a command or config leaves them out
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 

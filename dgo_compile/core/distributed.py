@@ -34,11 +34,11 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batch: int, option: str) -> slice:
-        """This process's rows of a global batch of `batch` rows."""
+    def shard(self, batch: int, field: str) -> slice:
+        """This process's rows of a global batch of `batch` rows (the config field `field`)."""
         if batch % self.size:
-            raise DistributedError(f"{option} {batch} does not split evenly over {self.size} processes; "
-                                   f"pass a multiple of {self.size} (it is the global batch)")
+            raise DistributedError(f"`{field}` {batch} does not split evenly over {self.size} processes; "
+                                   f"pass a multiple of {self.size} (it is the global batch)", field=field)
         rows = batch // self.size
         return slice(self.rank * rows, (self.rank + 1) * rows)
 

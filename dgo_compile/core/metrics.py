@@ -18,18 +18,25 @@ from scipy import linalg
 from torch import nn
 from torch.nn import functional as F
 
-DEFAULT_CLASSIFIER_DIR = Path(__file__).parent / "assets" / "mnist_ddpm" / "classifier"
+from dgo_compile.core.errors import DgoError
+
+DEFAULT_CLASSIFIER_DIR = Path(__file__).parents[1] / "assets" / "mnist_ddpm" / "classifier"
 CLASSIFIER_FILE = "classifier.safetensors"
 TRAIN_SCRIPT = "scripts/train_digit_classifier.py"
 
 
+class MetricError(DgoError, ValueError):
+    """Images or features a metric cannot compare (shapes, dtypes, sizes); a ValueError as well, since
+    these are argument errors of a numeric function."""
+
+
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"images must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise MetricError(f"images must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() != 4:
-        raise ValueError(f"images must be 4-D [N, C, H, W], got {a.dim()}-D shape {tuple(a.shape)}")
+        raise MetricError(f"images must be 4-D [N, C, H, W], got {a.dim()}-D shape {tuple(a.shape)}")
     if not (a.is_floating_point() and b.is_floating_point()):
-        raise ValueError(f"images must be floating point, got {a.dtype} and {b.dtype}")
+        raise MetricError(f"images must be floating point, got {a.dtype} and {b.dtype}")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -65,10 +72,10 @@ def ssim(
     """
     _check_pair(a, b)
     if window_size < 1 or window_size % 2 == 0:
-        raise ValueError(f"window_size must be a positive odd integer, got {window_size}")
+        raise MetricError(f"window_size must be a positive odd integer, got {window_size}")
     height, width = a.shape[-2:]
     if height < window_size or width < window_size:
-        raise ValueError(f"images are {height}x{width}, smaller than the {window_size}x{window_size} SSIM window")
+        raise MetricError(f"images are {height}x{width}, smaller than the {window_size}x{window_size} SSIM window")
 
     channels = a.shape[1]
     g = _gaussian_1d(window_size, sigma, a.dtype, a.device)
@@ -100,9 +107,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
     feats_a = np.asarray(feats_a, dtype=np.float64)
     feats_b = np.asarray(feats_b, dtype=np.float64)
     if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
-        raise ValueError(f"features must be [N, D] with the same D, got {feats_a.shape} and {feats_b.shape}")
+        raise MetricError(f"features must be [N, D] with the same D, got {feats_a.shape} and {feats_b.shape}")
     if len(feats_a) < 2 or len(feats_b) < 2:
-        raise ValueError(f"each feature set needs at least 2 rows, got {len(feats_a)} and {len(feats_b)}")
+        raise MetricError(f"each feature set needs at least 2 rows, got {len(feats_a)} and {len(feats_b)}")
 
     mu_a, mu_b = feats_a.mean(axis=0), feats_b.mean(axis=0)
     sigma_a = np.cov(feats_a, rowvar=False)
@@ -119,7 +126,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         tolerance = 1e-3 * max(1.0, float(np.abs(covmean.real).max()))
         largest = float(np.abs(np.diagonal(covmean).imag).max())
         if largest > tolerance:
-            raise ValueError(f"covariance square root has an imaginary component of {largest:.3g}")
+            raise MetricError(f"covariance square root has an imaginary component of {largest:.3g}")
         covmean = covmean.real
 
     diff = mu_a - mu_b

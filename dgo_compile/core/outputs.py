@@ -2,7 +2,7 @@
 
 `check_output` runs before any expensive work. It refuses `.`, an ancestor of the working
 directory, the input model (or a path inside or around it), a place that cannot be written, an
-existing path without `--overwrite`, and, with `--overwrite`, an existing folder that is not this
+existing path without `overwrite`, and, with `overwrite`, an existing folder that is not this
 tool's own output of the same kind.
 
 Own outputs are recognised by the self-describing file each kind already writes (an artifact's
@@ -33,7 +33,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from dgo_compile.core.errors import DgoError
@@ -100,14 +100,15 @@ def is_own(path: str | Path, kind: str) -> bool:
 
 
 def check_output(path: str | Path, kind: str | None, *, overwrite: bool = False, resume: bool = False,
-                 protected: Iterable[str | Path | None] = (), option: str = "-o",
-                 exists_hint: str = "pass --overwrite or choose another -o",
+                 protected: Iterable[str | Path | None] = (), field: str = "output",
+                 exists_hint: str = "pass `overwrite` or choose another `output`",
                  error: type[DgoError] | None = None) -> Path:
     """Refuse an output before any work is done (see the module docstring). `kind` None is a file
     output, which is replaced as any file is; "into" a folder that files are added to; `resume`
     accepts an existing folder of `kind`. Refusals
     raise `error` (default OutputError), so each command keeps its own error type."""
-    error = error or OutputError
+    error = _naming_fields(error or OutputError)
+    option = f"`{field}`"
     path = Path(path)
     where = path.absolute()
     resolved = Path(os.path.realpath(where))
@@ -137,28 +138,36 @@ def check_output(path: str | Path, kind: str | None, *, overwrite: bool = False,
         elif not overwrite:
             raise error(f"{path} already exists; {exists_hint}")
         elif not is_own(path, kind):
-            raise error(f"{path} is not a dgo-compile {NAMES[kind]}; --overwrite only replaces one: "
+            raise error(f"{path} is not a dgo-compile {NAMES[kind]}; `overwrite` only replaces one: "
                               f"choose another {option}")
-    check_writable(path.parent, option, path, error)
+    check_writable(path.parent, field, path, error)
     return path
 
 
-def check_writable(folder: Path, option: str, target: Path, error: type[DgoError] | None = None) -> None:
+def check_writable(folder: Path, field: str, target: Path, error: type[DgoError] | None = None) -> None:
     """Create (and remove) a file in `folder`, or in its nearest existing ancestor when it is still to be made."""
+    error = _naming_fields(error or OutputError)
+    option = f"`{field}`"
     probe = Path(folder).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise (error or OutputError)(f"cannot write {option} {target}: {probe} is not a folder; choose another "
+        raise error(f"cannot write {option} {target}: {probe} is not a folder; choose another "
                                      f"{option}")
     try:
         fd, name = tempfile.mkstemp(prefix=".dgo-write-check.", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise (error or OutputError)(f"cannot write {option} {target}: {probe} is not writable "
+        raise error(f"cannot write {option} {target}: {probe} is not writable "
                                      f"({exc.strerror or exc}); "
                           f"choose another {option}") from exc
+
+
+def _naming_fields(error: type[DgoError]) -> Callable[[str], DgoError]:
+    """`error` raised with the config fields its message names in backticks (`output`, `overwrite`),
+    which the command line renders as its options (-o, --overwrite)."""
+    return lambda message: error(message, field=tuple(dict.fromkeys(re.findall(r"`(\w+)`", message))))
 
 
 def make_staging(target: str | Path) -> Path:
@@ -171,22 +180,26 @@ def make_staging(target: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def staged(target: str | Path, kind: str, *, overwrite: bool = False) -> Iterator[Path]:
+def staged(target: str | Path, kind: str, *, overwrite: bool = False, fresh_path: bool = False) -> Iterator[Path]:
     """`with staged(target, kind) as folder:` fill `folder`; it is published at `target` on success and
-    removed on any failure."""
+    removed on any failure. The one temp-then-rename helper of the writers that publish a folder.
+    `fresh_path` yields a path inside the staging folder that does not exist yet, for writers that
+    create their output themselves and refuse an existing one (`compile_artifact`, `save_denoiser`)."""
+    target = Path(target)
     try:
         folder = make_staging(target)
     except OSError as exc:
-        raise write_error(Path(target), exc) from exc
+        raise write_error(target, exc) from exc
     try:
-        yield folder
-        publish(folder, target, kind, overwrite=overwrite)
+        built = folder / target.name if fresh_path else folder
+        yield built
+        publish(built, target, kind, overwrite=overwrite)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def exclusive(folder: str | Path, option: str = "-o") -> Iterator[Path]:
+def exclusive(folder: str | Path, field: str = "output") -> Iterator[Path]:
     """Hold `folder` (created if missing) for this process: a second run using it fails at once in one
     line rather than mixing its files in. The lock goes with the process, even a killed one."""
     import fcntl
@@ -200,7 +213,7 @@ def exclusive(folder: str | Path, option: str = "-o") -> Iterator[Path]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise OutputError(f"another dgo-compile run is using {folder}; wait for it to finish or choose another "
-                              f"{option}") from exc
+                              f"`{field}`", field=field) from exc
         try:
             yield folder
         finally:
@@ -216,7 +229,7 @@ def publish(staging: str | Path, target: str | Path, kind: str, *, overwrite: bo
     exists = target.exists() or target.is_symlink()
     if exists and overwrite and not is_own(target, kind):
         raise OutputError(f"{target} changed while this command ran and is no longer a dgo-compile {NAMES[kind]}; "
-                          "kept it: choose another -o")
+                          "kept it: choose another `output`", field="output")
     try:
         if not exists or not overwrite:
             try:
@@ -224,7 +237,8 @@ def publish(staging: str | Path, target: str | Path, kind: str, *, overwrite: bo
             except OSError as exc:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                     raise OutputError(f"{target} appeared while this command ran; kept it and wrote nothing: "
-                                      "choose another -o" + ("" if overwrite else ", or pass --overwrite")) from exc
+                                      "choose another `output`" + ("" if overwrite else ", or pass `overwrite`"),
+                                      field=("output", "overwrite")) from exc
                 raise
             return target
         try:
@@ -248,11 +262,14 @@ def publish(staging: str | Path, target: str | Path, kind: str, *, overwrite: bo
         raise write_error(target, exc) from exc
 
 
-def write_error(target: Path, exc: OSError) -> OutputError:
+def write_error(target: Path, exc: OSError, error: type[DgoError] | None = None, what: str = "",
+                then: str = "") -> DgoError:
+    """A failed write as one line naming the reason and what to do (`error`: the caller's error type,
+    `what` names the target: "the artifact ")."""
     reason = exc.strerror or str(exc)
-    hint = "free some disk space or choose another -o" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
-        else "check the folder is writable or choose another -o"
-    return OutputError(f"could not write {target}: {reason}; {hint}")
+    hint = "free some disk space or choose another `output`" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "check the folder is writable or choose another `output`"
+    return (error or OutputError)(f"could not write {what}{target}: {reason}; {hint}{then}", field="output")
 
 
 def clean_leftovers(target: str | Path) -> list[str]:

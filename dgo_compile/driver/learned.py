@@ -56,7 +56,7 @@ def prepare_optimize(model: str | Path | None, given: dict[str, Any], output: st
     config = with_overrides(OptimizeConfig, given, stored.config if stored is not None else None)
     if not restartable(output):
         check_output(output, "pruner", resume=resume, protected=[model or DEFAULT_MODEL], error=PrunerError,
-                     exists_hint="pass --resume to continue it or choose another -o")
+                     exists_hint="pass `resume` to continue it or choose another `output`")
     loaded = load(model)
     loaded.require_scheduler()
     return OptimizeRun(config, loaded, trace(loaded), output, resume)

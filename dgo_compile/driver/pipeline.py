@@ -21,7 +21,6 @@ the model loaded. The resolved config is written into the artifact (`dgo_config.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +37,7 @@ from dgo_compile.core.configs import (
 )
 from dgo_compile.core.errors import DgoError
 from dgo_compile.core.options import check
-from dgo_compile.core.outputs import check_output, exclusive, make_staging, publish
+from dgo_compile.core.outputs import check_output, exclusive, staged
 from dgo_compile.core.progress import Stages, Step
 from dgo_compile.schedules.schedule import check_spec
 
@@ -189,9 +188,8 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
     with stages.stage("optimize" if config.schedule == "learned" else "schedule", what, total) as step:
         schedule, heatmap_source = _schedule(config, traced, loaded, work, model_path or loaded.source,
                                              resolution.latent, step)
-    staging = make_staging(output)  # unique per run: concurrent or killed runs never share it
-    tmp = staging / output.name
-    try:
+    # unique per run: concurrent or killed runs never share it; published when the report is written
+    with staged(output, "artifact", overwrite=config.overwrite, fresh_path=True) as tmp:
         with stages.stage("compile", f"folding {schedule.name} and exporting its graphs to ONNX") as step:
             compile_artifact(traced, schedule, loaded.scheduler_config, tmp, model_source=str(loaded.source.resolve()),
                              scheduler=config.scheduler, sampler_steps=config.steps,
@@ -211,9 +209,6 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
         with stages.stage("report", "writing report.md, report.json, samples.png and schedule.png"):
             write_report(tmp, report, schedule, heatmap_source, loaded)
             (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1, default=str))
-            publish(tmp, output, "artifact", overwrite=config.overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return CompileOutcome(output, report)
 
 
@@ -287,7 +282,8 @@ def _verify(config: CompileConfig, artifact: Path, traced, loaded, original, ori
     reference = sample(original_traced, original.scheduler_config, noise, config.steps, **run)
     for images, what in ((ours, "the artifact"), (torch_graphs, "its PyTorch graphs"),
                          (reference, "the original model")):
-        check_finite(images, f"the verification image batch sampled from {what}", "nothing was written to -o")
+        check_finite(images, f"the verification image batch sampled from {what}", "nothing was written to `output`",
+                     field="output")
     original_macs = cost_report(original_traced).total
     pruned_cost = cost_report(traced).total
     parity = float((ours - torch_graphs).norm() / torch_graphs.norm().clamp_min(1e-12))
@@ -329,7 +325,7 @@ def compile_schedule(config: CompileConfig, dump_dir: str | Path | None = None,
     output = check_output(config.output, "artifact", overwrite=config.overwrite,
                           protected=[config.model or DEFAULT_MODEL])
     if dump_dir is not None:
-        check_output(dump_dir, "into", option="--dump-dir", protected=[config.model or DEFAULT_MODEL, output])
+        check_output(dump_dir, "into", field="dump_dir", protected=[config.model or DEFAULT_MODEL, output])
     check_spec(config.schedule)  # an unknown name or an unreadable file fails before the model loads
 
     from dgo_compile import load, trace

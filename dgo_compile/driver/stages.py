@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dgo_compile.core.files import file_digest
-from dgo_compile.core.outputs import make_staging, publish
+from dgo_compile.core.outputs import make_staging, staged
 
 log = logging.getLogger("dgo_compile.driver.stages")
 STAMP_FILE = "stage.json"
@@ -101,13 +101,8 @@ def pruned(original, config, folder: Path) -> Path:
         log.warning(f"rebuilding {folder}: {reason}")
     images = calibration_images(original) if config.importance == "taylor" else None
     result = prune(original, config, images)
-    staging = make_staging(folder)
-    try:
-        built = save_denoiser(original, result.model, staging / folder.name, result.pruning)
-        write_stamp(built, expected)
-        publish(built, folder, "model", overwrite=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged(folder, "model", overwrite=True, fresh_path=True) as path:
+        write_stamp(save_denoiser(original, result.model, path, result.pruning), expected)
     return folder
 
 

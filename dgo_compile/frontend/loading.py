@@ -21,7 +21,7 @@ from torch import nn
 from dgo_compile.core.configs import DEFAULT_MODEL
 from dgo_compile.core.errors import DgoError, ModelLoadError, UnsupportedModelError
 from dgo_compile.core.finite import check_finite
-from dgo_compile.core.outputs import check_output, make_staging, publish, write_error
+from dgo_compile.core.outputs import check_output, staged, write_error
 from dgo_compile.frontend.bounds import check_config, read_json_object
 from dgo_compile.frontend.channel_surgery import SurgeryError, apply_record, has_record, read_record, write_record
 from dgo_compile.frontend.families import FAMILIES, Family
@@ -62,7 +62,8 @@ class LoadedModel:
         has none. The one place this is checked; `role` names the model in the message (`teacher`)."""
         if self.scheduler_config is None:
             who = f"{role} ({self.source})" if role else str(self.source)
-            raise error(f"{who} has no scheduler/ config{needed_for}; pass a pipeline folder")
+            field = role.strip("`") if role and role.startswith("`") else None
+            raise error(f"{who} has no scheduler/ config{needed_for}; pass a pipeline folder", field=field)
         return self.scheduler_config
 
 
@@ -157,33 +158,29 @@ def save_denoiser(loaded: LoadedModel, model: nn.Module, output: str | os.PathLi
 
     output = Path(output)
     check_finite(model, f"the model to save at {output}", "nothing was written")
-    check_output(output, "model", protected=[loaded.source], exists_hint="choose another output folder or remove it",
+    check_output(output, "model", protected=[loaded.source], exists_hint="choose another `output` or remove it",
                  error=ModelLoadError)
-    tmp = make_staging(output)
     try:
-        denoiser = loaded.denoiser_folder
-        target = tmp
-        if denoiser is not None and denoiser != loaded.source:
-            # the pipeline's other components only: the source's own results (samples.png, loss.csv,
-            # recipe.json, ...) describe it, and beside this model they would read as this model's
-            index = read_json_object(loaded.source / "model_index.json")
-            parts = {"model_index.json"} | {k for k in index if not k.startswith("_")}
-            for item in loaded.source.iterdir():
-                if item != denoiser and item.name not in DENOISER_SUBFOLDERS and item.name in parts:
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            target = tmp / denoiser.name
-        target.mkdir(exist_ok=True)
-        (target / "config.json").write_text(json.dumps(loaded.config, indent=2))
-        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(target / WEIGHT_FILES[0]))
-        if pruning is not None:
-            write_record(target, pruning)
-        publish(tmp, output, "model")
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_error(output, exc) from exc
-        raise
+        with staged(output, "model") as tmp:
+            denoiser = loaded.denoiser_folder
+            target = tmp
+            if denoiser is not None and denoiser != loaded.source:
+                # the pipeline's other components only: the source's own results (samples.png, loss.csv,
+                # recipe.json, ...) describe it, and beside this model they would read as this model's
+                index = read_json_object(loaded.source / "model_index.json")
+                parts = {"model_index.json"} | {k for k in index if not k.startswith("_")}
+                for item in loaded.source.iterdir():
+                    if item != denoiser and item.name not in DENOISER_SUBFOLDERS and item.name in parts:
+                        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+                target = tmp / denoiser.name
+            target.mkdir(exist_ok=True)
+            (target / "config.json").write_text(json.dumps(loaded.config, indent=2))
+            state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(target / WEIGHT_FILES[0]))
+            if pruning is not None:
+                write_record(target, pruning)
+    except OSError as exc:
+        raise write_error(output, exc) from exc
     return output
 
 

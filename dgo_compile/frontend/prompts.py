@@ -49,10 +49,10 @@ def prompt_encoder(pipeline: str | Path) -> Callable[[list[str]], torch.Tensor]:
     folder = Path(pipeline)
     if (folder / "text_encoder_2").is_dir():
         raise DgoError(f"{folder} has two text encoders (SDXL-style), whose pooled embeddings and time ids this "
-                       "command does not build: pass them in a --prompt-embeds safetensors file")
+                       "command does not build: pass them in a `prompt_embeds` safetensors file", field="prompt_embeds")
     if not has_text_encoder(folder) or not (folder / "tokenizer").is_dir():
         raise DgoError(f"{folder} has no text_encoder/ and tokenizer/ to encode prompts with: pass a pipeline "
-                       "folder that has them, or precomputed embeddings with --prompt-embeds")
+                       "folder that has them, or precomputed embeddings with `prompt_embeds`", field="prompt_embeds")
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - transformers is a dependency

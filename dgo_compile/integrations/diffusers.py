@@ -187,7 +187,7 @@ class CompiledDenoiser(nn.Module):
             raise IntegrationError(f"{c.label} was compiled for {_size(c.latent, self._pipe)}; the pipeline runs "
                                    f"{_size(tuple(sample.shape[-2:]), self._pipe)}: "
                                    f"run it at {_size(c.latent, self._pipe)}, "
-                                   "or compile another artifact with --height/--width")
+                                   "or compile another artifact with `height`/`width`", field=("height", "width"))
         for name, shape in (c.shapes or {}).items():
             if tuple(passed[name].shape[1:]) != shape:
                 raise IntegrationError(f"{c.label} takes {name} of shape {list(shape)} per row; the pipeline passes "
@@ -239,7 +239,8 @@ class CompiledDenoiser(nn.Module):
             raise IntegrationError(f"{c.label} was compiled for classifier-free guidance at scale "
                                    f"{c.guidance_scale:g}; "
                                    f"the pipeline runs guidance_scale={scale}: pass guidance_scale="
-                                   f"{c.guidance_scale:g}, or compile without --guidance-scale to run at any scale")
+                                   f"{c.guidance_scale:g}, or compile without `guidance_scale` to run at any scale",
+                                   field="guidance_scale")
 
 
 def _slot(pipe: Any) -> str:

@@ -242,8 +242,8 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     world = current_world()
     if world.size > 1 and device.type != "cpu":
         raise PrunerError("data-parallel optimize runs on CPUs (gloo); NCCL across GPUs is not built: run one "
-                          "process with --device cuda, or torchrun with --device cpu")
-    rows = world.shard(config.batch, "--batch")
+                          "process with `device` cuda, or torchrun with `device` cpu", field="device")
+    rows = world.shard(config.batch, "batch")
     granularity = "block" if config.granularity == "step" else config.granularity
     cost = ScheduleCost(traced, granularity)
     restart = restartable(output)  # an interrupted first checkpoint: nothing to resume, nothing of the user's
@@ -258,12 +258,12 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
             stored = asdict(trained.state.config)
             differ = [k for k, v in asdict(config).items() if stored[k] != v]
             raise PrunerError(f"{output} was optimized with other settings ({', '.join(differ)}); resume with the "
-                              "same options or choose another -o")
+                              "same options or choose another `output`", field="output")
         state, pruner = trained.state, trained.pruner
     else:
         if not restart:
             check_output(output, "pruner", protected=[model_source], error=PrunerError,
-                         exists_hint="pass --resume to continue it or choose another -o")
+                         exists_hint="pass `resume` to continue it or choose another `output`")
         timesteps = denoiser_timesteps(scheduler_config, config.steps, config.scheduler)
         scheduler = {"name": config.scheduler,
                      "class": type(make_scheduler(scheduler_config, config.scheduler)).__name__,
