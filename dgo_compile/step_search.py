@@ -1,0 +1,123 @@
+"""`steps-searched:K`: the best non-uniform K-step schedule this tool finds on calibration noise.
+
+A K-step schedule runs every block at K of the sampler's calls (call 0 always) and reuses everything in
+between; for DDIM with eta 0 that is DDIM on a non-uniform subset of the timesteps (as "Align Your
+Steps" tunes per model). It is the honest competitor to a learned schedule that reuses whole calls, and
+unlike `steps:K` it needs the model and calibration noise, so it is built here rather than parsed.
+
+Search: coordinate descent started from uniform `steps:K`: each chosen call but call 0 tries moving by
++-stride between its neighbours, a move is kept only when it lowers the score (MSE of the final samples
+against the full schedule's), and the stride halves from half the uniform gap down to 1 (coarse to
+fine). Starting from `steps:K` and accepting only improvements makes the result never worse than
+`steps:K` on the noise it was scored on. Why not more: all C(calls - 1, K - 1) subsets are out of reach
+(C(49, 9) ~ 2e9 at DDIM 50, K 10) and greedy forward selection costs ~calls x K trajectories; here each
+score is one trajectory of K full calls on a few samples, capped at `max_evaluations` (default 48),
+about a minute on the shipped model at 8 samples, K 10, one CPU thread.
+
+All subsets share one fold: a K-step schedule's calls have one of three graph patterns (full and
+followed by a full call, full and followed by a reused call, reuse all), so the graphs of a template
+schedule holding all three are reused with each subset's call order (`StepSubsets`); it runs exactly
+what `fold` would build for the subset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from .schedule import Schedule, ScheduleError, _uniform_steps
+
+MAX_EVALUATIONS = 48
+NAME = "steps-searched:{k}"
+
+
+def step_subset(name: str, elements: Sequence[str], calls: int, chosen: Sequence[int]) -> Schedule:
+    """Every element computed at the `chosen` calls (call 0 among them), every one reused elsewhere."""
+    picked = set(chosen)
+    if 0 not in picked or not all(0 <= c < calls for c in picked):
+        raise ScheduleError(f"a K-step schedule runs call 0 and calls within 0..{calls - 1}; got {sorted(picked)}")
+    return Schedule(name, tuple(elements), tuple(tuple(c in picked for _ in elements) for c in range(calls)))
+
+
+@dataclass(frozen=True)
+class StepSearch:
+    schedule: Schedule  # steps-searched:K (block granularity)
+    chosen: tuple[int, ...]  # the calls that run in full
+    score: float  # its MSE against the full schedule on the calibration samples
+    uniform_score: float  # steps:K's, the start of the search
+    evaluations: int  # trajectories scored, the start included
+
+
+def search_steps(score: Callable[[tuple[int, ...]], float], calls: int, k: int,
+                 max_evaluations: int = MAX_EVALUATIONS) -> tuple[tuple[int, ...], float, float, int]:
+    """Coordinate descent over which `k` of `calls` calls run (lower `score` is better), from uniform
+    `steps:k`; returns (chosen calls, their score, the uniform score, evaluations)."""
+    if not 1 <= k <= calls:
+        raise ScheduleError(f"a K-step search needs 1 <= K <= {calls}, got {k}", field="k")
+    chosen = sorted(_uniform_steps(calls, k))
+    best = uniform = score(tuple(chosen))
+    evaluations = 1
+    stride = max(1, calls // k // 2)
+    while stride >= 1 and evaluations < max_evaluations:
+        improved = True
+        while improved and evaluations < max_evaluations:
+            improved = False
+            for i in range(1, k):
+                low, high = chosen[i - 1], chosen[i + 1] if i + 1 < k else calls
+                for moved in (chosen[i] - stride, chosen[i] + stride):
+                    if not low < moved < high or evaluations >= max_evaluations:
+                        continue
+                    trial = chosen[:i] + [moved] + chosen[i + 1:]
+                    value = score(tuple(trial))
+                    evaluations += 1
+                    if value < best:
+                        chosen, best, improved = trial, value, True
+                        break
+        stride //= 2
+    return tuple(chosen), best, uniform, evaluations
+
+
+class StepSubsets:
+    """Folded K-step schedules over one model that share one fold's graphs (see the module note)."""
+
+    def __init__(self, traced, calls: int, timesteps: list[float] | None = None):
+        from .folding import fold
+
+        self.elements = tuple(b.name for b in traced.blocks)
+        self.calls = calls
+        self._traced, self._timesteps = traced, timesteps
+        template = step_subset("template", self.elements, calls, (0, 1) if calls > 2 else (0,))
+        self._template = fold(traced, template, timesteps)
+
+    def folded(self, chosen: Sequence[int], name: str = "steps-subset"):
+        """The FoldedSchedule of the subset: the template's graphs in the subset's call order."""
+        from .folding import fold
+        from .schedule import variant_keys
+
+        schedule = step_subset(name, self.elements, self.calls, chosen)
+        consumers = self._consumers()
+        closed = schedule.with_closure(consumers)
+        keys = variant_keys(closed, consumers)
+        if not set(keys) <= set(self._template.variants):  # not expected; fold it outright
+            return fold(self._traced, schedule, self._timesteps)
+        return replace(self._template, schedule=closed, step_variant=keys)
+
+    def _consumers(self):
+        if not hasattr(self, "_consumer_map"):
+            from dgo_compile.passes.boundaries import element_consumers
+
+            from .cost import analyse
+
+            self._consumer_map = element_consumers(analyse(self._traced), self.elements, "block")
+        return self._consumer_map
+
+
+def searched_steps(traced, calls: int, k: int, mse: Callable[[object], float],
+                   max_evaluations: int = MAX_EVALUATIONS, timesteps: list[float] | None = None) -> StepSearch:
+    """`steps-searched:k` over `calls` denoiser calls; `mse(denoiser)` runs one trajectory of a fresh
+    per-run denoiser and returns its final samples' MSE against the full schedule's."""
+    subsets = StepSubsets(traced, calls, timesteps)
+    chosen, best, uniform, evaluations = search_steps(lambda c: mse(subsets.folded(c).new_run()), calls, k,
+                                                      max_evaluations)
+    schedule = step_subset(NAME.format(k=k), subsets.elements, calls, chosen)
+    return StepSearch(schedule, chosen, best, uniform, evaluations)
