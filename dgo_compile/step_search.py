@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 from .schedule import Schedule, ScheduleError, _uniform_steps
 
 MAX_EVALUATIONS = 48
+DEFAULT_SAMPLES = 8  # calibration samples of `search-steps` (selection scores on its own, 4 by default)
 NAME = "steps-searched:{k}"
 
 
@@ -121,3 +122,42 @@ def searched_steps(traced, calls: int, k: int, mse: Callable[[object], float],
                                                       max_evaluations)
     schedule = step_subset(NAME.format(k=k), subsets.elements, calls, chosen)
     return StepSearch(schedule, chosen, best, uniform, evaluations)
+
+
+def search_for_model(model, k: int, output, *, steps: int | None = None, scheduler: str | None = None,
+                     samples: int = DEFAULT_SAMPLES, max_evaluations: int = MAX_EVALUATIONS,
+                     class_labels: tuple[int, ...] | None = None, prompt_embeds: str | None = None,
+                     prompts: str | None = None, guidance_scale: float | None = None) -> StepSearch:
+    """`steps-searched:k` for `model` (a path, or None for the shipped one) under its scheduler (or
+    `scheduler`) at `steps` steps, scored on `samples` calibration samples of noise seed 30000 with the
+    given conditions, saved as a schedule JSON at `output` (compile it with `--steps` `steps`)."""
+    from . import load, trace
+    from .calibration import vae_decoder
+    from .configs import OptimizeConfig, PrunerError, with_overrides
+    from .sampling import denoiser_timesteps
+    from .selection import SELECTION_SEED, calibration_error
+
+    if k < 1:
+        raise ScheduleError(f"`k` must be at least 1 (call 0 always runs), got {k}", field="k")
+    if samples < 1:
+        raise PrunerError(f"`calibration_samples` must be at least 1, got {samples}", field="calibration_samples")
+    if max_evaluations < 1:
+        raise PrunerError(f"`max_evaluations` must be at least 1, got {max_evaluations}", field="max_evaluations")
+    config = with_overrides(OptimizeConfig, dict(steps=steps, scheduler=scheduler, calibration=samples,
+                                                 seed=SELECTION_SEED, class_labels=class_labels,
+                                                 prompt_embeds=prompt_embeds, prompts=prompts,
+                                                 guidance_scale=guidance_scale))
+    loaded = load(model)
+    loaded.require_scheduler()
+    calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
+    if not 1 <= k <= calls:
+        raise ScheduleError(f"`k` must be in 1..{calls} (the denoiser calls of {config.steps} steps), got {k}",
+                            field="k")
+    traced = trace(loaded)
+    source = loaded.source.resolve()
+    error = calibration_error(traced, loaded.scheduler_config, config, str(source) if source.is_dir() else None,
+                              null_class_label=traced.family.null_class_label(loaded.model),
+                              decode=vae_decoder(source) if source.is_dir() else None)
+    found = searched_steps(traced, calls, k, error, max_evaluations)
+    found.schedule.save(output)
+    return found
