@@ -1,12 +1,13 @@
 """Learned (DiP-GO) block schedules against every honest baseline on the shipped model.
 
-    python benchmarks/pruner.py --stored --threads 1   # the committed table: ~60 min on 1 CPU thread
+    python benchmarks/pruner.py --stored --threads 1 --learned pruner_block_lr0.03 pruner_block_lr0.03_notime \\
+        --budgets 0.25 0.2 0.5 0.35 0.15 0.1          # the committed table (see its header for what ran)
     python benchmarks/pruner.py                        # retrains the six pruners first (~2.5 h more)
 
 Learned schedules: six pruners trained through whole DDIM-50 trajectories (calibration noise from seed
 0; a gate per (call, block), per unit, or per whole call, and the knobs the method leaves open), or with
 `--stored` the schedules they gave, as committed in results/pruner_<pruner>_<budget>.json (no
-retraining; budgets without a stored schedule are marked "not stored"). At each kept-MACs budget they
+retraining; budgets without a stored schedule are marked "not measured"). At each kept-MACs budget they
 meet: uniform `steps:K`, the searched K-step schedule `steps-searched:K` (dgo_compile.step_search, scored
 on calibration noise seed 30000), the sampler itself at K steps (a `full` schedule compiled with
 `--steps K`, which is not `steps:K` for a scheduler with leading spacing or clipping), DeepCache at the
@@ -82,7 +83,8 @@ def learned_schedules(args, trained: dict, budget: float, costs) -> dict[str, Sc
     for label, stem, _ in PRUNERS:
         path = RESULTS / f"{stem}_{int(round(budget * 100))}.json"
         if args.stored:
-            found[label] = Schedule.load(path) if path.is_file() else None
+            skipped = args.learned is not None and stem not in args.learned
+            found[label] = Schedule.load(path) if path.is_file() and not skipped else None
             continue
         pruner = trained[label]
         plan, _ = extract_schedule(pruner.reuse_margins(), costs(pruner.state.schedule_granularity), budget,
@@ -110,6 +112,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stored", action="store_true",
                         help="evaluate the learned schedules stored in results/ instead of training pruners")
+    parser.add_argument("--learned", nargs="+", default=None, metavar="PRUNER",
+                        help="with --stored, evaluate only these pruners' schedules (folder stems, e.g. "
+                             "pruner_block_lr0.03); the others are marked not measured")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the full model's evaluation samples here and reuse them (a rerun skips them)")
     parser.add_argument("--pruners", type=Path, default=None,
                         help="keep the trained pruners here (default: temp); finished ones found there are reused")
     parser.add_argument("--train-only", type=int, default=None, help="train only PRUNERS[i] (run them side by side)")
@@ -140,7 +147,15 @@ def main() -> None:
     real_features = classifier_features(real_digit_sample(args.n, args.seed), classifier)
     noise = initial_noise(args.n, (1, 32, 32), args.seed)
     timesteps = denoiser_timesteps(config, args.steps)
-    full = sample_ddim(fold(traced, builtin("full", args.steps, names), timesteps), config, noise, args.steps, 50)
+    cached = args.cache / f"full_{args.steps}_{args.n}_{args.seed}.pt" if args.cache else None
+    if cached is not None and cached.is_file():
+        full = torch.load(cached)
+    else:
+        full = sample_ddim(fold(traced, builtin("full", args.steps, names), timesteps), config, noise, args.steps, 50)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(full, cached)
+    log("full")
     calibration = initial_noise(args.search_samples, (1, 32, 32), SELECTION_SEED)
     calibration_full = sample_ddim(traced, config, calibration, args.steps)
 
@@ -166,7 +181,7 @@ def main() -> None:
     meta = {"dgo_compile": __version__, "torch": torch.__version__, "steps": args.steps, "n": args.n,
             "eval_seed": args.seed, "search_seed": SELECTION_SEED, "search_samples": args.search_samples,
             "train_ratio": args.ratio, "iters": args.iters, "batch": args.batch, "threads": args.threads,
-            "stored": args.stored}
+            "stored": args.stored, "learned": args.learned, "budgets": args.budgets}
     for budget in args.budgets:
         for label, plan in learned_schedules(args, trained, budget, costs).items():
             if plan is None:
@@ -220,7 +235,9 @@ def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list,
                                          "search": search})
     budgets = sorted({r["budget"] for r in rows} - {1.0}, reverse=True)
     lines = [f"# Learned block schedules vs baselines on the shipped model (DDIM {args.steps})", "",
-             f"Reproduce: `python benchmarks/pruner.py{' --stored' if args.stored else ''} --threads {args.threads}` "
+             f"Reproduce: `python benchmarks/pruner.py{' --stored' if args.stored else ''} --threads {args.threads}"
+             + (f" --learned {' '.join(args.learned)}" if args.learned else "")
+             + f" --budgets {' '.join(f'{b:g}' for b in args.budgets)}` "
              f"(torch {torch.__version__}, {args.threads} thread{'s' * (args.threads > 1)}). "
              + ("Learned schedules: the ones stored in results/pruner_*_<budget>.json from the pruners below "
                 f"({args.iters} iterations at batch {args.batch}, trained towards {args.ratio:.0%} kept MACs); "
@@ -241,7 +258,7 @@ def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list,
         absent = [s for b, s in missing if b == budget]
         if len(absent) == len(PRUNERS):
             absent = ["learned (all pruners)"]
-        lines += [f"| {budget:.0%} | {s} | not stored | | | | |" for s in absent]
+        lines += [f"| {budget:.0%} | {s} | not measured | | | | |" for s in absent]
     lines += ["", "Best per budget (PSNR vs full; the learned row is the best learned variant):", "",
               "| budget | best schedule | PSNR | best learned | PSNR | best baseline | PSNR |",
               "|---|---|---|---|---|---|---|"]
@@ -252,7 +269,7 @@ def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list,
         baseline = max((r for r in here if not r.get("learned")), key=lambda r: r["psnr_vs_full"])
         top = max(learned, key=lambda r: r["psnr_vs_full"]) if learned else None
         lines.append(f"| {budget:.0%} | {best['schedule']} | {best['psnr_vs_full']:.1f} | "
-                     + (f"{top['schedule']} | {top['psnr_vs_full']:.1f}" if top else "not stored | ")
+                     + (f"{top['schedule']} | {top['psnr_vs_full']:.1f}" if top else "not measured | ")
                      + f" | {baseline['schedule']} | {baseline['psnr_vs_full']:.1f} |")
     if search:
         lines += ["", "| budget | K | searched calls | calibration MSE (uniform -> searched) | evaluations | time |",
@@ -267,9 +284,9 @@ def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list,
             lines.append(f"| {label} | {o['iterations']} | {o['seconds'] / 60:.1f} min | "
                          f"{o['peak_memory_mb']:.0f} MB | {o['final_kept']:.1%} |")
     lines += ["", f"FD: {args.n} samples against {args.n} real digits on the shipped classifier's features "
-              "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB. \"not stored\": "
+              "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB. \"not measured\": "
               "no schedule of that pruner at that budget was committed (the learned step-granularity pruner's "
-              "schedules never were), and `--stored` does not retrain."]
+              "schedules never were; `--stored` does not retrain), or it was left out with `--learned`."]
     (RESULTS / "pruner.md").write_text("\n".join(lines) + "\n")
     log(f"wrote {RESULTS / 'pruner.md'}")
 
