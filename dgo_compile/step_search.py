@@ -131,22 +131,24 @@ def search_for_model(model, k: int, output, *, steps: int | None = None, schedul
     """`steps-searched:k` for `model` (a path, or None for the shipped one) under its scheduler (or
     `scheduler`) at `steps` steps, scored on `samples` calibration samples of noise seed 30000 with the
     given conditions, saved as a schedule JSON at `output` (compile it with `--steps` `steps`)."""
-    from . import load, trace
-    from .calibration import vae_decoder
     from .configs import OptimizeConfig, PrunerError, with_overrides
-    from .sampling import denoiser_timesteps
-    from .selection import SELECTION_SEED, calibration_error
 
-    if k < 1:
+    if k < 1:  # settings are checked before torch is imported
         raise ScheduleError(f"`k` must be at least 1 (call 0 always runs), got {k}", field="k")
     if samples < 1:
         raise PrunerError(f"`calibration_samples` must be at least 1, got {samples}", field="calibration_samples")
     if max_evaluations < 1:
         raise PrunerError(f"`max_evaluations` must be at least 1, got {max_evaluations}", field="max_evaluations")
     config = with_overrides(OptimizeConfig, dict(steps=steps, scheduler=scheduler, calibration=samples,
-                                                 seed=SELECTION_SEED, class_labels=class_labels,
+                                                 class_labels=class_labels,
                                                  prompt_embeds=prompt_embeds, prompts=prompts,
                                                  guidance_scale=guidance_scale))
+    from . import load, trace
+    from .calibration import vae_decoder
+    from .sampling import denoiser_timesteps
+    from .selection import SELECTION_SEED, calibration_error
+
+    config = replace(config, seed=SELECTION_SEED)
     loaded = load(model)
     loaded.require_scheduler()
     calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
