@@ -109,6 +109,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
     parser.add_argument("--search-samples", type=int, default=8,
                         help="calibration samples (seed 30000) the K-step search scores on")
+    parser.add_argument("--search-evaluations", type=int, default=48,
+                        help="trajectories the K-step search may score (step_search.MAX_EVALUATIONS)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of results/pruner.json at budgets not measured in this run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stored", action="store_true",
                         help="evaluate the learned schedules stored in results/ instead of training pruners")
@@ -120,8 +124,15 @@ def main() -> None:
     parser.add_argument("--pruners", type=Path, default=None,
                         help="keep the trained pruners here (default: temp); finished ones found there are reused")
     parser.add_argument("--train-only", type=int, default=None, help="train only PRUNERS[i] (run them side by side)")
+    parser.add_argument("--render", action="store_true", help="only rewrite results/pruner.md from pruner.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.render:
+        data = read_json(RESULTS / "pruner.json")
+        write({k: v for k, v in data.items() if k not in ("optimization", "rows", "not_measured", "search")},
+              data.get("optimization", {}), data["rows"],
+              [(m["budget"], m["schedule"]) for m in data.get("not_measured", [])], data.get("search", {}))
+        return
 
     loaded = load()
     traced = trace(loaded)
@@ -175,39 +186,47 @@ def main() -> None:
                         sum(not any(r) for r in plan.compute), **extra)
 
     rows = [measured("full", 1.0, full, 1.0, 0)]
+    missing, search = [], {}
+    if args.merge:  # the rows of budgets measured before and not now
+        rows += [r for r in previous.get("rows", []) if r["budget"] not in args.budgets and r["budget"] != 1.0]
+        missing += [(m["budget"], m["schedule"]) for m in previous.get("not_measured", [])
+                    if m["budget"] not in args.budgets]
+        search.update({b: s for b, s in previous.get("search", {}).items() if float(b) not in args.budgets})
     deepcache_kept: dict[str, float] = {}
-    missing = []
-    search = {}
     meta = {"dgo_compile": __version__, "torch": torch.__version__, "steps": args.steps, "n": args.n,
-            "eval_seed": args.seed, "search_seed": SELECTION_SEED, "search_samples": args.search_samples,
-            "train_ratio": args.ratio, "iters": args.iters, "batch": args.batch, "threads": args.threads,
-            "stored": args.stored, "learned": args.learned, "budgets": args.budgets}
+            "eval_seed": args.seed, "search_seed": SELECTION_SEED, "train_ratio": args.ratio, "iters": args.iters,
+            "batch": args.batch, "threads": args.threads, "stored": args.stored, "learned": args.learned,
+            "budgets": sorted(set(args.budgets) | {r["budget"] for r in rows} - {1.0}, reverse=True)}
+
+    def add(row: dict) -> None:  # written after every row: an interrupted run keeps what it measured
+        rows.append(row)
+        write(meta, optimization, rows, missing, search)
+
     for budget in args.budgets:
         for label, plan in learned_schedules(args, trained, budget, costs).items():
             if plan is None:
                 missing.append((budget, label))
             else:
-                rows.append(scheduled(label, budget, plan, learned=True))
+                add(scheduled(label, budget, plan, learned=True))
         k = min(range(1, args.steps + 1),
                 key=lambda k: abs(costs("block").kept_ratio(builtin(f"steps:{k}", args.steps, names)) - budget))
-        rows.append(scheduled(f"steps:{k}", budget, builtin(f"steps:{k}", args.steps, names)))
-        started = time.perf_counter()
-        found = searched_steps(traced, args.steps, k, calibration_mse)
-        search[f"{budget:g}"] = {"k": k, "chosen": list(found.chosen), "calibration_mse": found.score,
-                                 "uniform_calibration_mse": found.uniform_score, "evaluations": found.evaluations,
-                                 "seconds": time.perf_counter() - started}
-        found.schedule.save(RESULTS / f"steps_searched_{k}.json")
-        rows.append(scheduled(found.schedule.name, budget, found.schedule))
+        add(scheduled(f"steps:{k}", budget, builtin(f"steps:{k}", args.steps, names)))
         sampler_k = min(range(1, args.steps + 1), key=lambda k: (abs(k / args.steps - budget), k))
         images = sample_ddim(fold(traced, builtin("full", sampler_k, names), denoiser_timesteps(config, sampler_k)),
                              config, noise, sampler_k, 50)
-        rows.append(measured(f"sampler at {sampler_k} steps", budget, images, sampler_k / args.steps, 0))
+        add(measured(f"sampler at {sampler_k} steps", budget, images, sampler_k / args.steps, 0))
+        started = time.perf_counter()
+        found = searched_steps(traced, args.steps, k, calibration_mse, args.search_evaluations)
+        search[f"{budget:g}"] = {"k": k, "chosen": list(found.chosen), "calibration_mse": found.score,
+                                 "uniform_calibration_mse": found.uniform_score, "evaluations": found.evaluations,
+                                 "samples": args.search_samples, "max_evaluations": args.search_evaluations,
+                                 "seconds": time.perf_counter() - started}
+        found.schedule.save(RESULTS / f"steps_searched_{k}.json")
+        add(scheduled(found.schedule.name, budget, found.schedule))
         best = nearest_deepcache(traced, args.steps, budget, costs("unit"), deepcache_kept)
-        rows.append(scheduled(best, budget, builtin_for(best, args.steps, traced)))
+        add(scheduled(best, budget, builtin_for(best, args.steps, traced)))
         random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
-        rows.append(scheduled("random", budget, extract_schedule(random_scores, costs("block"), budget,
-                                                                 f"random {budget}")[0]))
-        write(args, meta, optimization, rows, missing, search)
+        add(scheduled("random", budget, extract_schedule(random_scores, costs("block"), budget, f"random {budget}")[0]))
 
 
 def nearest_deepcache(traced, steps: int, budget: float, cost: ScheduleCost, memo: dict[str, float]) -> str:
@@ -229,24 +248,27 @@ def nearest_deepcache(traced, steps: int, budget: float, cost: ScheduleCost, mem
     return min(sorted(near), key=lambda spec: abs(kept(spec) - budget))
 
 
-def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list, search: dict) -> None:
+def write(meta: dict, optimization: dict, rows: list[dict], missing: list, search: dict) -> None:
+    """results/pruner.json, and the markdown table from it (`--render` rewrites only the markdown)."""
     write_json(RESULTS / "pruner.json", {**meta, "optimization": optimization, "rows": rows,
                                          "not_measured": [{"budget": b, "schedule": s} for b, s in missing],
                                          "search": search})
+    m = meta
     budgets = sorted({r["budget"] for r in rows} - {1.0}, reverse=True)
-    lines = [f"# Learned block schedules vs baselines on the shipped model (DDIM {args.steps})", "",
-             f"Reproduce: `python benchmarks/pruner.py{' --stored' if args.stored else ''} --threads {args.threads}"
-             + (f" --learned {' '.join(args.learned)}" if args.learned else "")
-             + f" --budgets {' '.join(f'{b:g}' for b in args.budgets)}` "
-             f"(torch {torch.__version__}, {args.threads} thread{'s' * (args.threads > 1)}). "
+    asked = sorted(set(m.get("budgets") or budgets) | set(budgets), reverse=True)
+    lines = [f"# Learned block schedules vs baselines on the shipped model (DDIM {m['steps']})", "",
+             f"Reproduce: `python benchmarks/pruner.py{' --stored' if m.get('stored') else ''} --threads {m['threads']}"
+             + (f" --learned {' '.join(m['learned'])}" if m.get("learned") else "")
+             + f" --budgets {' '.join(f'{b:g}' for b in asked)}` "
+             f"(torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] > 1)}). "
              + ("Learned schedules: the ones stored in results/pruner_*_<budget>.json from the pruners below "
-                f"({args.iters} iterations at batch {args.batch}, trained towards {args.ratio:.0%} kept MACs); "
-                if args.stored else f"Pruners: {args.iters} iterations at batch {args.batch}, trained towards "
-                                    f"{args.ratio:.0%} kept MACs; ")
-             + f"evaluation: {args.n} samples from noise seed {args.seed}, never seen in optimization or search. "
-             f"`steps-searched:K`: coordinate descent from `steps:K` on {args.search_samples} calibration samples "
-             f"(seed {SELECTION_SEED}); `sampler at K steps`: a `full` schedule compiled with `--steps K`, "
-             "compared with the same 50-step images.", "",
+                f"({m['iters']} iterations at batch {m['batch']}, trained towards {m['train_ratio']:.0%} kept MACs); "
+                if m.get("stored") else f"Pruners: {m['iters']} iterations at batch {m['batch']}, trained towards "
+                                    f"{m['train_ratio']:.0%} kept MACs; ")
+             + f"evaluation: {m['n']} samples from noise seed {m['eval_seed']}, never seen in optimization or search. "
+             f"`steps-searched:K`: coordinate descent from `steps:K` on calibration noise seed {SELECTION_SEED} "
+             "(samples and evaluations in the search table); `sampler at K steps`: a `full` schedule compiled with "
+             "`--steps K`, compared with the same 50-step images.", "",
              "| budget | schedule | kept MACs | calls fully reused | PSNR vs full | SSIM vs full | FD |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -259,6 +281,8 @@ def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list,
         if len(absent) == len(PRUNERS):
             absent = ["learned (all pruners)"]
         lines += [f"| {budget:.0%} | {s} | not measured | | | | |" for s in absent]
+    lines += [f"| {budget:.0%} | every schedule | not measured (the run was stopped at the deadline) | | | | |"
+              for budget in asked if budget not in budgets]
     lines += ["", "Best per budget (PSNR vs full; the learned row is the best learned variant):", "",
               "| budget | best schedule | PSNR | best learned | PSNR | best baseline | PSNR |",
               "|---|---|---|---|---|---|---|"]
@@ -272,18 +296,18 @@ def write(args, meta: dict, optimization: dict, rows: list[dict], missing: list,
                      + (f"{top['schedule']} | {top['psnr_vs_full']:.1f}" if top else "not measured | ")
                      + f" | {baseline['schedule']} | {baseline['psnr_vs_full']:.1f} |")
     if search:
-        lines += ["", "| budget | K | searched calls | calibration MSE (uniform -> searched) | evaluations | time |",
-                  "|---|---|---|---|---|---|"]
-        for budget, s in search.items():
+        lines += ["", "| budget | K | searched calls | calibration samples | calibration MSE (uniform -> searched) "
+                  "| evaluations (cap) | time |", "|---|---|---|---|---|---|---|"]
+        for budget, s in sorted(search.items(), key=lambda item: -float(item[0])):
             lines.append(f"| {float(budget):.0%} | {s['k']} | {' '.join(map(str, s['chosen']))} | "
-                         f"{s['uniform_calibration_mse']:.2e} -> {s['calibration_mse']:.2e} | {s['evaluations']} | "
-                         f"{s['seconds']:.0f} s |")
+                         f"{s.get('samples', 8)} | {s['uniform_calibration_mse']:.2e} -> {s['calibration_mse']:.2e} | "
+                         f"{s['evaluations']} ({s.get('max_evaluations', 48)}) | {s['seconds']:.0f} s |")
     if optimization:
         lines += ["", "| pruner | iterations | wall time | peak RSS | final kept MACs |", "|---|---|---|---|---|"]
         for label, o in optimization.items():
             lines.append(f"| {label} | {o['iterations']} | {o['seconds'] / 60:.1f} min | "
                          f"{o['peak_memory_mb']:.0f} MB | {o['final_kept']:.1%} |")
-    lines += ["", f"FD: {args.n} samples against {args.n} real digits on the shipped classifier's features "
+    lines += ["", f"FD: {m['n']} samples against {m['n']} real digits on the shipped classifier's features "
               "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB. \"not measured\": "
               "no schedule of that pruner at that budget was committed (the learned step-granularity pruner's "
               "schedules never were; `--stored` does not retrain), or it was left out with `--learned`."]
