@@ -1,15 +1,21 @@
 """Learned (DiP-GO) block schedules against every honest baseline on the shipped model.
 
-    python benchmarks/pruner.py          # ~45 min on 2 CPU cores
+    python benchmarks/pruner.py --stored --threads 1 --learned pruner_block_lr0.03 pruner_block_lr0.03_notime \\
+        --budgets 0.25 0.2 0.5 0.35 0.15 0.1          # the committed table (see its header for what ran)
+    python benchmarks/pruner.py                        # retrains the six pruners first (~2.5 h more)
 
-Trains two pruners through whole DDIM-50 trajectories (calibration noise from seed 0): one with a
-gate per (call, block), and one restricted to whole-network reuse (a learned non-uniform K-step
-schedule). At kept MACs 50%, 25% and 20% it compares the learned block schedule with: DeepCache
-at the nearest MACs it reaches, uniform `steps:K`, the learned K-step schedule, and a random
-schedule (random scores, the same extraction). Quality: PSNR / SSIM against the full model from
-the same noise and the Frechet distance against real digits, on N samples from noise seed 20000
-(never used in optimization), run through the folded PyTorch graphs. Also records each
-optimization's wall time and peak memory. Writes results/pruner.{json,md} and the heatmaps.
+Learned schedules: six pruners trained through whole DDIM-50 trajectories (calibration noise from seed
+0; a gate per (call, block), per unit, or per whole call, and the knobs the method leaves open), or with
+`--stored` the schedules they gave, as committed in results/pruner_<pruner>_<budget>.json (no
+retraining; budgets without a stored schedule are marked "not measured"). At each kept-MACs budget they
+meet: uniform `steps:K`, the searched K-step schedule `steps-searched:K` (dgo_compile.search.step_search, scored
+on calibration noise seed 30000), the sampler itself at K steps (a `full` schedule compiled with
+`--steps K`, which is not `steps:K` for a scheduler with leading spacing or clipping), DeepCache at the
+nearest MACs it reaches (`deepcache:N:B`, the package's rule), and a random schedule (random scores, the
+same extraction). Quality: PSNR / SSIM against the full 50-step model from the same noise and the
+Frechet distance against real digits, on N samples from noise seed 20000 (never used in optimization or
+search), run through the folded PyTorch graphs. The JSON and markdown are rewritten after every budget,
+so an interrupted run keeps what it measured. Writes results/pruner.{json,md} and the heatmaps.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS
+from common import RESULTS, log, read_json, write_json
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.backend.folding import fold
@@ -29,11 +35,13 @@ from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, samp
 from dgo_compile.channels.data import real_digit_sample
 from dgo_compile.core.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.driver.report import save_heatmap
-from dgo_compile.schedules.schedule import builtin, builtin_for
+from dgo_compile.schedules.schedule import Schedule, builtin, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
 from dgo_compile.search.pruner import OptimizeConfig, optimize
+from dgo_compile.search.selection import SELECTION_SEED
+from dgo_compile.search.step_search import searched_steps
 
-BUDGETS = (0.5, 0.25, 0.2)
+BUDGETS = (0.5, 0.25, 0.2, 0.35, 0.15, 0.1)  # the first three have stored learned schedules
 # (label, folder, OptimizeConfig settings beyond the shared ones). DiP-GO's lr, a gentler one (the
 # paper's lr saturates the gates within ~60 of our 150 iterations), the same optimizer restricted to
 # whole-network reuse, and the knobs the method leaves open: the training budget, unit granularity
@@ -50,31 +58,8 @@ PRUNERS = (
 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--iters", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--keep-macs", dest="ratio", type=float, default=0.2,
-                        help="kept-MACs target the pruners train towards")
-    parser.add_argument("-n", type=int, default=200, help="evaluation samples per schedule")
-    parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pruners", type=Path, default=None,
-                        help="keep the trained pruners here (default: temp); finished ones found there are reused")
-    parser.add_argument("--train-only", type=int, default=None, help="train only PRUNERS[i] (run them side by side)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    loaded = load()
-    traced = trace(loaded)
-    config = loaded.scheduler_config
-    names = tuple(b.name for b in traced.blocks)
-    cost = ScheduleCost(traced)
-    costs = {"block": cost}
-    stems = {label: stem for label, stem, _ in PRUNERS}
-    RESULTS.mkdir(exist_ok=True)
-
+def train(args, traced, config) -> dict:
+    """The pruners of PRUNERS, trained (or found finished in --pruners)."""
     trained = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.pruners or Path(tmp)
@@ -87,82 +72,252 @@ def main() -> None:
             started = time.perf_counter()
             trained[label] = optimize(traced, config, settings, folder, model_source=None, resume=folder.exists(),
                                       on_iteration=lambda r, g=stem: print(g, json.dumps(r), flush=True))
-            print(f"{label}: {time.perf_counter() - started:.0f} s", flush=True)
-        if args.train_only is not None:
-            return
+            log(f"{label}: {time.perf_counter() - started:.0f} s")
+    return trained
 
-    schedules = {("full", 1.0): builtin("full", args.steps, names)}
-    for budget in BUDGETS:
-        for label, pruner in trained.items():
-            granularity = pruner.state.schedule_granularity
-            if granularity not in costs:
-                costs[granularity] = ScheduleCost(traced, granularity)
-            pruner_cost = costs[granularity]
-            plan, _ = extract_schedule(pruner.reuse_margins(), pruner_cost, budget, f"{label} {budget}",
-                                       pruner.whole_calls)
-            schedules[(label, budget)] = plan
-            if not pruner.whole_calls:
-                stem = f"{stems[label]}_{int(budget * 100)}"
-                save_heatmap(pruner.reuse_scores(), plan, RESULTS / f"{stem}.png",
-                             f"{label} at {budget:.0%} kept MACs (DDIM {args.steps})")
-                plan.save(RESULTS / f"{stem}.json")
-        random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
-        schedules[("random", budget)] = extract_schedule(random_scores, cost, budget, f"random {budget}")[0]
-        k = min(range(1, args.steps + 1), key=lambda k: abs(cost.kept_ratio(builtin(f"steps:{k}", args.steps,
-                                                                                    names)) - budget))
-        schedules[(f"steps:{k}", budget)] = builtin(f"steps:{k}", args.steps, names)
-        unit_cost = costs.setdefault("unit", ScheduleCost(traced, "unit"))
-        branches = 3 * sum(n.startswith("down_blocks.") for n in names)
-        specs = [f"deepcache:{n}:{b}" for n in range(2, args.steps + 1) for b in range(branches)]
-        best = min(specs, key=lambda s: abs(unit_cost.kept_ratio(builtin_for(s, args.steps, traced)) - budget))
-        schedules[(best, budget)] = builtin_for(best, args.steps, traced)
+
+def learned_schedules(args, trained: dict, budget: float, costs) -> dict[str, Schedule | None]:
+    """Each pruner's schedule at `budget`: extracted from a trained pruner, or read from its stored JSON
+    with --stored (None where none was stored)."""
+    found = {}
+    for label, stem, _ in PRUNERS:
+        path = RESULTS / f"{stem}_{int(round(budget * 100))}.json"
+        if args.stored:
+            skipped = args.learned is not None and stem not in args.learned
+            found[label] = Schedule.load(path) if path.is_file() and not skipped else None
+            continue
+        pruner = trained[label]
+        plan, _ = extract_schedule(pruner.reuse_margins(), costs(pruner.state.schedule_granularity), budget,
+                                   f"{label} {budget}", pruner.whole_calls)
+        found[label] = plan
+        if not pruner.whole_calls:
+            save_heatmap(pruner.reuse_scores(), plan, RESULTS / f"{path.stem}.png",
+                         f"{label} at {budget:.0%} kept MACs (DDIM {args.steps})")
+            plan.save(path)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--keep-macs", dest="ratio", type=float, default=0.2,
+                        help="kept-MACs target the pruners train towards")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("-n", type=int, default=200, help="evaluation samples per schedule")
+    parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
+    parser.add_argument("--search-samples", type=int, default=8,
+                        help="calibration samples (seed 30000) the K-step search scores on")
+    parser.add_argument("--search-evaluations", type=int, default=48,
+                        help="trajectories the K-step search may score (step_search.MAX_EVALUATIONS)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of results/pruner.json at budgets not measured in this run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stored", action="store_true",
+                        help="evaluate the learned schedules stored in results/ instead of training pruners")
+    parser.add_argument("--learned", nargs="+", default=None, metavar="PRUNER",
+                        help="with --stored, evaluate only these pruners' schedules (folder stems, e.g. "
+                             "pruner_block_lr0.03); the others are marked not measured")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the full model's evaluation samples here and reuse them (a rerun skips them)")
+    parser.add_argument("--pruners", type=Path, default=None,
+                        help="keep the trained pruners here (default: temp); finished ones found there are reused")
+    parser.add_argument("--train-only", type=int, default=None, help="train only PRUNERS[i] (run them side by side)")
+    parser.add_argument("--render", action="store_true", help="only rewrite results/pruner.md from pruner.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.render:
+        data = read_json(RESULTS / "pruner.json")
+        write({k: v for k, v in data.items() if k not in ("optimization", "rows", "not_measured", "search")},
+              data.get("optimization", {}), data["rows"],
+              [(m["budget"], m["schedule"]) for m in data.get("not_measured", [])], data.get("search", {}))
+        return
+
+    loaded = load()
+    traced = trace(loaded)
+    config = loaded.scheduler_config
+    names = tuple(b.name for b in traced.blocks)
+    cost_models: dict[str, ScheduleCost] = {}
+
+    def costs(granularity: str) -> ScheduleCost:
+        return cost_models.setdefault(granularity, ScheduleCost(traced, granularity))
+
+    RESULTS.mkdir(exist_ok=True)
+    trained = {} if args.stored else train(args, traced, config)
+    if args.train_only is not None:
+        return
+    previous = read_json(RESULTS / "pruner.json") or {}
+    optimization = ({label: {"granularity": p.state.config.granularity, "iterations": p.state.iterations_done,
+                             "seconds": p.state.seconds, "peak_memory_mb": p.state.peak_memory_mb,
+                             "lr": p.state.config.lr, "final_kept": p.state.history[-1]["kept"],
+                             "history": p.state.history} for label, p in trained.items()}
+                    or previous.get("optimization", {}))
 
     classifier = load_digit_classifier()
     real_features = classifier_features(real_digit_sample(args.n, args.seed), classifier)
     noise = initial_noise(args.n, (1, 32, 32), args.seed)
     timesteps = denoiser_timesteps(config, args.steps)
-    samples = {}
-    for key, plan in schedules.items():
-        samples[key] = sample_ddim(fold(traced, plan, timesteps), config, noise, args.steps, 50)
-        print("sampled", key, flush=True)
-    full = samples[("full", 1.0)]
+    cached = args.cache / f"full_{args.steps}_{args.n}_{args.seed}.pt" if args.cache else None
+    if cached is not None and cached.is_file():
+        full = torch.load(cached)
+    else:
+        full = sample_ddim(fold(traced, builtin("full", args.steps, names), timesteps), config, noise, args.steps, 50)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(full, cached)
+    log("full")
+    calibration = initial_noise(args.search_samples, (1, 32, 32), SELECTION_SEED)
+    calibration_full = sample_ddim(traced, config, calibration, args.steps)
 
-    rows = []
-    for (label, budget), plan in schedules.items():
-        images = samples[(label, budget)]
-        rows.append({"budget": budget, "schedule": label,
-                     "kept_macs": costs.get(plan.granularity, cost).kept_ratio(plan),
-                     "calls_fully_reused": sum(not any(r) for r in plan.compute),
-                     "psnr_vs_full": float(psnr(images, full).clamp(max=100).mean()),
-                     "ssim_vs_full": float(ssim(images, full).mean()),
-                     "fd_vs_real": frechet_distance(classifier_features(images, classifier), real_features)})
-    optimization = {label: {"granularity": p.state.config.granularity, "iterations": p.state.iterations_done,
-                            "seconds": p.state.seconds, "peak_memory_mb": p.state.peak_memory_mb,
-                            "lr": p.state.config.lr, "final_kept": p.state.history[-1]["kept"],
-                            "history": p.state.history}
-                    for label, p in trained.items()}
-    (RESULTS / "pruner.json").write_text(json.dumps({
-        "dgo_compile": __version__, "torch": torch.__version__, "steps": args.steps, "n": args.n,
-        "eval_seed": args.seed, "train_ratio": args.ratio, "iters": args.iters, "batch": args.batch,
-        "threads": args.threads, "optimization": optimization, "rows": rows}, indent=1))
+    def calibration_mse(denoiser) -> float:
+        return (sample_ddim(denoiser, config, calibration, args.steps) - calibration_full).pow(2).mean().item()
 
-    lines = [f"# Learned block schedules vs baselines on the shipped model (DDIM {args.steps})", "",
-             f"Reproduce: `python benchmarks/pruner.py` (torch {torch.__version__}, {args.threads} threads). "
-             f"Pruners: {args.iters} iterations at batch {args.batch}, trained towards {args.ratio:.0%} kept MACs; "
-             f"evaluation: {args.n} samples from noise seed {args.seed}, never seen in optimization.", "",
+    def measured(label: str, budget: float, images, kept: float, reused: int, **extra) -> dict:
+        return {"budget": budget, "schedule": label, "kept_macs": kept, "calls_fully_reused": reused,
+                "psnr_vs_full": float(psnr(images, full).clamp(max=100).mean()),
+                "ssim_vs_full": float(ssim(images, full).mean()),
+                "fd_vs_real": frechet_distance(classifier_features(images, classifier), real_features), **extra}
+
+    def scheduled(label: str, budget: float, plan: Schedule, **extra) -> dict:
+        images = sample_ddim(fold(traced, plan, timesteps), config, noise, args.steps, 50)
+        log(f"{budget:.0%} {label}")
+        return measured(label, budget, images, costs(plan.granularity).kept_ratio(plan),
+                        sum(not any(r) for r in plan.compute), **extra)
+
+    rows = [measured("full", 1.0, full, 1.0, 0)]
+    missing, search = [], {}
+    if args.merge:  # the rows of budgets measured before and not now
+        rows += [r for r in previous.get("rows", []) if r["budget"] not in args.budgets and r["budget"] != 1.0]
+        missing += [(m["budget"], m["schedule"]) for m in previous.get("not_measured", [])
+                    if m["budget"] not in args.budgets]
+        search.update({b: s for b, s in previous.get("search", {}).items() if float(b) not in args.budgets})
+    deepcache_kept: dict[str, float] = {}
+    meta = {"dgo_compile": __version__, "torch": torch.__version__, "steps": args.steps, "n": args.n,
+            "eval_seed": args.seed, "search_seed": SELECTION_SEED, "train_ratio": args.ratio, "iters": args.iters,
+            "batch": args.batch, "threads": args.threads, "stored": args.stored, "learned": args.learned,
+            "budgets": sorted(set(args.budgets) | {r["budget"] for r in rows} - {1.0}, reverse=True)}
+
+    def add(row: dict) -> None:  # written after every row: an interrupted run keeps what it measured
+        rows.append(row)
+        write(meta, optimization, rows, missing, search)
+
+    for budget in args.budgets:
+        for label, plan in learned_schedules(args, trained, budget, costs).items():
+            if plan is None:
+                missing.append((budget, label))
+            else:
+                add(scheduled(label, budget, plan, learned=True))
+        k = min(range(1, args.steps + 1),
+                key=lambda k: abs(costs("block").kept_ratio(builtin(f"steps:{k}", args.steps, names)) - budget))
+        add(scheduled(f"steps:{k}", budget, builtin(f"steps:{k}", args.steps, names)))
+        sampler_k = min(range(1, args.steps + 1), key=lambda k: (abs(k / args.steps - budget), k))
+        images = sample_ddim(fold(traced, builtin("full", sampler_k, names), denoiser_timesteps(config, sampler_k)),
+                             config, noise, sampler_k, 50)
+        add(measured(f"sampler at {sampler_k} steps", budget, images, sampler_k / args.steps, 0))
+        started = time.perf_counter()
+        found = searched_steps(traced, args.steps, k, calibration_mse, args.search_evaluations)
+        search[f"{budget:g}"] = {"k": k, "chosen": list(found.chosen), "calibration_mse": found.score,
+                                 "uniform_calibration_mse": found.uniform_score, "evaluations": found.evaluations,
+                                 "samples": args.search_samples, "max_evaluations": args.search_evaluations,
+                                 "seconds": time.perf_counter() - started}
+        found.schedule.save(RESULTS / f"steps_searched_{k}.json")
+        add(scheduled(found.schedule.name, budget, found.schedule))
+        best = nearest_deepcache(traced, args.steps, budget, costs("unit"), deepcache_kept)
+        add(scheduled(best, budget, builtin_for(best, args.steps, traced)))
+        random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
+        add(scheduled("random", budget, extract_schedule(random_scores, costs("block"), budget, f"random {budget}")[0]))
+
+
+def nearest_deepcache(traced, steps: int, budget: float, cost: ScheduleCost, memo: dict[str, float]) -> str:
+    """`deepcache:N:B` with kept MACs nearest `budget`: per branch, a bisection over the interval N (kept
+    MACs fall as N grows) and the two intervals around the budget (pricing all 49 x 12 costs minutes)."""
+    def kept(spec: str) -> float:
+        if spec not in memo:
+            memo[spec] = cost.kept_ratio(builtin_for(spec, steps, traced))
+        return memo[spec]
+
+    names = [b.name for b in traced.blocks]
+    near = []
+    for branch in range(3 * sum(name.startswith("down_blocks.") for name in names)):
+        low, high = 2, steps  # the smallest N with kept <= budget lies in [low, high] (or is high)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if kept(f"deepcache:{middle}:{branch}") <= budget else (middle + 1, high)
+        near += [f"deepcache:{n}:{branch}" for n in {max(2, low - 1), low}]
+    return min(sorted(near), key=lambda spec: abs(kept(spec) - budget))
+
+
+def write(meta: dict, optimization: dict, rows: list[dict], missing: list, search: dict) -> None:
+    """results/pruner.json, and the markdown table from it (`--render` rewrites only the markdown)."""
+    write_json(RESULTS / "pruner.json", {**meta, "optimization": optimization, "rows": rows,
+                                         "not_measured": [{"budget": b, "schedule": s} for b, s in missing],
+                                         "search": search})
+    m = meta
+    budgets = sorted({r["budget"] for r in rows} - {1.0}, reverse=True)
+    asked = sorted(set(m.get("budgets") or budgets) | set(budgets), reverse=True)
+    lines = [f"# Learned block schedules vs baselines on the shipped model (DDIM {m['steps']})", "",
+             f"Reproduce: `python benchmarks/pruner.py{' --stored' if m.get('stored') else ''} --threads {m['threads']}"
+             + (f" --learned {' '.join(m['learned'])}" if m.get("learned") else "")
+             + f" --budgets {' '.join(f'{b:g}' for b in asked)}` "
+             f"(torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] > 1)}). "
+             + ("Learned schedules: the ones stored in results/pruner_*_<budget>.json from the pruners below "
+                f"({m['iters']} iterations at batch {m['batch']}, trained towards {m['train_ratio']:.0%} kept MACs); "
+                if m.get("stored") else f"Pruners: {m['iters']} iterations at batch {m['batch']}, trained towards "
+                                    f"{m['train_ratio']:.0%} kept MACs; ")
+             + f"evaluation: {m['n']} samples from noise seed {m['eval_seed']}, never seen in optimization or search. "
+             f"`steps-searched:K`: coordinate descent from `steps:K` on calibration noise seed {SELECTION_SEED} "
+             "(samples and evaluations in the search table); `sampler at K steps`: a `full` schedule compiled with "
+             "`--steps K`, compared with the same 50-step images.", "",
              "| budget | schedule | kept MACs | calls fully reused | PSNR vs full | SSIM vs full | FD |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['budget']:.0%} | {r['schedule']} | {r['kept_macs']:.1%} | {r['calls_fully_reused']} | "
-                     f"{r['psnr_vs_full']:.1f} | {r['ssim_vs_full']:.3f} | {r['fd_vs_real']:.1f} |")
-    lines += ["", "| pruner | iterations | wall time | peak RSS | final kept MACs |", "|---|---|---|---|---|"]
-    for label, o in optimization.items():
-        lines.append(f"| {label} | {o['iterations']} | {o['seconds'] / 60:.1f} min | {o['peak_memory_mb']:.0f} MB | "
-                     f"{o['final_kept']:.1%} |")
-    lines += ["", f"FD: {args.n} samples against {args.n} real digits on the shipped classifier's features "
-              "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB."]
+        if r["budget"] == 1.0:
+            lines.append(_row(r))
+    for budget in budgets:
+        here = [r for r in rows if r["budget"] == budget]
+        lines += [_row(r) for r in here]
+        absent = [s for b, s in missing if b == budget]
+        if len(absent) == len(PRUNERS):
+            absent = ["learned (all pruners)"]
+        lines += [f"| {budget:.0%} | {s} | not measured | | | | |" for s in absent]
+    lines += [f"| {budget:.0%} | every schedule | not measured (the run was stopped at the deadline) | | | | |"
+              for budget in asked if budget not in budgets]
+    lines += ["", "Best per budget (PSNR vs full; the learned row is the best learned variant):", "",
+              "| budget | best schedule | PSNR | best learned | PSNR | best baseline | PSNR |",
+              "|---|---|---|---|---|---|---|"]
+    for budget in budgets:
+        here = [r for r in rows if r["budget"] == budget]
+        best = max(here, key=lambda r: r["psnr_vs_full"])
+        learned = [r for r in here if r.get("learned")]
+        baseline = max((r for r in here if not r.get("learned")), key=lambda r: r["psnr_vs_full"])
+        top = max(learned, key=lambda r: r["psnr_vs_full"]) if learned else None
+        lines.append(f"| {budget:.0%} | {best['schedule']} | {best['psnr_vs_full']:.1f} | "
+                     + (f"{top['schedule']} | {top['psnr_vs_full']:.1f}" if top else "not measured | ")
+                     + f" | {baseline['schedule']} | {baseline['psnr_vs_full']:.1f} |")
+    if search:
+        lines += ["", "| budget | K | searched calls | calibration samples | calibration MSE (uniform -> searched) "
+                  "| evaluations (cap) | time |", "|---|---|---|---|---|---|---|"]
+        for budget, s in sorted(search.items(), key=lambda item: -float(item[0])):
+            lines.append(f"| {float(budget):.0%} | {s['k']} | {' '.join(map(str, s['chosen']))} | "
+                         f"{s.get('samples', 8)} | {s['uniform_calibration_mse']:.2e} -> {s['calibration_mse']:.2e} | "
+                         f"{s['evaluations']} ({s.get('max_evaluations', 48)}) | {s['seconds']:.0f} s |")
+    if optimization:
+        lines += ["", "| pruner | iterations | wall time | peak RSS | final kept MACs |", "|---|---|---|---|---|"]
+        for label, o in optimization.items():
+            lines.append(f"| {label} | {o['iterations']} | {o['seconds'] / 60:.1f} min | "
+                         f"{o['peak_memory_mb']:.0f} MB | {o['final_kept']:.1%} |")
+    lines += ["", f"FD: {m['n']} samples against {m['n']} real digits on the shipped classifier's features "
+              "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB. \"not measured\": "
+              "no schedule of that pruner at that budget was committed (the learned step-granularity pruner's "
+              "schedules never were; `--stored` does not retrain), or it was left out with `--learned`."]
     (RESULTS / "pruner.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    log(f"wrote {RESULTS / 'pruner.md'}")
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['budget']:.0%} | {r['schedule']} | {r['kept_macs']:.1%} | {r['calls_fully_reused']} | "
+            f"{r['psnr_vs_full']:.1f} | {r['ssim_vs_full']:.3f} | {r['fd_vs_real']:.1f} |")
 
 
 if __name__ == "__main__":

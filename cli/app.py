@@ -22,11 +22,12 @@ from .common import MAIN_PROCESS, app, err
 from .compile_commands import bench, compile, sample
 from .flags import render
 from .model_commands import encode_prompts_command, inspect
-from .schedule_commands import optimize, schedule
+from .schedule_commands import optimize, schedule, search_steps
 
 for command in (inspect, compile, sample, bench, optimize, schedule, finetune, prune):  # the order of --help
     app.command()(command)
 app.command("encode-prompts")(encode_prompts_command)
+app.command("search-steps")(search_steps)
 
 # The config table whose renamed fields (dgo_compile.core.configs.RENAMED) each command's options follow.
 RENAMED_TABLE = {"prune": "prune", "optimize": "optimize", "schedule": "optimize", "finetune": "finetune"}

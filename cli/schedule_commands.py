@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -87,8 +88,9 @@ def schedule(
     model: Annotated[Optional[Path],
                      typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
     calibration_samples: Annotated[int, typer.Option(
-        help="Samples (noise seed 30000) on which the learned schedule is scored against steps:K and "
-             "deepcache:N:B at the same MACs; the best is written. 0: the learned schedule, unscored.")] = 4,
+        help="Samples (noise seed 30000) on which the learned schedule is scored against steps:K, the searched "
+             "steps-searched:K and deepcache:N:B at the same MACs; the best is written. 0: the learned schedule, "
+             "unscored.")] = 4,
 ) -> None:
     """Extract a schedule at a MACs budget from a trained pruner, never worse on calibration noise than
     the closed-form schedules at that budget, with a heatmap to read it by."""
@@ -110,3 +112,41 @@ def schedule(
               f"{plan.calls} calls "
               f"reuse every block; compile it with `dgo-compile compile --schedule {output} "
               f"--steps {state.scheduler['steps']}" + (f" --scheduler {sampler}" if sampler else "") + "`")
+
+
+def search_steps(
+    model: ModelArg = None,
+    k: Annotated[int, typer.Option("--k", help="Calls that run in full (call 0 among them); every other call "
+                                               "reuses every block.")] = 10,
+    steps: Annotated[Optional[int], typer.Option(help=f"Sampler steps. (default: {OptimizeConfig.steps})",
+                                                 show_default=False)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
+                                                          "Default: the model's.")] = None,
+    calibration_samples: Annotated[int, typer.Option(help="Samples (noise seed 30000) each candidate is scored "
+                                                          "on.")] = 8,
+    class_label: Annotated[Optional[list[int]], typer.Option(
+        help="Calibration classes for class-conditional models (default: random classes).")] = None,
+    prompt_embeds: Annotated[Optional[Path], typer.Option(
+        help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Schedule JSON to write.")] = Path("steps.json"),
+) -> None:
+    """Search which K of the sampler's calls run in full (steps-searched:K): the non-uniform K-step baseline,
+    never worse than steps:K on its calibration noise; writes a schedule JSON to compile."""
+    from dgo_compile.core.outputs import check_output
+
+    check_output(output, None, option="-o", protected=[model])
+    from dgo_compile.search.step_search import search_for_model
+
+    found = search_for_model(model, k, output, steps=steps, scheduler=scheduler, samples=calibration_samples,
+                             class_labels=tuple(class_label) if class_label else None,
+                             prompt_embeds=str(prompt_embeds) if prompt_embeds else None,
+                             prompts=str(prompts.resolve()) if prompts else None, guidance_scale=guidance_scale)
+    gain = 10 * math.log10(found.uniform_score / found.score) if found.score > 0 else math.inf
+    out.print(f"wrote {output}: {found.schedule.name} runs calls {' '.join(map(str, found.chosen))} in full; "
+              f"{gain:+.2f} dB over steps:{len(found.chosen)} on {calibration_samples} calibration samples "
+              f"(noise seed 30000, {found.evaluations} trajectories scored); compile it with "
+              f"`dgo-compile compile --schedule {output} --steps {steps or OptimizeConfig.steps}"
+              + (f" --scheduler {scheduler}" if scheduler else "") + "`")

@@ -189,6 +189,7 @@ PROBE = ("import sys\nfrom dgo_compile.cli.app import main\nsys.argv = ['dgo-com
     (["prune", "--channel-ratio", "2", "-o", "{tmp}/p"], "--channel-ratio must be in [0, 1)"),
     (["sample", "-n", "0"], "-n must be at least 1"),
     (["finetune", "-o", "{tmp}/exists"], "exists already exists"),
+    (["search-steps", "--k", "0", "-o", "{tmp}/a"], "--k must be at least 1"),
     # renamed options: one line naming the new one
     (["prune", "--ratio", "0.3"], "--ratio was renamed --channel-ratio (the share of channels removed)"),
     (["optimize", "--ratio=0.3"], "--ratio was renamed --keep-macs (the kept share of the full model's MACs)"),

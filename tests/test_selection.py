@@ -46,8 +46,8 @@ def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
                  "-o", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
     plan = Schedule.load(tmp_path / "s.json")
-    # At DDIM 10 and half the MACs, deepcache:4:1 wins (measured); the learned one loses.
-    assert plan.name in ("steps:5", "deepcache:3:0", "deepcache:4:1", "deepcache:5:2")
+    # At DDIM 10 and half the MACs a closed-form or the searched K-step schedule wins; the learned one loses.
+    assert plan.name in ("steps:5", "steps-searched:5", "deepcache:3:0", "deepcache:4:1", "deepcache:5:2")
     text = " ".join(result.stdout.split())  # the console wraps at 150 columns
     assert text.startswith(f"{plan.name} won on 2 calibration samples (noise seed 30000): PSNR ")
     assert "dB over the learned schedule (" in text or "dB over dipgo:0.5 (" in text
@@ -55,3 +55,20 @@ def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
                    "-o", tmp_path / "learned.json")
     assert unscored.returncode == 0, unscored.stderr
     assert Schedule.load(tmp_path / "learned.json").name == "dipgo:0.5" and "won" not in unscored.stdout
+
+
+def test_selection_considers_the_searched_k_step_schedule_and_it_never_loses_to_steps_k(tmp_path, shipped):
+    from dgo_compile.search.pruner import load_pruner
+    from dgo_compile.search.selection import schedule_at
+
+    result = run("optimize", "--steps", "10", "--iters", "1", "--batch", "1", "--calibration", "1",
+                 "--keep-macs", "0.5", "-o", tmp_path / "pruner")
+    assert result.returncode == 0, result.stderr
+    # At 40% of DDIM 10: steps:4 (0 2 5 8); on these 2 samples the search moves its calls earlier (measured).
+    selection = schedule_at(shipped, load_pruner(tmp_path / "pruner"), 0.4, samples=2)
+    scored = {s.schedule.name: s for s in selection.scored}
+    assert "steps-searched:4" in scored and scored["steps-searched:4"].psnr >= scored["steps:4"].psnr
+    searched = scored["steps-searched:4"].schedule
+    assert searched.compute[0] == (True,) * 9 and sum(map(all, searched.compute)) == 4
+    assert all(all(row) or not any(row) for row in searched.compute)
+    assert scored["steps-searched:4"].kept == scored["steps:4"].kept

@@ -2,8 +2,10 @@
 ones that fit it are scored on calibration noise, and the best is returned.
 
 Candidates at budget R (kept MACs at most R + the learned extraction's own tolerance): the learned
-schedule, `steps:K` with the largest K that fits, and per DeepCache branch B the smallest interval N
-with `deepcache:N:B` fitting (the most compute the branch can have in the budget). Each is folded and
+schedule, `steps:K` with the largest K that fits, the searched K-step schedule `steps-searched:K` at that
+K (dgo_compile.search.step_search, searched on these same samples: never worse than `steps:K` here), and per
+DeepCache branch B the smallest interval N with `deepcache:N:B` fitting (the most compute the branch can
+have in the budget). Each is folded and
 runs one trajectory (the artifact's numbers, reused work skipped) from the same noise and conditions
 as the full model; the score is the
 PSNR of its final samples against the full schedule's (data range 2, over the pooled squared error;
@@ -12,8 +14,9 @@ schedule, then the cheaper one.
 
 Noise: `SELECTION_SEED` (30000). Disjoint from the optimizer's calibration pool and the report's
 verification noise (seed 0 by default), the shipped model's benchmark (10000) and the benchmarks'
-evaluation noise (20000). Cost: a fold and one trajectory per candidate, plus the full model's; on the
-shipped model at DDIM 50 and 50% of the MACs, 5 candidates (branches deeper than 2 do not fit).
+evaluation noise (20000). Cost: a fold and one trajectory per candidate, plus the full model's, plus the
+K-step search's at most `step_search.MAX_EVALUATIONS` trajectories of K full calls; on the shipped model
+at DDIM 50 and 50% of the MACs, 6 candidates (branches deeper than 2 do not fit).
 """
 
 from __future__ import annotations
@@ -68,10 +71,10 @@ class Selection:
         return line
 
 
-def closed_form_candidates(traced: TracedDenoiser, calls: int, ratio: float, cost: ScheduleCost,
+def closed_form_candidates(traced: TracedDenoiser, calls: int, keep_macs: float, cost: ScheduleCost,
                            tolerance: float = TOLERANCE) -> list[Schedule]:
-    """`steps:K` with the largest K, and per DeepCache branch the smallest interval, within `ratio`."""
-    limit = ratio + tolerance
+    """`steps:K` with the largest K, and per DeepCache branch the smallest interval, within `keep_macs`."""
+    limit = keep_macs + tolerance
 
     def fits(spec: str) -> bool:
         return cost.kept_ratio(builtin_for(spec, calls, traced)) <= limit
@@ -108,37 +111,60 @@ def _last_true(predicate: Callable[[int], bool], low: int, high: int, decreasing
     return low
 
 
-def select_schedule(traced: TracedDenoiser, trained, learned: Schedule, ratio: float, *,
+def calibration_error(traced: TracedDenoiser, scheduler_config: dict, config, model_source: str | None, *,
+                      null_class_label: int | None = None,
+                      decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[..., float]:
+    """`error(denoiser)`: the MSE of one trajectory's final samples (decoded with `decode`) against the
+    full model's, on `config.calibration` samples of noise seed `config.seed` under `config`'s sampler,
+    steps, conditions and guidance (`config`: an OptimizeConfig)."""
+    from dgo_compile.backend.sampling import trajectory
+    from dgo_compile.search.calibration import calibration_inputs, condition_rows
+
+    noise, conditions, guidance = calibration_inputs(traced, config, null_class_label, model_source)
+    extra = condition_rows(conditions, guidance, list(range(config.calibration)))
+
+    @torch.no_grad()
+    def final(denoiser) -> torch.Tensor:
+        images = trajectory(denoiser, scheduler_config, noise, config.steps, scheduler=config.scheduler,
+                            extra=extra, guidance_scale=config.guidance_scale, clamp=decode is None)
+        return images if decode is None else decode(images)
+
+    reference = final(traced)
+
+    def error(denoiser) -> float:
+        return (final(denoiser) - reference).pow(2).mean().item()
+
+    return error
+
+
+def select_schedule(traced: TracedDenoiser, trained, learned: Schedule, keep_macs: float, *,
                     samples: int = DEFAULT_SAMPLES, seed: int = SELECTION_SEED, null_class_label: int | None = None,
                     decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Selection:
     """Score the learned schedule (from `trained`, a TrainedPruner) and the closed-form candidates at
-    `ratio` on `samples` calibration samples under the pruner's sampler, conditions and guidance."""
+    `keep_macs` on `samples` calibration samples under the pruner's sampler, conditions and guidance."""
     from dgo_compile.backend.folding import fold
-    from dgo_compile.backend.sampling import trajectory
-    from dgo_compile.search.calibration import calibration_inputs, condition_rows
+    from dgo_compile.search.step_search import searched_steps
 
     state = trained.state
     cost = ScheduleCost(traced, "unit")
     calls = state.scheduler["calls"]
-    candidates = [learned] + closed_form_candidates(traced, calls, ratio, cost)
-    config = replace(state.config, calibration=samples, seed=seed)
-    noise, conditions, guidance = calibration_inputs(traced, config, null_class_label, state.model_source)
-    extra = condition_rows(conditions, guidance, list(range(samples)))
-
-    @torch.no_grad()
-    def final(denoiser) -> torch.Tensor:
-        images = trajectory(denoiser, state.scheduler["config"], noise, state.config.steps,
-                            scheduler=state.config.scheduler, extra=extra, guidance_scale=state.config.guidance_scale,
-                            clamp=decode is None)
-        return images if decode is None else decode(images)
-
-    reference = final(traced)
+    candidates = [learned] + closed_form_candidates(traced, calls, keep_macs, cost)
+    error = calibration_error(traced, state.scheduler["config"], replace(state.config, calibration=samples, seed=seed),
+                              state.model_source, null_class_label=null_class_label, decode=decode)
+    known = {}  # mse of schedules already run (the K-step search's winner)
+    uniform = next((s for s in candidates if s.name.startswith("steps:")), None)
+    if uniform is not None and 1 < sum(map(any, uniform.compute)) < calls:
+        found = searched_steps(traced, calls, sum(map(any, uniform.compute)), error)
+        candidates.insert(candidates.index(uniform) + 1, found.schedule)
+        known[found.schedule.name] = found.score
     scored, seen = [], {}
     for schedule in candidates:
         closed = cost.close(schedule).compute
         if closed in seen:  # the same computation under another name
             continue
-        mse = (final(fold(traced, schedule).new_run()) - reference).pow(2).mean().item()  # reused work skipped
+        mse = known.get(schedule.name)
+        if mse is None:
+            mse = error(fold(traced, schedule).new_run())  # reused work skipped
         seen[closed] = Scored(schedule, cost.kept_ratio(schedule), 10 * math.log10(4 / mse) if mse > 0 else math.inf)
         scored.append(seen[closed])
     learned_scored = scored[0]
@@ -146,18 +172,19 @@ def select_schedule(traced: TracedDenoiser, trained, learned: Schedule, ratio: f
     return Selection(tuple(scored[i] for i in order), learned_scored, samples, seed)
 
 
-def schedule_at(traced: TracedDenoiser, trained, ratio: float, *, samples: int = DEFAULT_SAMPLES,
+def schedule_at(traced: TracedDenoiser, trained, keep_macs: float, *, samples: int = DEFAULT_SAMPLES,
                 null_class_label: int | None = None,
                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Selection:
-    """What `dgo-compile schedule` returns: the trained pruner's schedule at `ratio`, and with `samples`
+    """What `dgo-compile schedule` returns: the trained pruner's schedule at `keep_macs`, and with `samples`
     > 0 the best of it and the closed-form candidates (`select_schedule`). With 0 samples nothing is
     scored (psnr nan) and the learned schedule is returned as it is."""
     from dgo_compile.schedules.schedule_cost import extract_schedule
 
     cost = ScheduleCost(traced, trained.state.schedule_granularity)
-    learned, kept = extract_schedule(trained.reuse_margins(), cost, ratio, f"dipgo:{ratio:g}", trained.whole_calls)
+    learned, kept = extract_schedule(trained.reuse_margins(), cost, keep_macs, f"dipgo:{keep_macs:g}",
+                                     trained.whole_calls)
     if samples < 1:
         alone = Scored(learned, kept, math.nan)
         return Selection((alone,), alone, 0)
-    return select_schedule(traced, trained, learned, ratio, samples=samples, null_class_label=null_class_label,
+    return select_schedule(traced, trained, learned, keep_macs, samples=samples, null_class_label=null_class_label,
                            decode=decode)
