@@ -66,11 +66,15 @@ def _gcd(values) -> int:
 
 # --------------------------------------------------------------------------- the child: one fine-tune
 
+class StopRun(Exception):
+    """--stop-at-step reached."""
+
+
 def train_child(spec_file: Path) -> None:
     """One fine-tune (a child process, so that its peak RSS is its own); the EMA and raw weights at each
     curve point are copied out as the run passes it."""
     from dgo_compile.configs import DEFAULT_MODEL
-    from dgo_compile.finetune import STATE_FILE, FinetuneConfig, finetune
+    from dgo_compile.finetune import RECORD_FILE, STATE_FILE, FinetuneConfig, finetune, read_finetune
     from dgo_compile.loading import load
 
     spec = json.loads(spec_file.read_text())
@@ -79,42 +83,56 @@ def train_child(spec_file: Path) -> None:
     output, points = Path(spec["output"]), Path(spec["points_dir"])
     points.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    at: dict[int, float] = {}
+    at = read_json(points / "seconds.json") or {}  # seconds of the training loop at each point passed
 
     def on_step(entry: dict) -> None:
         step = entry["step"]
         if step in spec["points"]:
-            at[step] = time.perf_counter() - started
             torch.save(load(output).model.state_dict(), points / f"ema_{step}.pt")
             torch.save(torch.load(output / STATE_FILE, weights_only=True)["model"], points / f"raw_{step}.pt")
+            at[str(step)] = read_finetune(output).seconds
+            write_json(points / "seconds.json", at)
+        if step == spec["stop_at"]:
+            raise StopRun  # the checkpoint of this step is on disk: a later invocation continues from it
 
-    result = finetune(spec["model"], config, output, teacher=DEFAULT_MODEL if spec["teacher"] else None,
-                      on_step=on_step)
+    resume = (output / RECORD_FILE).is_file()  # an interrupted run continues from its last checkpoint
+    try:
+        result = finetune(spec["model"], config, output, teacher=DEFAULT_MODEL if spec["teacher"] else None,
+                          on_step=on_step, resume=resume)
+    except StopRun:
+        return
     write_json(Path(spec["result"]), {
-        "train_seconds": result.record.seconds, "wall_seconds": time.perf_counter() - started,
+        "train_seconds": result.record.seconds, "wall_seconds": time.perf_counter() - started, "resumed": resume,
         "seconds_at": at, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": result.record.final_loss,
         "history": [{k: h[k] for k in ("step", "loss", "distill") if k in h} for h in result.record.history]})
 
 
-def run_finetune(args, source: str, pruned: Path, run_dir: Path) -> dict:
-    """The run's record (reused when finished in --work)."""
+def run_finetune(args, source: str, pruned: Path, run_dir: Path) -> dict | None:
+    """The run's record (reused when finished in --work, continued when interrupted). With --no-train, what
+    an unfinished run has reached (None if nothing)."""
     result = run_dir / "result.json"
     if result.is_file():
         return read_json(result)
-    if run_dir.exists():
-        import shutil
+    if not args.no_train:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec = {"model": str(pruned), "config": asdict(finetune_config(args, source, max(args.points))),
+                "teacher": source != "data", "output": str(run_dir / "model"), "points": list(args.points),
+                "points_dir": str(run_dir / "points"), "result": str(result), "threads": args.threads,
+                "stop_at": args.stop_at_step}
+        (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+        log(f"fine-tune {run_dir.name}: {spec['config']}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        subprocess.run([sys.executable, __file__, "--child", str(run_dir / "spec.json")], check=True, env=env)
+    if result.is_file():
+        return read_json(result)
+    from dgo_compile.finetune import read_finetune
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    spec = {"model": str(pruned), "config": asdict(finetune_config(args, source, max(args.points))),
-            "teacher": source != "data", "output": str(run_dir / "model"), "points": list(args.points),
-            "points_dir": str(run_dir / "points"), "result": str(result), "threads": args.threads}
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    log(f"fine-tune {run_dir.name}: {spec['config']}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run([sys.executable, __file__, "--child", str(run_dir / "spec.json")], check=True, env=env)
-    return read_json(result)
+    if not (run_dir / "model" / "finetune.json").is_file():
+        return None
+    record = read_finetune(run_dir / "model")  # stopped early (--stop-at-step, or interrupted)
+    return {"train_seconds": record.seconds, "peak_rss_mb": None, "final_loss": record.final_loss,
+            "seconds_at": read_json(run_dir / "points" / "seconds.json") or {}, "unfinished": record.steps_done}
 
 
 # --------------------------------------------------------------------------- the parent
@@ -154,6 +172,10 @@ def evaluate(model, name: str, n: int, ctx: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="stop each run at this step (a checkpoint); a later invocation continues it")
+    parser.add_argument("--no-train", action="store_true",
+                        help="start no fine-tune: report the points that runs in --work have reached")
     parser.add_argument("--quick", action="store_true", help="smoke run: ratio 0.6, 20 steps at batch 8, 8 samples")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "finetune_bench",
                         help="pruned models, runs and samples (reused by a rerun)")
@@ -212,10 +234,16 @@ def main() -> None:
         for source in args.sources:
             run_dir = work / f"r{ratio}_{source}"
             record = run_finetune(args, source, Path(cut["folder"]), run_dir)
+            if record is None:
+                log(f"{ratio} {source}: not run")
+                continue
             curve = [{"step": 0, "ema": cut["start"], "raw": cut["start"]}]
             for step in args.points:
                 n = args.n if step == args.points[-1] else args.curve_n
                 point = {"step": step, "seconds": record["seconds_at"].get(str(step))}
+                if not (run_dir / "points" / f"raw_{step}.pt").is_file():
+                    curve.append({**point, "ema": None, "raw": None})  # an unfinished run stopped before it
+                    continue
                 for kind in ("ema", "raw"):
                     pruned.load_state_dict(torch.load(run_dir / "points" / f"{kind}_{step}.pt", weights_only=True))
                     point[kind] = evaluate(pruned, f"{recipe_key(args)}_r{ratio}_{source}_{kind}{step}", n, ctx)
@@ -223,7 +251,7 @@ def main() -> None:
                 log(f"{ratio} {source} step {step}: EMA {point['ema']}, raw {point['raw']}")
             runs.append({"recipe": recipe_key(args), "ratio": ratio, "kept_macs": cut["kept_macs"],
                          "source": source, "curve": curve,
-                         **{k: record[k] for k in ("train_seconds", "peak_rss_mb", "final_loss")}})
+                         **{k: record.get(k) for k in ("train_seconds", "peak_rss_mb", "final_loss", "unfinished")}})
             pruned = load(cut["folder"]).model
     from importlib.metadata import version
 

@@ -16,7 +16,7 @@ def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | No
     found = [(p[kind]["ssim"], f"{SOURCE_LABEL[r['source']]}, {kind.upper() if kind == 'ema' else kind} weights, "
               f"step {p['step']} ({r['recipe']})")
              for r in runs if r["ratio"] == ratio for p in r["curve"] if 0 < p["step"] <= budget
-             for kind in ("ema", "raw")]
+             for kind in ("ema", "raw") if p[kind]]
     return max(found) if found else None
 
 
@@ -56,10 +56,12 @@ def write_markdown(report: dict, path: Path) -> None:
             for p in run["curve"][1:]:
                 seconds = p.get("seconds")
                 lines.append(f"| {SOURCE_LABEL[run['source']]} | {p['step']} | {p['step'] * s['batch']:,} | "
-                             f"{p['ema']['n']} | {_q(p['ema'])} | {_q(p['raw'])} | "
+                             f"{(p['ema'] or {}).get('n', '')} | {_q(p['ema'])} | {_q(p['raw'])} | "
                              f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
-            summary.append(f"| {SOURCE_LABEL[run['source']]} | {run['train_seconds'] / 60:.1f} min | "
-                           f"{run['peak_rss_mb']:.0f} MB | {run['final_loss']:.4f} |")
+            unfinished = f" (stopped at step {run['unfinished']})" if run.get("unfinished") else ""
+            rss = "not measured" if run.get("peak_rss_mb") is None else f"{run['peak_rss_mb']:.0f} MB"
+            summary.append(f"| {SOURCE_LABEL[run['source']]} | {run['train_seconds'] / 60:.1f} min{unfinished} | "
+                           f"{rss} | {run['final_loss']:.4f} |")
         lines += ["", "| source | fine-tune wall time | peak RSS | final training loss (mean of last 50 steps) |",
                   "|---|---|---|---|", *summary, ""]
     if report.get("probes"):
@@ -67,7 +69,7 @@ def write_markdown(report: dict, path: Path) -> None:
                   "| recipe | cut | source | step | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | n | wall time |",
                   "|---|---|---|---|---|---|---|---|"]
         for run in report["probes"]:
-            last = run["curve"][-1]
+            last = [p for p in run["curve"] if p["ema"]][-1]
             lines.append(f"| `{run['recipe']}` | {run['kept_macs']:.0%} | {SOURCE_LABEL[run['source']]} | "
                          f"{last['step']} | {_q(last['ema'])} | {_q(last['raw'])} | {last['ema']['n']} | "
                          f"{run['train_seconds'] / 60:.1f} min |")
