@@ -38,6 +38,8 @@ from common import RESULTS, ROOT, cost_of, log, quality, read_json, sample_image
 BUDGET_STEPS = 600  # 20% of the shipped model's 3000-step first training stage at batch 32
 SOURCES = ("data", "distill", "both")
 SSIM_GOAL = 0.9
+DIAG_N = 16  # evaluation noises of the trajectory-error breakdown
+BANDS = ((750, 1001), (500, 750), (250, 500), (0, 250))
 
 
 def recipe_key(args) -> str:
@@ -169,6 +171,31 @@ def evaluate(model, name: str, n: int, ctx: dict) -> dict:
     return {"n": n, **quality(images, ctx["full"][:n], ctx["classifier"], ctx["real"][n])}
 
 
+@torch.no_grad()
+def trajectory_error(model, ctx: dict) -> dict:
+    """Per timestep band, along the unpruned model's own DDIM trajectories from the first DIAG_N evaluation
+    noises: the student's eps MSE against the teacher's, and the error of the per-image mean of its eps beside
+    the teacher's own mean (what a GroupNorm with few channels per group hardly sees). At high t a small eps
+    error is a large error of the image the step aims at, and that is where a sample's content is decided."""
+    from dgo_compile.sampling import make_scheduler
+
+    scheduler = make_scheduler(ctx["config"], "ddim")
+    scheduler.set_timesteps(ctx["steps"])
+    x = ctx["noise"][:DIAG_N].clone()
+    sums: dict[str, list[float]] = {}
+    for t in scheduler.timesteps:
+        step = t.float().expand(len(x))
+        want, got = ctx["teacher"](x, step).sample, model(x, step).sample
+        band = next(f"{lo}-{hi}" for lo, hi in BANDS if lo <= int(t) < hi)
+        row = sums.setdefault(band, [0.0, 0.0, 0.0, 0])
+        row[0] += float((got - want).pow(2).mean())
+        row[1] += float((got - want).mean(dim=(1, 2, 3)).abs().mean())
+        row[2] += float(want.mean(dim=(1, 2, 3)).abs().mean())
+        row[3] += 1
+        x = scheduler.step(want, t, x, eta=0.0).prev_sample
+    return {band: {"eps_mse": a / k, "mean_err": b / k, "teacher_mean": c / k} for band, (a, b, c, k) in sums.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -221,6 +248,7 @@ def main() -> None:
     ctx = {"config": loaded.scheduler_config, "noise": noise, "steps": args.steps, "samples": args.work / "samples",
            "classifier": classifier,
            "real": {n: classifier_features(real_digit_sample(n, args.seed), classifier) for n in counts}}
+    ctx["teacher"] = loaded.model
     ctx["full"] = sample_images(loaded.model, ctx["config"], noise, args.steps,
                                 ctx["samples"] / f"full_s{args.seed}_n{max(counts)}.pt")
     unpruned = {"params": base.params, "macs": base.macs,
@@ -230,6 +258,7 @@ def main() -> None:
     for ratio, cut in cuts.items():
         pruned = load(cut["folder"]).model
         cut["start"] = evaluate(pruned, f"pruned_r{ratio}_g{args.min_group_channels}_s{args.seed}", args.n, ctx)
+        cut["trajectory_error"] = trajectory_error(pruned, ctx)
         log(f"cut {ratio}: {cut['kept_macs']:.1%} of the MACs, before fine-tuning {cut['start']}")
         for source in args.sources:
             run_dir = work / f"r{ratio}_{source}"
@@ -249,8 +278,10 @@ def main() -> None:
                     point[kind] = evaluate(pruned, f"{recipe_key(args)}_r{ratio}_{source}_{kind}{step}", n, ctx)
                 curve.append(point)
                 log(f"{ratio} {source} step {step}: EMA {point['ema']}, raw {point['raw']}")
+            last = max((p["step"] for p in curve if p["raw"]), default=0)
             runs.append({"recipe": recipe_key(args), "ratio": ratio, "kept_macs": cut["kept_macs"],
                          "source": source, "curve": curve,
+                         "trajectory_error": {"step": last, "raw": trajectory_error(pruned, ctx)},
                          **{k: record.get(k) for k in ("train_seconds", "peak_rss_mb", "final_loss", "unfinished")}})
             pruned = load(cut["folder"]).model
     from importlib.metadata import version

@@ -20,6 +20,30 @@ def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | No
     return max(found) if found else None
 
 
+def _trajectory_table(report: dict, cuts: dict) -> list[str]:
+    rows = [(f"{c['kept_macs']:.1%}", "pruned, before fine-tuning", 0, c["trajectory_error"])
+            for c in cuts.values() if c.get("trajectory_error")]
+    rows += [(f"{r['kept_macs']:.1%}", SOURCE_LABEL[r["source"]], r["trajectory_error"]["step"],
+              r["trajectory_error"]["raw"]) for r in report["runs"] if r.get("trajectory_error")]
+    if not rows:
+        return []
+    bands = list(rows[0][3])
+    teacher = rows[0][3]
+    lines = ["## Where the students depart from the teacher", "",
+             "Along the unpruned model's own DDIM trajectories from the first 16 evaluation noises, per timestep band "
+             "(mean over the band's steps): the student's eps MSE against the teacher's prediction / the mean "
+             "absolute error of the per-image mean of its eps (raw weights at the last point measured). For scale, "
+             "the teacher's own per-image eps mean: "
+             + ", ".join(f"t {b}: {teacher[b]['teacher_mean']:.4f}" for b in bands)
+             + ". A DDIM step at high t turns a small eps error into a large error of the image it aims at.", "",
+             "| MACs | model | step | " + " | ".join(f"t {b}" for b in bands) + " |",
+             "|---|---|---|" + "---|" * len(bands)]
+    for macs, label, step, err in rows:
+        lines.append(f"| {macs} | {label} | {step} | "
+                     + " | ".join(f"{err[b]['eps_mse']:.4f} / {err[b]['mean_err']:.4f}" for b in bands) + " |")
+    return lines + [""]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s, budget = report["settings"], report["budget_steps"]
     cuts = {c["ratio"]: c for c in report["cuts"]}
@@ -74,6 +98,7 @@ def write_markdown(report: dict, path: Path) -> None:
                          f"{last['step']} | {_q(last['ema'])} | {_q(last['raw'])} | {last['ema']['n']} | "
                          f"{run['train_seconds'] / 60:.1f} min |")
         lines.append("")
+    lines += _trajectory_table(report, cuts)
     lines += ["## Verdict", ""]
     everything = report["runs"] + report.get("probes", [])
     for ratio, cut in cuts.items():
