@@ -39,19 +39,17 @@ from channel_pruning_report import write_markdown
 from channel_pruning_steps import (
     SAME_LEVEL,
     TP_LOCAL_SLACK,
-    cost_of,
     loss_by_band,
     minimum_suffix,
     ort_latency,
     ours_piece,
-    sample_images,
     search_ours,
     search_ours_global,
     search_tp,
     side_by_side,
     tp_variants,
 )
-from common import RESULTS, STARTED, log, model_configs, quality, run_finetune, write_json
+from common import RESULTS, STARTED, cost_of, log, model_configs, quality, run_finetune, sample_images, write_json
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.backend.sampling import initial_noise

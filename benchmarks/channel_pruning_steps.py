@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import first_line, log, read_json, write_json
+from common import cost_of, first_line, log, read_json, write_json
 from torch import nn
 from tp_adapter import accumulate_gradients, pruning_record, tp_cut, tp_from_gradients, tp_pruner
 
 from dgo_compile import load, trace
 from dgo_compile.backend.export import export_onnx
-from dgo_compile.backend.folding import fold
-from dgo_compile.backend.sampling import denoiser_timesteps, sample_ddim
 from dgo_compile.channels.channel_pruning import (
     PruneConfig,
     apply_pruning,
@@ -31,8 +29,6 @@ from dgo_compile.channels.channel_pruning import (
     select,
 )
 from dgo_compile.frontend.loading import save_denoiser
-from dgo_compile.schedules.cost import cost_report
-from dgo_compile.schedules.schedule import builtin_for
 
 READING_MARKER = "<!-- reading: kept by benchmarks/channel_pruning.py on rewrite -->"
 SEARCH_RATIOS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)  # our uniform ratios tried with magnitude (MACs only)
@@ -79,10 +75,6 @@ def groups_kept_equal(loaded, keep: dict[int, torch.Tensor]) -> bool:
         if not bool((counts == counts[0]).all()):
             return False
     return True
-
-
-def cost_of(model: nn.Module):
-    return cost_report(trace(model, verify=False)).total
 
 
 def onnx_parity(model: nn.Module, folder: Path) -> dict:
@@ -352,18 +344,6 @@ def tp_variants(keys: list[str], target: float, loaded, tp_grads: dict, tp_versi
                          "prune_seconds": tp_meta["seconds"], "timesteps": tp_grads["timesteps"],
                          "persisted_exactly": tp_meta["exact_reload"]})
     return variants
-
-
-def sample_images(model: nn.Module, scheduler_config: dict, noise: torch.Tensor, steps: int, file: Path,
-                  schedule: str = "full") -> torch.Tensor:
-    if file.is_file():
-        return torch.load(file)
-    traced = trace(model)
-    plan = builtin_for(schedule, steps, traced)
-    images = sample_ddim(fold(traced, plan, denoiser_timesteps(scheduler_config, steps)), scheduler_config,
-                         noise, steps, 50)
-    torch.save(images, file)
-    return images
 
 
 def ort_latency(models: dict[str, nn.Module], work: Path, batch: int, rounds: int) -> dict[str, float]:

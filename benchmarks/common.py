@@ -82,3 +82,31 @@ def quality(images, full, classifier, real_features) -> dict:
 
     return {"psnr": float(psnr(images, full).clamp(max=100).mean()), "ssim": float(ssim(images, full).mean()),
             "fd": frechet_distance(classifier_features(images, classifier), real_features)}
+
+
+def cost_of(model):
+    """Params and MACs per call at batch 1 (our cost model on a re-trace)."""
+    from dgo_compile import trace
+    from dgo_compile.schedules.cost import cost_report
+
+    return cost_report(trace(model, verify=False)).total
+
+
+def sample_images(model, scheduler_config: dict, noise, steps: int, file: Path | None = None, schedule: str = "full"):
+    """DDIM images of `model` (folded for `schedule`) from `noise`; kept in `file` and read back when it exists."""
+    import torch
+
+    from dgo_compile import trace
+    from dgo_compile.backend.folding import fold
+    from dgo_compile.backend.sampling import denoiser_timesteps, sample_ddim
+    from dgo_compile.schedules.schedule import builtin_for
+
+    if file is not None and file.is_file():
+        return torch.load(file)
+    traced = trace(model)
+    plan = builtin_for(schedule, steps, traced)
+    images = sample_ddim(fold(traced, plan, denoiser_timesteps(scheduler_config, steps)), scheduler_config,
+                         noise, steps, 50)
+    if file is not None:
+        torch.save(images, file)
+    return images

@@ -1,0 +1,309 @@
+"""Recovery after channel pruning: quality of the shipped model against fine-tune steps (issue 18).
+
+    python benchmarks/finetune.py            # the curves: 2 cuts x 3 sources x 600 steps, ~80 min on 1 thread
+    python benchmarks/finetune.py --quick    # smoke run of every piece, ~4 min
+
+The shipped MNIST DDPM is pruned once per --ratios (Taylor importance, global scope, GroupNorm groups
+keep >= --min-group-channels; 0.3 and 0.5 keep ~71% and ~54% of the MACs) and each cut is
+fine-tuned by `dgo_compile.channels.finetune` with one recipe, three ways:
+
+- data: the denoising loss on the shipped digits;
+- distill: `distill_only`, no data: the unpruned model's own DDIM trajectories (--trajectory-steps,
+  the evaluation's step count), its predictions as targets;
+- both: the digits with `distill` x the MSE towards the unpruned model's prediction.
+
+Each run is checkpointed at --points and both its EMA and its raw weights are sampled there (DDIM
+--steps from noise seed 20000, never used in training): PSNR / SSIM against the unpruned model's
+images from the same noise, FD against real digits on the shipped classifier's features. Intermediate
+points use the first --curve-n noises, the last point -n. Runs train in a child process (its peak RSS
+is the run's), one at a time. Finished runs and samples stay in --work and are reused; runs of other
+recipes already in results/finetune.json are kept there and listed as probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from common import RESULTS, ROOT, cost_of, log, quality, read_json, sample_images, write_json
+
+BUDGET_STEPS = 600  # 20% of the shipped model's 3000-step first training stage at batch 32
+SOURCES = ("data", "distill", "both")
+SSIM_GOAL = 0.9
+DIAG_N = 16  # evaluation noises of the trajectory-error breakdown
+BANDS = ((750, 1001), (500, 750), (250, 500), (0, 250))
+
+
+def recipe_key(args) -> str:
+    """What tells two recipes apart in results/finetune.json."""
+    return (f"lr{args.lr:g}_w{args.warmup}_ema{args.ema_decay:g}_d{args.distill:g}_traj{args.trajectory_steps}"
+            f"_g{args.min_group_channels}_b{args.batch}_s{max(args.points)}")
+
+
+def finetune_config(args, source: str, steps: int):
+    from dgo_compile.channels.finetune import FinetuneConfig
+
+    every = min(args.points) if len(args.points) == 1 else _gcd(args.points)
+    return FinetuneConfig(train_steps=steps, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, warmup=args.warmup,
+                          checkpoint_every=every, distill=args.distill if source == "both" else 0.0,
+                          distill_only=source == "distill", trajectory_steps=args.trajectory_steps)
+
+
+def _gcd(values) -> int:
+    import math
+
+    out = 0
+    for v in values:
+        out = math.gcd(out, v)
+    return out
+
+
+# --------------------------------------------------------------------------- the child: one fine-tune
+
+class StopRun(Exception):
+    """--stop-at-step reached."""
+
+
+def train_child(spec_file: Path) -> None:
+    """One fine-tune (a child process, so that its peak RSS is its own); the EMA and raw weights at each
+    curve point are copied out as the run passes it."""
+    from dgo_compile.channels.finetune import RECORD_FILE, STATE_FILE, FinetuneConfig, finetune, read_finetune
+    from dgo_compile.core.configs import DEFAULT_MODEL
+    from dgo_compile.frontend.loading import load
+
+    spec = json.loads(spec_file.read_text())
+    torch.set_num_threads(spec["threads"])
+    config = FinetuneConfig(**spec["config"])
+    output, points = Path(spec["output"]), Path(spec["points_dir"])
+    points.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    at = read_json(points / "seconds.json") or {}  # seconds of the training loop at each point passed
+
+    def on_step(entry: dict) -> None:
+        step = entry["step"]
+        if step in spec["points"]:
+            torch.save(load(output).model.state_dict(), points / f"ema_{step}.pt")
+            torch.save(torch.load(output / STATE_FILE, weights_only=True)["model"], points / f"raw_{step}.pt")
+            at[str(step)] = read_finetune(output).seconds
+            write_json(points / "seconds.json", at)
+        if step == spec["stop_at"]:
+            raise StopRun  # the checkpoint of this step is on disk: a later invocation continues from it
+
+    resume = (output / RECORD_FILE).is_file()  # an interrupted run continues from its last checkpoint
+    try:
+        result = finetune(spec["model"], config, output, teacher=DEFAULT_MODEL if spec["teacher"] else None,
+                          on_step=on_step, resume=resume)
+    except StopRun:
+        return
+    write_json(Path(spec["result"]), {
+        "train_seconds": result.record.seconds, "wall_seconds": time.perf_counter() - started, "resumed": resume,
+        "seconds_at": at, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": result.record.final_loss,
+        "history": [{k: h[k] for k in ("step", "loss", "distill") if k in h} for h in result.record.history]})
+
+
+def run_finetune(args, source: str, pruned: Path, run_dir: Path) -> dict | None:
+    """The run's record (reused when finished in --work, continued when interrupted). With --no-train, what
+    an unfinished run has reached (None if nothing)."""
+    result = run_dir / "result.json"
+    if result.is_file():
+        return read_json(result)
+    if not args.no_train:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec = {"model": str(pruned), "config": asdict(finetune_config(args, source, max(args.points))),
+                "teacher": source != "data", "output": str(run_dir / "model"), "points": list(args.points),
+                "points_dir": str(run_dir / "points"), "result": str(result), "threads": args.threads,
+                "stop_at": args.stop_at_step}
+        (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+        log(f"fine-tune {run_dir.name}: {spec['config']}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        subprocess.run([sys.executable, __file__, "--child", str(run_dir / "spec.json")], check=True, env=env)
+    if result.is_file():
+        return read_json(result)
+    from dgo_compile.channels.finetune import read_finetune
+
+    if not (run_dir / "model" / "finetune.json").is_file():
+        return None
+    record = read_finetune(run_dir / "model")  # stopped early (--stop-at-step, or interrupted)
+    return {"train_seconds": record.seconds, "peak_rss_mb": None, "final_loss": record.final_loss,
+            "seconds_at": read_json(run_dir / "points" / "seconds.json") or {}, "unfinished": record.steps_done}
+
+
+# --------------------------------------------------------------------------- the parent
+
+def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
+    """Our Taylor global cut per ratio, saved in --work (reused when there)."""
+    from dgo_compile.channels.channel_pruning import PruneConfig, calibration_images, prune
+    from dgo_compile.frontend.loading import save_denoiser
+
+    cuts, images = {}, None
+    for ratio in args.ratios:
+        folder = work / f"pruned_r{ratio}_g{args.min_group_channels}_b{args.taylor_batch}"
+        if not (folder / "bench_meta.json").is_file():
+            images = calibration_images(loaded) if images is None else images
+            config = PruneConfig(channel_ratio=ratio, scope="global", importance="taylor", batch=args.taylor_batch,
+                                 min_group_channels=args.min_group_channels)
+            log(f"prune: {config}")
+            started = time.perf_counter()
+            pruned = prune(loaded, config, images)
+            seconds = time.perf_counter() - started
+            save_denoiser(loaded, pruned.model, folder, pruned.pruning)
+            cost = cost_of(pruned.model)
+            write_json(folder / "bench_meta.json", {"seconds": seconds, "params": cost.params, "macs": cost.macs,
+                                                    "timesteps": len(pruned.taylor_losses)})
+        meta = read_json(folder / "bench_meta.json")
+        cuts[ratio] = {"ratio": ratio, "folder": str(folder), "prune_seconds": meta["seconds"],
+                       "params": meta["params"], "macs": meta["macs"], "kept_macs": meta["macs"] / base.macs,
+                       "kept_params": meta["params"] / base.params}
+    return cuts
+
+
+def evaluate(model, name: str, n: int, ctx: dict) -> dict:
+    images = sample_images(model, ctx["config"], ctx["noise"][:n], ctx["steps"], ctx["samples"] / f"{name}_n{n}.pt")
+    return {"n": n, **quality(images, ctx["full"][:n], ctx["classifier"], ctx["real"][n])}
+
+
+@torch.no_grad()
+def trajectory_error(model, ctx: dict) -> dict:
+    """Per timestep band, along the unpruned model's own DDIM trajectories from the first DIAG_N evaluation
+    noises: the student's eps MSE against the teacher's, and the error of the per-image mean of its eps beside
+    the teacher's own mean (what a GroupNorm with few channels per group hardly sees). At high t a small eps
+    error is a large error of the image the step aims at, and that is where a sample's content is decided."""
+    from dgo_compile.backend.sampling import make_scheduler
+
+    scheduler = make_scheduler(ctx["config"], "ddim")
+    scheduler.set_timesteps(ctx["steps"])
+    x = ctx["noise"][:DIAG_N].clone()
+    sums: dict[str, list[float]] = {}
+    for t in scheduler.timesteps:
+        step = t.float().expand(len(x))
+        want, got = ctx["teacher"](x, step).sample, model(x, step).sample
+        band = next(f"{lo}-{hi}" for lo, hi in BANDS if lo <= int(t) < hi)
+        row = sums.setdefault(band, [0.0, 0.0, 0.0, 0])
+        row[0] += float((got - want).pow(2).mean())
+        row[1] += float((got - want).mean(dim=(1, 2, 3)).abs().mean())
+        row[2] += float(want.mean(dim=(1, 2, 3)).abs().mean())
+        row[3] += 1
+        x = scheduler.step(want, t, x, eta=0.0).prev_sample
+    return {band: {"eps_mse": a / k, "mean_err": b / k, "teacher_mean": c / k} for band, (a, b, c, k) in sums.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="stop each run at this step (a checkpoint); a later invocation continues it")
+    parser.add_argument("--no-train", action="store_true",
+                        help="start no fine-tune: report the points that runs in --work have reached")
+    parser.add_argument("--quick", action="store_true", help="smoke run: ratio 0.6, 20 steps at batch 8, 8 samples")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "finetune_bench",
+                        help="pruned models, runs and samples (reused by a rerun)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.6],
+                        help="global channel ratios (with --min-group-channels 2: 71.0%% and 50.1%% of the MACs)")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--min-group-channels", type=int, default=2)
+    parser.add_argument("--taylor-batch", type=int, default=8, help="as benchmarks/channel_pruning.py")
+    parser.add_argument("--points", type=int, nargs="+", default=[150, 300, 600], help="curve points (steps)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--distill", type=float, default=1.0, help="the distillation weight of 'both'")
+    parser.add_argument("--trajectory-steps", type=int, default=50, help="'distill': the teacher's DDIM steps")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation")
+    parser.add_argument("-n", type=int, default=100, help="evaluation samples at the last point")
+    parser.add_argument("--curve-n", type=int, default=50, help="evaluation samples at the other points")
+    parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child is not None:
+        return train_child(args.child)
+    if args.quick:
+        args.ratios, args.points, args.batch, args.n, args.curve_n = [0.6], [10, 20], 8, 8, 8
+        args.results = args.work / "quick_results"
+    from dgo_compile import __version__, load
+    from dgo_compile.backend.sampling import initial_noise
+    from dgo_compile.channels.data import real_digit_sample
+    from dgo_compile.core.metrics import classifier_features, load_digit_classifier
+
+    args.points = sorted(set(args.points))
+    work = args.work / recipe_key(args)
+    (args.work / "samples").mkdir(parents=True, exist_ok=True)
+    loaded = load()
+    base = cost_of(loaded.model)
+    cuts = prune_cuts(args, loaded, args.work, base)
+    classifier = load_digit_classifier()
+    counts = sorted({args.n, args.curve_n})
+    noise = initial_noise(max(counts), (1, 32, 32), args.seed)
+    ctx = {"config": loaded.scheduler_config, "noise": noise, "steps": args.steps, "samples": args.work / "samples",
+           "classifier": classifier,
+           "real": {n: classifier_features(real_digit_sample(n, args.seed), classifier) for n in counts}}
+    ctx["teacher"] = loaded.model
+    ctx["full"] = sample_images(loaded.model, ctx["config"], noise, args.steps,
+                                ctx["samples"] / f"full_s{args.seed}_n{max(counts)}.pt")
+    unpruned = {"params": base.params, "macs": base.macs,
+                "fd": {str(n): quality(ctx["full"][:n], ctx["full"][:n], classifier, ctx["real"][n])["fd"]
+                       for n in counts}}
+    runs = []
+    for ratio, cut in cuts.items():
+        pruned = load(cut["folder"]).model
+        cut["start"] = evaluate(pruned, f"pruned_r{ratio}_g{args.min_group_channels}_s{args.seed}", args.n, ctx)
+        cut["trajectory_error"] = trajectory_error(pruned, ctx)
+        log(f"cut {ratio}: {cut['kept_macs']:.1%} of the MACs, before fine-tuning {cut['start']}")
+        for source in args.sources:
+            run_dir = work / f"r{ratio}_{source}"
+            record = run_finetune(args, source, Path(cut["folder"]), run_dir)
+            if record is None:
+                log(f"{ratio} {source}: not run")
+                continue
+            curve = [{"step": 0, "ema": cut["start"], "raw": cut["start"]}]
+            for step in args.points:
+                n = args.n if step == args.points[-1] else args.curve_n
+                point = {"step": step, "seconds": record["seconds_at"].get(str(step))}
+                if not (run_dir / "points" / f"raw_{step}.pt").is_file():
+                    curve.append({**point, "ema": None, "raw": None})  # an unfinished run stopped before it
+                    continue
+                for kind in ("ema", "raw"):
+                    pruned.load_state_dict(torch.load(run_dir / "points" / f"{kind}_{step}.pt", weights_only=True))
+                    point[kind] = evaluate(pruned, f"{recipe_key(args)}_r{ratio}_{source}_{kind}{step}", n, ctx)
+                curve.append(point)
+                log(f"{ratio} {source} step {step}: EMA {point['ema']}, raw {point['raw']}")
+            last = max((p["step"] for p in curve if p["raw"]), default=0)
+            runs.append({"recipe": recipe_key(args), "ratio": ratio, "kept_macs": cut["kept_macs"],
+                         "source": source, "curve": curve,
+                         "trajectory_error": {"step": last, "raw": trajectory_error(pruned, ctx)},
+                         **{k: record.get(k) for k in ("train_seconds", "peak_rss_mb", "final_loss", "unfinished")}})
+            pruned = load(cut["folder"]).model
+    from importlib.metadata import version
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("work", "results", "child")}
+    old = read_json(args.results / "finetune.json") or {}
+    mine = {(r["ratio"], r["source"]) for r in runs}
+    kept = [r for r in old.get("runs", []) + old.get("probes", [])
+            if r["recipe"] != recipe_key(args) or (r["ratio"], r["source"]) not in mine]
+    report = {"dgo_compile": __version__, "torch": torch.__version__, "diffusers": version("diffusers"),
+              "threads": args.threads, "settings": settings, "recipe": recipe_key(args), "budget_steps": BUDGET_STEPS,
+              "unpruned": unpruned, "runs": runs,
+              "cuts": list(cuts.values()) + [c for c in old.get("cuts", []) if c["ratio"] not in cuts],
+              "probes": [r for r in kept if r["recipe"] != recipe_key(args)]}
+    report["runs"] += [r for r in kept if r["recipe"] == recipe_key(args)]
+    write_json(args.results / "finetune.json", report)
+    from finetune_report import write_markdown
+
+    write_markdown(report, args.results / "finetune.md")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

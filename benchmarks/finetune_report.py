@@ -1,0 +1,115 @@
+"""The markdown report of benchmarks/finetune.py (results/finetune.md). A helper module, not a script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+READING_MARKER = "<!-- reading: kept by benchmarks/finetune.py on rewrite -->"
+SOURCE_LABEL = {"data": "data only", "distill": "distill only (teacher trajectories)", "both": "data + distill"}
+
+
+def _q(q: dict | None) -> str:
+    return "not measured" if not q else f"{q['psnr']:.1f} / {q['ssim']:.3f} / {q['fd']:.0f}"
+
+
+def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | None:
+    found = [(p[kind]["ssim"], f"{SOURCE_LABEL[r['source']]}, {kind.upper() if kind == 'ema' else kind} weights, "
+              f"step {p['step']} ({r['recipe']})")
+             for r in runs if r["ratio"] == ratio for p in r["curve"] if 0 < p["step"] <= budget
+             for kind in ("ema", "raw") if p[kind]]
+    return max(found) if found else None
+
+
+def _trajectory_table(report: dict, cuts: dict) -> list[str]:
+    rows = [(f"{c['kept_macs']:.1%}", "pruned, before fine-tuning", 0, c["trajectory_error"])
+            for c in cuts.values() if c.get("trajectory_error")]
+    rows += [(f"{r['kept_macs']:.1%}", SOURCE_LABEL[r["source"]], r["trajectory_error"]["step"],
+              r["trajectory_error"]["raw"]) for r in report["runs"] if r.get("trajectory_error")]
+    if not rows:
+        return []
+    bands = list(rows[0][3])
+    teacher = rows[0][3]
+    lines = ["## Where the students depart from the teacher", "",
+             "Along the unpruned model's own DDIM trajectories from the first 16 evaluation noises, per timestep band "
+             "(mean over the band's steps): the student's eps MSE against the teacher's prediction / the mean "
+             "absolute error of the per-image mean of its eps (raw weights at the last point measured). For scale, "
+             "the teacher's own per-image eps mean: "
+             + ", ".join(f"t {b}: {teacher[b]['teacher_mean']:.4f}" for b in bands)
+             + ". A DDIM step at high t turns a small eps error into a large error of the image it aims at.", "",
+             "| MACs | model | step | " + " | ".join(f"t {b}" for b in bands) + " |",
+             "|---|---|---|" + "---|" * len(bands)]
+    for macs, label, step, err in rows:
+        lines.append(f"| {macs} | {label} | {step} | "
+                     + " | ".join(f"{err[b]['eps_mse']:.4f} / {err[b]['mean_err']:.4f}" for b in bands) + " |")
+    return lines + [""]
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    s, budget = report["settings"], report["budget_steps"]
+    cuts = {c["ratio"]: c for c in report["cuts"]}
+    lines = ["# Recovery after channel pruning: quality against fine-tune steps", "",
+             f"Reproduce: `python benchmarks/finetune.py` (dgo-compile {report['dgo_compile']}, torch "
+             f"{report['torch']}, diffusers {report['diffusers']}, {report['threads']} thread(s), runs one at a time; "
+             "`--quick` for a smoke run).", "",
+             f"Protocol: the shipped MNIST DDPM ({report['unpruned']['params'] / 1e6:.2f} M params, "
+             f"{report['unpruned']['macs'] / 1e9:.3f} G MACs/call) pruned by `prune` (Taylor importance on batch "
+             f"{s['taylor_batch']} of the shipped digits, global scope, GroupNorm groups keep >= "
+             f"{s['min_group_channels']}), then fine-tuned by `dgo_compile.channels.finetune` at batch "
+             f"{s['batch']}, AdamW lr "
+             f"{s['lr']:g}, {s['warmup']} warmup steps then cosine decay to 2%, EMA {s['ema_decay']:g} (diffusers' "
+             f"EMAModel with warmup), gradient clipping 1. Sources: **data only** (the shipped digits), "
+             "**distill only**"
+             f" (no data: the unpruned model's DDIM-{s['trajectory_steps']} trajectories from random noise, its "
+             f"predictions as targets), **data + distill** (digits, plus {s['distill']:g} x the MSE towards the "
+             f"unpruned model's prediction). Budget cap: {budget} steps at batch 32 (19,200 samples), 20% of the "
+             "shipped model's first 3000-step training stage. Quality at each point: DDIM "
+             f"{s['steps']} from noise seed {s['seed']} (never used in training); PSNR / SSIM against the unpruned "
+             "model's images from the same noise, FD against as many real digits on the shipped classifier's "
+             f"features (unpruned: FD {report['unpruned']['fd'][str(s['n'])]:.1f} at n = {s['n']}). Intermediate "
+             f"points use {s['curve_n']} samples, the last {s['n']}; FD grows as n shrinks, compare it within a "
+             "column of equal n. Both the EMA weights (what `finetune` saves) and the raw weights are measured. "
+             "Fine-tune time: wall seconds of the training loop (checkpoints included); peak RSS: the whole "
+             "training process.", ""]
+    for ratio, cut in cuts.items():
+        lines += [f"## Cut {ratio}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params", "",
+                  f"Before fine-tuning: PSNR / SSIM / FD {_q(cut.get('start'))}. Recipe `{report['recipe']}`.", "",
+                  "| source | step | samples seen | n | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | "
+                  "time to this step |",
+                  "|---|---|---|---|---|---|---|"]
+        summary = []
+        for run in (r for r in report["runs"] if r["ratio"] == ratio):
+            for p in run["curve"][1:]:
+                seconds = p.get("seconds")
+                lines.append(f"| {SOURCE_LABEL[run['source']]} | {p['step']} | {p['step'] * s['batch']:,} | "
+                             f"{(p['ema'] or {}).get('n', '')} | {_q(p['ema'])} | {_q(p['raw'])} | "
+                             f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
+            unfinished = f" (stopped at step {run['unfinished']})" if run.get("unfinished") else ""
+            rss = "not measured" if run.get("peak_rss_mb") is None else f"{run['peak_rss_mb']:.0f} MB"
+            summary.append(f"| {SOURCE_LABEL[run['source']]} | {run['train_seconds'] / 60:.1f} min{unfinished} | "
+                           f"{rss} | {run['final_loss']:.4f} |")
+        lines += ["", "| source | fine-tune wall time | peak RSS | final training loss (mean of last 50 steps) |",
+                  "|---|---|---|---|", *summary, ""]
+    if report.get("probes"):
+        lines += ["## Recipe probes (other recipes measured by earlier invocations)", "",
+                  "| recipe | cut | source | step | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | n | wall time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for run in report["probes"]:
+            last = [p for p in run["curve"] if p["ema"]][-1]
+            lines.append(f"| `{run['recipe']}` | {run['kept_macs']:.0%} | {SOURCE_LABEL[run['source']]} | "
+                         f"{last['step']} | {_q(last['ema'])} | {_q(last['raw'])} | {last['ema']['n']} | "
+                         f"{run['train_seconds'] / 60:.1f} min |")
+        lines.append("")
+    lines += _trajectory_table(report, cuts)
+    lines += ["## Verdict", ""]
+    everything = report["runs"] + report.get("probes", [])
+    for ratio, cut in cuts.items():
+        best = _best(everything, ratio, budget)
+        if best is not None:
+            reached = "reaches" if best[0] >= 0.9 else "does not reach"
+            lines.append(f"- {cut['kept_macs']:.1%} of the MACs: best SSIM {best[0]:.3f} ({best[1]}); {reached} "
+                         f"SSIM >= 0.9 within {budget} x {s['batch']} samples.")
+    kept = ""
+    if path.is_file() and READING_MARKER in path.read_text():
+        kept = path.read_text().split(READING_MARKER, 1)[1]
+    path.write_text("\n".join(lines) + "\n\n" + READING_MARKER + kept.rstrip() + "\n")
+    print("\n".join(lines), flush=True)
