@@ -87,7 +87,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_writin
 
 
 def test_world_shards_and_refuses_uneven_batches():
-    assert [World(r, 4).shard(8, "--batch") for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
-    assert World().shard(3, "--batch") == slice(0, 3)
+    assert [World(r, 4).shard(8, "batch") for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert World().shard(3, "batch") == slice(0, 3)
     with pytest.raises(DistributedError, match=r"`batch` 6 does not split evenly over 4 processes"):
-        World(1, 4).shard(6, "--batch")
+        World(1, 4).shard(6, "batch")

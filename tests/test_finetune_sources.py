@@ -119,8 +119,8 @@ def test_distill_only_options_are_checked_before_writing(config_dir, tmp_path):
     unet = pipelines.write_model_pipeline(tmp_path / "unet", TINY_UNET2D)
     out = tmp_path / "out"
     cases = [
-        (dict(), None, "--distill-only needs --teacher"),
-        (dict(distill=0.5), teacher, "--distill-only trains on the distillation term alone: leave out --distill"),
+        (dict(), None, "`distill_only` needs `teacher`"),
+        (dict(distill=0.5), teacher, "`distill_only` trains on the distillation term alone: leave out `distill`"),
     ]
     for extra, given, message in cases:
         with pytest.raises(FinetuneError, match=message):

@@ -203,7 +203,7 @@ def test_stable_diffusion_runs_the_artifact_at_its_resolution_only(sd):
         _prompted(pipe, size={})  # the config's 32 x 32
     assert str(error.value) == (f"the artifact {artifacts[None]} was compiled for height=48, width=24; the pipeline "
                                 "runs height=32, width=32: run it at height=48, width=24, or compile another "
-                                "artifact with --height/--width")
+                                "artifact with `height`/`width`")
 
 
 def test_artifact_compiled_with_a_guidance_scale_runs_only_at_it(sd):

@@ -153,6 +153,7 @@ def test_a_model_file_is_read_once_per_run_until_it_changes(tmp_path, monkeypatc
     and a rewrite (same size, new mtime) is still seen."""
     import os
 
+    from dgo_compile.core import files
     from dgo_compile.driver import stages
 
     model = tmp_path / "model"
@@ -161,7 +162,7 @@ def test_a_model_file_is_read_once_per_run_until_it_changes(tmp_path, monkeypatc
     weights.write_bytes(b"a" * 4096)
     reads = []
     real_open = open
-    monkeypatch.setattr(stages, "open", lambda f, *a, **k: reads.append(f) or real_open(f, *a, **k), raising=False)
+    monkeypatch.setattr(files, "open", lambda f, *a, **k: reads.append(f) or real_open(f, *a, **k), raising=False)
     first = stages.model_digest(model)
     assert stages.model_digest(model) == first and len(reads) == 1
     weights.write_bytes(b"b" * 4096)

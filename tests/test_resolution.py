@@ -172,6 +172,6 @@ def test_sdxl_pipeline_runs_the_artifact_at_its_resolution_with_guidance(sdxl):
         _sdxl_run(pipe, "latent")  # the config's 32 x 32
     assert str(error.value) == (f"the artifact {artifact} was compiled for height=48, width=24; the pipeline runs "
                                 "height=32, width=32: run it at height=48, width=24, or compile another artifact "
-                                "with --height/--width")
+                                "with `height`/`width`")
     detach(pipe)
     assert torch.equal(_sdxl_run(pipe, "latent", **SDXL_SIZE), plain_latents)

@@ -107,7 +107,8 @@ def check_output(path: str | Path, kind: str | None, *, overwrite: bool = False,
     output, which is replaced as any file is; "into" a folder that files are added to; `resume`
     accepts an existing folder of `kind`. Refusals
     raise `error` (default OutputError), so each command keeps its own error type."""
-    error = _naming_fields(error or OutputError)
+    error_type = error or OutputError
+    error = _naming_fields(error_type)
     option = f"`{field}`"
     path = Path(path)
     where = path.absolute()
@@ -140,7 +141,7 @@ def check_output(path: str | Path, kind: str | None, *, overwrite: bool = False,
         elif not is_own(path, kind):
             raise error(f"{path} is not a dgo-compile {NAMES[kind]}; `overwrite` only replaces one: "
                               f"choose another {option}")
-    check_writable(path.parent, field, path, error)
+    check_writable(path.parent, field, path, error_type)
     return path
 
 
