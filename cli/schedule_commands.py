@@ -137,7 +137,7 @@ def search_steps(
     never worse than steps:K on its calibration noise; writes a schedule JSON to compile."""
     from dgo_compile.core.outputs import check_output
 
-    check_output(output, None, option="-o", protected=[model])
+    check_output(output, None, protected=[model])
     from dgo_compile.search.step_search import search_for_model
 
     found = search_for_model(model, k, output, steps=steps, scheduler=scheduler, samples=calibration_samples,
