@@ -28,6 +28,7 @@ def shipped_artifact(tmp_path_factory):
     return loaded, traced, schedule, path
 
 
+@pytest.mark.slow
 def test_onnxruntime_run_matches_pytorch_schedule(shipped_artifact):
     loaded, traced, schedule, path = shipped_artifact
     noise = initial_noise(3, (1, 32, 32), 11)
@@ -70,6 +71,7 @@ def test_ort_run_refuses_another_sampler(shipped_artifact):
 @pytest.mark.parametrize("family, reuse, scheduler", [("sd", "mid_block", "ddim"),
                                                       ("dit", "transformer_blocks.0", "heun"),
                                                       ("pixart", "transformer_blocks.1", "ddim")])
+@pytest.mark.slow
 def test_conditional_families_with_guidance_match_pytorch(config_dir, tmp_path, family, reuse, scheduler):
     # Text CFG on a tiny SD UNet (DDIM) and class CFG on a tiny DiT under Heun, whose repeated
     # timesteps are told apart by call index; PixArt's caption CFG (its output squeeze(1) is a no-op

@@ -4,6 +4,7 @@ test_artifact_weights.py.)"""
 
 import copy
 
+import pytest
 import torch
 
 from dgo_compile import load, trace
@@ -18,6 +19,7 @@ from dgo_compile.schedules.supernet import gateable_elements
 FP16_RUN_PSNR = 40
 
 
+@pytest.mark.slow
 def test_fp16_artifact_over_a_whole_run_deviates_like_pytorch_fp16(tmp_path):
     # A trained model (random ones amplify any rounding along DDIM): 8 images, 20 DDIM steps (PyTorch fp16 on a
     # CPU takes seconds per call: this is its cost).

@@ -38,6 +38,7 @@ def compiled(request, config_dir, tmp_path_factory):
     return traced, schedule, paths
 
 
+@pytest.mark.slow
 def test_variants_share_one_weights_file(compiled):
     traced, _, paths = compiled
     path = paths["fp32"]

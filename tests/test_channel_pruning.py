@@ -283,6 +283,7 @@ def test_unknown_op_is_named_with_how_to_register_it():
 
 
 @pytest.mark.parametrize("family", ["unet2d", "sd", "sdxl", "dit", "pixart"])
+@pytest.mark.slow
 def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_path):
     import onnxruntime as ort
 
@@ -318,6 +319,7 @@ def test_pruned_model_saves_and_loads_back_exactly(config_dir, family, tmp_path)
         assert torch.equal(back.family.adapter(back.model)(*inputs), back.family.adapter(pruned.model)(*inputs))
 
 
+@pytest.mark.slow
 def test_taylor_accumulates_timesteps_until_the_loss_falls_below_the_threshold():
     loaded = load()
     from dgo_compile.channels.data import mnist_digits
@@ -345,6 +347,7 @@ def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
     result = run("prune", "--importance", "magnitude", "--channel-ratio", "0.5", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr

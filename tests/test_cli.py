@@ -24,6 +24,7 @@ def test_inspect_shipped_model_table():
     assert "2,244,609" in result.stdout  # total params of the shipped UNet
 
 
+@pytest.mark.slow
 def test_inspect_json_of_each_family(config_dir):
     for name in ("sd", "sdxl", "dit", "pixart"):
         result = run("inspect", config_dir / name / "config.json", "--json")
@@ -48,6 +49,7 @@ def test_bad_input_is_one_line_and_exit_1(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sample_asks_for_conditions(config_dir, tmp_path):
     result = run("sample", config_dir / "sd" / "config.json", "-o", tmp_path / "g.png")
     assert result.returncode == 1
@@ -80,6 +82,7 @@ def tiny_pipeline(path, family):
     return path
 
 
+@pytest.mark.slow
 def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
     pipeline = tiny_pipeline(tmp_path / "dit", "dit")
     artifact = tmp_path / "artifact"
@@ -100,6 +103,7 @@ def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
                                          "recompile with --scheduler ddim")
 
 
+@pytest.mark.slow
 def test_unit_granularity_and_dump_dir(tmp_path):
     artifact, dump = tmp_path / "artifact", tmp_path / "dump"
     result = run("compile", "--schedule", "deepcache:2", "--steps", "4", "--granularity", "unit",
@@ -125,6 +129,7 @@ def test_sample_writes_a_grid(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_compile_then_sample_the_artifact(tmp_path):
     artifact = tmp_path / "artifact"
     result = run("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
@@ -148,6 +153,7 @@ def test_compile_bad_schedule_leaves_no_artifact(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bench_compares_with_the_unpruned_model(tmp_path):
     artifact = tmp_path / "artifact"
     assert run("compile", "--schedule", "steps:2", "--steps", "4", "-o", artifact).returncode == 0
@@ -159,6 +165,7 @@ def test_bench_compares_with_the_unpruned_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # the baseline lived in a temp dir
 
 
+@pytest.mark.slow
 def test_bench_of_an_artifact_against_itself_is_one_within_its_spread(tmp_path):
     """Both sides open with the same session options and run in interleaved rounds, so an artifact
     timed against itself must measure 1.0x inside its own min-max; a median above 1.0 (the MACs ratio)

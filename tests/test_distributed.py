@@ -26,6 +26,7 @@ def run(*args, processes=1):
                           text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_optimize_on_two_processes_matches_one_at_the_same_global_batch(tmp_path):
     options = ("optimize", "--steps", "4", "--iters", "4", "--batch", "2", "--calibration", "4", "--keep-macs", "0.3",
                "--lr", "3")  # a large step, so gates flip and later iterations carry a consistency gradient
@@ -52,6 +53,7 @@ def test_optimize_on_two_processes_matches_one_at_the_same_global_batch(tmp_path
     initial = build_pruner(load_pruner(tmp_path / "one").state).state_dict()  # the seed's weights, before training
     assert any(not torch.equal(initial[name], a) for name, a in weights[0].items())
 
+@pytest.mark.slow
 def test_finetune_on_two_processes_matches_one_at_the_same_global_batch(tmp_path):
     options = ("finetune", "--train-steps", "3", "--batch", "4", "--ema-decay", "0")
     one = run(*options, "-o", tmp_path / "one")

@@ -143,6 +143,7 @@ def test_distill_only_options_are_checked_before_writing(config_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_distill_only(tmp_path):
     import subprocess
     import sys

@@ -179,6 +179,7 @@ def _prompted(pipe, guidance_scale=4.0, output_type="np", size=SD_SIZE):
                 generator=torch.Generator().manual_seed(0), output_type=output_type, **size).images
 
 
+@pytest.mark.slow
 def test_stable_diffusion_guidance_is_applied_once_by_diffusers(sd):
     folder, artifacts = sd
     pipe = _sd(folder)

@@ -84,6 +84,7 @@ def test_stored_runs_with_the_old_field_names_read_as_the_new():
     assert FinetuneConfig.from_json({"steps": 30}).train_steps == 30
 
 
+@pytest.mark.slow
 def test_compile_config_runs_prune_compile_verify_report(tmp_path):
     path = tmp_path / "dgo.toml"
     path.write_text('schedule = "deepcache:2"\nsteps = 20\nverify_samples = 4\n'

@@ -4,9 +4,12 @@ runs beside test_pipeline.py.)"""
 
 import json
 
+import pytest
+
 from test_pipeline import run
 
 
+@pytest.mark.slow
 def test_rerun_with_changed_settings_rebuilds_and_the_report_matches_the_built_model(tmp_path):
     """The issue's case: a rerun with another [prune] ratio used to reuse the old cut and report the new ratio."""
     path, out = tmp_path / "dgo.toml", tmp_path / "a"

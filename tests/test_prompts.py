@@ -84,6 +84,7 @@ def test_conditions_cycle_prompts_over_the_images(text_pipeline):
     ("sdxl", "has two text encoders (SDXL-style)"),
     ("empty", "holds no prompts: write one prompt per line"),
 ])
+@pytest.mark.slow
 def test_bad_prompt_input_is_one_line_and_writes_nothing(text_pipeline, tmp_path, case, message):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n" if case == "empty" else "a cat\n")

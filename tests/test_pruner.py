@@ -162,6 +162,7 @@ def run(*args, cwd=None):
                           text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
     result = run("optimize", "--steps", "4", "--iters", "2", "--batch", "1", "--calibration", "2", "--keep-macs", "0.5",
                  "-o", tmp_path / "pruner")
@@ -208,6 +209,7 @@ def latent_pipeline(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, tmp_path):
     from dgo_compile.search.calibration import vae_decoder
 

@@ -231,6 +231,7 @@ class TestOneLineErrors:
                               "--channel-ratio must be in [0, 1) (the share of channels removed), got 1.0")
         assert_nothing_left(output)
 
+    @pytest.mark.slow
     def test_schedule_ratio_above_one(self, resumed_pruner, tmp_path):
         output = tmp_path / "s.json"
         assert_one_line_error(cli("schedule", resumed_pruner["path"], "--keep-macs", "1.5", "-o", output),
@@ -310,6 +311,7 @@ class TestLoadersRaiseOnlyTheirOwnError:
 class TestNeverStuck:
     """Kills and full disks leave a folder that a rerun or `--resume` accepts, or nothing at all."""
 
+    @pytest.mark.slow
     def test_interrupted_optimize_resumes_and_yields_a_schedule(self, resumed_pruner, tmp_path):
         from dgo_compile.search.pruner import load_pruner
 

@@ -36,6 +36,7 @@ def run(*args):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
     # One iteration: the gates are still at their initialisation, so extraction reuses pairs in (call, block)
     # order: whole early calls, block by block. Every closed-form schedule at the same MACs beats it.
