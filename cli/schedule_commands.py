@@ -14,6 +14,15 @@ from dgo_compile.core.options import check
 from .common import MAIN_PROCESS, ModelArg, err, out
 from .progress import ConsoleStages
 
+# The calibration conditions `optimize` and `search-steps` both take.
+CalibrationClasses = Annotated[Optional[list[int]], typer.Option(
+    help="Calibration classes for class-conditional models (default: random classes).")]
+PromptEmbeds = Annotated[Optional[Path], typer.Option(
+    help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")]
+CalibrationPrompts = Annotated[Optional[Path], typer.Option(
+    help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")]
+GuidanceScale = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")]
+
 
 def optimize(
     model: ModelArg = None,
@@ -44,13 +53,10 @@ def optimize(
                                                 show_default=False)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Iterations between checkpoints. (default: 10)",
                                                             show_default=False)] = None,
-    class_label: Annotated[Optional[list[int]], typer.Option(
-        help="Calibration classes for class-conditional models (default: random classes).")] = None,
-    prompt_embeds: Annotated[Optional[Path], typer.Option(
-        help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(
-        help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    class_label: CalibrationClasses = None,
+    prompt_embeds: PromptEmbeds = None,
+    prompts: CalibrationPrompts = None,
+    guidance_scale: GuidanceScale = None,
     device: Annotated[str, typer.Option(help="Where the SuperNet and the pruner run: cpu, cuda, cuda:1.")] = "cpu",
     precision: Annotated[Optional[str], typer.Option(
         help="SuperNet autocast precision: fp32, or bf16 on a GPU. (default: fp32)", show_default=False)] = None,
@@ -124,13 +130,10 @@ def search_steps(
                                                           "Default: the model's.")] = None,
     calibration_samples: Annotated[int, typer.Option(help="Samples (noise seed 30000) each candidate is scored "
                                                           "on.")] = 8,
-    class_label: Annotated[Optional[list[int]], typer.Option(
-        help="Calibration classes for class-conditional models (default: random classes).")] = None,
-    prompt_embeds: Annotated[Optional[Path], typer.Option(
-        help="safetensors of condition inputs by name (and uncond.<name> for guidance) for text models.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(
-        help="Text file, one calibration prompt per line, encoded by the pipeline's own text encoder.")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    class_label: CalibrationClasses = None,
+    prompt_embeds: PromptEmbeds = None,
+    prompts: CalibrationPrompts = None,
+    guidance_scale: GuidanceScale = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Schedule JSON to write.")] = Path("steps.json"),
 ) -> None:
     """Search which K of the sampler's calls run in full (steps-searched:K): the non-uniform K-step baseline,
