@@ -73,6 +73,11 @@ def test_a_variant_opens_on_its_own_and_matches_the_shared_session(compiled):
     expected = alone.run(None, feeds)[0]
     actual = shared.sessions[0].run(None, feeds)[0]
     assert (expected == actual).all()
+    # variant 0 computes every block: each attention layer is one fused node, none decomposed
+    ops = [node.op_type for node in onnx.load(str(path / variant["file"]), load_external_data=False).graph.node]
+    layers = sum(node.target is torch.ops.aten.scaled_dot_product_attention.default
+                 for node in traced.graph_module.graph.nodes)
+    assert ops.count("MultiHeadAttention") == layers > 0 and "Softmax" not in ops
     # every session got its initializers from the one map: one value per distinct tensor
     assert 0 < len(shared.weights._values) <= sum(1 for _ in traced.model.parameters()) + 8
 

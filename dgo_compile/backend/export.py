@@ -13,6 +13,7 @@ import onnx
 import torch
 from torch import fx
 
+from dgo_compile.backend.attention import translation_table
 from dgo_compile.core.errors import DgoError
 from dgo_compile.core.outputs import make_staging
 
@@ -26,13 +27,15 @@ EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit: bigger graphs keep their
 
 def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], path: str | Path,
                 output_names: tuple[str, ...] = ("prediction",), opset: int = 20,
-                external_data_bytes: int = EXTERNAL_DATA_BYTES, max_batch: int | None = None) -> list[Path]:
+                external_data_bytes: int = EXTERNAL_DATA_BYTES, max_batch: int | None = None,
+                fused_attention: bool = True) -> list[Path]:
     """Export `graph_module` to `path`; every input's dim 0 is the dynamic batch. Returns the files
     written: the graph, plus `<name>.data` when its weights reach `external_data_bytes`.
 
     The example batch must be at least 2: export specialises a batch of 1 to a constant. The
     graph passes onnx.checker before it is moved into place. `max_batch` bounds the batch dim where
     tracing could not prove the graph right past a guard (TracedDenoiser.max_batch).
+    `fused_attention` writes attention as onnxruntime's fused kernel (`backend.attention`).
     """
     path = Path(path)
     if next(iter(inputs.values())).shape[0] < 2:
@@ -47,7 +50,8 @@ def export_onnx(graph_module: fx.GraphModule, inputs: dict[str, torch.Tensor], p
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(wrapper, tuple(inputs.values()), dynamic_shapes=dynamic, dynamo=True,
                                         input_names=list(inputs), output_names=list(output_names),
-                                        opset_version=opset, external_data=False, verbose=False)
+                                        opset_version=opset, external_data=False, verbose=False,
+                                        custom_translation_table=translation_table() if fused_attention else None)
         weight_bytes = sum(t.numel() * t.element_size() for t in graph_module.state_dict().values())
         program.save(str(tmp / path.name), external_data=weight_bytes >= external_data_bytes)
         onnx.checker.check_model(str(tmp / path.name))  # by path: works past 2 GB too

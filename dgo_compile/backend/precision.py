@@ -8,8 +8,9 @@ has float32 casts baked in (diffusers' timestep embedding), and CPU verification
 What stays float32, and why:
 - normalisation (InstanceNormalization for GroupNorm, LayerNormalization): their statistics
   (mean of squares over thousands of values) lose digits and can overflow in fp16;
-- Softmax, and where the model asks for it (`upcast_attention`, SD-2.x) the attention-score
-  MatMul feeding it: QK^T overflows fp16 at 768 px on SD-2.1, which is why diffusers upcasts it;
+- Softmax, and where the model asks for it (`upcast_attention`, SD-2.x) the whole fused attention
+  (or, where attention is not fused, the score MatMul feeding the Softmax): QK^T overflows fp16 at
+  768 px on SD-2.1, which is why diffusers upcasts it;
 - the `timestep` input, when a graph still takes one: fp16 cannot hold fractional timesteps.
 Weights, caches and timestep constants are fp16.
 
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from dgo_compile.backend.attention import FUSED_OP
 from dgo_compile.core.errors import DgoError
 from dgo_compile.core.options import check
 
@@ -51,7 +53,7 @@ def to_fp16(model: onnx.ModelProto, upcast_attention: bool = False) -> onnx.Mode
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    blocked_nodes = _attention_score_matmuls(model) if upcast_attention else []
+    blocked_nodes = _attention_nodes(model) if upcast_attention else []
     keep_io = [i.name for i in model.graph.input if i.name in KEEP_FLOAT_INPUTS]
     op_block_list = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS)
     # The converter reads each converted initializer's data only for its shape; ours stays on disk,
@@ -83,10 +85,11 @@ def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
-def _attention_score_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes that feed a Softmax through scale/mask ops only."""
+def _attention_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the fused attention nodes, and of the MatMul nodes that feed a Softmax through
+    scale/mask ops only (attention torch.onnx decomposed)."""
     producer = {out: node for node in model.graph.node for out in node.output}
-    names = []
+    names = [node.name for node in model.graph.node if node.op_type == FUSED_OP.name]
     for node in model.graph.node:
         if node.op_type != "Softmax":
             continue
