@@ -27,11 +27,17 @@ class Result:
 
 def cli(*args) -> Result:
     """The CLI in this process (no 7 s of imports per call): the same entry point, `main`, with its
-    error rendering; an exception that escapes it becomes exit code 99 with its traceback on stderr."""
+    error rendering; an exception that escapes it becomes exit code 99 with its traceback on stderr.
+    The library logger is left as it was (`main` adds its notice handler and stops propagation, which
+    would hide later tests' log records from caplog)."""
+    import logging
+
     from dgo_compile.cli.app import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     argv = sys.argv
+    library = logging.getLogger("dgo_compile")
+    handlers, propagate = list(library.handlers), library.propagate
     sys.argv = ["dgo-compile", *map(str, args)]
     code = 0
     try:
@@ -45,6 +51,7 @@ def cli(*args) -> Result:
                 code = 99
     finally:
         sys.argv = argv
+        library.handlers[:], library.propagate = handlers, propagate
     return Result(code, stdout.getvalue(), stderr.getvalue())
 
 

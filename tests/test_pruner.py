@@ -24,6 +24,7 @@ from dgo_compile.search.pruner import (
     load_pruner,
     optimize,
 )
+from reliability import cli
 
 DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
         "clip_sample": False}
@@ -170,13 +171,14 @@ def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
     assert "wrote" in result.stdout and "2 iterations" in result.stdout
     state = json.loads((tmp_path / "pruner" / "pruner.json").read_text())
     assert state["complete"] and len(state["history"]) == 2 and state["elements"][0] == "down_blocks.0"
-    result = run("schedule", tmp_path / "pruner", "--keep-macs", "0.6", "-o", tmp_path / "s.json")
+    # `schedule` and `compile` in this process (the same entry point; their own files run them as real commands)
+    result = cli("schedule", tmp_path / "pruner", "--keep-macs", "0.6", "-o", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
     plan = Schedule.load(tmp_path / "s.json")
     assert plan.calls == 4 and all(plan.compute[0])
     with Image.open(tmp_path / "s.png") as heatmap:
         assert heatmap.width > 400 and heatmap.height > 200
-    result = run("compile", "--schedule", tmp_path / "s.json", "--steps", "4", "-o", tmp_path / "artifact")
+    result = cli("compile", "--schedule", tmp_path / "s.json", "--steps", "4", "-o", tmp_path / "artifact")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
     assert manifest["schedule"]["compute"] == [[int(c) for c in row] for row in plan.compute]

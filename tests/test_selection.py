@@ -36,14 +36,22 @@ def run(*args):
                           text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """`optimize` for one iteration on the shipped model (its gates still at their initialisation): the pruner
+    folder, shared by this file's tests, which only read it."""
+    folder = tmp_path_factory.mktemp("selection") / "pruner"
+    result = run("optimize", "--steps", "10", "--iters", "1", "--batch", "1", "--calibration", "1",
+                 "--keep-macs", "0.5", "-o", folder)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
 @pytest.mark.slow
-def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
+def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(untrained, tmp_path):
     # One iteration: the gates are still at their initialisation, so extraction reuses pairs in (call, block)
     # order: whole early calls, block by block. Every closed-form schedule at the same MACs beats it.
-    result = run("optimize", "--steps", "10", "--iters", "1", "--batch", "1", "--calibration", "1",
-                 "--keep-macs", "0.5", "-o", tmp_path / "pruner")
-    assert result.returncode == 0, result.stderr
-    result = run("schedule", tmp_path / "pruner", "--keep-macs", "0.5", "--calibration-samples", "2",
+    result = run("schedule", untrained, "--keep-macs", "0.5", "--calibration-samples", "2",
                  "-o", tmp_path / "s.json")
     assert result.returncode == 0, result.stderr
     plan = Schedule.load(tmp_path / "s.json")
@@ -52,21 +60,18 @@ def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(tmp_path):
     text = " ".join(result.stdout.split())  # the console wraps at 150 columns
     assert text.startswith(f"{plan.name} won on 2 calibration samples (noise seed 30000): PSNR ")
     assert "dB over the learned schedule (" in text or "dB over dipgo:0.5 (" in text
-    unscored = run("schedule", tmp_path / "pruner", "--keep-macs", "0.5", "--calibration-samples", "0",
+    unscored = run("schedule", untrained, "--keep-macs", "0.5", "--calibration-samples", "0",
                    "-o", tmp_path / "learned.json")
     assert unscored.returncode == 0, unscored.stderr
     assert Schedule.load(tmp_path / "learned.json").name == "dipgo:0.5" and "won" not in unscored.stdout
 
 
-def test_selection_considers_the_searched_k_step_schedule_and_it_never_loses_to_steps_k(tmp_path, shipped):
+def test_selection_considers_the_searched_k_step_schedule_and_it_never_loses_to_steps_k(untrained, shipped):
     from dgo_compile.search.pruner import load_pruner
     from dgo_compile.search.selection import schedule_at
 
-    result = run("optimize", "--steps", "10", "--iters", "1", "--batch", "1", "--calibration", "1",
-                 "--keep-macs", "0.5", "-o", tmp_path / "pruner")
-    assert result.returncode == 0, result.stderr
     # At 40% of DDIM 10: steps:4 (0 2 5 8); on these 2 samples the search moves its calls earlier (measured).
-    selection = schedule_at(shipped, load_pruner(tmp_path / "pruner"), 0.4, samples=2)
+    selection = schedule_at(shipped, load_pruner(untrained), 0.4, samples=2)
     scored = {s.schedule.name: s for s in selection.scored}
     assert "steps-searched:4" in scored and scored["steps-searched:4"].psnr >= scored["steps:4"].psnr
     searched = scored["steps-searched:4"].schedule

@@ -10,7 +10,8 @@ reported to a `dgo_compile.core.progress.Stages` with what it does and how far a
   optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.keep_macs
   compile    fold + export the ONNX artifact (written to a temp folder, then renamed)
   verify     the artifact against the PyTorch graphs it came from and the original model, same noise
-  bench      the artifact against the original's `full` artifact, interleaved rounds (dgo_compile.backend.bench)
+  bench      the artifact against the original's `full` artifact, interleaved rounds (dgo_compile.backend.bench);
+             that artifact is kept in <work>/original and reused while the model and sampler settings match
   report     report.md / report.json / schedule heatmap / sample grid
 Intermediate models live in `<output>.work/`; a rerun reuses one only when its `stage.json` holds the
 same resolved settings and inputs (`dgo_compile.driver.stages`), and rebuilds it otherwise, saying why.
@@ -149,7 +150,7 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
     from dgo_compile import load, trace
     from dgo_compile.backend.artifact import compile_artifact
     from dgo_compile.driver.report import measure, write_report
-    from dgo_compile.driver.stages import finetuned, pruned
+    from dgo_compile.driver.stages import finetuned, original_full, pruned
     from dgo_compile.frontend.resolution import resolve
 
     report: dict[str, Any] = {"config": config.to_json()}
@@ -203,8 +204,11 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
 
         with stages.stage("bench", f"timing the artifact against the original's full artifact, {ROUNDS} "
                                    "interleaved rounds", total=2 * (ROUNDS + 1)) as step:
-            report["measured"] = measure(tmp, report["config"], schedule.calls, original_traced,
-                                         original.scheduler_config, on_run=step.advance)
+            full = original_full(original_traced, original.scheduler_config,
+                                 {"scheduler": config.scheduler, "steps": config.steps, "precision": config.precision,
+                                  "calls": schedule.calls, "latent_size": list(resolution.latent)},
+                                 original.source, work / "original")
+            report["measured"] = measure(tmp, full, on_run=step.advance)
         report["timings_s"] = dict(stages.seconds)
         with stages.stage("report", "writing report.md, report.json, samples.png and schedule.png"):
             write_report(tmp, report, schedule, heatmap_source, loaded)

@@ -3,8 +3,9 @@
 Every number describes the model actually compiled: params and MACs are counted on its graph, and
 the pruning and fine-tuning settings come from the `stage.json` stamps of the folders it was built
 in (`dgo_compile.driver.stages`), not from the config. The measured speedup is timed against the original
-model's `full` artifact, compiled alike (same sampler, steps and precision) and opened with the same
-session options and thread count, in interleaved rounds (`measure`, the pipeline's bench stage): seconds
+model's `full` artifact, compiled alike (same sampler, steps and precision; kept in the work folder and
+reused by a rerun while the model and those settings are unchanged, `stages.original_full`) and opened with
+the same session options and thread count, in interleaved rounds (`measure`, the pipeline's bench stage): seconds
 per run as median (min-max), the realised speedup beside the theoretical (MACs) one, the threads used,
 and a warning heading report.md when a spread is over SPREAD_WARN (max / min) or the realised speedup
 exceeds the MACs ratio.
@@ -16,7 +17,6 @@ which elements each denoiser call computes, optionally under a pruner's P(reuse)
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -46,29 +46,18 @@ def write_report(folder: Path, report: dict[str, Any], schedule, trained, loaded
     (folder / "report.md").write_text("\n".join(_markdown(report, schedule, loaded, trained)) + "\n")
 
 
-def measure(folder: Path, config: dict[str, Any], calls: int, original_traced, scheduler_config: dict,
-            on_run: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Time the artifact in `folder` against the original model's `full` artifact, compiled alike (same
-    sampler, steps, precision) and opened with the same session options and threads, in ROUNDS
-    interleaved rounds after a warm-up. `on_run()` after each of the 2 x (ROUNDS + 1) sampling runs."""
-    from dgo_compile.backend.artifact import compile_artifact
+def measure(folder: Path, full: Path, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Time the artifact in `folder` against `full`, the original model's `full` artifact compiled alike
+    (same sampler, steps, precision: `stages.original_full`), both opened with the same session options and
+    threads, in ROUNDS interleaved rounds after a warm-up. `on_run()` after each of the 2 x (ROUNDS + 1)
+    sampling runs."""
     from dgo_compile.backend.bench import bench_artifacts
     from dgo_compile.backend.ort_runner import OrtArtifact
-    from dgo_compile.schedules.schedule import builtin
-    from dgo_compile.schedules.supernet import gateable_elements
 
     threads = torch.get_num_threads()  # PyTorch's default: the physical cores; onnxruntime gets the same
-    full = folder.parent / f".{folder.name}.full"
-    try:  # the original model's `full` artifact, compiled like this one, on the same provider and options
-        compile_artifact(original_traced, builtin("full", calls, gateable_elements(original_traced)),
-                         scheduler_config, full, overwrite=True, scheduler=config["scheduler"],
-                         sampler_steps=config["steps"], precision=config["precision"])
-        artifacts = {"full": OrtArtifact.open(full, threads=threads),
-                     "compiled": OrtArtifact.open(folder, threads=threads)}
-        provider = artifacts["compiled"].sessions[0].get_providers()[0]
-        result = bench_artifacts(artifacts, 1, ROUNDS, on_run=on_run)
-    finally:
-        shutil.rmtree(full, ignore_errors=True)
+    artifacts = {"full": OrtArtifact.open(full, threads=threads), "compiled": OrtArtifact.open(folder, threads=threads)}
+    provider = artifacts["compiled"].sessions[0].get_providers()[0]
+    result = bench_artifacts(artifacts, 1, ROUNDS, on_run=on_run)
     low, high = result.spread("compiled", "full")
     times = {label: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": list(ts)}
              for label, ts in result.times.items()}

@@ -1,7 +1,8 @@
 """The intermediate models of `compile --config` (`<output>.work/`), reused only when they are what the
 config asks for.
 
-Each stage folder (`pruned/`, `finetuned/`, `pruner/`) holds `stage.json`: the stage's full resolved
+Each stage folder (`pruned/`, `finetuned/`, `pruner/`, and `original/`: the bench stage's baseline, the
+original model's `full` artifact) holds `stage.json`: the stage's full resolved
 settings and a digest of its inputs (the original model's files, or the previous stage's stamp). A
 folder is reused only when its stamp matches exactly; otherwise it is rebuilt, with one notice saying
 why. A rebuilt model is published atomically (`outputs.publish`), and a training stage's old folder is
@@ -150,3 +151,33 @@ def describe(folder: Path) -> dict[str, Any] | None:
     """The settings a stage folder was built with (for the report), from its stamp."""
     stamp = read_stamp(folder)
     return None if stamp is None else stamp["settings"]
+
+
+def original_full(traced, scheduler_config: dict, settings: dict[str, Any], model: str | Path, folder: Path) -> Path:
+    """The bench stage's baseline: the original model's `full` artifact, compiled with `settings` (scheduler,
+    steps, precision, denoiser calls, latent size) into `folder/artifact`. Reused while `folder`'s stamp
+    matches (the same model files and settings) and its files pass their checksums; rebuilt otherwise.
+    Compiling it again on every rerun took minutes on SD-1.5."""
+    from dgo_compile import __version__
+    from dgo_compile.backend.artifact import compile_artifact, read_manifest
+    from dgo_compile.core.errors import DgoError
+    from dgo_compile.schedules.schedule import builtin
+    from dgo_compile.schedules.supernet import gateable_elements
+
+    artifact = folder / "artifact"
+    expected = make_stamp("original_full", settings, {"model": model_digest(model), "dgo_compile": __version__})
+    reason = stale_reason(folder, expected)
+    if reason is None:
+        try:
+            read_manifest(artifact, checksums=True)
+            return artifact
+        except DgoError as exc:
+            reason = f"its artifact does not check: {exc}"
+    if folder.exists():
+        discard(folder, reason)
+    folder.mkdir(parents=True)
+    compile_artifact(traced, builtin("full", settings["calls"], gateable_elements(traced)), scheduler_config,
+                     artifact, scheduler=settings["scheduler"], sampler_steps=settings["steps"],
+                     precision=settings["precision"])
+    write_stamp(folder, expected)  # last: a run killed before this leaves a folder without a stamp, rebuilt
+    return artifact
