@@ -7,7 +7,10 @@ full-size UNets at their own resolution, batch 2 (classifier-free guidance), one
 `scaled_dot_product_attention` over (batch, heads, tokens, head size) is exported by
 `export_onnx` with and without `fused_attention` and run on onnxruntime's CPU provider (2 threads),
 each in a fresh process: peak resident memory above the process's baseline (inputs included) and
-the median of 3 calls. Results: results/attention.{json,md}.
+the median of 3 calls. Then a whole UNet: SD-1.5's config at half its widths (220 M params,
+random weights) at latent 32 and 64, exported both ways and opened with the artifact runner's
+session options, called at batch 2 in interleaved rounds in one process (the ratio is what to read:
+the machine is shared). Results: results/attention.{json,md}.
 """
 
 from __future__ import annotations
@@ -63,6 +66,42 @@ def measure(tokens: int, heads: int, head_size: int, fused: bool) -> dict:
             "max_rel_diff": float(np.abs(out - reference).max() / np.abs(reference).max())}
 
 
+def unet_rounds(latent: int, rounds: int = 4) -> dict:
+    """Runs in its own process: one half-width SD-1.5 UNet, fused and decomposed, interleaved calls."""
+    import onnxruntime as ort
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from dgo_compile import load, trace
+    from dgo_compile.backend.export import export_onnx
+    from dgo_compile.backend.ort_runner import session_options
+    from model_configs import SD15_UNET
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "config.json"
+        config.write_text(json.dumps({**SD15_UNET, "block_out_channels": [160, 320, 640, 640], "sample_size": latent}))
+        traced = trace(load(config), verify=False)
+        inputs = traced.example_inputs(BATCH)
+        sessions = {}
+        for fused in (True, False):
+            path = Path(folder) / f"{fused}.onnx"
+            export_onnx(traced.graph_module, inputs, path, fused_attention=fused)
+            options = session_options(ort)
+            options.intra_op_num_threads = THREADS
+            sessions["fused" if fused else "decomposed"] = ort.InferenceSession(str(path), options,
+                                                                                providers=["CPUExecutionProvider"])
+        feeds = {i.name: v.numpy() for i, v in zip(sessions["fused"].get_inputs(), inputs.values())}
+        times = {name: [] for name in sessions}
+        for _ in range(rounds):
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feeds)
+                times[name].append(round(time.perf_counter() - start, 2))
+    warm = {name: statistics.median(ts[1:]) for name, ts in times.items()}
+    return {"latent": latent, "calls_s": times, "fused_over_decomposed": round(warm["fused"] / warm["decomposed"], 3)}
+
+
 def render(data: dict) -> str:
     lines = ["# One self-attention layer: fused MultiHeadAttention vs torch.onnx's decomposition (ORT CPU)", "",
              f"Reproduce: `python benchmarks/attention.py` (`--render` rewrites this table from the JSON). Batch "
@@ -77,12 +116,22 @@ def render(data: dict) -> str:
     lines += ["", "The decomposition's first calls are slow because each allocates and first touches its score "
               "matrices; once they are resident its call is as fast as the fused one. The fused kernel's gain is "
               "memory (what makes 768-1024 px runnable on a CPU at all), not arithmetic."]
+    if data.get("unet"):
+        lines += ["", "Whole UNet (SD-1.5 at half width, 220 M params), batch 2, interleaved rounds, the artifact "
+                  "runner's session options; the ratio is of medians after the first round:", "",
+                  "| latent | fused calls s | decomposed calls s | fused / decomposed |", "|---|---|---|---|"]
+        for r in data["unet"]:
+            lines.append(f"| {r['latent']} | {r['calls_s']['fused']} | {r['calls_s']['decomposed']} | "
+                         f"{r['fused_over_decomposed']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--render"]:
         (RESULTS / "attention.md").write_text(render(json.loads((RESULTS / "attention.json").read_text())))
+        return
+    if sys.argv[1:2] == ["--unet"]:
+        print(json.dumps(unet_rounds(int(sys.argv[2]))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--cell":
         tokens, heads, head_size, fused = map(int, sys.argv[2:])
@@ -97,8 +146,14 @@ def main() -> None:
             rows.append({"model": model, "tokens": tokens, "heads": heads, "head_size": head_size,
                          "export": "fused MultiHeadAttention" if fused else "torch.onnx decomposition", **cell})
             print(rows[-1], flush=True)
+    unet = []
+    for latent in (32, 64):
+        done = subprocess.run([sys.executable, __file__, "--unet", str(latent)], capture_output=True, text=True,
+                              check=True)
+        unet.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(unet[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    data = {"batch": BATCH, "threads": THREADS, "rows": rows}
+    data = {"batch": BATCH, "threads": THREADS, "rows": rows, "unet": unet}
     (RESULTS / "attention.json").write_text(json.dumps(data, indent=1))
     (RESULTS / "attention.md").write_text(render(data))
 
