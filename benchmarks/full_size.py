@@ -82,7 +82,7 @@ def compile_one(model: str, precision: str, schedule: str, work: Path) -> dict:
     times["fold_export_s"] = time.perf_counter() - start
     manifest = json.loads((path / "manifest.json").read_text())
     params = sum(p.numel() for p in loaded.model.parameters())
-    return {**times, "variants": len(manifest["variants"]), "params": params,
+    return {**times, "variants": len(manifest["variants"]), "params": params, "attention": "fused",
             "weights_bytes": params * (2 if precision == "fp16" else 4),
             "macs_kept": manifest["macs"]["total"] / manifest["macs"]["full_total"]}
 
@@ -193,17 +193,18 @@ def render(results: dict) -> str:
              "Reproduce: `python benchmarks/full_size.py` (cells already in full_size.json are kept). "
              "2-core CPU machine, torch and onnxruntime pinned to `threads` threads; DDIM 50 steps, "
              "Stable Diffusion's scheduler. Memory in GB (1e9 bytes).", "",
-             "| model | precision | schedule | variants | kept MACs | compile min | compile CPU min | peak RSS | "
-             "artifact | "
+             "| model | precision | schedule | attention | variants | kept MACs | compile min | compile CPU min | "
+             "peak RSS | artifact | "
              "artifact / weights | opened RSS | one-session RSS | ratio | RSS after calls | ORT call b1 s | b2 s | "
              "parity (2 calls) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results["cells"].items():
         model, precision, schedule = key.split("|")
         cpu = f"{r['compile_cpu_s'] / 60:.1f}" if "compile_cpu_s" in r else "not kept"
         after = gb(r["rss_after_calls"]) if "rss_after_calls" in r else "not kept"
         lines.append(
-            f"| {model} | {precision} | {schedule} | {r['variants']} | {r['macs_kept']:.1%} | "
+            f"| {model} | {precision} | {schedule} | {r.get('attention', 'decomposed')} | {r['variants']} | "
+            f"{r['macs_kept']:.1%} | "
             f"{r['compile_wall_s'] / 60:.1f} | {cpu} | {gb(r['compile_peak_rss'])} | {gb(r['artifact_bytes'])} | "
             f"{r['artifact_bytes'] / r['weights_bytes']:.3f} | {gb(r['open_rss'])} | {gb(r['one_session_rss'])} | "
             f"{r['open_rss'] / r['one_session_rss']:.2f} | {after} | {r['call_s_batch1']:.1f} | "
@@ -216,7 +217,9 @@ def render(results: dict) -> str:
               "provider; RSS after calls = the opened artifact's resident memory after the timed calls (after the "
               "timed calls and a run's first calls up to the last variant's first use: caches and, for fp16 on the "
               "CPU provider, fp32 casts of the weights); parity = max |artifact - PyTorch fp32 folded graphs| / "
-              "max |PyTorch| over the first 2 calls."]
+              "max |PyTorch| over the first 2 calls; attention = how the artifact's attention was exported "
+              "(fused: onnxruntime's MultiHeadAttention, the default since it was added; decomposed: torch.onnx's "
+              "MatMul-Softmax-MatMul, which materialises every layer's scores)."]
     lines += [""] + [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines) + "\n"
 
