@@ -1,4 +1,6 @@
-"""The dgo-compile CLI as a user runs it: real subprocesses, real exit codes, one-line errors."""
+"""The dgo-compile CLI as a user runs it: real exit codes, one-line errors. One test runs it as a real
+subprocess (the installed entry point); the rest call the same `main` in this process (tests/reliability.cli),
+which saves torch's and diffusers' imports per call."""
 
 import json
 import re
@@ -9,15 +11,11 @@ import pytest
 from PIL import Image
 
 from model_configs import TINY
-
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+from reliability import cli, run
 
 
 def test_inspect_shipped_model_table():
-    result = run("inspect")
+    result = run("inspect")  # a real process: `python -m dgo_compile.cli`
     assert result.returncode == 0, result.stderr
     for block in ["down_blocks.0", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.3", "total"]:
         assert block in result.stdout
@@ -27,7 +25,7 @@ def test_inspect_shipped_model_table():
 @pytest.mark.slow
 def test_inspect_json_of_each_family(config_dir):
     for name in ("sd", "sdxl", "dit", "pixart"):
-        result = run("inspect", config_dir / name / "config.json", "--json")
+        result = cli("inspect", config_dir / name / "config.json", "--json")
         assert result.returncode == 0, (name, result.stderr)
         data = json.loads(result.stdout)
         assert data["random_weights"] is True and data["model"] == TINY[name]["_class_name"]
@@ -42,7 +40,7 @@ def test_inspect_json_of_each_family(config_dir):
     (["sample", "-n", "0"], "error: -n must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_1(args, message):
-    result = run(*args)
+    result = cli(*args)
     assert result.returncode == 1
     assert result.stderr.strip() == message or result.stderr.strip().startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
@@ -51,11 +49,11 @@ def test_bad_input_is_one_line_and_exit_1(args, message):
 
 @pytest.mark.slow
 def test_sample_asks_for_conditions(config_dir, tmp_path):
-    result = run("sample", config_dir / "sd" / "config.json", "-o", tmp_path / "g.png")
+    result = cli("sample", config_dir / "sd" / "config.json", "-o", tmp_path / "g.png")
     assert result.returncode == 1
     assert "has no scheduler/ config; pass a pipeline folder" in result.stderr
     pipeline = tiny_pipeline(tmp_path / "sd", "sd")
-    result = run("sample", pipeline, "--steps", "2", "-o", tmp_path / "g.png")
+    result = cli("sample", pipeline, "--steps", "2", "-o", tmp_path / "g.png")
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: this model also takes encoder_hidden_states: pass them in a safetensors "
                                      "file (--prompt-embeds) under those names (or --prompts, with a pipeline folder "
@@ -86,18 +84,18 @@ def tiny_pipeline(path, family):
 def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
     pipeline = tiny_pipeline(tmp_path / "dit", "dit")
     artifact = tmp_path / "artifact"
-    result = run("compile", pipeline, "--schedule", "steps:2", "--steps", "3", "--scheduler", "heun",
+    result = cli("compile", pipeline, "--schedule", "steps:2", "--steps", "3", "--scheduler", "heun",
                  "--guidance-scale", "4", "-o", artifact)
     assert result.returncode == 0, result.stderr
     assert "graphs for heun 3 steps" in result.stdout
-    missing = run("sample", artifact, "-o", tmp_path / "g.png")
+    missing = cli("sample", artifact, "-o", tmp_path / "g.png")
     assert missing.returncode == 1
     assert missing.stderr.strip() == ("error: this model is class-conditional: pass --class-label "
                                       "(repeat it for several classes)")
-    sampled = run("sample", artifact, "-n", "3", "--class-label", "1", "--class-label", "7", "-o", tmp_path / "g.png")
+    sampled = cli("sample", artifact, "-n", "3", "--class-label", "1", "--class-label", "7", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
     assert "heun 3 steps" in sampled.stdout and Image.open(tmp_path / "g.png").size == (2 * 8 * 2, 2 * 8 * 2)
-    other = run("sample", artifact, "--scheduler", "ddim", "--class-label", "1", "-o", tmp_path / "h.png")
+    other = cli("sample", artifact, "--scheduler", "ddim", "--class-label", "1", "-o", tmp_path / "h.png")
     assert other.returncode == 1
     assert other.stderr.strip().endswith("was compiled for the heun sampler, not ddim; drop --scheduler or "
                                          "recompile with --scheduler ddim")
@@ -106,7 +104,7 @@ def test_class_conditional_dit_compiles_and_samples_with_guidance(tmp_path):
 @pytest.mark.slow
 def test_unit_granularity_and_dump_dir(tmp_path):
     artifact, dump = tmp_path / "artifact", tmp_path / "dump"
-    result = run("compile", "--schedule", "deepcache:2", "--steps", "4", "--granularity", "unit",
+    result = cli("compile", "--schedule", "deepcache:2", "--steps", "4", "--granularity", "unit",
                  "--dump-dir", dump, "-o", artifact)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -116,13 +114,13 @@ def test_unit_granularity_and_dump_dir(tmp_path):
         "01_fold_timestep.txt", "02_insert_backup_edges.txt", "03_attach_gates.txt"]
     assert sorted(p.name for p in dump.iterdir()) == ["supernet", "variant_000", "variant_001"]
     assert "gate__down_blocks_0_resnets_0" in (dump / "supernet" / "03_attach_gates.txt").read_text()
-    bad = run("compile", "--granularity", "layer", "-o", tmp_path / "b")
+    bad = cli("compile", "--granularity", "layer", "-o", tmp_path / "b")
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --granularity must be one of block, unit, got 'layer'"
 
 
 def test_sample_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
-    result = run("sample", "-n", "4", "--steps", "3", "--seed", "0", "-o", out)
+    result = cli("sample", "-n", "4", "--steps", "3", "--seed", "0", "-o", out)
     assert result.returncode == 0, result.stderr
     image = Image.open(out)
     assert image.size == (2 * 32 * 2, 2 * 32 * 2)  # 2x2 grid of 32px tiles, shown at 2x
@@ -132,22 +130,22 @@ def test_sample_writes_a_grid(tmp_path):
 @pytest.mark.slow
 def test_compile_then_sample_the_artifact(tmp_path):
     artifact = tmp_path / "artifact"
-    result = run("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
+    result = cli("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
     assert result.returncode == 0, result.stderr
     assert "2 graphs" in result.stdout and (artifact / "manifest.json").is_file()
-    again = run("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
+    again = cli("compile", "--schedule", "deepcache:2", "--steps", "4", "-o", artifact)
     assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
-    wrong_steps = run("sample", artifact, "--steps", "5", "-o", tmp_path / "g.png")
+    wrong_steps = cli("sample", artifact, "--steps", "5", "-o", tmp_path / "g.png")
     assert wrong_steps.returncode == 1
     assert wrong_steps.stderr.strip().endswith("was compiled for 4 steps, not 5; drop --steps or recompile with "
                                                "--steps 5")
-    sampled = run("sample", artifact, "-n", "2", "-o", tmp_path / "g.png")
+    sampled = cli("sample", artifact, "-n", "2", "-o", tmp_path / "g.png")
     assert sampled.returncode == 0, sampled.stderr
     assert "ddim 4 steps" in sampled.stdout and (tmp_path / "g.png").is_file()
 
 
 def test_compile_bad_schedule_leaves_no_artifact(tmp_path):
-    result = run("compile", "--schedule", "deepcache:0", "--steps", "4", "-o", tmp_path / "a")
+    result = cli("compile", "--schedule", "deepcache:0", "--steps", "4", "-o", tmp_path / "a")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: deepcache interval must be at least 1, got 0"
     assert list(tmp_path.iterdir()) == []
@@ -156,8 +154,8 @@ def test_compile_bad_schedule_leaves_no_artifact(tmp_path):
 @pytest.mark.slow
 def test_bench_compares_with_the_unpruned_model(tmp_path):
     artifact = tmp_path / "artifact"
-    assert run("compile", "--schedule", "steps:2", "--steps", "4", "-o", artifact).returncode == 0
-    result = run("bench", artifact, "--repeats", "1")
+    assert cli("compile", "--schedule", "steps:2", "--steps", "4", "-o", artifact).returncode == 0
+    result = cli("bench", artifact, "--repeats", "1")
     assert result.returncode == 0, result.stderr
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
     assert set(rows) >= {"full", "compiled"}
@@ -171,8 +169,8 @@ def test_bench_of_an_artifact_against_itself_is_one_within_its_spread(tmp_path):
     timed against itself must measure 1.0x inside its own min-max; a median above 1.0 (the MACs ratio)
     must be called noise."""
     artifact = tmp_path / "artifact"
-    assert run("compile", "--schedule", "full", "--steps", "2", "-o", artifact).returncode == 0
-    result = run("bench", artifact, "--against", artifact, "--repeats", "15")
+    assert cli("compile", "--schedule", "full", "--steps", "2", "-o", artifact).returncode == 0
+    result = cli("bench", artifact, "--against", artifact, "--repeats", "15")
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stdout.splitlines() if x.startswith("speedup "))
     median, low, high = (float(v) for v in re.match(r"speedup ([\d.]+)x \(([\d.]+)-([\d.]+)x over 15 rounds\)",
@@ -219,7 +217,7 @@ def test_help_and_bad_arguments_import_nothing_heavy(tmp_path, args, message):
 
 
 def test_help_renders_flags_and_config_sections_as_written():
-    result = run("compile", "--help")
+    result = cli("compile", "--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "<bool>" not in text
@@ -245,5 +243,5 @@ def test_one_library_error_names_the_field_for_python_and_toml_and_the_option_on
     config.write_text('schedule = "learned"\n[optimize]\nkeep_macs = 2.0\n')
     with pytest.raises(DgoError, match=re.escape(f"[optimize] keep_macs {meaning}")):
         read_config(config, {})
-    result = run("optimize", "--keep-macs", "2", "-o", tmp_path / "p")
+    result = cli("optimize", "--keep-macs", "2", "-o", tmp_path / "p")
     assert result.returncode == 1 and result.stderr.strip() == f"error: --keep-macs {meaning}", result.stderr
