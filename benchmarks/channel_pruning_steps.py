@@ -124,7 +124,7 @@ def ours_piece(loaded, images: torch.Tensor | None, config: PruneConfig, work: P
         round_trip = same_state(snapshot(pruned.model), snapshot(load(tmp).model))
         try:
             with torch.no_grad():
-                traced = trace(pruned.model)  # re-trace, checked against eager
+                traced = pruned.traced  # prune's re-trace, checked against eager
                 traced(*traced.example_inputs(2).values())
             runs = True
         except Exception:

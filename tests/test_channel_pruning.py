@@ -12,7 +12,7 @@ from dgo_compile.passes.channel_plan import ChannelRuleError
 from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 from torch import nn
 
-from dgo_compile import load, trace
+from dgo_compile import load
 from dgo_compile.backend.export import export_onnx
 from dgo_compile.channels.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
 from dgo_compile.frontend.loading import save_denoiser
@@ -294,7 +294,8 @@ def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_pa
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())  # user's model untouched
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert params(pruned.model) < 0.8 * params(loaded.model)
-    traced = trace(pruned.model)
+    traced = pruned.traced  # prune's own re-trace, checked against the pruned eager model
+    assert traced.model is pruned.model
     inputs = traced.example_inputs(2)
     path = export_onnx(traced.graph_module, inputs, tmp_path / "m.onnx")[0]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -341,7 +342,7 @@ def run(*args):
 
 
 def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
-    result = run("prune", "--dry-run", "--channel-ratio", "0.5", "-o", tmp_path / "p")
+    result = cli("prune", "--dry-run", "--channel-ratio", "0.5", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr
     assert "57 channel groups, 56 prunable" in result.stdout
     assert "GroupNorm(16) conv_norm_out" in result.stdout and "the model output" in result.stdout
@@ -350,6 +351,7 @@ def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
+    # `prune` as a real command; the follow-up and the error cases run in this process (reliability.cli)
     result = run("prune", "--importance", "magnitude", "--channel-ratio", "0.5", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr
     stored = json.loads((tmp_path / "p" / "unet" / "dgo_pruning.json").read_text())
@@ -369,7 +371,7 @@ def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
     (["prune", "--images", "{tmp}/none.safetensors", "-o", "{tmp}/p"], "cannot read 'images' from"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
-    result = run(*[a.format(tmp=tmp_path) for a in args])
+    result = cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "p").exists()

@@ -39,6 +39,7 @@ class PrunedModel:
     pruning: dict  # what dgo_pruning.json records
     keep: dict[int, torch.Tensor]  # group id -> kept channel indices
     taylor_losses: tuple[float, ...]  # Taylor: the denoising loss at t = 0, 1, ... until the stop
+    traced: TracedDenoiser  # the pruned model's graph, re-traced and checked against it (callers need not trace again)
 
 
 def plan_channels(source: LoadedModel | nn.Module | TracedDenoiser) -> tuple[TracedDenoiser, ChannelPlan]:
@@ -339,4 +340,4 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
                "macs": {"before": before.macs, "after": after.macs},
                "groups": {str(gid): {"size": next(g.size for g in plan.groups if g.id == gid), "kept": len(k)}
                           for gid, k in keep.items()}}
-    return PrunedModel(model, pruning, keep, losses)
+    return PrunedModel(model, pruning, keep, losses, pruned_traced)
