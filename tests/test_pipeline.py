@@ -11,6 +11,7 @@ import pytest
 from dgo_compile.core.configs import FinetuneConfig, OptimizeConfig
 from dgo_compile.core.errors import DgoError
 from dgo_compile.driver.pipeline import read_config
+from reliability import cli
 
 
 def run(*args):
@@ -71,7 +72,7 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, text, message):
     with pytest.raises(DgoError) as info:
         read_config(path, {})
     assert message in str(info.value)
-    result = run("compile", "--config", path, "-o", tmp_path / "a")
+    result = cli("compile", "--config", path, "-o", tmp_path / "a")  # the same `main`, in this process
     assert result.returncode == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "a").exists()
