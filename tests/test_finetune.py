@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from dgo_compile import DEFAULT_MODEL, load
 from dgo_compile.channels.finetune import STATE_FILE, FinetuneConfig, FinetuneError, finetune, read_finetune
 from dgo_compile.frontend.loading import save_denoiser
+from reliability import cli
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -155,7 +156,7 @@ def test_cli_finetune_then_resume_with_other_settings(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 2 steps in" in result.stdout and "final loss" in result.stdout
     assert read_finetune(out).complete and load(out).model is not None
-    result = run("finetune", "--resume", "--lr", "0.1", "-o", out)
+    result = cli("finetune", "--resume", "--lr", "0.1", "-o", out)  # the refusal in this process
     assert result.returncode == 1
     assert "fine-tuned with other settings (--lr)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -167,7 +168,7 @@ def test_cli_finetune_then_resume_with_other_settings(tmp_path):
     (["--distill", "0.5", "-o", "{tmp}/p"], "error: --distill needs --teacher"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
-    result = run("finetune", *[a.format(tmp=tmp_path) for a in args])
+    result = cli("finetune", *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert list(tmp_path.iterdir()) == []

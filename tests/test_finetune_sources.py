@@ -14,6 +14,7 @@ from dgo_compile.channels.finetune_data import TeacherTrajectories
 from dgo_compile.frontend.families import family_of
 from dgo_compile.frontend.loading import save_denoiser
 from model_configs import TINY_DIT, TINY_UNET2D, TINY_UNET2D_CLASS_COND
+from reliability import cli
 
 TRAJECTORY_STEPS = 8
 
@@ -155,7 +156,7 @@ def test_cli_distill_only(tmp_path):
         return subprocess.run([sys.executable, "-m", "dgo_compile.cli", "finetune", *map(str, args)],
                               capture_output=True, text=True, timeout=600)
 
-    result = run(student, "--distill-only", "-o", tmp_path / "refused")
+    result = cli("finetune", student, "--distill-only", "-o", tmp_path / "refused")  # refusal: in this process
     assert result.returncode == 1 and result.stderr.strip() == (
         "error: --distill-only needs --teacher, the unpruned model whose trajectories are the data")
     assert not (tmp_path / "refused").exists()
@@ -165,5 +166,5 @@ def test_cli_distill_only(tmp_path):
     assert result.returncode == 0, result.stderr
     record = read_finetune(out)
     assert record.complete and record.config.distill_only and record.config.trajectory_steps == 4
-    result = run("--resume", "-o", out)  # the stored settings, teacher included, carry over
+    result = cli("finetune", "--resume", "-o", out)  # the stored settings, teacher included, carry over
     assert result.returncode == 0, result.stderr

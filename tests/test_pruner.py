@@ -193,7 +193,7 @@ def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
     (["schedule", "{tmp}", "--keep-macs", "0.5"], "is not a pruner folder"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
-    result = run(*[a.format(tmp=tmp_path) for a in args])
+    result = cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "p").exists()
@@ -224,7 +224,7 @@ def test_latent_pipeline_consistency_is_on_vae_decoded_images(latent_pipeline, t
     state = json.loads((tmp_path / "p" / "pruner.json").read_text())
     assert state["decoded_with_vae"] is True and state["elements"] == ["down_blocks.0", "down_blocks.1", "mid_block",
                                                                        "up_blocks.0", "up_blocks.1"]
-    result = run("optimize", latent_pipeline, "--steps", "3", "-o", tmp_path / "q")
+    result = cli("optimize", latent_pipeline, "--steps", "3", "-o", tmp_path / "q")
     assert result.returncode == 1 and "--prompt-embeds" in result.stderr and not (tmp_path / "q").exists()
 
 

@@ -13,6 +13,7 @@ from dgo_compile.core.configs import OptimizeConfig
 from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin
 from dgo_compile.search.selection import calibration_error
 from dgo_compile.search.step_search import StepSubsets, search_steps, searched_steps, step_subset
+from reliability import cli
 
 
 def test_the_search_finds_a_planted_subset_from_uniform_and_never_loses_to_it():
@@ -86,5 +87,5 @@ def test_cli_writes_a_schedule_json_and_refuses_a_bad_k(tmp_path):
                            f"{' '.join(map(str, full_rows))} in full; ")
     assert "dB over steps:3 on 1 calibration samples" in text and "--steps 8" in text
     assert json.loads((tmp_path / "s.json").read_text())["granularity"] == "block"
-    bad = run("search-steps", "--k", "0", "-o", tmp_path / "t.json")
+    bad = cli("search-steps", "--k", "0", "-o", tmp_path / "t.json")  # the refusal in this process
     assert bad.returncode != 0 and "--k must be at least 1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
