@@ -21,14 +21,14 @@ FP16_RUN_PSNR = 40
 
 @pytest.mark.slow
 def test_fp16_artifact_over_a_whole_run_deviates_like_pytorch_fp16(tmp_path):
-    # A trained model (random ones amplify any rounding along DDIM): 8 images, 20 DDIM steps (PyTorch fp16 on a
-    # CPU takes seconds per call: this is its cost).
+    # A trained model (random ones amplify any rounding along DDIM): 4 images, 20 DDIM steps (PyTorch fp16 on a
+    # CPU takes seconds per call: this is its cost). Measured ours/theirs error: 1.04-1.11 over seeds 11-13.
     loaded = load()
     traced = trace(loaded, verify=False)
     steps = 20
     schedule = builtin("full", steps, gateable_elements(traced))
     path = compile_artifact(traced, schedule, loaded.scheduler_config, tmp_path / "a", precision="fp16")
-    noise = initial_noise(8, (1, 32, 32), 11)
+    noise = initial_noise(4, (1, 32, 32), 11)
     half = copy.deepcopy(loaded.model).half()
 
     def torch_fp16(sample, timestep):
