@@ -1,8 +1,6 @@
 """Channel pruning: dependency groups on hand-built graphs, surgery, save/load, ONNX parity, the CLI."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from dgo_compile import load
 from dgo_compile.backend.export import export_onnx
 from dgo_compile.channels.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
 from dgo_compile.frontend.loading import save_denoiser
-from reliability import cli
+from reliability import cli, run
 
 
 def exported(module: nn.Module, *inputs):
@@ -335,10 +333,6 @@ def test_taylor_accumulates_timesteps_until_the_loss_falls_below_the_threshold()
     magnitude = prune(loaded, PruneConfig(channel_ratio=0.3, importance="magnitude"))
     assert any(not torch.equal(pruned.keep[g], magnitude.keep[g]) for g in pruned.keep)  # the gradients matter
 
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):

@@ -1,8 +1,6 @@
 """Fine-tuning: a pruned model trains and stays loadable, EMA weights are saved, resume, distillation, the CLI."""
 
 import copy
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -12,7 +10,7 @@ from safetensors.torch import load_file
 from dgo_compile import DEFAULT_MODEL, load
 from dgo_compile.channels.finetune import STATE_FILE, FinetuneConfig, FinetuneError, finetune, read_finetune
 from dgo_compile.frontend.loading import save_denoiser
-from reliability import cli
+from reliability import cli, run
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -144,10 +142,6 @@ def test_bad_models_and_teacher_options_are_refused_before_writing(config_dir, t
         finetune(None, FinetuneConfig(distill=1.0), tmp_path / "o", teacher=config_dir / "unet2d" / "config.json")
     assert list(tmp_path.iterdir()) == []
 
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_cli_finetune_then_resume_with_other_settings(tmp_path):

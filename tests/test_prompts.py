@@ -3,8 +3,6 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,12 +11,7 @@ from safetensors.torch import load_file
 from dgo_compile.core.errors import DgoError
 from dgo_compile.frontend.prompts import encode_prompts, read_prompts
 from pipelines import TOKENS, write_text_pipeline
-from reliability import cli
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
+from reliability import cli, run
 
 
 @pytest.fixture(scope="module")

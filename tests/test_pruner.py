@@ -1,8 +1,6 @@
 """DiP-GO's pruner: gradients through the trajectory, schedule extraction, resume, the CLI."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -24,7 +22,7 @@ from dgo_compile.search.pruner import (
     load_pruner,
     optimize,
 )
-from reliability import cli
+from reliability import cli, run
 
 DDIM = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "timestep_spacing": "trailing",
         "clip_sample": False}
@@ -157,10 +155,6 @@ def test_resume_reaches_the_same_pruner_as_an_uninterrupted_run(tiny, tmp_path):
     with pytest.raises(PrunerError, match="already exists; pass `resume`"):
         optimize(tiny, DDIM, config, tmp_path / "straight")
 
-
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
 
 
 @pytest.mark.slow

@@ -1,7 +1,5 @@
 """`schedule --keep-macs R` is never worse on calibration noise than the closed-form schedules at R."""
 
-import subprocess
-import sys
 
 import pytest
 
@@ -9,6 +7,7 @@ from dgo_compile import load, trace
 from dgo_compile.schedules.schedule import Schedule, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost
 from dgo_compile.search.selection import TOLERANCE, closed_form_candidates
+from reliability import run
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,6 @@ def test_candidates_are_the_most_compute_that_fits_the_budget(shipped):
     # 4 down blocks x 3 layers: only branches within down_blocks.0 fit half the MACs at any interval
     assert names == ["steps:5", "deepcache:3:0", "deepcache:4:1", "deepcache:5:2"]
 
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """`steps-searched:K`: the searched K-step schedule, never worse than `steps:K` on its calibration noise."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from dgo_compile.core.configs import OptimizeConfig
 from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin
 from dgo_compile.search.selection import calibration_error
 from dgo_compile.search.step_search import StepSubsets, search_steps, searched_steps, step_subset
-from reliability import cli
+from reliability import cli, run
 
 
 def test_the_search_finds_a_planted_subset_from_uniform_and_never_loses_to_it():
@@ -69,10 +67,6 @@ def test_shared_fold_runs_what_fold_builds_and_the_search_beats_uniform_on_its_n
     assert found.score <= found.uniform_score
     assert found.score == error(fold(traced, found.schedule).new_run())
 
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_cli_writes_a_schedule_json_and_refuses_a_bad_k(tmp_path):
