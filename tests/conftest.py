@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,25 @@ from model_configs import TINY
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_configure(config):
+    """One export cache (dgo_compile.backend.export_cache) for the whole run: the tests compile the same
+    graphs many times (every schedule's `full` variant, fp32 beside fp16), and an export costs 5-25 s.
+    Made by the first process (pytest-xdist's controller, before its workers start) and inherited by
+    the workers and the commands they run; removed by that process at the end. A run with
+    DGO_COMPILE_EXPORT_CACHE already set uses that folder and leaves it."""
+    from dgo_compile.backend.export_cache import ENV
+
+    if ENV not in os.environ:
+        os.environ[ENV] = config._dgo_export_cache = tempfile.mkdtemp(prefix="dgo-export-cache.")
+
+
+def pytest_unconfigure(config):
+    made = getattr(config, "_dgo_export_cache", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop("DGO_COMPILE_EXPORT_CACHE", None)
 
 
 @pytest.fixture(scope="session")

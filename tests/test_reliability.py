@@ -338,6 +338,7 @@ class TestNeverStuck:
         import dgo_compile.backend.artifact as artifact_module
 
         _, traced, scheduler_config = tiny
+        monkeypatch.delenv("DGO_COMPILE_EXPORT_CACHE", raising=False)  # the graph is exported, not copied
         if where == "onnx_save":  # inside export_onnx, after the graph is exported, while the file is written
             monkeypatch.setattr(torch.onnx.ONNXProgram, "save", _fail_on_call(torch.onnx.ONNXProgram.save, 1))
         elif where == "constants_write":  # after every variant is in the staging folder
