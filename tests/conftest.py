@@ -21,12 +21,12 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 
 
 def pytest_configure(config):
-    """One export cache (dgo_compile.backend.export_cache) for the whole run: the tests compile the same
-    graphs many times (every schedule's `full` variant, fp32 beside fp16), and an export costs 5-25 s.
+    """One compile cache (dgo_compile.core.cache) for the whole run: the tests trace and compile the same
+    models many times (every schedule's `full` variant, fp32 beside fp16), and an export costs 4-25 s.
     Made by the first process (pytest-xdist's controller, before its workers start) and inherited by
     the workers and the commands they run; removed by that process at the end. A run with
     DGO_COMPILE_EXPORT_CACHE already set uses that folder and leaves it."""
-    from dgo_compile.backend.export_cache import ENV
+    from dgo_compile.core.cache import ENV
 
     if ENV not in os.environ:
         os.environ[ENV] = config._dgo_export_cache = tempfile.mkdtemp(prefix="dgo-export-cache.")

@@ -1,6 +1,7 @@
 """Tracing: every family's graph matches eager, blocks and units are identifiable, guards hold."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -108,6 +109,7 @@ def test_guarded_batch_range_is_checked_past_the_guard_without_running_it(monkey
     # diffusers' Upsample2D branches on batch >= 64 (a layout-only `contiguous()`); export turns that
     # into a guard batch <= 63. trace() must prove the graph right past it without a batch-64 forward
     # (64 full-size forwards took over 20 minutes on SD-1.5): it compares a second, fake-tensor export.
+    monkeypatch.delenv("DGO_COMPILE_EXPORT_CACHE", raising=False)  # worked out here, not read from the cache
     loaded = load()
     batches = []
     handle = loaded.model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
@@ -118,6 +120,27 @@ def test_guarded_batch_range_is_checked_past_the_guard_without_running_it(monkey
     real = [b for b in batches if type(b) is int]  # export's own calls see a symbolic batch
     assert real == [1]  # one real eager forward, at batch 1
     assert check_against_eager(traced, batch=64) <= 1e-5  # and the claim holds
+
+
+def test_the_verdict_past_the_guard_is_cached_and_a_damaged_one_worked_out_again(monkeypatch, tmp_path):
+    """The second export costs as much as the first; the compile cache keeps its answer per traced graph."""
+    import dgo_compile.frontend.tracing as tracing
+
+    monkeypatch.setenv("DGO_COMPILE_EXPORT_CACHE", str(tmp_path))
+    exports, real = [], tracing._export
+    monkeypatch.setattr(tracing, "_export", lambda *a: exports.append(a[1]["sample"].shape[0]) or real(*a))
+    loaded = load()
+    first = trace(loaded, verify=False)
+    assert exports == [2, 64] and first.max_batch is None
+    verdict, = (tmp_path / "trace").iterdir()
+    assert json.loads(verdict.read_text())["same_computation"] is True
+    second = trace(loaded, verify=False)
+    assert exports == [2, 64, 2] and second.max_batch is None
+    trace(loaded, verify=False, size=(16, 32))  # another graph: another key
+    assert exports == [2, 64, 2, 2, 64] and len(list((tmp_path / "trace").iterdir())) == 2
+    verdict.write_text('{"same_comp')  # damaged: worked out again and rewritten
+    assert trace(loaded, verify=False).max_batch is None
+    assert exports[-2:] == [2, 64] and json.loads(verdict.read_text())["same_computation"] is True
 
 
 class _Branchy(torch.nn.Module):

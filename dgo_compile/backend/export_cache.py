@@ -1,20 +1,11 @@
-"""A content-addressed cache of exported ONNX graphs, used only when `DGO_COMPILE_EXPORT_CACHE` names a folder.
-
-Why: torch.onnx's export is most of a compile (15-25 s per graph of a tiny UNet, minutes at full
-size), and the same graph is exported again and again: every schedule's artifact holds the model's
-`full` variant, the pipeline's bench stage compiles the original's `full` artifact, an fp16 compile
-exports the same fp32 graph as an fp32 one, and a rerun with another sampler folds the same variants.
+"""Exported ONNX graphs in the compile cache (`dgo_compile.core.cache`): `onnx/<key>/` per graph.
 
 The key is a SHA-256 of everything the export reads: the versions of dgo-compile, torch, onnx and
 onnxscript; the graph's code; every weight and constant it uses (name, dtype, shape, bytes); the
-example inputs' names, shapes and dtypes; and the export's options and file name. Any change is a
-new key; nothing is ever looked up by name alone.
-
-An entry is a folder `<key>/` with the exported files and `entry.json` (their sizes and SHA-256s).
-It is written in a staging folder and renamed into place, so concurrent compiles (two shells,
-pytest-xdist workers) never see half an entry. The cache folder is treated as untrusted: a hit is
-copied out only when every file matches its record and its graphs keep weights only in its own files; any other entry is
-removed and the graph exported afresh. Entries are never evicted: delete the folder to clear it.
+example inputs' names, shapes and dtypes; and the export's options and file name. An entry holds
+the exported files and `entry.json` (their sizes and SHA-256s); it is used only when every file
+matches its record and its graphs keep weights only in the entry's own files, else it is removed
+and the graph exported afresh.
 """
 
 from __future__ import annotations
@@ -36,22 +27,22 @@ from torch import fx
 
 from dgo_compile import __version__
 from dgo_compile.backend.artifact_files import file_record
+from dgo_compile.core.cache import cache_root
 
-ENV = "DGO_COMPILE_EXPORT_CACHE"
 ENTRY = "entry.json"
 log = logging.getLogger("dgo_compile.backend.export_cache")
 
 
 class ExportCache:
-    """The cache folder `root`; `ExportCache.from_env()` is the one the exporter uses."""
+    """Graphs under `root`; `ExportCache.from_env()` is the compile cache's, the one the exporter uses."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     @classmethod
     def from_env(cls) -> ExportCache | None:
-        root = os.environ.get(ENV)
-        return cls(root) if root else None
+        root = cache_root()
+        return cls(root / "onnx") if root else None
 
     def fetch(self, key: str, folder: Path) -> list[Path] | None:
         """Copy entry `key`'s files into `folder` and return them; None when there is no valid entry."""
@@ -68,7 +59,7 @@ class ExportCache:
             for name in files:
                 if name.endswith(".onnx") and not _external_data(entry / name) <= set(files):
                     raise ValueError(f"{name} names weights outside the entry")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("export cache entry %s is damaged (%s); exporting afresh", entry, exc)

@@ -13,7 +13,9 @@ a guard narrows the batch (diffusers' Upsample2D branches on `batch >= 64` for a
 `contiguous()`), the model is exported a second time just past the bound, on fake tensors (no
 arithmetic), and the two graphs must match op for op once layout-only ops are set aside; then the
 bound is dropped. If they differ, the bound stays as `TracedDenoiser.max_batch` and artifacts refuse
-larger batches. Earlier versions ran 2 x 64 full forwards here: ~50 TMACs on SD-1.5.
+larger batches. Earlier versions ran 2 x 64 full forwards here: ~50 TMACs on SD-1.5. The answer is
+kept in the compile cache (`dgo_compile.core.cache`) under a digest of the traced graph, the model's
+class and the versions, so a model traced before is exported once.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+import diffusers
 import torch
 from torch import fx, nn
 
+from dgo_compile import __version__
+from dgo_compile.core.cache import digest, read_verdict, write_verdict
 from dgo_compile.core.errors import TraceError
 from dgo_compile.core.finite import check_finite
 from dgo_compile.frontend.families import BlockSpec, Family, config_size, family_of
@@ -82,16 +87,31 @@ def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = Tru
     guards = tuple(f"{sym} in {rng}" for sym, rng in exported.range_constraints.items())
     graph_module = _plain_graph_module(exported.module(), names)
     max_batch = batch_bound(exported)
-    if max_batch is not None:
-        past = family.example_inputs(model, max_batch + 1, size=size)
-        beyond = _plain_graph_module(_export(adapter, past, type(model).__name__).module(), names)
-        if same_computation(graph_module, beyond):
-            max_batch = None
+    if max_batch is not None and _same_past_the_guard(model, adapter, graph_module, names, guards, max_batch, size):
+        max_batch = None
     traced = TracedDenoiser(graph_module, family, names, family.blocks(model), model, guards,
                             max_batch=max_batch, sample_size=size)
     if verify:
         check_against_eager(traced, batch=1)
     return traced
+
+
+def _same_past_the_guard(model: nn.Module, adapter: nn.Module, graph_module: fx.GraphModule, names: tuple[str, ...],
+                         guards: tuple[str, ...], max_batch: int, size: tuple[int, int]) -> bool:
+    """Whether `model` exported just past its batch bound computes what `graph_module` does. The answer
+    depends only on the model's code and the traced graph, so the compile cache keeps it (`core.cache`):
+    the second export is as costly as the first."""
+    family = family_of(model)
+    key = digest(__version__, torch.__version__, diffusers.__version__, type(model).__module__,
+                 type(model).__qualname__, guards, max_batch, size, _canonical(graph_module))
+    known = read_verdict("trace", key)
+    if known is not None and isinstance(known.get("same_computation"), bool):
+        return known["same_computation"]
+    past = family.example_inputs(model, max_batch + 1, size=size)
+    beyond = _plain_graph_module(_export(adapter, past, type(model).__name__).module(), names)
+    same = same_computation(graph_module, beyond)
+    write_verdict("trace", key, {"same_computation": same})
+    return same
 
 
 def _export(adapter: nn.Module, inputs: dict[str, torch.Tensor], label: str) -> torch.export.ExportedProgram:
