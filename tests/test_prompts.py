@@ -49,14 +49,14 @@ def test_cli_encode_prompts_feeds_sample(text_pipeline, prompts_file, tmp_path):
     stored = load_file(str(tmp_path / "embeds.safetensors"))
     assert stored["encoder_hidden_states"].shape == (2, TOKENS, 32)
     assert stored["uncond.encoder_hidden_states"].shape == (1, TOKENS, 32)
-    result = run("sample", text_pipeline, "--prompt-embeds", tmp_path / "embeds.safetensors", "--guidance-scale",
+    result = cli("sample", text_pipeline, "--prompt-embeds", tmp_path / "embeds.safetensors", "--guidance-scale",
                  "4", "-n", "3", "--steps", "2", "-o", tmp_path / "grid.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "grid.png").is_file()
 
 
 def test_cli_optimize_calibrates_on_encoded_prompts(text_pipeline, prompts_file, tmp_path):
-    result = run("optimize", text_pipeline, "--prompts", prompts_file, "--guidance-scale", "3", "--steps", "3",
+    result = cli("optimize", text_pipeline, "--prompts", prompts_file, "--guidance-scale", "3", "--steps", "3",
                  "--iters", "1", "--batch", "1", "--calibration", "3", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr
     state = json.loads((tmp_path / "p" / "pruner.json").read_text())

@@ -326,7 +326,7 @@ class TestNeverStuck:
         state = load_pruner(resumed_pruner["path"]).state
         assert state.complete and [r["iteration"] for r in state.history] == list(range(1, ITERS + 1))
         # 3 denoiser calls, call 0 always full: kept shares come near thirds, so 0.5 has no schedule within 1.25 points.
-        result = run("schedule", resumed_pruner["path"], "--keep-macs", "0.667", "-o", tmp_path / "s.json")
+        result = cli("schedule", resumed_pruner["path"], "--keep-macs", "0.667", "-o", tmp_path / "s.json")
         assert result.returncode == 0, result.stderr
         plan = Schedule.load(tmp_path / "s.json")
         assert plan.calls == 3 and (tmp_path / "s.png").is_file()

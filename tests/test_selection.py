@@ -7,7 +7,7 @@ from dgo_compile import load, trace
 from dgo_compile.schedules.schedule import Schedule, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost
 from dgo_compile.search.selection import TOLERANCE, closed_form_candidates
-from reliability import run
+from reliability import cli, run
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_an_untrained_pruner_loses_to_steps_k_and_the_command_says_so(untrained,
     text = " ".join(result.stdout.split())  # the console wraps at 150 columns
     assert text.startswith(f"{plan.name} won on 2 calibration samples (noise seed 30000): PSNR ")
     assert "dB over the learned schedule (" in text or "dB over dipgo:0.5 (" in text
-    unscored = run("schedule", untrained, "--keep-macs", "0.5", "--calibration-samples", "0",
-                   "-o", tmp_path / "learned.json")
+    unscored = cli("schedule", untrained, "--keep-macs", "0.5", "--calibration-samples", "0",
+                 "-o", tmp_path / "learned.json")
     assert unscored.returncode == 0, unscored.stderr
     assert Schedule.load(tmp_path / "learned.json").name == "dipgo:0.5" and "won" not in unscored.stdout
 
