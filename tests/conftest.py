@@ -50,15 +50,18 @@ def config_dir(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Test files with the most `slow` tests are handed out first: pytest-xdist gives each worker whole
-    files (`--dist loadfile`) in collection order, and a long file started last leaves the other core
-    idle at the end (longest first). Tests marked gpu run only where CUDA and onnxruntime's CUDA
+    """The longest test files are handed out first: pytest-xdist gives each worker whole files
+    (`--dist loadfile`) in collection order, and a long file started last leaves the other core idle at
+    the end. A file's length is its recorded total (tests/durations.json, written by tests/durations.py),
+    else 30 s per `slow` test. Tests marked gpu run only where CUDA and onnxruntime's CUDA
     provider are both present; tests marked cuda need only a CUDA GPU torch can use."""
     slow_per_file: dict[str, int] = {}
     for item in items:
         slow_per_file[item.nodeid.split("::")[0]] = slow_per_file.get(item.nodeid.split("::")[0], 0) + \
             ("slow" in item.keywords)
-    items.sort(key=lambda item: -slow_per_file[item.nodeid.split("::")[0]])  # stable: file order kept within
+    recorded = json.loads((Path(__file__).with_name("durations.json")).read_text())
+    length = {file: recorded.get(file, 30 * slow) for file, slow in slow_per_file.items()}
+    items.sort(key=lambda item: -length[item.nodeid.split("::")[0]])  # stable: file order kept within
     try:
         import onnxruntime
 
