@@ -33,10 +33,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    from dgo_compile.core.cache import ENV
+
     made = getattr(config, "_dgo_export_cache", None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
-        os.environ.pop("DGO_COMPILE_EXPORT_CACHE", None)
+        os.environ.pop(ENV, None)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from dgo_compile import __version__
-from dgo_compile.core.cache import digest, read_verdict, write_verdict
+from dgo_compile.core.cache import cache_root, digest, read_verdict, write_verdict
 from dgo_compile.core.errors import TraceError
 from dgo_compile.core.finite import check_finite
 from dgo_compile.frontend.families import BlockSpec, Family, config_size, family_of
@@ -87,7 +87,8 @@ def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = Tru
     guards = tuple(f"{sym} in {rng}" for sym, rng in exported.range_constraints.items())
     graph_module = _plain_graph_module(exported.module(), names)
     max_batch = batch_bound(exported)
-    if max_batch is not None and _same_past_the_guard(model, adapter, graph_module, names, guards, max_batch, size):
+    if max_batch is not None and _same_past_the_guard(model, family, adapter, graph_module, names, guards, max_batch,
+                                                      size):
         max_batch = None
     traced = TracedDenoiser(graph_module, family, names, family.blocks(model), model, guards,
                             max_batch=max_batch, sample_size=size)
@@ -96,21 +97,22 @@ def trace(source: LoadedModel | nn.Module, *, batch: int = 2, verify: bool = Tru
     return traced
 
 
-def _same_past_the_guard(model: nn.Module, adapter: nn.Module, graph_module: fx.GraphModule, names: tuple[str, ...],
-                         guards: tuple[str, ...], max_batch: int, size: tuple[int, int]) -> bool:
+def _same_past_the_guard(model: nn.Module, family: Family, adapter: nn.Module, graph_module: fx.GraphModule,
+                         names: tuple[str, ...], guards: tuple[str, ...], max_batch: int,
+                         size: tuple[int, int]) -> bool:
     """Whether `model` exported just past its batch bound computes what `graph_module` does. The answer
     depends only on the model's code and the traced graph, so the compile cache keeps it (`core.cache`):
     the second export is as costly as the first."""
-    family = family_of(model)
-    key = digest(__version__, torch.__version__, diffusers.__version__, type(model).__module__,
-                 type(model).__qualname__, guards, max_batch, size, _canonical(graph_module))
-    known = read_verdict("trace", key)
+    key = cache_root() and digest(__version__, torch.__version__, diffusers.__version__, type(model).__module__,
+                                  type(model).__qualname__, guards, max_batch, size, _canonical(graph_module))
+    known = read_verdict("trace", key) if key else None
     if known is not None and isinstance(known.get("same_computation"), bool):
         return known["same_computation"]
     past = family.example_inputs(model, max_batch + 1, size=size)
     beyond = _plain_graph_module(_export(adapter, past, type(model).__name__).module(), names)
     same = same_computation(graph_module, beyond)
-    write_verdict("trace", key, {"same_computation": same})
+    if key:
+        write_verdict("trace", key, {"same_computation": same})
     return same
 
 
