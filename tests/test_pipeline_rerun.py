@@ -30,11 +30,13 @@ def test_rerun_with_changed_settings_rebuilds_and_the_report_matches_the_built_m
     # the reruns in this process (the first run above is the real command, with its exit code)
     again = cli("compile", "--config", path, "-o", out, "--overwrite")  # same settings: reused, not rebuilt
     assert again.returncode == 0 and "rebuilding" not in again.stderr, again.stderr
+    assert "\ntrace: " in again.stderr and "\nprune: " in again.stderr  # the reused pruned model is traced anew
 
     path.write_text(common + "channel_ratio = 0.5\n")
     second = cli("compile", "--config", path, "-o", out, "--overwrite")
     assert second.returncode == 0, second.stderr
     assert "rebuilding" in second.stderr and "channel_ratio 0.25 -> 0.5" in second.stderr, second.stderr
+    assert "\ntrace: " not in second.stderr  # pruned now: pruning's own trace of the model it saved is used
     assert baseline.stat().st_mtime_ns == built  # the original model and sampler did not change: never recompiled
     report = json.loads((out / "report.json").read_text())
     record = json.loads((pruned / "unet" / "dgo_pruning.json").read_text())

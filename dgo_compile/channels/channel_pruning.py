@@ -316,9 +316,15 @@ def calibration_images(loaded: LoadedModel, images_file: str | None = None) -> t
                      field=("images", "importance"))
 
 
-def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None = None) -> PrunedModel:
-    """Prune `loaded`'s denoiser; the result re-traces and matches its own graph."""
-    traced, plan = plan_channels(loaded)
+def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None = None, *,
+          traced: TracedDenoiser | None = None) -> PrunedModel:
+    """Prune `loaded`'s denoiser; the result re-traces (at `traced`'s size) and matches its own graph.
+
+    `traced`, a trace of `loaded.model` the caller already has, saves tracing it again (a full-size UNet
+    costs a minute to trace); its graph gets the channel-group annotations, its model is not changed."""
+    if traced is not None and traced.model is not loaded.model:
+        raise ValueError("prune: `traced` must be a trace of `loaded.model`")
+    traced, plan = plan_channels(traced if traced is not None else loaded)
     if not plan.prunable():
         raise PruneError(f"{loaded.source} has no prunable channel group")
     scores, losses = importance(traced, plan, config, images, loaded.scheduler_config)
@@ -332,7 +338,8 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
                          "of channels the traced graph does not connect: name the modules in its family's "
                          "equal_channel_sizes (dgo_compile.frontend.families), or leave it unpruned") from exc
     model = model.eval().requires_grad_(False)
-    pruned_traced = trace(model)  # re-trace and check the pruned graph against the pruned eager model
+    # re-trace and check the pruned graph against the pruned eager model
+    pruned_traced = trace(model, size=traced.sample_size)
     before, after = cost_report(traced).total, cost_report(pruned_traced).total
     pruning = {"format": PRUNING_FORMAT, "config": asdict(config), "source": str(loaded.source),
                "taylor_losses": list(losses), **records,

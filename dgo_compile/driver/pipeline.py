@@ -3,9 +3,10 @@
 Stages, in order (each feeds the next; stages without a table in the config are skipped), each
 reported to a `dgo_compile.core.progress.Stages` with what it does and how far along it is:
   load       the original model, traced (the reference for quality and speed)
-  prune      [prune] Diff-Pruning channel pruning         -> <work>/pruned
+  prune      [prune] Diff-Pruning channel pruning         -> <work>/pruned (pruning traces the result)
   finetune   [finetune] fine-tune the pruned model        -> <work>/finetuned
-  trace      the pruned model, traced into its blocks (without [prune] the original is compiled)
+  trace      the fine-tuned model, or a pruned one reused from <work>, traced into its blocks (without
+             [prune] the original is compiled)
   schedule   a named one (`full`, `deepcache:N`, `steps:K`, a JSON file), or with "learned":
   optimize   [optimize] DiP-GO's pruner on the (pruned) model, then the schedule at optimize.keep_macs
   compile    fold + export the ONNX artifact (written to a temp folder, then renamed)
@@ -164,19 +165,21 @@ def _run(config: CompileConfig, output: Path, work: Path, stages: Stages) -> Com
         original_traced = trace(original, verify=config.prune is None, size=resolution.latent)
     config = replace(config, height=resolution.height, width=resolution.width)  # the resolved config records it
     report.update(config=config.to_json(), resolution=resolution.to_json())
-    model_path = config.model
+    model_path, loaded, traced = config.model, original, original_traced
     if config.prune is not None:
         with stages.stage("prune",
                           f"channel pruning, channel_ratio {config.prune.channel_ratio} ({config.prune.importance})"):
-            model_path = pruned(original, config.prune, work / "pruned")
+            model_path = work / "pruned"
+            fresh = pruned(original, config.prune, model_path, original_traced)
+            if fresh is not None and config.finetune is None:  # pruning traced what it saved: no trace stage
+                loaded, traced = replace(load(model_path), model=fresh.model), fresh.traced
     if config.finetune is not None:
         teacher = original.source if config.finetune.distill or config.finetune.distill_only else None
         with stages.stage("finetune", f"fine-tuning the pruned model, batch {config.finetune.batch}",
                           total=config.finetune.train_steps) as step:
             model_path = finetuned(model_path, config.finetune, work / "finetuned", teacher,
                                    on_step=lambda entry: step.update(entry["step"], note=f"loss {entry['loss']:.4f}"))
-    loaded, traced = original, original_traced
-    if model_path != config.model:
+    if model_path != config.model and traced is original_traced:
         with stages.stage("trace", f"loading and tracing the {'fine-tuned' if config.finetune else 'pruned'} model"):
             loaded = load(model_path)
             traced = trace(loaded, size=resolution.latent)

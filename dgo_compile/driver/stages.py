@@ -89,22 +89,26 @@ def discard(folder: Path, reason: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def pruned(original, config, folder: Path) -> Path:
-    """The `[prune]` stage: `folder` holds `original` pruned with `config`, built now unless it already did."""
+def pruned(original, config, folder: Path, traced=None):
+    """The `[prune]` stage: `folder` holds `original` pruned with `config`, built now unless it already did.
+
+    Returns the PrunedModel when it was built now (its model is what `folder` holds, its graph traced at
+    `traced`'s size, so the caller need not trace it again), None when `folder` was reused. `traced`: the
+    caller's trace of `original`, which pruning then need not redo."""
     from dgo_compile.channels.channel_pruning import calibration_images, prune
     from dgo_compile.frontend.loading import save_denoiser
 
     expected = make_stamp("prune", config, {"model": model_digest(original.source)})
     reason = stale_reason(folder, expected)
     if reason is None:
-        return folder
+        return None
     if folder.exists():
         log.warning(f"rebuilding {folder}: {reason}")
     images = calibration_images(original) if config.importance == "taylor" else None
-    result = prune(original, config, images)
+    result = prune(original, config, images, traced=traced)
     with staged(folder, "model", overwrite=True, fresh_path=True) as path:
         write_stamp(save_denoiser(original, result.model, path, result.pruning), expected)
-    return folder
+    return result
 
 
 def finetuned(model_path: str | Path, config, folder: Path, teacher: str | Path | None = None,
