@@ -73,5 +73,17 @@ def test_fp16_keeps_fused_attention_in_float32_only_where_the_model_upcasts(tmp_
     traced = trace(load(config), verify=False)
     export_onnx(traced.graph_module, traced.example_inputs(2), tmp_path / "m.onnx")
     model = onnx.load(str(tmp_path / "m.onnx"))
-    upcast, plain = _float_inputs(to_fp16(model, upcast_attention=True)), _float_inputs(to_fp16(model))
-    assert len(upcast) == len(plain) > 0 and all(upcast) and not any(plain)
+    upcast, plain = to_fp16(model, upcast_attention=True), to_fp16(model)
+    assert len(_float_inputs(upcast)) == len(_float_inputs(plain)) > 0
+    assert all(_float_inputs(upcast)) and not any(_float_inputs(plain))
+    # both open in onnxruntime and compute the model (the upcast one used to hand its float32 attention output
+    # to fp16 nodes without a cast, which onnxruntime refused: SD-2.1's fp16 artifact did not load)
+    inputs = traced.example_inputs(2, seed=4)
+    with torch.no_grad():
+        expected = traced.graph_module(*inputs.values()).numpy()
+    for converted in (upcast, plain):
+        session = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: v.numpy().astype(np.float16 if i.type == "tensor(float16)" else v.numpy().dtype)
+                 for i, v in zip(session.get_inputs(), inputs.values())}
+        actual = session.run(None, feeds)[0].astype(np.float32)
+        assert np.abs(actual - expected).max() / np.abs(expected).max() < 5e-3  # FP16_CALL_BOUND

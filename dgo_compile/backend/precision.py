@@ -53,6 +53,7 @@ def to_fp16(model: onnx.ModelProto, upcast_attention: bool = False) -> onnx.Mode
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    _declare_fused_outputs(model)
     blocked_nodes = _attention_nodes(model) if upcast_attention else []
     keep_io = [i.name for i in model.graph.input if i.name in KEEP_FLOAT_INPUTS]
     op_block_list = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS)
@@ -79,6 +80,20 @@ def cast_weight(raw: bytes, source_type: int, target_type: int) -> bytes:
 
         return float16.convert_np_to_float16(np.frombuffer(raw, dtype=np.float32)).tobytes()
     raise PrecisionError(f"cannot cast a weight from ONNX type {source_type} to {target_type}")
+
+
+def _declare_fused_outputs(model: onnx.ModelProto) -> None:
+    """Give every fused attention output a float value_info. ONNX shape inference does not know the
+    com.microsoft op, and the converter casts a float32-kept node's output back to fp16 only where the
+    output has one: without it, an upcast (SD-2.x) attention fed its fp32 output into fp16 nodes and
+    onnxruntime refused the graph."""
+    graph = model.graph
+    declared = {v.name for v in (*graph.value_info, *graph.input, *graph.output)}
+    for node in graph.node:
+        if node.op_type == FUSED_OP.name:
+            for name in node.output:
+                if name and name not in declared:
+                    graph.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
 def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
