@@ -10,7 +10,7 @@ from dgo_compile.passes.channel_plan import ChannelRuleError
 from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 from torch import nn
 
-from dgo_compile import load
+from dgo_compile import load, trace
 from dgo_compile.backend.export import export_onnx
 from dgo_compile.channels.channel_pruning import PruneConfig, PruneError, apply_pruning, plan_channels, prune, select
 from dgo_compile.frontend.loading import save_denoiser
@@ -308,7 +308,14 @@ def test_pruned_model_saves_and_loads_back_exactly(config_dir, family, tmp_path)
     loaded = load(config_dir / family / "config.json")
     model_folder = save_denoiser(loaded, loaded.model, tmp_path / "model")
     loaded = load(model_folder)
-    pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="random", scope="global"))
+    config = PruneConfig(channel_ratio=0.5, importance="random", scope="global")
+    pruned = prune(loaded, config)
+    # given the caller's trace of the model (compile --config's load stage), the same cut, and its own trace
+    again = prune(loaded, config, traced=trace(loaded, verify=False))
+    assert all(torch.equal(again.keep[g], pruned.keep[g]) for g in pruned.keep)
+    assert again.traced.sample_size == pruned.traced.sample_size
+    with pytest.raises(PruneError, match="`traced` must be a trace of `loaded.model`"):
+        prune(loaded, config, traced=pruned.traced)
     save_denoiser(loaded, pruned.model, tmp_path / "pruned", pruned.pruning)
     back = load(tmp_path / "pruned")
     assert back.pruning["modules"] == pruned.pruning["modules"]

@@ -323,7 +323,7 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
     `traced`, a trace of `loaded.model` the caller already has, saves tracing it again (a full-size UNet
     costs a minute to trace); its graph gets the channel-group annotations, its model is not changed."""
     if traced is not None and traced.model is not loaded.model:
-        raise ValueError("prune: `traced` must be a trace of `loaded.model`")
+        raise PruneError("prune: `traced` must be a trace of `loaded.model` (trace(loaded))")
     traced, plan = plan_channels(traced if traced is not None else loaded)
     if not plan.prunable():
         raise PruneError(f"{loaded.source} has no prunable channel group")
