@@ -53,13 +53,13 @@ def to_fp16(model: onnx.ModelProto, upcast_attention: bool = False) -> onnx.Mode
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    _declare_fused_outputs(model)
     blocked_nodes = _attention_nodes(model) if upcast_attention else []
     keep_io = [i.name for i in model.graph.input if i.name in KEEP_FLOAT_INPUTS]
     op_block_list = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS)
     # The converter reads each converted initializer's data only for its shape; ours stays on disk,
     # so it gets the shape from the tensor's dims instead of loading it.
-    with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims):
+    with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims), \
+            mock.patch.object(float16, "infer_shapes", _infer_shapes):
         try:
             converted = float16.convert_float_to_float16(model, keep_io_types=keep_io, op_block_list=op_block_list,
                                                          node_block_list=blocked_nodes)
@@ -82,18 +82,22 @@ def cast_weight(raw: bytes, source_type: int, target_type: int) -> bytes:
     raise PrecisionError(f"cannot cast a weight from ONNX type {source_type} to {target_type}")
 
 
-def _declare_fused_outputs(model: onnx.ModelProto) -> None:
-    """Give every fused attention output a float value_info. ONNX shape inference does not know the
-    com.microsoft op, and the converter casts a float32-kept node's output back to fp16 only where the
-    output has one: without it, an upcast (SD-2.x) attention fed its fp32 output into fp16 nodes and
-    onnxruntime refused the graph."""
-    graph = model.graph
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter's shape inference (on its own copy of the graph), plus a float value_info for every
+    fused attention output. ONNX shape inference does not know the com.microsoft op, and the converter
+    casts a float32-kept node's output back to fp16 only where the output has one: without it, an upcast
+    (SD-2.x) attention fed its fp32 output into fp16 nodes and onnxruntime refused the graph."""
+    from onnx.shape_inference import infer_shapes
+
+    inferred = infer_shapes(model)
+    graph = inferred.graph
     declared = {v.name for v in (*graph.value_info, *graph.input, *graph.output)}
     for node in graph.node:
         if node.op_type == FUSED_OP.name:
             for name in node.output:
                 if name and name not in declared:
                     graph.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return inferred
 
 
 def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
