@@ -13,7 +13,13 @@ from dgo_compile.backend.folding import fold
 from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, trajectory
 from dgo_compile.schedules.schedule import Schedule, ScheduleError
 from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
-from dgo_compile.schedules.supernet import build_supernet, gateable_elements
+from dgo_compile.schedules.supernet import (
+    SuperNetRun,
+    activation_bytes,
+    build_supernet,
+    fits_without_checkpointing,
+    gateable_elements,
+)
 from dgo_compile.search.calibration import consistency
 from dgo_compile.search.pruner import (
     OptimizeConfig,
@@ -37,6 +43,27 @@ def tiny(config_dir):
 def shipped():
     loaded = load()
     return loaded, trace(loaded, verify=False)
+
+
+def test_activation_estimate_bounds_what_autograd_keeps(tiny):
+    """`optimize` keeps activations (no checkpointing) only where the estimate fits: it must not be
+    below what autograd really holds for a call."""
+    supernet = build_supernet(tiny)
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    inputs = tiny.example_inputs(batch=3)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        SuperNetRun(supernet)(*[v.requires_grad_(v.is_floating_point()) for v in inputs.values()])
+    estimate = activation_bytes(supernet, 3)
+    assert sum(saved) <= estimate <= 3 * sum(saved)
+    assert activation_bytes(supernet, 6) == 2 * estimate
+    cpu = torch.device("cpu")
+    assert fits_without_checkpointing(supernet, 3, 5, cpu)
+    assert not fits_without_checkpointing(supernet, 3, 10**9, cpu)
 
 
 def test_gate_gradients_match_finite_differences_through_later_calls(tiny):

@@ -41,7 +41,7 @@ from dgo_compile.core.outputs import check_output, staged
 from dgo_compile.frontend.tracing import TracedDenoiser
 from dgo_compile.schedules.schedule import Schedule
 from dgo_compile.schedules.schedule_cost import ScheduleCost
-from dgo_compile.schedules.supernet import SuperNetRun, build_supernet, graph_on
+from dgo_compile.schedules.supernet import SuperNetRun, build_supernet, fits_without_checkpointing, graph_on
 from dgo_compile.search.calibration import calibration_inputs, condition_rows, consistency
 
 FORMAT = "dgo-compile-pruner"
@@ -306,6 +306,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         everything = torch.ones(state.scheduler["calls"], len(elements), device=device)
         targets = torch.cat([sampler(gated_step_fn(supernet, elements, everything, checkpointed=False), noise[c],
                                      condition_rows(conditions, guidance, c)) for c in chunks])
+    checkpointed = not fits_without_checkpointing(supernet, (rows.stop - rows.start) * (1 if guidance is None else 2),
+                                                  state.scheduler["calls"], device, world.size)
+    log.info(f"activations {'recomputed in the backward pass' if checkpointed else 'kept for the backward pass'}")
     shares = torch.tensor([cost.reuse_all_share()] if config.granularity == "step"
                           else [state.cascade_shares[e] for e in elements], device=device)
 
@@ -331,7 +334,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         index = [(iteration * config.batch + j) % config.calibration for j in range(config.batch)][rows]
         gates = pruner.gates()
         gates_full = gates.expand(-1, len(elements))  # whole-network gates: one column for all
-        images = sampler(gated_step_fn(supernet, elements, gates_full), noise[index],
+        images = sampler(gated_step_fn(supernet, elements, gates_full, checkpointed), noise[index],
                          condition_rows(conditions, guidance, index))
         loss_consistency = consistency(images, targets[index])
         hard = tuple(tuple(bool(v) for v in row) for row in (gates_full.detach() > 0.5).tolist())
