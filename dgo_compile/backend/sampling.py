@@ -107,6 +107,10 @@ def conditions_for(input_names: tuple[str, ...], n: int, class_labels: list[int]
     if guidance_scale is None or not wanted:
         return (cond or None), None
     missing = [name for name in wanted if name not in uncond]
+    if "class_labels" in missing:
+        raise DgoError("guidance over class labels needs the model's null class, and this model declares none "
+                       "(a UNet2DModel declares it as `null_class_label` in unet/config.json): drop "
+                       "`guidance_scale`", field="guidance_scale")
     if missing:
         raise DgoError(f"guidance needs the null condition for {', '.join(missing)}: add uncond.<name> tensors "
                        "to the `prompt_embeds` file (class labels use the model's null class)", field="prompt_embeds")

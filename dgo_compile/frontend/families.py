@@ -172,6 +172,22 @@ def _unet2d_example(model, batch, gen, size):
     return inputs
 
 
+def _declared_null_class(model) -> int | None:
+    """A class-conditional UNet's null class where its config.json declares one (`null_class_label`:
+    diffusers has no field for it and keeps the key in `model.config`), as the shipped class-conditional
+    digits model does; None otherwise (no classifier-free guidance over class labels)."""
+    value = getattr(model.config, "null_class_label", None)
+    if value is None or not _has_class_labels(model):
+        return None
+    classes = model.config.num_class_embeds
+    if not isinstance(value, int) or isinstance(value, bool) or classes is None or not 0 <= value < classes:
+        from dgo_compile.core.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"the UNet's config declares `null_class_label` {value!r}, which is not one of "
+                                    f"its {classes} class embeddings; fix or remove the key in unet/config.json")
+    return value
+
+
 # --- UNet2DConditionModel (SD-1.x/2.x, SDXL text_time) ------------------------------------
 
 def _is_text_time(model) -> bool:
@@ -247,9 +263,9 @@ FAMILIES: dict[str, Family] = {
     f.model_class.__name__: f
     for f in (
         Family("unet2d", UNet2DModel, _unet2d_names, _unet2d_call, _unet2d_example, _unet_blocks,
-               _unet_size_rule),
+               _unet_size_rule, null_class_label=_declared_null_class),
         Family("unet2d_condition", UNet2DConditionModel, _unet2d_cond_names, _unet2d_cond_call,
-               _unet2d_cond_example, _unet_blocks, _unet_size_rule),
+               _unet2d_cond_example, _unet_blocks, _unet_size_rule, null_class_label=_declared_null_class),
         # DiT's forward unpatchifies with height = width = sqrt(tokens): square sizes only
         Family("dit", DiTTransformer2DModel, lambda m: ("sample", "timestep", "class_labels"), _dit_call,
                _dit_example, _transformer_blocks, _patch_size_rule(square=True),
