@@ -5,6 +5,7 @@ Every value an element hands on becomes `gate * fresh + (1 - gate) * cache`, wit
 (x * 1 + c * 0 == x for finite c), so the all-compute SuperNet is the original model; a gate of
 0.0 gives the cache. The same form takes straight-through gates (hard forward, soft backward),
 which is how the pruner learns them. Outputs 1.. now carry the mixed values: the next cache.
+The mix is one node (`gate_mix`) whose backward skips the side a gate shuts (see `_GateMix`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,32 @@ from .annotations import GATES_KEY, GatedEdge, Gates, backup_edges, mark_glue
 from .base import PassResult, TransformPass, editable_copy
 from .boundaries import element_of, gate_name
 
-aten = torch.ops.aten
+
+class _GateMix(torch.autograd.Function):
+    """`gate * fresh + (1 - gate) * cache`, with the same forward arithmetic as those three aten ops.
+    Its backward gives no gradient to the fresh value at gate 0 and none to the cache at gate 1, where
+    autograd would back-propagate exact zeros through the element's whole computation: a hard-gated
+    trajectory skips the backward of every element it reuses. The gate's own gradient is unchanged."""
+
+    @staticmethod
+    def forward(ctx, fresh: torch.Tensor, cache: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(fresh, cache, gate)
+        return fresh * gate + cache * (1.0 - gate)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        fresh, cache, gate = ctx.saved_tensors
+        value = float(gate)
+        grad_fresh = grad * gate if ctx.needs_input_grad[0] and value != 0.0 else None
+        grad_cache = grad * (1.0 - gate) if ctx.needs_input_grad[1] and value != 1.0 else None
+        grad_gate = ((grad * fresh).sum().to(gate.dtype) - (grad * cache).sum().to(gate.dtype)
+                     if ctx.needs_input_grad[2] else None)
+        return grad_fresh, grad_cache, grad_gate
+
+
+def gate_mix(fresh: torch.Tensor, cache: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The gated value of one backup edge (a graph node: fold_schedule replaces it by one side)."""
+    return _GateMix.apply(fresh, cache, gate)
 
 
 @dataclass(frozen=True)
@@ -53,17 +79,10 @@ class AttachGates(TransformPass):
         for edge in edges.edges:
             fresh, cache, gate = nodes[edge.fresh], nodes[edge.cache], gates[edge.element]
             with graph.inserting_after(fresh):
-                keep = graph.call_function(aten.mul.Tensor, (fresh, gate))
-            with graph.inserting_after(keep):
-                closed = graph.call_function(aten.rsub.Scalar, (gate, 1.0))
-            with graph.inserting_after(closed):
-                held = graph.call_function(aten.mul.Tensor, (cache, closed))
-            with graph.inserting_after(held):
-                mixed = graph.call_function(aten.add.Tensor, (keep, held))
-            for node in (keep, closed, held, mixed):
-                mark_glue(node, fresh)
+                mixed = graph.call_function(gate_mix, (fresh, cache, gate))
+            mark_glue(mixed, fresh)
             fresh.replace_all_uses_with(
-                mixed, delete_user_cb=lambda user, e=edge.element, k=keep: user is not k and (
+                mixed, delete_user_cb=lambda user, e=edge.element, m=mixed: user is not m and (
                     user.op == "output" or element_of(user, edges.granularity) != e))
             gated.append(GatedEdge(edge.element, fresh.name, cache.name, mixed.name))
         supernet.recompile()
