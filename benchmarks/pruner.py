@@ -1,8 +1,13 @@
-"""Learned (DiP-GO) block schedules against every honest baseline on the shipped model.
+"""Learned (DiP-GO) block schedules against every honest baseline on the shipped models.
 
     python benchmarks/pruner.py --stored --threads 1 --learned pruner_block_lr0.03 pruner_block_lr0.03_notime \\
         --budgets 0.25 0.2 0.5 0.35 0.15 0.1          # the committed table (see its header for what ran)
     python benchmarks/pruner.py                        # retrains the six pruners first (~2.5 h more)
+    python benchmarks/pruner.py --model cond --select 1  # the class-conditional model under guidance
+
+`--model cond` measures the shipped class-conditional digits model (dgo_compile/assets/mnist_ddpm_cond)
+with classifier-free guidance (--guidance-scale, default 2): image i of every noise set is digit i mod 10,
+the pruners calibrate on the ten digits, and results go to results/pruner_cond*.
 
 Learned schedules: six pruners trained through whole DDIM-50 trajectories (calibration noise from seed
 0; a gate per (call, block), per unit, or per whole call, and the knobs the method leaves open), or with
@@ -31,7 +36,7 @@ from common import RESULTS, log, read_json, write_json
 
 from dgo_compile import __version__, load, trace
 from dgo_compile.backend.folding import fold
-from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample_ddim
+from dgo_compile.backend.sampling import Guidance, denoiser_timesteps, initial_noise, sample
 from dgo_compile.channels.data import real_digit_sample
 from dgo_compile.core.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.driver.report import save_heatmap
@@ -58,35 +63,76 @@ PRUNERS = (
 )
 
 
-def train(args, traced, config) -> dict:
-    """The pruners of PRUNERS, trained (or found finished in --pruners)."""
+COND_MODEL = Path(__file__).resolve().parent.parent / "dgo_compile" / "assets" / "mnist_ddpm_cond"
+DIGITS = 10
+
+
+class Subject:
+    """The model a run measures and how it is sampled: the shipped unconditional model, or (`--model
+    cond`) the class-conditional one, image i as digit i mod 10 under classifier-free guidance."""
+
+    def __init__(self, args):
+        self.cond = args.model == "cond"
+        self.loaded = load(COND_MODEL if self.cond else None)
+        self.traced = trace(self.loaded)
+        self.config = self.loaded.scheduler_config
+        self.guidance_scale = args.guidance_scale if self.cond else None
+        self.null = self.traced.family.null_class_label(self.loaded.model) if self.cond else None
+        self.prefix = "pruner_cond" if self.cond else "pruner"
+        self.title = (f"the class-conditional model (guidance {self.guidance_scale:g})" if self.cond
+                      else "the shipped model")
+
+    def stem(self, stem: str) -> str:
+        """A stored-result file stem of this model (pruner_block_lr0.03 -> pruner_cond_block_lr0.03)."""
+        return self.prefix + stem.removeprefix("pruner")
+
+    def optimize_settings(self) -> dict:
+        return {"class_labels": tuple(range(DIGITS)), "guidance_scale": self.guidance_scale} if self.cond else {}
+
+    def draw(self, denoiser, noise, steps: int, batch_size: int = 64):
+        """DDIM (eta 0) images from `noise`, digit i mod 10 under guidance for the class-conditional model."""
+        guidance = None
+        if self.cond:
+            labels = torch.arange(len(noise)) % DIGITS
+            guidance = Guidance(self.guidance_scale, {"class_labels": labels},
+                                {"class_labels": torch.tensor([self.null])})
+        return sample(denoiser, self.config, noise, steps, scheduler="ddim", guidance=guidance,
+                      batch_size=batch_size)
+
+
+def train(args, subject: Subject) -> dict:
+    """The pruners of PRUNERS (those --select keeps), trained (or found finished in --pruners)."""
     trained = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.pruners or Path(tmp)
         for index, (label, stem, overrides) in enumerate(PRUNERS):
-            if args.train_only is not None and index != args.train_only:
+            if args.train_only is not None and index != args.train_only or index not in args.select:
                 continue
             settings = OptimizeConfig(**{"keep_macs": args.ratio, "steps": args.steps, "iters": args.iters,
-                                         "batch": args.batch, **overrides})
-            folder = root / stem
+                                         "batch": args.batch, **subject.optimize_settings(), **overrides})
+            folder = root / subject.stem(stem)
             started = time.perf_counter()
-            trained[label] = optimize(traced, config, settings, folder, model_source=None, resume=folder.exists(),
+            trained[label] = optimize(subject.traced, subject.config, settings, folder, model_source=None,
+                                      null_class_label=subject.null, resume=folder.exists(),
                                       on_iteration=lambda r, g=stem: print(g, json.dumps(r), flush=True))
             log(f"{label}: {time.perf_counter() - started:.0f} s")
     return trained
 
 
-def learned_schedules(args, trained: dict, budget: float, costs) -> dict[str, Schedule | None]:
+def learned_schedules(args, subject: Subject, trained: dict, budget: float, costs) -> dict[str, Schedule | None]:
     """Each pruner's schedule at `budget`: extracted from a trained pruner, or read from its stored JSON
-    with --stored (None where none was stored)."""
+    with --stored (None where none was stored or --select left the pruner out)."""
     found = {}
     for label, stem, _ in PRUNERS:
-        path = RESULTS / f"{stem}_{int(round(budget * 100))}.json"
+        path = RESULTS / f"{subject.stem(stem)}_{int(round(budget * 100))}.json"
         if args.stored:
             skipped = args.learned is not None and stem not in args.learned
             found[label] = Schedule.load(path) if path.is_file() and not skipped else None
             continue
-        pruner = trained[label]
+        pruner = trained.get(label)
+        if pruner is None:
+            found[label] = None
+            continue
         plan, _ = extract_schedule(pruner.reuse_margins(), costs(pruner.state.schedule_granularity), budget,
                                    f"{label} {budget}", pruner.whole_calls)
         found[label] = plan
@@ -124,19 +170,24 @@ def main() -> None:
     parser.add_argument("--pruners", type=Path, default=None,
                         help="keep the trained pruners here (default: temp); finished ones found there are reused")
     parser.add_argument("--train-only", type=int, default=None, help="train only PRUNERS[i] (run them side by side)")
+    parser.add_argument("--select", type=int, nargs="+", default=list(range(len(PRUNERS))),
+                        help="train and evaluate only these PRUNERS (indices); the others are marked not measured")
+    parser.add_argument("--model", choices=("shipped", "cond"), default="shipped",
+                        help="cond: the class-conditional digits model under guidance (results/pruner_cond*)")
+    parser.add_argument("--guidance-scale", type=float, default=2.0, help="with --model cond")
     parser.add_argument("--render", action="store_true", help="only rewrite results/pruner.md from pruner.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    prefix = "pruner_cond" if args.model == "cond" else "pruner"
     if args.render:
-        data = read_json(RESULTS / "pruner.json")
+        data = read_json(RESULTS / f"{prefix}.json")
         write({k: v for k, v in data.items() if k not in ("optimization", "rows", "not_measured", "search")},
               data.get("optimization", {}), data["rows"],
               [(m["budget"], m["schedule"]) for m in data.get("not_measured", [])], data.get("search", {}))
         return
 
-    loaded = load()
-    traced = trace(loaded)
-    config = loaded.scheduler_config
+    subject = Subject(args)
+    traced, config = subject.traced, subject.config
     names = tuple(b.name for b in traced.blocks)
     cost_models: dict[str, ScheduleCost] = {}
 
@@ -144,10 +195,10 @@ def main() -> None:
         return cost_models.setdefault(granularity, ScheduleCost(traced, granularity))
 
     RESULTS.mkdir(exist_ok=True)
-    trained = {} if args.stored else train(args, traced, config)
+    trained = {} if args.stored else train(args, subject)
     if args.train_only is not None:
         return
-    previous = read_json(RESULTS / "pruner.json") or {}
+    previous = read_json(RESULTS / f"{prefix}.json") or {}
     optimization = ({label: {"granularity": p.state.config.granularity, "iterations": p.state.iterations_done,
                              "seconds": p.state.seconds, "peak_memory_mb": p.state.peak_memory_mb,
                              "lr": p.state.config.lr, "final_kept": p.state.history[-1]["kept"],
@@ -162,16 +213,16 @@ def main() -> None:
     if cached is not None and cached.is_file():
         full = torch.load(cached)
     else:
-        full = sample_ddim(fold(traced, builtin("full", args.steps, names), timesteps), config, noise, args.steps, 50)
+        full = subject.draw(fold(traced, builtin("full", args.steps, names), timesteps), noise, args.steps, 50)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(full, cached)
     log("full")
     calibration = initial_noise(args.search_samples, (1, 32, 32), SELECTION_SEED)
-    calibration_full = sample_ddim(traced, config, calibration, args.steps)
+    calibration_full = subject.draw(traced, calibration, args.steps)
 
     def calibration_mse(denoiser) -> float:
-        return (sample_ddim(denoiser, config, calibration, args.steps) - calibration_full).pow(2).mean().item()
+        return (subject.draw(denoiser, calibration, args.steps) - calibration_full).pow(2).mean().item()
 
     def measured(label: str, budget: float, images, kept: float, reused: int, **extra) -> dict:
         return {"budget": budget, "schedule": label, "kept_macs": kept, "calls_fully_reused": reused,
@@ -180,7 +231,7 @@ def main() -> None:
                 "fd_vs_real": frechet_distance(classifier_features(images, classifier), real_features), **extra}
 
     def scheduled(label: str, budget: float, plan: Schedule, **extra) -> dict:
-        images = sample_ddim(fold(traced, plan, timesteps), config, noise, args.steps, 50)
+        images = subject.draw(fold(traced, plan, timesteps), noise, args.steps, 50)
         log(f"{budget:.0%} {label}")
         return measured(label, budget, images, costs(plan.granularity).kept_ratio(plan),
                         sum(not any(r) for r in plan.compute), **extra)
@@ -196,14 +247,15 @@ def main() -> None:
     meta = {"dgo_compile": __version__, "torch": torch.__version__, "steps": args.steps, "n": args.n,
             "eval_seed": args.seed, "search_seed": SELECTION_SEED, "train_ratio": args.ratio, "iters": args.iters,
             "batch": args.batch, "threads": args.threads, "stored": args.stored, "learned": args.learned,
-            "budgets": sorted(set(args.budgets) | {r["budget"] for r in rows} - {1.0}, reverse=True)}
+            "budgets": sorted(set(args.budgets) | {r["budget"] for r in rows} - {1.0}, reverse=True),
+            "model": args.model, "guidance_scale": subject.guidance_scale, "select": args.select}
 
     def add(row: dict) -> None:  # written after every row: an interrupted run keeps what it measured
         rows.append(row)
         write(meta, optimization, rows, missing, search)
 
     for budget in args.budgets:
-        for label, plan in learned_schedules(args, trained, budget, costs).items():
+        for label, plan in learned_schedules(args, subject, trained, budget, costs).items():
             if plan is None:
                 missing.append((budget, label))
             else:
@@ -212,8 +264,8 @@ def main() -> None:
                 key=lambda k: abs(costs("block").kept_ratio(builtin(f"steps:{k}", args.steps, names)) - budget))
         add(scheduled(f"steps:{k}", budget, builtin(f"steps:{k}", args.steps, names)))
         sampler_k = min(range(1, args.steps + 1), key=lambda k: (abs(k / args.steps - budget), k))
-        images = sample_ddim(fold(traced, builtin("full", sampler_k, names), denoiser_timesteps(config, sampler_k)),
-                             config, noise, sampler_k, 50)
+        images = subject.draw(fold(traced, builtin("full", sampler_k, names), denoiser_timesteps(config, sampler_k)),
+                              noise, sampler_k, 50)
         add(measured(f"sampler at {sampler_k} steps", budget, images, sampler_k / args.steps, 0))
         started = time.perf_counter()
         found = searched_steps(traced, args.steps, k, calibration_mse, args.search_evaluations)
@@ -221,7 +273,7 @@ def main() -> None:
                                  "uniform_calibration_mse": found.uniform_score, "evaluations": found.evaluations,
                                  "samples": args.search_samples, "max_evaluations": args.search_evaluations,
                                  "seconds": time.perf_counter() - started}
-        found.schedule.save(RESULTS / f"steps_searched_{k}.json")
+        found.schedule.save(RESULTS / f"steps_searched{'_cond' * subject.cond}_{k}.json")
         add(scheduled(found.schedule.name, budget, found.schedule))
         best = nearest_deepcache(traced, args.steps, budget, costs("unit"), deepcache_kept)
         add(scheduled(best, budget, builtin_for(best, args.steps, traced)))
@@ -250,14 +302,20 @@ def nearest_deepcache(traced, steps: int, budget: float, cost: ScheduleCost, mem
 
 def write(meta: dict, optimization: dict, rows: list[dict], missing: list, search: dict) -> None:
     """results/pruner.json, and the markdown table from it (`--render` rewrites only the markdown)."""
-    write_json(RESULTS / "pruner.json", {**meta, "optimization": optimization, "rows": rows,
+    prefix = "pruner_cond" if meta.get("model") == "cond" else "pruner"
+    write_json(RESULTS / f"{prefix}.json", {**meta, "optimization": optimization, "rows": rows,
                                          "not_measured": [{"budget": b, "schedule": s} for b, s in missing],
                                          "search": search})
     m = meta
     budgets = sorted({r["budget"] for r in rows} - {1.0}, reverse=True)
     asked = sorted(set(m.get("budgets") or budgets) | set(budgets), reverse=True)
-    lines = [f"# Learned block schedules vs baselines on the shipped model (DDIM {m['steps']})", "",
+    cond = m.get("model") == "cond"
+    subject = f"the class-conditional model, guidance {m['guidance_scale']:g}" if cond else "the shipped model"
+    selected = m.get("select") or list(range(len(PRUNERS)))
+    lines = [f"# Learned block schedules vs baselines on {subject} (DDIM {m['steps']})", "",
              f"Reproduce: `python benchmarks/pruner.py{' --stored' if m.get('stored') else ''} --threads {m['threads']}"
+             + (f" --model cond --guidance-scale {m['guidance_scale']:g}" if cond else "")
+             + (f" --select {' '.join(map(str, selected))}" if len(selected) < len(PRUNERS) else "")
              + (f" --learned {' '.join(m['learned'])}" if m.get("learned") else "")
              + f" --budgets {' '.join(f'{b:g}' for b in asked)}` "
              f"(torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] > 1)}). "
@@ -290,11 +348,12 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
         here = [r for r in rows if r["budget"] == budget]
         best = max(here, key=lambda r: r["psnr_vs_full"])
         learned = [r for r in here if r.get("learned")]
-        baseline = max((r for r in here if not r.get("learned")), key=lambda r: r["psnr_vs_full"])
+        baseline = max((r for r in here if not r.get("learned")), key=lambda r: r["psnr_vs_full"], default=None)
         top = max(learned, key=lambda r: r["psnr_vs_full"]) if learned else None
         lines.append(f"| {budget:.0%} | {best['schedule']} | {best['psnr_vs_full']:.1f} | "
                      + (f"{top['schedule']} | {top['psnr_vs_full']:.1f}" if top else "not measured | ")
-                     + f" | {baseline['schedule']} | {baseline['psnr_vs_full']:.1f} |")
+                     + (f" | {baseline['schedule']} | {baseline['psnr_vs_full']:.1f} |" if baseline
+                        else " | not measured yet | |"))
     if search:
         lines += ["", "| budget | K | searched calls | calibration samples | calibration MSE (uniform -> searched) "
                   "| evaluations (cap) | time |", "|---|---|---|---|---|---|---|"]
@@ -311,8 +370,11 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
               "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB. \"not measured\": "
               "no schedule of that pruner at that budget was committed (the learned step-granularity pruner's "
               "schedules never were; `--stored` does not retrain), or it was left out with `--learned`."]
-    (RESULTS / "pruner.md").write_text("\n".join(lines) + "\n")
-    log(f"wrote {RESULTS / 'pruner.md'}")
+    if cond:
+        lines += ["", f"Image i of every noise set is digit i mod 10, sampled with classifier-free guidance at "
+                  f"{m['guidance_scale']:g} through the model's null class; the pruners calibrate on the ten digits."]
+    (RESULTS / f"{prefix}.md").write_text("\n".join(lines) + "\n")
+    log(f"wrote {RESULTS / f'{prefix}.md'}")
 
 
 def _row(r: dict) -> str:
