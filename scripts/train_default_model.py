@@ -9,7 +9,7 @@ DiP-GO and Diff-Pruning were published on while one CPU can train it in about an
 
 (the shipped weights are stage 2; recipe.json in the shipped folder records both stages)
 
-    python scripts/train_default_model.py --classes --steps 2000 --lr 3e-4 \
+    python scripts/train_default_model.py --classes --steps 1500 --lr 3e-4 --embedding-lr 1e-2 \
         --init-from dgo_compile/assets/mnist_ddpm --out runs/mnist_ddpm_cond
 
 trains the class-conditional model: the same UNet with a class embedding for the 10 digits and a
@@ -141,6 +141,9 @@ def main() -> None:
                         help="class-conditional: the digit's class, and a null class for guidance")
     parser.add_argument("--label-dropout", type=float, default=0.1,
                         help="with --classes: the share of labels replaced by the null class")
+    parser.add_argument("--embedding-lr", type=float, default=1e-2,
+                        help="with --classes: the class embedding's learning rate (it starts at zero and must "
+                             "grow to the time embedding's scale; at the network's lr it stayed near zero)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -160,7 +163,10 @@ def main() -> None:
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    embedding = [] if unet.class_embedding is None else list(unet.class_embedding.parameters())
+    rest = [p for p in unet.parameters() if all(p is not e for e in embedding)]
+    groups = [{"params": rest}] + ([{"params": embedding, "lr": args.embedding_lr}] if embedding else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     warmup = 100
     lr_at = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step,
                                                                                            args.steps) / args.steps))
