@@ -73,6 +73,9 @@ class Subject:
 
     def __init__(self, args):
         self.cond = args.model == "cond"
+        if self.cond and not COND_MODEL.is_dir():
+            raise SystemExit(f"no class-conditional model at {COND_MODEL}: train one with "
+                             "`python scripts/train_default_model.py --classes ...` (see its docstring)")
         self.loaded = load(COND_MODEL if self.cond else None)
         self.traced = trace(self.loaded)
         self.config = self.loaded.scheduler_config
