@@ -160,6 +160,11 @@ def denoiser_timesteps(scheduler_config: dict | None, steps: int, name: str | No
     return [float(t) for t in scheduler.timesteps]
 
 
+def denoiser_calls(scheduler_config: dict | None, steps: int, name: str | None = None) -> int:
+    """Denoiser calls of one `steps`-step run: the rows a schedule for it has (see denoiser_timesteps)."""
+    return len(denoiser_timesteps(scheduler_config, steps, name))
+
+
 def _batched(name: str, tensor: torch.Tensor, n: int) -> torch.Tensor:
     if tensor.ndim == 0 or tensor.shape[0] not in (1, n):
         shape = tuple(tensor.shape)
@@ -332,7 +337,7 @@ class SamplingTarget:
     @property
     def calls(self) -> int:
         """Denoiser calls of one sampling run."""
-        return len(denoiser_timesteps(self.scheduler_config, self.steps, self.scheduler))
+        return denoiser_calls(self.scheduler_config, self.steps, self.scheduler)
 
 
 def sampling_target(source: Path | None, steps: int | None = None, scheduler: str | None = None,

@@ -356,13 +356,13 @@ def compile_schedule(config: CompileConfig, dump_dir: str | Path | None = None,
 def resolve_schedule(config: CompileConfig, traced, loaded):
     """The named schedule of `config` (not "learned"): a JSON file, or a built-in spec built for the
     sampler's denoiser calls over the model's blocks (then its units, at unit granularity)."""
-    from dgo_compile.backend.sampling import denoiser_timesteps
+    from dgo_compile.backend.sampling import denoiser_calls
     from dgo_compile.schedules.schedule import Schedule, builtin
     from dgo_compile.schedules.supernet import block_units, gateable_elements
 
     if config.schedule.endswith(".json"):
         return Schedule.load(config.schedule)
-    calls = len(denoiser_timesteps(loaded.require_scheduler(), config.steps, config.scheduler))
+    calls = denoiser_calls(loaded.require_scheduler(), config.steps, config.scheduler)
     plan = builtin(config.schedule, calls, gateable_elements(traced, "block"), block_units(traced))
     if config.granularity == "unit":
         plan = plan.for_units(block_units(traced))

@@ -143,14 +143,14 @@ def search_for_model(model, k: int, output, *, steps: int | None = None, schedul
                                                  prompt_embeds=prompt_embeds, prompts=prompts,
                                                  guidance_scale=guidance_scale))
     from dgo_compile import load, trace
-    from dgo_compile.backend.sampling import denoiser_timesteps
+    from dgo_compile.backend.sampling import denoiser_calls
     from dgo_compile.search.calibration import vae_decoder
     from dgo_compile.search.selection import SELECTION_SEED, calibration_error
 
     config = replace(config, seed=SELECTION_SEED)
     loaded = load(model)
     loaded.require_scheduler()
-    calls = len(denoiser_timesteps(loaded.scheduler_config, config.steps, config.scheduler))
+    calls = denoiser_calls(loaded.scheduler_config, config.steps, config.scheduler)
     if not 1 <= k <= calls:
         raise ScheduleError(f"`k` must be in 1..{calls} (the denoiser calls of {config.steps} steps), got {k}",
                             field="k")
