@@ -14,6 +14,7 @@ from dgo_compile.passes import (
     variant_signature,
 )
 from dgo_compile.passes.annotations import CONSTANTS_KEY, backup_edges, gates_of
+from dgo_compile.passes.attach_gates import gate_mix
 from dgo_compile.passes.boundaries import element_consumers
 from diffusers import DDIMScheduler
 
@@ -208,3 +209,31 @@ def test_reuse_matches_eager_model_with_the_block_output_replayed(config_dir, fa
         assert (traced(*second.values()) - expected).abs().max().item() > 1e-4  # the reuse did change the output
     if family == "dit":
         assert element_consumers(analyse(traced), names)["transformer_blocks.0"] == {"transformer_blocks.1"}
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.3])
+def test_gate_mix_matches_the_plain_mix_and_skips_the_side_a_gate_shuts(value):
+    """gate * fresh + (1 - gate) * cache, as autograd would differentiate it, except that a gate of
+    exactly 0 (1) sends no gradient into the fresh (cached) side's computation at all."""
+    torch.manual_seed(0)
+    x, c = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    soft = torch.tensor(0.7, requires_grad=True)
+    reached = []
+
+    def forward(inputs):
+        fresh, cache = (t.sin() for t in inputs)
+        fresh.register_hook(lambda g: reached.append("fresh") if g is not None else None)  # None: nothing reached it
+        cache.register_hook(lambda g: reached.append("cache") if g is not None else None)
+        gate = torch.tensor(value) + (soft - soft.detach())  # straight-through: exactly `value` forward
+        return fresh, cache, gate
+
+    weights = torch.randn(2, 3, 4)
+    mixed = gate_mix(*forward((x, c)))
+    ours = torch.autograd.grad((mixed * weights).sum(), (x, c, soft), allow_unused=True)
+    skipped = {0.0: {"fresh"}, 1.0: {"cache"}, 0.3: set()}[value]
+    assert {"fresh", "cache"} - set(reached) == skipped
+    fresh, cache, gate = forward((x, c))
+    plain = torch.autograd.grad(((fresh * gate + cache * (1 - gate)) * weights).sum(), (x, c, soft))
+    torch.testing.assert_close(mixed, fresh * gate + cache * (1 - gate), rtol=0, atol=0)
+    for name, a, b in zip(("x", "cache", "gate"), ours, plain):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, msg=name)
