@@ -115,8 +115,8 @@ def write_markdown(r: dict) -> None:
                         f"{s['ssim_new']:.3f} / {s['ssim_earlier']:.3f} |" if scored else "(same images) | |"))
     lines += ["", "The gradients are the earlier optimizer's up to float summation order (1.8e-7 relative on the "
               "shipped model with 46% of the gates shut; tests/test_supernet.py checks the gate's backward), but "
-              "hard gates amplify rounding: each pruner run is one draw, and a changed schedule scoring lower is "
-              "within the spread of that draw until several seeds are compared."]
+              "hard gates amplify rounding: each pruner run is one draw, and whether a changed schedule's lower score "
+              "is the change or the spread between draws needs several seeds of both."]
     lines += ["", f"Scores: {r['n']} samples from noise seed 20000 (pruner.py's evaluation noise), against the full "
               "50-step model; only schedules that changed are sampled. Wall times come from a shared 2-core machine"
               + (f": {r['conditions']}." if r.get("conditions") else ".")]
