@@ -46,6 +46,10 @@ def optimize(
         help="Gate blocks, units, or whole steps (a learned non-uniform step schedule). "
              f"(default: {OptimizeConfig.granularity})",
         show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option(
+        help="Gates at iteration 0: full (DiP-GO: every block computes), steps (steps:K, the largest K within "
+             "--keep-macs) or steps-searched (the searched K-step schedule at that K, see search-steps). "
+             f"(default: {OptimizeConfig.init})", show_default=False)] = None,
     timestep_conditioning: Annotated[Optional[bool], typer.Option(
         "--timestep-conditioning/--no-timestep-conditioning",
         help="Feed each call's timestep embedding to the pruner. (default: on)", show_default=False)] = None,
@@ -69,7 +73,7 @@ def optimize(
 
     given = dict(
         keep_macs=keep_macs, steps=steps, scheduler=scheduler, iters=iters, batch=batch, calibration=calibration,
-        lr=lr, granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
+        lr=lr, init=init, granularity=granularity, timestep_conditioning=timestep_conditioning, seed=seed,
         checkpoint_every=checkpoint_every, class_labels=tuple(class_label) if class_label else None,
         prompt_embeds=str(prompt_embeds) if prompt_embeds else None,
         prompts=str(prompts.resolve()) if prompts else None, guidance_scale=guidance_scale, precision=precision)

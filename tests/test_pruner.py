@@ -11,7 +11,7 @@ from PIL import Image
 from dgo_compile import load, trace
 from dgo_compile.backend.folding import fold
 from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, trajectory
-from dgo_compile.schedules.schedule import Schedule, ScheduleError
+from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
 from dgo_compile.schedules.supernet import (
     SuperNetRun,
@@ -118,6 +118,41 @@ def test_consistency_gradient_reaches_the_pruner_parameters(tiny, tmp_path):
     assert grads["queries"].abs().sum() > 0 and grads["encoder.layers.0.self_attn.in_proj_weight"].abs().sum() > 0
 
 
+def test_steps_init_starts_at_the_largest_uniform_schedule_within_the_budget(tiny, tmp_path):
+    config = OptimizeConfig(keep_macs=0.3, steps=10, iters=1, batch=1, calibration=1, dim=16, layers=1,
+                            lr=1e-9, init="steps")
+    trained = optimize(tiny, DDIM, config, tmp_path / "p")
+    cost = ScheduleCost(tiny, "block")
+    # the largest K whose steps:K keeps at most 30% (+ the extraction tolerance) of the MACs
+    kept = {k: cost.kept_ratio(builtin_for(f"steps:{k}", 10, tiny)) for k in range(1, 11)}
+    k = max(k for k, share in kept.items() if share <= 0.3 + 0.0125)
+    assert kept[k + 1] > 0.3125
+    gates = trained.pruner.gates().detach()  # lr 1e-9: still the starting point
+    expected = builtin_for(f"steps:{k}", 10, tiny).compute
+    assert gates.eq(torch.tensor([[float(any(row))] for row in expected])).all()
+    assert trained.state.config.init == "steps" and trained.state.history[0]["kept"] == pytest.approx(kept[k])
+    plan, _ = extract_schedule(trained.reuse_margins(), cost, kept[k], "warm")
+    assert plan.compute == cost.close(builtin_for(f"steps:{k}", 10, tiny)).compute
+
+
+def test_steps_searched_init_starts_at_the_k_step_search_on_the_calibration_noise(tiny, tmp_path):
+    from dgo_compile.search.selection import calibration_error
+    from dgo_compile.search.step_search import searched_steps
+
+    config = OptimizeConfig(keep_macs=0.3, steps=10, iters=1, batch=1, calibration=2, dim=16, layers=1,
+                            lr=1e-9, init="steps-searched")
+    trained = optimize(tiny, DDIM, config, tmp_path / "p")
+    cost = ScheduleCost(tiny, "block")
+    k = max(k for k in range(1, 11) if cost.kept_ratio(builtin_for(f"steps:{k}", 10, tiny)) <= 0.3125)
+    # the search on the optimizer's own calibration seed, at 8 samples
+    expected = searched_steps(tiny, 10, k, calibration_error(tiny, DDIM, replace(config, calibration=8), None))
+    gates = trained.pruner.gates().detach()
+    assert gates[:, 0].tolist() == [float(c in expected.chosen) for c in range(10)]
+    assert sum(gates[:, 0].tolist()) == k
+    uniform = [float(any(row)) for row in builtin_for(f"steps:{k}", 10, tiny).compute]
+    assert gates[:, 0].tolist() != uniform  # the search moved calls: this is not the `steps` start
+
+
 @pytest.mark.parametrize("ratio", [0.2, 0.25, 0.5, 0.8])
 def test_extracted_schedule_lands_within_tolerance_and_is_valid(shipped, ratio):
     _, traced = shipped
@@ -210,6 +245,7 @@ def test_cli_optimize_schedule_compile_on_the_shipped_model(tmp_path):
      "error: --keep-macs must be in (0, 1] (the kept share of the full "
                                                       "model's MACs), got 1.5"),
     (["optimize", "--granularity", "layer", "-o", "{tmp}/p"], "error: --granularity must be one of block, unit, step"),
+    (["optimize", "--init", "random", "-o", "{tmp}/p"], "error: --init must be one of full, steps, steps-searched"),
     (["optimize", "--resume", "-o", "{tmp}/p"], "is not a pruner folder (needs pruner.json and checkpoint.pt)"),
     (["schedule", "{tmp}", "--keep-macs", "0.5"], "is not a pruner folder"),
 ])

@@ -150,6 +150,9 @@ class OptimizeConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     alpha: float = 1.0  # weight of the sparsity term
+    # The gates at iteration 0: "full" (DiP-GO: every gate keeps), "steps" (`steps:K`, the largest K within
+    # `keep_macs`) or "steps-searched" (the searched K-step schedule at that K): dgo_compile.search.warm_start.
+    init: str = "full"
     granularity: str = "block"
     dim: int = 128
     layers: int = 2

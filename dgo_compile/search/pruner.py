@@ -43,6 +43,7 @@ from dgo_compile.schedules.schedule import Schedule
 from dgo_compile.schedules.schedule_cost import ScheduleCost
 from dgo_compile.schedules.supernet import SuperNetRun, build_supernet, fits_without_checkpointing, graph_on
 from dgo_compile.search.calibration import calibration_inputs, condition_rows, consistency
+from dgo_compile.search.warm_start import initial_schedule, start_from
 
 FORMAT = "dgo-compile-pruner"
 FORMAT_VERSION = 1
@@ -272,6 +273,9 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
         state = PrunerState(config, model_source, scheduler, cost.elements, granularity, cost.cascade_shares(),
                             decoded_with_vae=decode is not None)
         pruner = build_pruner(state)
+        start_from(pruner, initial_schedule(traced, scheduler_config, config, len(timesteps), cost,
+                                            model_source=model_source, null_class_label=null_class_label,
+                                            decode=decode))
     elements = state.elements
     noise, conditions, guidance = calibration_inputs(traced, config, null_class_label, model_source)
     def on_device(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

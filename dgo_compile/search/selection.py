@@ -80,9 +80,9 @@ def closed_form_candidates(traced: TracedDenoiser, calls: int, keep_macs: float,
         return cost.kept_ratio(builtin_for(spec, calls, traced)) <= limit
 
     found = []
-    k = _last_true(lambda k: fits(f"steps:{k}"), 1, calls, decreasing=True)
-    if k is not None:
-        found.append(builtin_for(f"steps:{k}", calls, traced))
+    uniform = uniform_steps_within(traced, calls, keep_macs, cost, tolerance)
+    if uniform is not None:
+        found.append(uniform)
     downs = sum(b.name.startswith("down_blocks.") for b in traced.blocks)
     ups = sum(b.name.startswith("up_blocks.") for b in traced.blocks)
     if downs and ups:
@@ -91,6 +91,16 @@ def closed_form_candidates(traced: TracedDenoiser, calls: int, keep_macs: float,
             if interval is not None:
                 found.append(builtin_for(f"deepcache:{interval}:{branch}", calls, traced))
     return found
+
+
+def uniform_steps_within(traced: TracedDenoiser, calls: int, keep_macs: float, cost: ScheduleCost,
+                         tolerance: float = TOLERANCE) -> Schedule | None:
+    """`steps:K` with the largest K whose kept MACs are within `keep_macs` (+ `tolerance`), or None."""
+    def fits(k: int) -> bool:
+        return cost.kept_ratio(builtin_for(f"steps:{k}", calls, traced)) <= keep_macs + tolerance
+
+    k = _last_true(fits, 1, calls, decreasing=True)
+    return None if k is None else builtin_for(f"steps:{k}", calls, traced)
 
 
 def _last_true(predicate: Callable[[int], bool], low: int, high: int, decreasing: bool) -> int | None:
