@@ -55,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.set_num_threads(1)
         started = time.perf_counter()
-        pruner = optimize(traced, config, OptimizeConfig(keep_macs=0.2), Path(tmp) / "table")
+        pruner = optimize(traced, config, OptimizeConfig(keep_macs=0.2, init="full", iters=150), Path(tmp) / "table")
         result["table_pruner"] = {"threads": 1, "wall_s": time.perf_counter() - started,
                                   "seconds": pruner.state.seconds, "peak_rss_mb": pruner.state.peak_memory_mb,
                                   "final_kept": pruner.state.history[-1]["kept"], "earlier_minutes": TABLE_MINUTES,

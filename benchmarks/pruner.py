@@ -112,7 +112,8 @@ def train(args, subject: Subject) -> dict:
             if args.train_only is not None and index != args.train_only or index not in args.select:
                 continue
             settings = OptimizeConfig(**{"keep_macs": args.ratio, "steps": args.steps, "iters": args.iters,
-                                         "batch": args.batch, **subject.optimize_settings(), **overrides})
+                                         "batch": args.batch, "init": "full", **subject.optimize_settings(),
+                                         **overrides})
             folder = root / subject.stem(stem)
             started = time.perf_counter()
             trained[label] = optimize(subject.traced, subject.config, settings, folder, model_source=None,

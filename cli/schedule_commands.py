@@ -33,7 +33,7 @@ def optimize(
                                                  show_default=False)] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Sampler: ddim, ddpm, pndm, heun, euler, dpm. "
                                                           "Default: the model's.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Optimizer iterations. (default: 150)",
+    iters: Annotated[Optional[int], typer.Option(help=f"Optimizer iterations. (default: {OptimizeConfig.iters})",
                                                  show_default=False)] = None,
     batch: Annotated[Optional[int], typer.Option(help="Trajectories per iteration. (default: 2)",
                                                  show_default=False)] = None,

@@ -142,17 +142,17 @@ class OptimizeConfig:
     keep_macs: float = 0.25  # kept-MACs target: the sparsity term is off at or below it
     steps: int = DEFAULT_STEPS
     scheduler: str | None = None
-    iters: int = 150
+    iters: int = 50  # from the searched K-step start (`init`); DiP-GO's start needs 150 (results/warm_start.md)
     batch: int = 2
     calibration: int = 32  # noise seeds (and conditions) cycled through by the iterations
-    # DiP-GO uses 0.1 over 1000 iterations; over our 150 that saturates every gate (benchmarks/results/pruner.md).
+    # DiP-GO uses 0.1 over 1000 iterations; over 150 of ours that saturates every gate (benchmarks/results/pruner.md).
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 1e-4
     alpha: float = 1.0  # weight of the sparsity term
     # The gates at iteration 0: "full" (DiP-GO: every gate keeps), "steps" (`steps:K`, the largest K within
     # `keep_macs`) or "steps-searched" (the searched K-step schedule at that K): dgo_compile.search.warm_start.
-    init: str = "full"
+    init: str = "steps-searched"
     granularity: str = "block"
     dim: int = 128
     layers: int = 2
@@ -185,6 +185,7 @@ class OptimizeConfig:
     def from_json(cls, data: dict) -> "OptimizeConfig":
         known, data = {f.name for f in fields(cls)}, _stored("optimize", data)
         values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("init", "full")  # pruners stored before `init` existed started as DiP-GO's
         if values.get("class_labels") is not None:
             values["class_labels"] = tuple(values["class_labels"])
         return cls(**values)
