@@ -313,3 +313,12 @@ def test_pruner_on_the_gpu_follows_the_cpu_and_runs_in_bf16(shipped, tmp_path):
     # bf16 against its own bf16 targets: with every gate kept the images agree (later gates may flip otherwise)
     assert bf16.state.history[0]["kept"] == 1.0 and bf16.state.history[0]["consistency"] < 1e-2
     assert gpu.state.peak_memory_mb > 0 and load_pruner(tmp_path / "bf16").state.config.precision == "bf16"
+
+
+def test_a_pruner_stored_before_init_existed_reads_as_dipgos_start():
+    from dataclasses import asdict
+
+    stored = {k: v for k, v in asdict(OptimizeConfig()).items() if k != "init"}
+    assert OptimizeConfig.from_json(stored).init == "full"
+    assert OptimizeConfig.from_json({**stored, "init": "steps"}).init == "steps"
+    assert OptimizeConfig().init == "steps-searched"
