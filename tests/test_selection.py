@@ -33,11 +33,11 @@ def test_candidates_are_the_most_compute_that_fits_the_budget(shipped):
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
-    """`optimize` for one iteration on the shipped model (its gates still at their initialisation): the pruner
-    folder, shared by this file's tests, which only read it."""
+    """`optimize` for one iteration on the shipped model from DiP-GO's start (its gates still at every-gate-keeps):
+    the pruner folder, shared by this file's tests, which only read it."""
     folder = tmp_path_factory.mktemp("selection") / "pruner"
     result = run("optimize", "--steps", "10", "--iters", "1", "--batch", "1", "--calibration", "1",
-                 "--keep-macs", "0.5", "-o", folder)
+                 "--keep-macs", "0.5", "--init", "full", "-o", folder)
     assert result.returncode == 0, result.stderr
     return folder
 
