@@ -19,7 +19,8 @@ an unconditional branch. Its unet/config.json records `null_class_label` (diffus
 unconditional --init-from, the new class embedding starts at zero: training starts from that model.
 
 writes a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/), the EMA weights
-every --save-every steps (so an interrupted run still leaves a usable model), loss.csv,
+every --save-every steps (so an interrupted run still leaves a usable model, and `--resume` continues it
+from checkpoint.pt: weights, EMA, optimizer, learning-rate and data-generator state), loss.csv,
 loss.png, samples.png and recipe.json.
 """
 
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--embedding-lr", type=float, default=1e-2,
                         help="with --classes: the class embedding's learning rate (it starts at zero and must "
                              "grow to the time embedding's scale; at the network's lr it stayed near zero)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint.pt (same arguments)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -173,8 +176,20 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(lr_at(s), 0.02))
     generator = torch.Generator().manual_seed(args.seed)
     rows: list[tuple[int, float]] = []
-    start = time.time()
-    for step in range(1, args.steps + 1):
+    start, first = time.time(), 1
+    checkpoint_path = args.out / "checkpoint.pt"
+    if args.resume:
+        if not checkpoint_path.is_file():
+            raise SystemExit(f"--resume: {checkpoint_path} does not exist; start the run without --resume")
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        unet.load_state_dict(checkpoint["unet"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["lr_schedule"])
+        generator.set_state(checkpoint["generator"])
+        rows, first = checkpoint["rows"], checkpoint["step"] + 1
+        start -= checkpoint["seconds"]
+    for step in range(first, args.steps + 1):
         idx = torch.randint(0, len(images), (args.batch_size,), generator=generator)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=generator)
@@ -199,6 +214,10 @@ def main() -> None:
             ema_unet = new_unet(config, args.classes)
             ema.copy_to(ema_unet.parameters())
             save_pipeline(ema_unet, args.out)
+            torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "lr_schedule": scheduler.state_dict(), "generator": generator.get_state(), "rows": rows,
+                        "step": step, "seconds": time.time() - start}, checkpoint_path.with_suffix(".tmp"))
+            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # a kill never leaves half a checkpoint
             with open(args.out / "loss.csv", "w", newline="") as f:
                 csv.writer(f).writerows([("step", "loss"), *rows])
             (args.out / "recipe.json").write_text(json.dumps({
