@@ -36,30 +36,39 @@ K_AT = {0.5: 25, 0.25: 12, 0.2: 10}  # steps:K at each budget (the committed sea
 JSON, MD = RESULTS / "warm_start.json", RESULTS / "warm_start.md"
 
 
-def measure(budget: float, init: str, iters: int, n: int, seed: int) -> dict:
-    loaded = load(None)
-    traced, config = trace(loaded), loaded.scheduler_config
+class Shipped:
+    """The shipped model, traced once, and its full 50-step images from the evaluation noise (every run's
+    reference)."""
+
+    def __init__(self, n: int, seed: int):
+        loaded = load(None)
+        self.traced, self.config = trace(loaded), loaded.scheduler_config
+        self.timesteps, self.noise = denoiser_timesteps(self.config, 50), initial_noise(n, (1, 32, 32), seed)
+        self.full = self.draw(builtin_for("full", 50, self.traced))
+
+    def draw(self, plan: Schedule) -> torch.Tensor:
+        return sample(fold(self.traced, plan, self.timesteps), self.config, self.noise, 50, scheduler="ddim",
+                      batch_size=50)
+
+
+def measure(model: Shipped, budget: float, init: str, iters: int, n: int, seed: int) -> dict:
+    traced, config = model.traced, model.config
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         trained = optimize(traced, config, OptimizeConfig(keep_macs=budget, iters=iters, init=init), Path(tmp) / "p")
         seconds = time.perf_counter() - started
     cost = ScheduleCost(traced, "block")
     learned, _ = extract_schedule(trained.reuse_margins(), cost, budget, f"learned ({init})")
-    timesteps, noise = denoiser_timesteps(config, 50), initial_noise(n, (1, 32, 32), seed)
-
-    def draw(plan: Schedule) -> torch.Tensor:
-        return sample(fold(traced, plan, timesteps), config, noise, 50, scheduler="ddim", batch_size=50)
-
-    full, k = draw(builtin_for("full", 50, traced)), K_AT[budget]
+    k = K_AT[budget]
     candidates = {"learned": learned, "steps": builtin_for(f"steps:{k}", 50, traced),
                   "steps_searched": Schedule.load(RESULTS / f"steps_searched_{k}.json"),
                   "dipgo_committed": Schedule.load(RESULTS / f"pruner_block_lr0.03_{int(round(budget * 100))}.json")}
     row = {"budget": budget, "init": init, "iters": iters, "n": n, "seed": seed, "k": k,
            "optimize_s": round(seconds), "learned_compute": [list(map(int, r)) for r in learned.compute]}
     for name, plan in candidates.items():
-        images = draw(plan)
-        row[name] = {"kept": cost.kept_ratio(plan), "psnr": psnr(images, full).mean().item(),
-                     "ssim": ssim(images, full).mean().item()}
+        images = model.draw(plan)
+        row[name] = {"kept": cost.kept_ratio(plan), "psnr": psnr(images, model.full).mean().item(),
+                     "ssim": ssim(images, model.full).mean().item()}
     return row
 
 
@@ -94,11 +103,11 @@ def main() -> None:
     if not args.render:
         torch.set_num_threads(1)
         done = {(r["budget"], r["init"], r["iters"]) for r in data["rows"]}
-        for budget, init, iters in RUNS:
-            if (budget, init, iters) in done:
-                continue
+        todo = [run for run in RUNS if run not in done]
+        model = Shipped(args.n, args.seed) if todo else None
+        for budget, init, iters in todo:
             log(f"{init} towards {budget:.0%}, {iters} iterations")
-            data["rows"].append(measure(budget, init, iters, args.n, args.seed))
+            data["rows"].append(measure(model, budget, init, iters, args.n, args.seed))
             write_json(JSON, data)
             render(data)
     render(data)

@@ -19,6 +19,7 @@ from dgo_compile.core.errors import DgoError
 SEED_MAX = 2**63 - 1
 ARTIFACT_PRECISIONS = ("fp32", "fp16")  # see dgo_compile.backend.precision
 OPTIMIZE_PRECISIONS = ("fp32", "bf16")  # the SuperNet's autocast
+OPTIMIZE_INITS = ("full", "steps", "steps-searched")  # where the gates start (dgo_compile.search.warm_start)
 SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "heun", "euler", "dpm")
 
 
@@ -120,7 +121,7 @@ SPECS: dict[str, dict[str, Spec]] = {
         "keep_macs": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),
         "batch": _int(1, 4096), "calibration": _int(1, 65536), "lr": _float(0, 1e6, low_open=True),
         "momentum": _float(0, 1, high_open=True), "weight_decay": _float(0, 1e6), "alpha": _float(0, 1e6),
-        "init": _choice("full", "steps", "steps-searched"), "granularity": _choice("block", "unit", "step"),
+        "init": _choice(*OPTIMIZE_INITS), "granularity": _choice("block", "unit", "step"),
         "dim": _int(1, 8192), "layers": _int(1, 256),
         "timestep_conditioning": Spec("bool"), "seed": SEED, "checkpoint_every": _int(1, 10**7),
         "class_labels": Spec("ints", 0, 10**6, optional=True), "prompt_embeds": Spec("str", optional=True),

@@ -20,8 +20,6 @@ from dgo_compile.schedules.schedule_cost import ScheduleCost
 from dgo_compile.search.selection import calibration_error, uniform_steps_within
 from dgo_compile.search.step_search import DEFAULT_SAMPLES, searched_steps
 
-INITS = ("full", "steps", "steps-searched")
-
 
 def initial_schedule(traced: TracedDenoiser, scheduler_config: dict, config, calls: int, cost: ScheduleCost, *,
                      model_source: str | None = None, null_class_label: int | None = None,
