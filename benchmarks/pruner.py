@@ -3,7 +3,8 @@
     python benchmarks/pruner.py --stored --threads 1 --learned pruner_block_lr0.03 pruner_block_lr0.03_notime \\
         --budgets 0.25 0.2 0.5 0.35 0.15 0.1          # the committed table (see its header for what ran)
     python benchmarks/pruner.py                        # retrains the six pruners first (~2.5 h more)
-    python benchmarks/pruner.py --model cond --select 1  # the class-conditional model under guidance
+    python benchmarks/pruner.py --model cond --select 6 --budgets 0.5 0.25 0.2 --threads 2  # the class-
+        # conditional model under guidance, against one pruner per budget as `dgo-compile optimize` trains it
 
 `--model cond` measures the shipped class-conditional digits model (dgo_compile/assets/mnist_ddpm_cond)
 with classifier-free guidance (--guidance-scale, default 2): image i of every noise set is digit i mod 10,
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, log, read_json, write_json
 
-from dgo_compile import __version__, load, trace
+from dgo_compile import CLASS_CONDITIONAL_MODEL, __version__, load, trace
 from dgo_compile.backend.folding import fold
 from dgo_compile.backend.sampling import Guidance, denoiser_timesteps, initial_noise, sample
 from dgo_compile.channels.data import real_digit_sample
@@ -46,6 +47,7 @@ from dgo_compile.search.pruner import OptimizeConfig, optimize
 from dgo_compile.search.selection import SELECTION_SEED
 from dgo_compile.search.step_search import searched_steps
 
+PER_BUDGET = "per budget"  # a PRUNERS entry trained anew towards each budget it is scored at
 BUDGETS = (0.5, 0.25, 0.2, 0.35, 0.15, 0.1)  # the first three have stored learned schedules
 # (label, folder, OptimizeConfig settings beyond the shared ones). DiP-GO's lr, a gentler one (the
 # paper's lr saturates the gates within ~60 of our 150 iterations), the same optimizer restricted to
@@ -60,10 +62,13 @@ PRUNERS = (
     ("learned units (lr 0.03)", "pruner_unit_lr0.03", dict(granularity="unit", lr=0.03)),
     ("learned blocks (lr 0.03, no timestep input)", "pruner_block_lr0.03_notime",
      dict(granularity="block", lr=0.03, timestep_conditioning=False)),
+    # What `dgo-compile optimize` does by default: one pruner per budget, trained towards it from the
+    # searched K-step schedule there (OptimizeConfig's init and iters).
+    ("learned (optimize's defaults, one per budget)", "pruner_default",
+     dict(init=OptimizeConfig.init, iters=OptimizeConfig.iters, keep_macs=PER_BUDGET)),
 )
 
 
-COND_MODEL = Path(__file__).resolve().parent.parent / "dgo_compile" / "assets" / "mnist_ddpm_cond"
 DIGITS = 10
 
 
@@ -73,10 +78,7 @@ class Subject:
 
     def __init__(self, args):
         self.cond = args.model == "cond"
-        if self.cond and not COND_MODEL.is_dir():
-            raise SystemExit(f"no class-conditional model at {COND_MODEL}: train one with "
-                             "`python scripts/train_default_model.py --classes ...` (see its docstring)")
-        self.loaded = load(COND_MODEL if self.cond else None)
+        self.loaded = load(CLASS_CONDITIONAL_MODEL if self.cond else None)
         self.traced = trace(self.loaded)
         self.config = self.loaded.scheduler_config
         self.guidance_scale = args.guidance_scale if self.cond else None
@@ -106,34 +108,44 @@ class Subject:
 def train(args, subject: Subject) -> dict:
     """The pruners of PRUNERS (those --select keeps), trained (or found finished in --pruners)."""
     trained = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.pruners or Path(tmp)
-        for index, (label, stem, overrides) in enumerate(PRUNERS):
-            if args.train_only is not None and index != args.train_only or index not in args.select:
-                continue
-            settings = OptimizeConfig(**{"keep_macs": args.ratio, "steps": args.steps, "iters": args.iters,
-                                         "batch": args.batch, "init": "full", **subject.optimize_settings(),
-                                         **overrides})
-            folder = root / subject.stem(stem)
-            started = time.perf_counter()
-            trained[label] = optimize(subject.traced, subject.config, settings, folder, model_source=None,
-                                      null_class_label=subject.null, resume=folder.exists(),
-                                      on_iteration=lambda r, g=stem: print(g, json.dumps(r), flush=True))
-            log(f"{label}: {time.perf_counter() - started:.0f} s")
+    for index, (label, stem, overrides) in enumerate(PRUNERS):
+        if args.train_only is not None and index != args.train_only or index not in args.select:
+            continue
+        if overrides.get("keep_macs") != PER_BUDGET:
+            trained[label] = train_one(args, subject, label, stem, overrides)
     return trained
+
+
+def train_one(args, subject: Subject, label: str, stem: str, overrides: dict, budget: float | None = None):
+    """One pruner of PRUNERS (towards `budget` for a per-budget one), kept in --pruners (else a temp dir;
+    a finished one found there is reused)."""
+    settings = {"keep_macs": args.ratio, "steps": args.steps, "iters": args.iters, "batch": args.batch,
+                "init": "full", **subject.optimize_settings(), **overrides}
+    if budget is not None:
+        settings["keep_macs"], stem = budget, f"{stem}_{int(round(budget * 100))}"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = (args.pruners or Path(tmp)) / subject.stem(stem)
+        started = time.perf_counter()
+        pruner = optimize(subject.traced, subject.config, OptimizeConfig(**settings), folder, model_source=None,
+                          null_class_label=subject.null, resume=folder.exists(),
+                          on_iteration=lambda r: print(stem, json.dumps(r), flush=True))
+    log(f"{label}{'' if budget is None else f' ({budget:.0%})'}: {time.perf_counter() - started:.0f} s")
+    return pruner
 
 
 def learned_schedules(args, subject: Subject, trained: dict, budget: float, costs) -> dict[str, Schedule | None]:
     """Each pruner's schedule at `budget`: extracted from a trained pruner, or read from its stored JSON
     with --stored (None where none was stored or --select left the pruner out)."""
     found = {}
-    for label, stem, _ in PRUNERS:
+    for label, stem, overrides in PRUNERS:
         path = RESULTS / f"{subject.stem(stem)}_{int(round(budget * 100))}.json"
         if args.stored:
             skipped = args.learned is not None and stem not in args.learned
             found[label] = Schedule.load(path) if path.is_file() and not skipped else None
             continue
         pruner = trained.get(label)
+        if overrides.get("keep_macs") == PER_BUDGET and PRUNERS.index((label, stem, overrides)) in args.select:
+            pruner = trained[f"{label} at {budget:.0%}"] = train_one(args, subject, label, stem, overrides, budget)
         if pruner is None:
             found[label] = None
             continue
@@ -203,11 +215,7 @@ def main() -> None:
     if args.train_only is not None:
         return
     previous = read_json(RESULTS / f"{prefix}.json") or {}
-    optimization = ({label: {"granularity": p.state.config.granularity, "iterations": p.state.iterations_done,
-                             "seconds": p.state.seconds, "peak_memory_mb": p.state.peak_memory_mb,
-                             "lr": p.state.config.lr, "final_kept": p.state.history[-1]["kept"],
-                             "history": p.state.history} for label, p in trained.items()}
-                    or previous.get("optimization", {}))
+    optimization = {label: summary(p) for label, p in trained.items()} or previous.get("optimization", {})
 
     classifier = load_digit_classifier()
     real_features = classifier_features(real_digit_sample(args.n, args.seed), classifier)
@@ -252,7 +260,8 @@ def main() -> None:
             "eval_seed": args.seed, "search_seed": SELECTION_SEED, "train_ratio": args.ratio, "iters": args.iters,
             "batch": args.batch, "threads": args.threads, "stored": args.stored, "learned": args.learned,
             "budgets": sorted(set(args.budgets) | {r["budget"] for r in rows} - {1.0}, reverse=True),
-            "model": args.model, "guidance_scale": subject.guidance_scale, "select": args.select}
+            "model": args.model, "guidance_scale": subject.guidance_scale, "select": args.select,
+            "per_budget_recipe": {"init": OptimizeConfig.init, "iters": OptimizeConfig.iters}}
 
     def add(row: dict) -> None:  # written after every row: an interrupted run keeps what it measured
         rows.append(row)
@@ -260,6 +269,7 @@ def main() -> None:
 
     for budget in args.budgets:
         for label, plan in learned_schedules(args, subject, trained, budget, costs).items():
+            optimization.update({name: summary(p) for name, p in trained.items() if name not in optimization})
             if plan is None:
                 missing.append((budget, label))
             else:
@@ -283,6 +293,14 @@ def main() -> None:
         add(scheduled(best, budget, builtin_for(best, args.steps, traced)))
         random_scores = torch.rand(args.steps, len(names), generator=torch.Generator().manual_seed(7))
         add(scheduled("random", budget, extract_schedule(random_scores, costs("block"), budget, f"random {budget}")[0]))
+
+
+def summary(pruner) -> dict:
+    """What results/pruner.json keeps of a trained pruner."""
+    state = pruner.state
+    return {"granularity": state.config.granularity, "iterations": state.iterations_done, "seconds": state.seconds,
+            "peak_memory_mb": state.peak_memory_mb, "lr": state.config.lr, "init": state.config.init,
+            "keep_macs": state.config.keep_macs, "final_kept": state.history[-1]["kept"], "history": state.history}
 
 
 def nearest_deepcache(traced, steps: int, budget: float, cost: ScheduleCost, memo: dict[str, float]) -> str:
@@ -316,6 +334,7 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
     cond = m.get("model") == "cond"
     subject = f"the class-conditional model, guidance {m['guidance_scale']:g}" if cond else "the shipped model"
     selected = m.get("select") or list(range(len(PRUNERS)))
+    recipe = m.get("per_budget_recipe") or {}
     lines = [f"# Learned block schedules vs baselines on {subject} (DDIM {m['steps']})", "",
              f"Reproduce: `python benchmarks/pruner.py{' --stored' if m.get('stored') else ''} --threads {m['threads']}"
              + (f" --model cond --guidance-scale {m['guidance_scale']:g}" if cond else "")
@@ -326,7 +345,12 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
              + ("Learned schedules: the ones stored in results/pruner_*_<budget>.json from the pruners below "
                 f"({m['iters']} iterations at batch {m['batch']}, trained towards {m['train_ratio']:.0%} kept MACs); "
                 if m.get("stored") else f"Pruners: {m['iters']} iterations at batch {m['batch']}, trained towards "
-                                    f"{m['train_ratio']:.0%} kept MACs; ")
+                                    f"{m['train_ratio']:.0%} kept MACs from DiP-GO's start (every gate keeps); "
+                if set(selected) - {len(PRUNERS) - 1} else "")
+             + (f"\"{PRUNERS[-1][0]}\": `dgo-compile optimize` as shipped, a pruner per budget trained towards it, "
+                f"{recipe.get('iters')} iterations from `init = \"{recipe.get('init')}\"` (the searched K-step "
+                "schedule at the budget, searched on the optimizer's own calibration noise); "
+                if len(PRUNERS) - 1 in selected and not m.get("stored") else "")
              + f"evaluation: {m['n']} samples from noise seed {m['eval_seed']}, never seen in optimization or search. "
              f"`steps-searched:K`: coordinate descent from `steps:K` on calibration noise seed {SELECTION_SEED} "
              "(samples and evaluations in the search table); `sampler at K steps`: a `full` schedule compiled with "

@@ -11,7 +11,8 @@ from .core.errors import DgoError, ModelLoadError, PassError, TraceError, Unsupp
 
 __version__ = "0.1.0"
 _LAZY = {
-    "DEFAULT_MODEL": "frontend.loading", "LoadedModel": "frontend.loading", "load": "frontend.loading",
+    "CLASS_CONDITIONAL_MODEL": "frontend.loading", "DEFAULT_MODEL": "frontend.loading",
+    "LoadedModel": "frontend.loading", "load": "frontend.loading",
     "TracedDenoiser": "frontend.tracing", "trace": "frontend.tracing",
     "Schedule": "schedules.schedule", "builtin": "schedules.schedule",
     "ScheduleCost": "schedules.schedule_cost", "extract_schedule": "schedules.schedule_cost",
@@ -24,11 +25,11 @@ _LAZY = {
     "compile_schedule": "driver.pipeline",
 }
 __all__ = [  # the errors, then the lazily imported names of _LAZY
-    "CompileConfig", "DEFAULT_MODEL", "DgoError", "FinetuneConfig", "FoldedSchedule", "LoadedModel",
-    "ModelLoadError", "OptimizeConfig", "OrtArtifact", "PassError", "PruneConfig", "Schedule", "ScheduleCost",
-    "TraceError", "TracedDenoiser", "UnsupportedModelError", "__version__", "builtin", "compile_artifact",
-    "compile_schedule", "denoiser_timesteps", "extract_schedule", "fold", "initial_noise", "load", "load_pruner",
-    "optimize", "prune", "read_config", "run_pipeline", "sample", "trace",
+    "CLASS_CONDITIONAL_MODEL", "CompileConfig", "DEFAULT_MODEL", "DgoError", "FinetuneConfig", "FoldedSchedule",
+    "LoadedModel", "ModelLoadError", "OptimizeConfig", "OrtArtifact", "PassError", "PruneConfig", "Schedule",
+    "ScheduleCost", "TraceError", "TracedDenoiser", "UnsupportedModelError", "__version__", "builtin",
+    "compile_artifact", "compile_schedule", "denoiser_timesteps", "extract_schedule", "fold", "initial_noise",
+    "load", "load_pruner", "optimize", "prune", "read_config", "run_pipeline", "sample", "trace",
 ]
 
 

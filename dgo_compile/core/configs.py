@@ -13,6 +13,8 @@ from dgo_compile.core.errors import DgoError
 from dgo_compile.core.options import check
 
 DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "mnist_ddpm"
+# The same digits UNet with a class embedding and a null class (10) for classifier-free guidance.
+CLASS_CONDITIONAL_MODEL = Path(__file__).parents[1] / "assets" / "mnist_ddpm_cond"
 DEFAULT_STEPS = 50  # sampler steps, wherever a command or config leaves them out
 GRANULARITIES = ("block", "unit", "step")  # step: one gate per call for all blocks (whole-network reuse)
 

@@ -18,7 +18,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
-from dgo_compile.core.configs import DEFAULT_MODEL
+from dgo_compile.core.configs import CLASS_CONDITIONAL_MODEL, DEFAULT_MODEL  # noqa: F401  (re-exported)
 from dgo_compile.core.errors import DgoError, ModelLoadError, UnsupportedModelError
 from dgo_compile.core.finite import check_finite
 from dgo_compile.core.outputs import check_output, staged, write_error
