@@ -65,7 +65,8 @@ def main() -> None:
               "noise_seed": args.seed, "sampler": "DDIM 50 steps, eta 0", "rows": rows}
     (RESULTS / "class_model.json").write_text(json.dumps(result, indent=2))
     lines = ["# Shipped class-conditional model (the digits UNet with a class embedding and a null class)", "",
-             f"Reproduce: `python benchmarks/class_model.py` (torch {torch.__version__}, {args.threads} threads). "
+             f"Reproduce: `python benchmarks/class_model.py` (torch {torch.__version__}, {args.threads} "
+             f"thread{'s' * (args.threads > 1)}). "
              f"{args.n} samples from noise seed {args.seed}, image i asked to be digit i mod 10, DDIM 50; FD "
              "against as many real digits on the shipped classifier's features (real-vs-real floor: "
              "results/shipped_model.md).", "",
