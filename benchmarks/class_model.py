@@ -16,10 +16,10 @@ import argparse
 import json
 
 import torch
-from common import RESULTS
+from common import RESULTS, digit_conditions
 
 from dgo_compile import CLASS_CONDITIONAL_MODEL, __version__, load, trace
-from dgo_compile.backend.sampling import Guidance, initial_noise, sample, save_grid
+from dgo_compile.backend.sampling import initial_noise, sample, save_grid
 from dgo_compile.channels.data import real_digit_sample
 from dgo_compile.core.metrics import classifier_features, frechet_distance, load_digit_classifier
 
@@ -44,12 +44,8 @@ def main() -> None:
     real = classifier_features(real_digit_sample(args.n, args.seed), classifier)
     rows = []
     for scale in args.scales:
-        if scale == 1.0:
-            images = sample(traced, loaded.scheduler_config, noise, 50, scheduler="ddim",
-                            conditions={"class_labels": labels})
-        else:
-            guidance = Guidance(scale, {"class_labels": labels}, {"class_labels": torch.tensor([null])})
-            images = sample(traced, loaded.scheduler_config, noise, 50, scheduler="ddim", guidance=guidance)
+        images = sample(traced, loaded.scheduler_config, noise, 50, scheduler="ddim",
+                        **digit_conditions(args.n, scale, null))
         with torch.no_grad():
             probs = torch.softmax(classifier(images), dim=1)
         rows.append({"guidance_scale": scale,

@@ -84,6 +84,19 @@ def quality(images, full, classifier, real_features) -> dict:
             "fd": frechet_distance(classifier_features(images, classifier), real_features)}
 
 
+def digit_conditions(n: int, guidance_scale: float, null_class: int) -> dict:
+    """`sample` keywords for n images of the class-conditional model, image i asked to be digit i mod 10:
+    classifier-free guidance through the null class, or the conditional model alone at scale 1."""
+    import torch
+
+    from dgo_compile.backend.sampling import Guidance
+
+    labels = {"class_labels": torch.arange(n) % 10}
+    if guidance_scale == 1.0:
+        return {"conditions": labels}
+    return {"guidance": Guidance(guidance_scale, labels, {"class_labels": torch.tensor([null_class])})}
+
+
 def cost_of(model):
     """Params and MACs per call at batch 1 (our cost model on a re-trace)."""
     from dgo_compile import trace

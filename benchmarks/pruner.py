@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, log, read_json, write_json
+from common import RESULTS, digit_conditions, log, read_json, write_json
 
 from dgo_compile import CLASS_CONDITIONAL_MODEL, __version__, load, trace
 from dgo_compile.backend.folding import fold
-from dgo_compile.backend.sampling import Guidance, denoiser_timesteps, initial_noise, sample
+from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample
 from dgo_compile.channels.data import real_digit_sample
 from dgo_compile.core.metrics import classifier_features, frechet_distance, load_digit_classifier, psnr, ssim
 from dgo_compile.driver.report import save_heatmap
@@ -96,13 +96,8 @@ class Subject:
 
     def draw(self, denoiser, noise, steps: int, batch_size: int = 64):
         """DDIM (eta 0) images from `noise`, digit i mod 10 under guidance for the class-conditional model."""
-        guidance = None
-        if self.cond:
-            labels = torch.arange(len(noise)) % DIGITS
-            guidance = Guidance(self.guidance_scale, {"class_labels": labels},
-                                {"class_labels": torch.tensor([self.null])})
-        return sample(denoiser, self.config, noise, steps, scheduler="ddim", guidance=guidance,
-                      batch_size=batch_size)
+        conditions = digit_conditions(len(noise), self.guidance_scale, self.null) if self.cond else {}
+        return sample(denoiser, self.config, noise, steps, scheduler="ddim", batch_size=batch_size, **conditions)
 
 
 def train(args, subject: Subject) -> dict:
@@ -137,14 +132,14 @@ def learned_schedules(args, subject: Subject, trained: dict, budget: float, cost
     """Each pruner's schedule at `budget`: extracted from a trained pruner, or read from its stored JSON
     with --stored (None where none was stored or --select left the pruner out)."""
     found = {}
-    for label, stem, overrides in PRUNERS:
+    for index, (label, stem, overrides) in enumerate(PRUNERS):
         path = RESULTS / f"{subject.stem(stem)}_{int(round(budget * 100))}.json"
         if args.stored:
             skipped = args.learned is not None and stem not in args.learned
             found[label] = Schedule.load(path) if path.is_file() and not skipped else None
             continue
         pruner = trained.get(label)
-        if overrides.get("keep_macs") == PER_BUDGET and PRUNERS.index((label, stem, overrides)) in args.select:
+        if overrides.get("keep_macs") == PER_BUDGET and index in args.select:
             pruner = trained[f"{label} at {budget:.0%}"] = train_one(args, subject, label, stem, overrides, budget)
         if pruner is None:
             found[label] = None
@@ -268,8 +263,9 @@ def main() -> None:
         write(meta, optimization, rows, missing, search)
 
     for budget in args.budgets:
-        for label, plan in learned_schedules(args, subject, trained, budget, costs).items():
-            optimization.update({name: summary(p) for name, p in trained.items() if name not in optimization})
+        learned = learned_schedules(args, subject, trained, budget, costs)  # trains the per-budget pruners
+        optimization.update({name: summary(p) for name, p in trained.items() if name not in optimization})
+        for label, plan in learned.items():
             if plan is None:
                 missing.append((budget, label))
             else:
