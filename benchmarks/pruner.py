@@ -130,14 +130,16 @@ def train_one(args, subject: Subject, label: str, stem: str, overrides: dict, bu
 
 def learned_schedules(args, subject: Subject, trained: dict, budget: float, costs) -> dict[str, Schedule | None]:
     """Each pruner's schedule at `budget`: extracted from a trained pruner, or read from its stored JSON
-    with --stored (None where none was stored or --select left the pruner out)."""
+    with --stored (None where none was stored or --select left the pruner out; a per-budget pruner with
+    none stored is trained, so stored and new schedules share one table)."""
     found = {}
     for index, (label, stem, overrides) in enumerate(PRUNERS):
         path = RESULTS / f"{subject.stem(stem)}_{int(round(budget * 100))}.json"
-        if args.stored:
+        if args.stored:  # a stored schedule, else (per-budget pruners only) one trained now
             skipped = args.learned is not None and stem not in args.learned
-            found[label] = Schedule.load(path) if path.is_file() and not skipped else None
-            continue
+            if skipped or path.is_file() or overrides.get("keep_macs") != PER_BUDGET:
+                found[label] = Schedule.load(path) if path.is_file() and not skipped else None
+                continue
         pruner = trained.get(label)
         if overrides.get("keep_macs") == PER_BUDGET and index in args.select:
             pruner = trained[f"{label} at {budget:.0%}"] = train_one(args, subject, label, stem, overrides, budget)
@@ -172,7 +174,8 @@ def main() -> None:
                         help="keep the rows of results/pruner.json at budgets not measured in this run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stored", action="store_true",
-                        help="evaluate the learned schedules stored in results/ instead of training pruners")
+                        help="evaluate the learned schedules stored in results/ instead of training pruners "
+                             "(a per-budget pruner with no stored schedule at a budget is trained there)")
     parser.add_argument("--learned", nargs="+", default=None, metavar="PRUNER",
                         help="with --stored, evaluate only these pruners' schedules (folder stems, e.g. "
                              "pruner_block_lr0.03); the others are marked not measured")
@@ -346,7 +349,8 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
              + (f"\"{PRUNERS[-1][0]}\": `dgo-compile optimize` as shipped, a pruner per budget trained towards it, "
                 f"{recipe.get('iters')} iterations from `init = \"{recipe.get('init')}\"` (the searched K-step "
                 "schedule at the budget, searched on the optimizer's own calibration noise); "
-                if len(PRUNERS) - 1 in selected and not m.get("stored") else "")
+                if len(PRUNERS) - 1 in selected and PRUNERS[-1][1] in (m.get("learned") or [PRUNERS[-1][1]])
+                else "")
              + f"evaluation: {m['n']} samples from noise seed {m['eval_seed']}, never seen in optimization or search. "
              f"`steps-searched:K`: coordinate descent from `steps:K` on calibration noise seed {SELECTION_SEED} "
              "(samples and evaluations in the search table); `sampler at K steps`: a `full` schedule compiled with "
