@@ -9,6 +9,7 @@ from dgo_compile import load, trace
 from dgo_compile.backend.folding import fold
 from dgo_compile.core.configs import OptimizeConfig
 from dgo_compile.schedules.schedule import Schedule, ScheduleError, builtin
+from dgo_compile.search.prefix_replay import PrefixReplay
 from dgo_compile.search.selection import calibration_error
 from dgo_compile.search.step_search import StepSubsets, search_steps, searched_steps, step_subset
 from reliability import cli, run
@@ -66,6 +67,32 @@ def test_shared_fold_runs_what_fold_builds_and_the_search_beats_uniform_on_its_n
     assert found.uniform_score == error(fold(traced, builtin("steps:4", 10, subsets.elements)).new_run())
     assert found.score <= found.uniform_score
     assert found.score == error(fold(traced, found.schedule).new_run())
+    fresh = search_steps(lambda c: error(subsets.folded(c).new_run()), 10, 4, max_evaluations=12)
+    assert (found.chosen, found.score, found.uniform_score, found.evaluations) == fresh  # replay changes nothing
+
+
+def test_a_replayed_run_ends_bit_equal_and_runs_the_denoiser_only_from_its_first_differing_call(shipped):
+    loaded, traced = shipped
+    torch.set_num_threads(1)
+    error = calibration_error(traced, loaded.scheduler_config, OptimizeConfig(steps=10, calibration=2, seed=30_000),
+                              None)
+    subsets = StepSubsets(traced, 10)
+    replay = PrefixReplay()
+    incumbent = replay.run(subsets.folded((0, 3, 6, 8)))
+    assert error(incumbent) == error(subsets.folded((0, 3, 6, 8)).new_run())
+    assert replay.denoiser_calls == 10 and len(replay.kept) == 0
+    replay.keep(incumbent)
+    assert len(replay.kept) == 10
+    assert error(replay.run(subsets.folded((0, 3, 7, 8)))) == error(subsets.folded((0, 3, 7, 8)).new_run())
+    assert replay.denoiser_calls == 10 + 4  # calls 0-5 replayed, 6-9 run
+    assert error(replay.run(subsets.folded((0, 2, 6, 8)))) == error(subsets.folded((0, 2, 6, 8)).new_run())
+    assert replay.denoiser_calls == 14 + 8  # differs from call 2 on
+    one_call = replay.run(subsets.folded((0, 3, 6, 8)))  # the incumbent again: nothing runs
+    error(one_call)
+    assert replay.denoiser_calls == 22 and one_call.recorded.keys() == replay.kept.keys()
+    capped = PrefixReplay(max_bytes=0)
+    run_capped = capped.run(subsets.folded((0, 3, 6, 8)))
+    assert error(run_capped) == error(subsets.folded((0, 3, 6, 8)).new_run()) and run_capped.recorded == {}
 
 
 
