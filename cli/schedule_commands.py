@@ -84,7 +84,8 @@ def optimize(
             r["iteration"], note=f"consistency {r['consistency']:.4f}  sparsity {r['sparsity']:.3f}  "
                                  f"kept MACs {r['kept']:.1%}"))
     last = trained.state.history[-1] if trained.state.history else {}
-    out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s, "
+    out.print(f"wrote {output}: {trained.state.iterations_done} iterations in {trained.state.seconds:.0f} s "
+              f"(after {trained.state.setup_seconds:.0f} s finding the start and the full model's targets), "
               f"last kept MACs {last.get('kept', 1.0):.1%}; make a schedule with "
               f"`dgo-compile schedule {output} --keep-macs R`")
 

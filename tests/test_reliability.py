@@ -325,6 +325,8 @@ class TestNeverStuck:
         assert f"wrote {resumed_pruner['path']}: {ITERS} iterations" in resumed.stdout
         state = load_pruner(resumed_pruner["path"]).state
         assert state.complete and [r["iteration"] for r in state.history] == list(range(1, ITERS + 1))
+        assert state.setup_seconds > killed.setup_seconds > 0  # the resumed run's own setup is added
+        assert "s finding the start and the full model's targets)" in " ".join(resumed.stdout.split())
         # 3 denoiser calls, call 0 always full: kept shares come near thirds, so 0.5 has no schedule within 1.25 points.
         result = cli("schedule", resumed_pruner["path"], "--keep-macs", "0.667", "-o", tmp_path / "s.json")
         assert result.returncode == 0, result.stderr

@@ -115,9 +115,10 @@ class PrunerState:
     cascade_shares: dict[str, float]
     iterations_done: int = 0
     history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # in the iterations
     peak_memory_mb: float | None = None
     decoded_with_vae: bool = False  # consistency on VAE-decoded images rather than latents
+    setup_seconds: float = 0.0  # before them: the start's search and the full model's targets, per (re)start
 
     @property
     def model_path(self) -> Path | None:
@@ -133,7 +134,7 @@ class PrunerState:
                 "schedule_granularity": self.schedule_granularity, "cascade_shares": self.cascade_shares,
                 "iterations_done": self.iterations_done, "complete": self.complete, "seconds": self.seconds,
                 "peak_memory_mb": self.peak_memory_mb, "decoded_with_vae": self.decoded_with_vae,
-                "history": self.history}
+                "setup_seconds": self.setup_seconds, "history": self.history}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "PrunerState":
@@ -143,7 +144,7 @@ class PrunerState:
         return cls(OptimizeConfig.from_json(data["config"]), data["model_source"], data["scheduler"],
                    tuple(data["elements"]), data["schedule_granularity"], data["cascade_shares"],
                    data["iterations_done"], data["history"], data.get("seconds", 0.0), data.get("peak_memory_mb"),
-                   data.get("decoded_with_vae", False))
+                   data.get("decoded_with_vae", False), data.get("setup_seconds", 0.0))
 
 
 def build_pruner(state: PrunerState) -> Pruner:
@@ -239,6 +240,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
     consistency loss, and gradients flow back through the decoder.
     """
     output = Path(output)
+    setup_started = time.perf_counter()
     device = _device(device, config.precision)
     world = current_world()
     if world.size > 1 and device.type != "cpu":
@@ -329,6 +331,7 @@ def optimize(traced: TracedDenoiser, scheduler_config: dict, config: OptimizeCon
                  "lr_schedule": lr_schedule.state_dict(), "state": json.dumps(state.to_json())}, p))
             write_atomic(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state.to_json(), indent=1)))
 
+    state.setup_seconds += time.perf_counter() - setup_started
     world.barrier()  # every process has checked the output folder before process 0 creates it
     if not resume:
         save(first=True)  # a resumable folder exists from iteration 0
