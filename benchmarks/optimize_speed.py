@@ -1,13 +1,18 @@
-"""How long `optimize` takes on the shipped model, and whether the faster backward changed what it learns.
+"""How long `dgo-compile optimize` takes with its defaults on the shipped model, where the time goes, its memory.
 
-    python benchmarks/optimize_speed.py            # ~20 min on the 2-core machine
+    python benchmarks/optimize_speed.py            # ~25 min on the 2-core machine, nothing else running
 
-Two runs, one after the other: the pruner of results/pruner.md's "learned blocks (lr 0.03)" row
-(150 iterations at batch 2 towards 20% kept MACs, 1 thread, as that table was timed), and the
-`dgo-compile optimize` command with every default (2 threads), as a user runs it. For the first,
-its schedules at 50/25/20% are compared with the ones committed from the earlier, checkpointed
-optimizer (results/pruner_block_lr0.03_<budget>.json): where one differs, both are sampled from
-the evaluation noise of pruner.py (seed 20000) and scored against the full model.
+Per budget (0.25, the CLI's default, then 0.5 and 0.1): the commands as a user runs them, one after the
+other in subprocesses on --threads threads (OMP_NUM_THREADS): `dgo-compile optimize --keep-macs R` with
+every other default, then `dgo-compile schedule <pruner> --keep-macs R` (which scores the learned schedule
+against the closed-form ones). Recorded: each command's wall time and peak RSS (os.wait4), and from
+pruner.json the setup (the start's K-step search and the full model's consistency targets) and the
+iterations. Then, in this process, the K-step search at that budget's K as optimize runs it (replaying the
+incumbent's shared prefix, dgo_compile.search.prefix_replay) and with every trial run from call 0 (as
+before prefix replay), side by side: both times and whether the results are equal. Last, for the
+full-size published configs (random weights; tests/model_configs.py), what the replay keeps per call that
+runs in full (the cache a K-step schedule's full calls expose, and the prediction) at 8 calibration
+samples under classifier-free guidance, read off the shared fold of `StepSubsets`; no sampling.
 Writes results/optimize_speed.{json,md}.
 """
 
@@ -15,111 +20,156 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import RESULTS, cli, log, write_json
+from common import RESULTS, log, model_configs, write_json
 
 from dgo_compile import __version__, load, trace
-from dgo_compile.backend.folding import fold
-from dgo_compile.backend.sampling import denoiser_timesteps, initial_noise, sample_ddim
-from dgo_compile.core.metrics import psnr, ssim
-from dgo_compile.schedules.schedule import Schedule, builtin
-from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
-from dgo_compile.search.pruner import OptimizeConfig, load_pruner, optimize
+from dgo_compile.core.configs import OptimizeConfig
+from dgo_compile.schedules.schedule_cost import ScheduleCost
+from dgo_compile.search.selection import calibration_error, uniform_steps_within
+from dgo_compile.search.step_search import DEFAULT_SAMPLES, StepSubsets, search_steps, searched_steps
 
-BUDGETS = (0.5, 0.25, 0.2)
-STORED = "pruner_block_lr0.03"
-TABLE_MINUTES = 18.5  # results/pruner.md, "learned blocks (lr 0.03)": the checkpointed optimizer, 1 thread
+BUDGETS = (0.25, 0.5, 0.1)
+GOAL_MINUTES = 5
+
+
+def timed_command(args: list, threads: int) -> dict:
+    """Run `dgo-compile args` in a subprocess on `threads` threads: its wall seconds, peak RSS and output."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log("dgo-compile " + " ".join(map(str, args)))
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "dgo_compile.cli", *map(str, args)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"dgo-compile {' '.join(map(str, args))} failed with {status}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": " ".join(stdout.split())}
+
+
+def search_side_by_side(traced, scheduler_config: dict, k: int) -> dict:
+    """optimize's K-step search (8 samples of its calibration noise), replayed and from call 0 each trial."""
+    config = replace(OptimizeConfig(), calibration=DEFAULT_SAMPLES)
+    error = calibration_error(traced, scheduler_config, config, None)
+    calls = config.steps
+    started = time.perf_counter()
+    found = searched_steps(traced, calls, k, error)
+    replayed = time.perf_counter() - started
+    subsets = StepSubsets(traced, calls)
+    started = time.perf_counter()
+    fresh = search_steps(lambda chosen: error(subsets.folded(chosen).new_run()), calls, k)
+    from_start = time.perf_counter() - started
+    return {"k": k, "evaluations": found.evaluations, "seconds_replayed": replayed, "seconds_from_call_0": from_start,
+            "equal": fresh == (found.chosen, found.score, found.uniform_score, found.evaluations)}
+
+
+def replay_bytes(name: str, config: dict, rows: int = 2 * DEFAULT_SAMPLES) -> dict:
+    """Bytes the prefix replay keeps per full call of a K-step schedule on `config`'s model at `rows` rows."""
+    from dgo_compile.passes.annotations import variant_signature
+
+    from dgo_compile.search.prefix_replay import REPLAY_BYTES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(config))
+        traced = trace(load(path), verify=False)
+    template = StepSubsets(traced, OptimizeConfig.steps)._template
+    full = next(graph for (reused, _), graph in template.variants.items() if not reused)
+    exposed = variant_signature(full).cache_outputs
+    prediction = traced.example_inputs(1)["sample"][0].numel() * (2 if "DiT" in config["_class_name"] else 1)
+    per_call = rows * 4 * (prediction + sum(math.prod(template.cache_shapes[c]) for c in exposed))
+    return {"model": name, "exposed": {c: list(template.cache_shapes[c]) for c in exposed}, "rows": rows,
+            "bytes_per_full_call": per_call, "full_calls_within_cap": REPLAY_BYTES // per_call,
+            "cap_bytes": REPLAY_BYTES}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", type=int, default=200, help="evaluation samples where a schedule changed")
-    parser.add_argument("--conditions", default="", help="what else ran on the machine (recorded in the results)")
-    parser.add_argument("--render", action="store_true", help="only rewrite the markdown (and --conditions)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--full-size", nargs="*", default=["sd15", "sd21_768", "sdxl", "dit_xl_2"])
     args = parser.parse_args()
-    if args.render:
-        result = json.loads((RESULTS / "optimize_speed.json").read_text())
-        result["conditions"] = args.conditions or result.get("conditions", "")
-        write_json(RESULTS / "optimize_speed.json", result)
-        write_markdown(result)
-        return
+    torch.set_num_threads(args.threads)
     loaded = load()
-    traced = trace(loaded)
-    config = loaded.scheduler_config
+    traced = trace(loaded, verify=False)
     cost = ScheduleCost(traced, "block")
-    result = {"dgo_compile": __version__, "torch": torch.__version__, "n": args.n, "conditions": args.conditions}
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.set_num_threads(1)
-        started = time.perf_counter()
-        pruner = optimize(traced, config, OptimizeConfig(keep_macs=0.2, init="full", iters=150), Path(tmp) / "table")
-        result["table_pruner"] = {"threads": 1, "wall_s": time.perf_counter() - started,
-                                  "seconds": pruner.state.seconds, "peak_rss_mb": pruner.state.peak_memory_mb,
-                                  "final_kept": pruner.state.history[-1]["kept"], "earlier_minutes": TABLE_MINUTES,
-                                  "iters": pruner.state.iterations_done}
-        log(f"table pruner: {result['table_pruner']['wall_s'] / 60:.1f} min")
-        torch.set_num_threads(2)
-        wall = cli(["optimize", "-o", Path(tmp) / "defaults"])
-        defaults = load_pruner(Path(tmp) / "defaults").state
-        result["defaults"] = {"threads": 2, "wall_s": wall, "seconds": defaults.seconds,
-                              "peak_rss_mb": defaults.peak_memory_mb, "keep_macs": defaults.config.keep_macs,
-                              "iters": defaults.config.iters, "final_kept": defaults.history[-1]["kept"]}
-        log(f"defaults: {wall / 60:.1f} min")
-    torch.set_num_threads(2)
-    names = tuple(b.name for b in traced.blocks)
-    timesteps = denoiser_timesteps(config, 50)
-    noise, full = None, None
-    result["schedules"] = []
-    for budget in BUDGETS:
-        new, _ = extract_schedule(pruner.reuse_margins(), cost, budget, f"optimize_speed {budget}")
-        old = Schedule.load(RESULTS / f"{STORED}_{int(round(budget * 100))}.json")
-        row = {"budget": budget, "same": new.compute == old.compute,
-               "pairs_changed": sum(a != b for r, s in zip(new.compute, old.compute) for a, b in zip(r, s)),
-               "kept_new": cost.kept_ratio(new), "kept_earlier": cost.kept_ratio(old)}
-        if not row["same"]:
-            if full is None:
-                noise = initial_noise(args.n, (1, 32, 32), 20_000)
-                full = sample_ddim(fold(traced, builtin("full", 50, names), timesteps), config, noise, 50, 50)
-            for key, plan in (("new", new), ("earlier", old)):
-                images = sample_ddim(fold(traced, plan, timesteps), config, noise, 50, 50)
-                row[f"psnr_{key}"] = float(psnr(images, full).clamp(max=100).mean())
-                row[f"ssim_{key}"] = float(ssim(images, full).mean())
-        result["schedules"].append(row)
-        log(json.dumps(row))
+    rows = []
+    for budget in args.budgets:
+        with tempfile.TemporaryDirectory() as tmp:
+            pruner = Path(tmp) / "pruner"
+            optimize = timed_command(["optimize", "--keep-macs", budget, "-o", pruner], args.threads)
+            state = json.loads((pruner / "pruner.json").read_text())
+            schedule = timed_command(["schedule", pruner, "--keep-macs", budget, "-o", Path(tmp) / "s.json"],
+                                     args.threads)
+        uniform = uniform_steps_within(traced, OptimizeConfig.steps, budget, cost)
+        search = search_side_by_side(traced, loaded.scheduler_config, sum(map(any, uniform.compute)))
+        rows.append({"keep_macs": budget, "optimize": optimize, "schedule": schedule,
+                     "setup_seconds": state["setup_seconds"], "iteration_seconds": state["seconds"],
+                     "iterations": state["iterations_done"], "final_kept": state["history"][-1]["kept"],
+                     "search": search})
+        log(f"{budget:g}: optimize {optimize['seconds']:.0f} s, schedule {schedule['seconds']:.0f} s, "
+            f"search {search['seconds_replayed']:.0f} s vs {search['seconds_from_call_0']:.0f} s")
+    configs = {**model_configs().FULL_SIZE, "dit_xl_2": model_configs().DIT_XL_2}
+    sizes = [replay_bytes(name, configs[name]) for name in args.full_size]
+    result = {"dgo_compile": __version__, "torch": torch.__version__, "machine": platform.machine(),
+              "cpus": os.cpu_count(), "threads": args.threads, "rows": rows, "replay_full_size": sizes}
     write_json(RESULTS / "optimize_speed.json", result)
     write_markdown(result)
 
 
 def write_markdown(r: dict) -> None:
-    t, d = r["table_pruner"], r["defaults"]
-    lines = ["# `optimize` on the shipped model: time, memory, and what it learns", "",
-             f"Reproduce: `python benchmarks/optimize_speed.py` (dgo-compile {r['dgo_compile']}, torch {r['torch']}). "
-             "Activations kept for the backward pass (they fit: ~1.6 GB), and no backward through the elements a "
-             "hard gate reuses. 'earlier' is the checkpointed optimizer that timed results/pruner.md.", "",
-             "| run | threads | iterations | wall | earlier | peak RSS | final kept MACs |",
-             "|---|---|---|---|---|---|---|",
-             f"| pruner.md's lr 0.03 pruner (towards 20%) | 1 | {t['iters']} | {t['wall_s'] / 60:.1f} min | "
-             f"{t['earlier_minutes']:.1f} min | {t['peak_rss_mb']:.0f} MB | {t['final_kept']:.1%} |",
-             f"| `dgo-compile optimize` defaults (towards {d['keep_macs']:.0%}) | 2 | {d['iters']} | "
-             f"{d['wall_s'] / 60:.1f} min | | {d['peak_rss_mb']:.0f} MB | {d['final_kept']:.1%} |", "",
-             "| budget | schedule vs the committed one | (call, block) pairs changed | kept MACs new / earlier | "
-             "PSNR new / earlier | SSIM new / earlier |", "|---|---|---|---|---|---|"]
-    for s in r["schedules"]:
-        scored = "psnr_new" in s
-        lines.append(f"| {s['budget']:.0%} | {'identical' if s['same'] else 'differs'} | {s['pairs_changed']} | "
-                     f"{s['kept_new']:.1%} / {s['kept_earlier']:.1%} | "
-                     + (f"{s['psnr_new']:.1f} / {s['psnr_earlier']:.1f} | "
-                        f"{s['ssim_new']:.3f} / {s['ssim_earlier']:.3f} |" if scored else "(same images) | |"))
-    lines += ["", "The gradients are the earlier optimizer's up to float summation order (1.8e-7 relative on the "
-              "shipped model with 46% of the gates shut; tests/test_supernet.py checks the gate's backward), but "
-              "hard gates amplify rounding: each pruner run is one draw, and whether a changed schedule's lower score "
-              "is the change or the spread between draws needs several seeds of both."]
-    lines += ["", f"Scores: {r['n']} samples from noise seed 20000 (pruner.py's evaluation noise), against the full "
-              "50-step model; only schedules that changed are sampled. Wall times come from a shared 2-core machine"
-              + (f": {r['conditions']}." if r.get("conditions") else ".")]
+    lines = [
+        "# `dgo-compile optimize` with its defaults on the shipped model: time and memory", "",
+        f"Reproduce: `python benchmarks/optimize_speed.py` (dgo-compile {r['dgo_compile']}, torch {r['torch']}, "
+        f"{r['cpus']} CPUs, {r['threads']} thread{'s' if r['threads'] > 1 else ''}, nothing else running). "
+        "One run per budget: the commands as a "
+        "user runs them, each in its own process; setup is the start's K-step search plus the full model's "
+        f"consistency targets (pruner.json). Goal: optimize under {GOAL_MINUTES} min.", "",
+        "| keep MACs | optimize wall | setup / iterations | peak RSS | final kept MACs | then `schedule` wall "
+        "(peak RSS) | optimize + schedule |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        o, s = row["optimize"], row["schedule"]
+        lines.append(f"| {row['keep_macs']:.0%} | {o['seconds'] / 60:.1f} min | {row['setup_seconds']:.0f} s / "
+                     f"{row['iteration_seconds']:.0f} s ({row['iterations']}) | {o['peak_rss_mb']:.0f} MB | "
+                     f"{row['final_kept']:.1%} | {s['seconds']:.0f} s ({s['peak_rss_mb']:.0f} MB) | "
+                     f"{(o['seconds'] + s['seconds']) / 60:.1f} min |")
+    lines += ["", "The K-step search optimize starts from (8 calibration samples, at most 48 trajectories), run in "
+              "this process with the incumbent's shared prefix replayed and with every trial from call 0, one "
+              "after the other:", "",
+              "| keep MACs | K | trajectories | replayed | from call 0 | speedup | same schedule and scores |",
+              "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        q = row["search"]
+        lines.append(f"| {row['keep_macs']:.0%} | {q['k']} | {q['evaluations']} | {q['seconds_replayed']:.0f} s | "
+                     f"{q['seconds_from_call_0']:.0f} s | {q['seconds_from_call_0'] / q['seconds_replayed']:.2f}x | "
+                     f"{'yes' if q['equal'] else 'NO'} |")
+    if r["replay_full_size"]:
+        lines += ["", f"What the replay keeps on the full-size configs, per call that runs in full (8 samples under "
+                  f"classifier-free guidance: {r['replay_full_size'][0]['rows']} rows, fp32); it keeps the "
+                  f"incumbent's calls up to {r['replay_full_size'][0]['cap_bytes'] / 2**30:.0f} GiB and runs the "
+                  "rest again:", "",
+                  "| model | cache a full call exposes | per full call | full calls kept |", "|---|---|---|---|"]
+        for size in r["replay_full_size"]:
+            exposed = ", ".join(f"{name.removeprefix('cache__')} {'x'.join(map(str, shape))}"
+                                for name, shape in size["exposed"].items())
+            lines.append(f"| {size['model']} | {exposed} | {size['bytes_per_full_call'] / 2**20:.0f} MiB | "
+                         f"{size['full_calls_within_cap']} |")
+    lines += ["", "Wall times from a shared machine are one run each; the replayed and from-call-0 searches are "
+              "bit-equal by construction (tests/test_step_search.py), so the quality tables "
+              "(results/pruner.md) hold unchanged."]
     (RESULTS / "optimize_speed.md").write_text("\n".join(lines) + "\n")
     log(f"wrote {RESULTS / 'optimize_speed.md'}")
 
