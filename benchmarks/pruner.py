@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, digit_conditions, log, read_json, write_json
+from common import RESULTS, digit_conditions, log, read_json
+from pruner_report import write
 
 from dgo_compile import CLASS_CONDITIONAL_MODEL, __version__, load, trace
 from dgo_compile.backend.folding import fold
@@ -43,8 +44,8 @@ from dgo_compile.core.metrics import classifier_features, frechet_distance, load
 from dgo_compile.driver.report import save_heatmap
 from dgo_compile.schedules.schedule import Schedule, builtin, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
-from dgo_compile.search.pruner import OptimizeConfig, optimize
-from dgo_compile.search.selection import SELECTION_SEED
+from dgo_compile.search.pruner import OptimizeConfig, PrunerState, TrainedPruner, optimize
+from dgo_compile.search.selection import SELECTION_SEED, select_schedule
 from dgo_compile.search.step_search import searched_steps
 
 PER_BUDGET = "per budget"  # a PRUNERS entry trained anew towards each budget it is scored at
@@ -190,6 +191,10 @@ def main() -> None:
                         help="cond: the class-conditional digits model under guidance (results/pruner_cond*)")
     parser.add_argument("--guidance-scale", type=float, default=2.0, help="with --model cond")
     parser.add_argument("--render", action="store_true", help="only rewrite results/pruner.md from pruner.json")
+    parser.add_argument("--returned", action="store_true",
+                        help="only add, per --budgets, what `dgo-compile schedule` returns for the default per-budget "
+                             "pruner: its stored schedule or the closed-form one that beats it on the selection's "
+                             "calibration samples (the other rows are kept as measured)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prefix = "pruner_cond" if args.model == "cond" else "pruner"
@@ -197,7 +202,7 @@ def main() -> None:
         data = read_json(RESULTS / f"{prefix}.json")
         write({k: v for k, v in data.items() if k not in ("optimization", "rows", "not_measured", "search")},
               data.get("optimization", {}), data["rows"],
-              [(m["budget"], m["schedule"]) for m in data.get("not_measured", [])], data.get("search", {}))
+              [(m["budget"], m["schedule"]) for m in data.get("not_measured", [])], data.get("search", {}), PRUNERS)
         return
 
     subject = Subject(args)
@@ -246,6 +251,14 @@ def main() -> None:
         return measured(label, budget, images, costs(plan.granularity).kept_ratio(plan),
                         sum(not any(r) for r in plan.compute), **extra)
 
+    if args.returned:
+        rows = [r for r in previous["rows"] if not (r.get("returned") and r["budget"] in args.budgets)]
+        for budget in args.budgets:
+            rows.append(returned_row(subject, budget, args.steps, costs, rows, scheduled))
+            write({k: v for k, v in previous.items() if k not in ("optimization", "rows", "not_measured", "search")},
+                  optimization, rows, [(m["budget"], m["schedule"]) for m in previous.get("not_measured", [])],
+                  previous.get("search", {}), PRUNERS)
+        return
     rows = [measured("full", 1.0, full, 1.0, 0)]
     missing, search = [], {}
     if args.merge:  # the rows of budgets measured before and not now
@@ -263,7 +276,7 @@ def main() -> None:
 
     def add(row: dict) -> None:  # written after every row: an interrupted run keeps what it measured
         rows.append(row)
-        write(meta, optimization, rows, missing, search)
+        write(meta, optimization, rows, missing, search, PRUNERS)
 
     for budget in args.budgets:
         learned = learned_schedules(args, subject, trained, budget, costs)  # trains the per-budget pruners
@@ -294,6 +307,28 @@ def main() -> None:
         add(scheduled("random", budget, extract_schedule(random_scores, costs("block"), budget, f"random {budget}")[0]))
 
 
+def returned_row(subject: Subject, budget: float, steps: int, costs, rows: list[dict], scheduled) -> dict:
+    """What `dgo-compile schedule <default pruner> --keep-macs budget` returns (dgo_compile.search.selection on
+    its own calibration noise), measured: the learned row's numbers when the learned schedule won."""
+    label, stem, _ = PRUNERS[-1]
+    learned = Schedule.load(RESULTS / f"{subject.stem(stem)}_{int(round(budget * 100))}.json")
+    cost = costs("block")
+    timesteps = denoiser_timesteps(subject.config, steps)
+    config = OptimizeConfig(keep_macs=budget, steps=steps, **subject.optimize_settings())
+    state = PrunerState(config, None, {"calls": len(timesteps), "config": dict(subject.config)}, cost.elements,
+                        "block", cost.cascade_shares())
+    selection = select_schedule(subject.traced, TrainedPruner(state, None), learned, budget,
+                                null_class_label=subject.null)
+    log(f"{budget:.0%}: {selection.summary()}")
+    winner = selection.best.schedule
+    extra = {"returned": True, "selection": selection.summary()}
+    name = f"returned by `dgo-compile schedule`: {'the learned schedule' if selection.learned_won else winner.name}"
+    if selection.learned_won:
+        row = next(r for r in rows if r["budget"] == budget and r["schedule"] == label)
+        return {**row, "schedule": name, "learned": False, **extra}
+    return scheduled(name, budget, winner, **extra)
+
+
 def summary(pruner) -> dict:
     """What results/pruner.json keeps of a trained pruner."""
     state = pruner.state
@@ -319,96 +354,6 @@ def nearest_deepcache(traced, steps: int, budget: float, cost: ScheduleCost, mem
             low, high = (low, middle) if kept(f"deepcache:{middle}:{branch}") <= budget else (middle + 1, high)
         near += [f"deepcache:{n}:{branch}" for n in {max(2, low - 1), low}]
     return min(sorted(near), key=lambda spec: abs(kept(spec) - budget))
-
-
-def write(meta: dict, optimization: dict, rows: list[dict], missing: list, search: dict) -> None:
-    """results/pruner.json, and the markdown table from it (`--render` rewrites only the markdown)."""
-    prefix = "pruner_cond" if meta.get("model") == "cond" else "pruner"
-    write_json(RESULTS / f"{prefix}.json", {**meta, "optimization": optimization, "rows": rows,
-                                         "not_measured": [{"budget": b, "schedule": s} for b, s in missing],
-                                         "search": search})
-    m = meta
-    budgets = sorted({r["budget"] for r in rows} - {1.0}, reverse=True)
-    asked = sorted(set(m.get("budgets") or budgets) | set(budgets), reverse=True)
-    cond = m.get("model") == "cond"
-    subject = f"the class-conditional model, guidance {m['guidance_scale']:g}" if cond else "the shipped model"
-    selected = m.get("select") or list(range(len(PRUNERS)))
-    recipe = m.get("per_budget_recipe") or {}
-    lines = [f"# Learned block schedules vs baselines on {subject} (DDIM {m['steps']})", "",
-             f"Reproduce: `python benchmarks/pruner.py{' --stored' if m.get('stored') else ''} --threads {m['threads']}"
-             + (f" --model cond --guidance-scale {m['guidance_scale']:g}" if cond else "")
-             + (f" --select {' '.join(map(str, selected))}" if len(selected) < len(PRUNERS) else "")
-             + (f" --learned {' '.join(m['learned'])}" if m.get("learned") else "")
-             + f" --budgets {' '.join(f'{b:g}' for b in asked)}` "
-             f"(torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] > 1)}). "
-             + ("Learned schedules: the ones stored in results/pruner_*_<budget>.json from the pruners below "
-                f"({m['iters']} iterations at batch {m['batch']}, trained towards {m['train_ratio']:.0%} kept MACs); "
-                if m.get("stored") else f"Pruners: {m['iters']} iterations at batch {m['batch']}, trained towards "
-                                    f"{m['train_ratio']:.0%} kept MACs from DiP-GO's start (every gate keeps); "
-                if set(selected) - {len(PRUNERS) - 1} else "")
-             + (f"\"{PRUNERS[-1][0]}\": `dgo-compile optimize` as shipped, a pruner per budget trained towards it, "
-                f"{recipe.get('iters')} iterations from `init = \"{recipe.get('init')}\"` (the searched K-step "
-                "schedule at the budget, searched on the optimizer's own calibration noise); "
-                if len(PRUNERS) - 1 in selected and PRUNERS[-1][1] in (m.get("learned") or [PRUNERS[-1][1]])
-                else "")
-             + f"evaluation: {m['n']} samples from noise seed {m['eval_seed']}, never seen in optimization or search. "
-             f"`steps-searched:K`: coordinate descent from `steps:K` on calibration noise seed {SELECTION_SEED} "
-             "(samples and evaluations in the search table); `sampler at K steps`: a `full` schedule compiled with "
-             "`--steps K`, compared with the same 50-step images.", "",
-             "| budget | schedule | kept MACs | calls fully reused | PSNR vs full | SSIM vs full | FD |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["budget"] == 1.0:
-            lines.append(_row(r))
-    for budget in budgets:
-        here = [r for r in rows if r["budget"] == budget]
-        lines += [_row(r) for r in here]
-        absent = [s for b, s in missing if b == budget]
-        if len(absent) == len(PRUNERS):
-            absent = ["learned (all pruners)"]
-        lines += [f"| {budget:.0%} | {s} | not measured | | | | |" for s in absent]
-    lines += [f"| {budget:.0%} | every schedule | not measured (the run was stopped at the deadline) | | | | |"
-              for budget in asked if budget not in budgets]
-    lines += ["", "Best per budget (PSNR vs full; the learned row is the best learned variant):", "",
-              "| budget | best schedule | PSNR | best learned | PSNR | best baseline | PSNR |",
-              "|---|---|---|---|---|---|---|"]
-    for budget in budgets:
-        here = [r for r in rows if r["budget"] == budget]
-        best = max(here, key=lambda r: r["psnr_vs_full"])
-        learned = [r for r in here if r.get("learned")]
-        baseline = max((r for r in here if not r.get("learned")), key=lambda r: r["psnr_vs_full"], default=None)
-        top = max(learned, key=lambda r: r["psnr_vs_full"]) if learned else None
-        lines.append(f"| {budget:.0%} | {best['schedule']} | {best['psnr_vs_full']:.1f} | "
-                     + (f"{top['schedule']} | {top['psnr_vs_full']:.1f}" if top else "not measured | ")
-                     + (f" | {baseline['schedule']} | {baseline['psnr_vs_full']:.1f} |" if baseline
-                        else " | not measured yet | |"))
-    if search:
-        lines += ["", "| budget | K | searched calls | calibration samples | calibration MSE (uniform -> searched) "
-                  "| evaluations (cap) | time |", "|---|---|---|---|---|---|---|"]
-        for budget, s in sorted(search.items(), key=lambda item: -float(item[0])):
-            lines.append(f"| {float(budget):.0%} | {s['k']} | {' '.join(map(str, s['chosen']))} | "
-                         f"{s.get('samples', 8)} | {s['uniform_calibration_mse']:.2e} -> {s['calibration_mse']:.2e} | "
-                         f"{s['evaluations']} ({s.get('max_evaluations', 48)}) | {s['seconds']:.0f} s |")
-    if optimization:
-        lines += ["", "| pruner | iterations | time in the iterations (without the start's search) | peak RSS "
-                  "| final kept MACs |", "|---|---|---|---|---|"]
-        for label, o in optimization.items():
-            lines.append(f"| {label} | {o['iterations']} | {o['seconds'] / 60:.1f} min | "
-                         f"{o['peak_memory_mb']:.0f} MB | {o['final_kept']:.1%} |")
-    lines += ["", f"FD: {m['n']} samples against {m['n']} real digits on the shipped classifier's features "
-              "(noisy at this n; the floor is in results/shipped_model.md). PSNR capped at 100 dB. \"not measured\": "
-              "no schedule of that pruner at that budget was committed (the learned step-granularity pruner's "
-              "schedules never were; `--stored` does not retrain), or it was left out with `--learned`."]
-    if cond:
-        lines += ["", f"Image i of every noise set is digit i mod 10, sampled with classifier-free guidance at "
-                  f"{m['guidance_scale']:g} through the model's null class; the pruners calibrate on the ten digits."]
-    (RESULTS / f"{prefix}.md").write_text("\n".join(lines) + "\n")
-    log(f"wrote {RESULTS / f'{prefix}.md'}")
-
-
-def _row(r: dict) -> str:
-    return (f"| {r['budget']:.0%} | {r['schedule']} | {r['kept_macs']:.1%} | {r['calls_fully_reused']} | "
-            f"{r['psnr_vs_full']:.1f} | {r['ssim_vs_full']:.3f} | {r['fd_vs_real']:.1f} |")
 
 
 if __name__ == "__main__":

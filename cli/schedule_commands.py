@@ -99,9 +99,9 @@ def schedule(
     model: Annotated[Optional[Path],
                      typer.Option(help="The pruner's model, when it has moved since `optimize`.")] = None,
     calibration_samples: Annotated[int, typer.Option(
-        help="Samples (noise seed 30000) on which the learned schedule is scored against steps:K, the searched "
-             "steps-searched:K and deepcache:N:B at the same MACs; the best is written. 0: the learned schedule, "
-             "unscored.")] = 4,
+        help="Samples (noise seed 30000) on which the learned schedule is scored (mean PSNR against the full "
+             "schedule) against steps:K, the searched steps-searched:K and deepcache:N:B at the same MACs; the best "
+             "is written. 0: the learned schedule, unscored.")] = 32,
 ) -> None:
     """Extract a schedule at a MACs budget from a trained pruner, never worse on calibration noise than
     the closed-form schedules at that budget, with a heatmap to read it by."""

@@ -71,7 +71,7 @@ class ExtractedSchedule:
 
 
 def schedule_from_pruner(pruner: str | Path, keep_macs: float, output: str | Path, heatmap: str | Path,
-                         model: str | Path | None = None, calibration_samples: int = 4) -> ExtractedSchedule:
+                         model: str | Path | None = None, calibration_samples: int = 32) -> ExtractedSchedule:
     """The schedule at `keep_macs` from the trained pruner folder `pruner`, saved to `output` with its
     heatmap; `model` is the pruner's model when it has moved since training. With
     `calibration_samples` > 0 the learned schedule is scored against the closed-form ones at the
