@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--full-size", nargs="*", default=["sd15", "sd21_768", "sdxl", "dit_xl_2"])
+    parser.add_argument("--beside", default="nothing else running",
+                        help="what else ran on the machine, for the table's header")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load()
@@ -123,7 +125,8 @@ def main() -> None:
     configs = {**model_configs().FULL_SIZE, "dit_xl_2": model_configs().DIT_XL_2}
     sizes = [replay_bytes(name, configs[name]) for name in args.full_size]
     result = {"dgo_compile": __version__, "torch": torch.__version__, "machine": platform.machine(),
-              "cpus": os.cpu_count(), "threads": args.threads, "rows": rows, "replay_full_size": sizes}
+              "cpus": os.cpu_count(), "threads": args.threads, "beside": args.beside, "rows": rows,
+              "replay_full_size": sizes}
     write_json(RESULTS / "optimize_speed.json", result)
     write_markdown(result)
 
@@ -132,7 +135,7 @@ def write_markdown(r: dict) -> None:
     lines = [
         "# `dgo-compile optimize` with its defaults on the shipped model: time and memory", "",
         f"Reproduce: `python benchmarks/optimize_speed.py` (dgo-compile {r['dgo_compile']}, torch {r['torch']}, "
-        f"{r['cpus']} CPUs, {r['threads']} thread{'s' if r['threads'] > 1 else ''}, nothing else running). "
+        f"{r['cpus']} CPUs, {r['threads']} thread{'s' if r['threads'] > 1 else ''}, {r['beside']}). "
         "One run per budget: the commands as a "
         "user runs them, each in its own process; setup is the start's K-step search plus the full model's "
         f"consistency targets (pruner.json). Goal: optimize under {GOAL_MINUTES} min.", "",

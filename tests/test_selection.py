@@ -9,7 +9,8 @@ from dgo_compile.backend.sampling import initial_noise, sample
 from dgo_compile.core.metrics import psnr
 from dgo_compile.schedules.schedule import Schedule, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost
-from dgo_compile.search.selection import SELECTION_SEED, TOLERANCE, closed_form_candidates
+from dgo_compile.search.selection import CANDIDATE_TOLERANCE as TOLERANCE
+from dgo_compile.search.selection import SELECTION_SEED, closed_form_candidates
 from reliability import cli, run
 
 
