@@ -121,7 +121,8 @@ class StepSubsets:
 def searched_steps(traced, calls: int, k: int, mse: Callable[[object], float],
                    max_evaluations: int = MAX_EVALUATIONS, timesteps: list[float] | None = None) -> StepSearch:
     """`steps-searched:k` over `calls` denoiser calls; `mse(denoiser)` runs one trajectory of a fresh
-    per-run denoiser and returns its final samples' MSE against the full schedule's."""
+    per-run denoiser and returns its final samples' MSE against the full schedule's, from the same noise
+    and conditions every time (the prefix replay relies on it)."""
     from dgo_compile.search.prefix_replay import PrefixReplay
 
     subsets = StepSubsets(traced, calls, timesteps)
