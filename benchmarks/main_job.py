@@ -1,5 +1,5 @@
 """Which closed-form schedule the main job (examples/dgo.toml) compiles: SSIM / PSNR against the
-original model with report.md's own metric and noise, for candidate `steps:K` / `deepcache:N[:b]`.
+original model with report.md's own metric and noise, for candidate `steps:K` / `deepcache:N[:b]` / schedule JSON files.
 
     python benchmarks/main_job.py -n 64 steps:23 steps:22 steps:21 steps:20   # ~2 min per schedule on 2 cores
 
@@ -19,7 +19,7 @@ from dgo_compile import load, trace
 from dgo_compile.backend.folding import fold
 from dgo_compile.backend.sampling import conditions_for, denoiser_timesteps, initial_noise, sample
 from dgo_compile.core.metrics import psnr, ssim
-from dgo_compile.schedules.schedule import builtin_for
+from dgo_compile.schedules.schedule import Schedule, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     reference = sample(traced, loaded.scheduler_config, noise, args.steps, **run)
     cost = ScheduleCost(traced, "unit")  # prices block and unit (deepcache) schedules
     for spec in args.schedules:
-        plan = builtin_for(spec, len(timesteps), traced)
+        plan = Schedule.load(spec) if spec.endswith(".json") else builtin_for(spec, len(timesteps), traced)
         images = sample(fold(traced, plan, timesteps), loaded.scheduler_config, noise, args.steps, **run)
         s, p = ssim(images, reference), psnr(images, reference).clamp(max=100)
         print(json.dumps({"schedule": spec, "kept_macs": round(cost.kept_ratio(cost.close(plan)), 4),

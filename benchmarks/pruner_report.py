@@ -21,6 +21,7 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
     subject = f"the class-conditional model, guidance {m['guidance_scale']:g}" if cond else "the shipped model"
     selected = m.get("select") or list(range(len(pruners)))
     recipe = m.get("per_budget_recipe") or {}
+    unselected = [label for i, (label, _, _) in enumerate(pruners) if i not in selected]
     lines = [f"# Learned block schedules vs baselines on {subject} (DDIM {m['steps']})", "",
              f"Reproduce: `python benchmarks/pruner.py{' --stored' if m.get('stored') else ''} --threads {m['threads']}"
              + (f" --model cond --guidance-scale {m['guidance_scale']:g}" if cond else "")
@@ -50,12 +51,14 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
     for budget in budgets:
         here = [r for r in rows if r["budget"] == budget]
         lines += [_row(r) for r in here]
-        absent = [s for b, s in missing if b == budget]
+        absent = [s for b, s in missing if b == budget and s not in unselected]
         if len(absent) == len(pruners):
             absent = ["learned (all pruners)"]
         lines += [f"| {budget:.0%} | {s} | not measured | | | | |" for s in absent]
     lines += [f"| {budget:.0%} | every schedule | not measured (the run was stopped at the deadline) | | | | |"
               for budget in asked if budget not in budgets]
+    if unselected:
+        lines += ["", f"Not run here (`--select`): {'; '.join(unselected)}."]
     lines += ["", "Best per budget (PSNR vs full; the learned row is the best learned variant; \"returned\": what "
               "`dgo-compile schedule` gives the user from the default pruner, `--returned`):", "",
               "| budget | best schedule | PSNR | best learned | PSNR | best baseline | PSNR | returned | PSNR |",

@@ -31,6 +31,23 @@ def test_config_file_with_cli_overrides(tmp_path):
     assert (read_config(path, {"width": 24}).height, read_config(path, {"width": 24}).width) == (48, 24)
 
 
+def test_config_file_paths_are_relative_to_the_file(tmp_path):
+    """A config's model, output and schedule JSON are read from its folder, whatever the working folder;
+    the command line's paths, absolute paths and built-in schedule names are kept as given."""
+    (tmp_path / "jobs").mkdir()
+    path = tmp_path / "jobs" / "dgo.toml"
+    path.write_text('model = "models/unet"\noutput = "out"\nschedule = "plans/s.json"\n')
+    config = read_config(path, {})
+    folder = tmp_path / "jobs"
+    assert (config.model, config.output, config.schedule) == (
+        str(folder / "models/unet"), str(folder / "out"), str(folder / "plans/s.json"))
+    config = read_config(path, {"output": "here", "schedule": "other.json"})
+    assert (config.output, config.schedule) == ("here", "other.json")
+    path.write_text(f'model = "{tmp_path / "m"}"\nschedule = "steps:10"\n')
+    config = read_config(path, {})
+    assert (config.model, config.schedule, config.output) == (str(tmp_path / "m"), "steps:10", "artifact")
+
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "dgo.toml"
 
 

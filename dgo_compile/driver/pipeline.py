@@ -91,6 +91,15 @@ def _table(cls, data: dict, name: str):
     return cls(**data)
 
 
+def _beside(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """The file's relative paths (model, output, a schedule JSON) taken from the file's folder, as a
+    config file is read wherever it is run from; the command line's stay relative to the working folder."""
+    paths = {k: values[k] for k in ("model", "output") if isinstance(values.get(k), str)}
+    if isinstance(values.get("schedule"), str) and values["schedule"].endswith(".json"):
+        paths["schedule"] = values["schedule"]
+    return {k: str(folder / v) for k, v in paths.items() if not Path(v).is_absolute()}
+
+
 def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileConfig:
     """The config file's values, with `overrides` (the options given on the command line) winning."""
     data: dict[str, Any] = {}
@@ -106,6 +115,7 @@ def read_config(path: str | Path | None, overrides: dict[str, Any]) -> CompileCo
                           f"{', '.join(TOP_LEVEL + tuple(tables))}")
     values = {k: v for k, v in data.items() if k in TOP_LEVEL}
     check("top level", values, config=True, error=ConfigError)
+    values.update(_beside(Path(path).parent, values) if path is not None else {})
     given = {k: v for k, v in overrides.items() if v is not None}
     check("top level", given, error=ConfigError)  # the command line's, named as options
     values.update(given)
