@@ -3,7 +3,7 @@ original model with report.md's own metric and noise, for candidate `steps:K` / 
 
     python benchmarks/main_job.py -n 64 steps:23 steps:22 steps:21 steps:20   # ~2 min per schedule on 2 cores
 
-The noise, class labels (0-9 cycled) and seed are `compile --config`'s verify stage's (seed 0), so the
+The noise, class labels (0-9 cycled) and seed are `compile --config`'s verify stage's (VERIFY_SEED), so the
 first 16 images are exactly report.md's; the folded PyTorch graphs stand in for the artifact (parity
 ~1e-6). Prints one JSON line per schedule: kept MACs, mean SSIM / PSNR on the first 16 and on all n.
 """
@@ -19,6 +19,7 @@ from dgo_compile import load, trace
 from dgo_compile.backend.folding import fold
 from dgo_compile.backend.sampling import conditions_for, denoiser_timesteps, initial_noise, sample
 from dgo_compile.core.metrics import psnr, ssim
+from dgo_compile.driver.pipeline import VERIFY_SEED
 from dgo_compile.schedules.schedule import Schedule, builtin_for
 from dgo_compile.schedules.schedule_cost import ScheduleCost
 
@@ -34,11 +35,11 @@ def main() -> None:
     loaded = load()
     traced = trace(loaded)
     timesteps = denoiser_timesteps(loaded.scheduler_config, args.steps, None)
-    noise = initial_noise(args.n, tuple(traced.example_inputs(1)["sample"].shape[1:]), 0)
+    noise = initial_noise(args.n, tuple(traced.example_inputs(1)["sample"].shape[1:]), VERIFY_SEED)
     labels = list(range(10)) if "class_labels" in traced.input_names else None
     conditions, guidance = conditions_for(traced.input_names, args.n, labels, None, None,
                                           traced.family.null_class_label(loaded.model))
-    run = dict(conditions=conditions, guidance=guidance, seed=0)
+    run = dict(conditions=conditions, guidance=guidance, seed=VERIFY_SEED)
     reference = sample(traced, loaded.scheduler_config, noise, args.steps, **run)
     cost = ScheduleCost(traced, "unit")  # prices block and unit (deepcache) schedules
     for spec in args.schedules:

@@ -76,6 +76,10 @@ def test_the_readme_example_config_reads_as_documented(tmp_path):
     ("stepz = 3\n", "has unknown key(s) stepz"),
     ("[prune]\nration = 0.3\n", "[prune] has unknown key(s) ration"),
     ('schedule = "learned"\n', 'schedule = "learned" needs an [optimize] table'),
+    # the report must not score a learned schedule on its own calibration noise
+    ('schedule = "learned"\nseed = 0\n[optimize]\nkeep_macs = 0.3\n',
+     "seed = 0 is [optimize] seed, the noise the learned schedule is trained on"),
+    ('schedule = "learned"\nseed = 7\n[optimize]\nseed = 7\n', "seed = 7 is [optimize] seed"),
     ("[prune]\nchannel_ratio = 1.5\n", "[prune] channel_ratio must be in [0, 1)"),
     ("steps = \n", "cannot read the config"),
     # renamed keys: one line naming the new one ([optimize] steps stays: sampler steps)

@@ -44,6 +44,9 @@ from dgo_compile.core.progress import Stages, Step
 from dgo_compile.schedules.schedule import check_spec
 
 CONFIG_FILE = "dgo_config.json"
+# The report's noise: held out from the optimizer's calibration (its seed, 0 by default) and from
+# `dgo-compile schedule`'s (30000); benchmarks/pruner.py evaluates on it too.
+VERIFY_SEED = 20_000
 TOP_LEVEL = ("model", "output", "schedule", "steps", "scheduler", "granularity", "guidance_scale", "overwrite",
              "precision", "verify_samples", "seed", "height", "width")
 
@@ -64,7 +67,7 @@ class CompileConfig:
     overwrite: bool = False
     precision: str = "fp32"  # or "fp16": see dgo_compile.backend.precision
     verify_samples: int = 16  # images sampled from the artifact and the reference for the report
-    seed: int = 0
+    seed: int = VERIFY_SEED  # the report's noise
     height: int | None = None  # pixels for a pipeline with a vae/, else latent; None: the config's sample_size
     width: int | None = None
     prune: PruneConfig | None = None
@@ -76,6 +79,10 @@ class CompileConfig:
               error=ConfigError, skip_none=False)
         if self.schedule == "learned" and self.optimize is None:
             raise ConfigError("schedule = \"learned\" needs an [optimize] table (keep_macs, iters, ...)")
+        if self.schedule == "learned" and self.seed == self.optimize.seed:
+            raise ConfigError(f"seed = {self.seed} is [optimize] seed, the noise the learned schedule is trained on, "
+                              f"so the report would score it on its own calibration; set seed to another value "
+                              f"(default {VERIFY_SEED})")
         if self.verify_samples < 1:
             raise ConfigError(f"verify_samples must be at least 1, got {self.verify_samples}")
 
