@@ -11,6 +11,7 @@ import pytest
 from dgo_compile.core.configs import FinetuneConfig, OptimizeConfig
 from dgo_compile.core.errors import DgoError
 from dgo_compile.driver.pipeline import read_config
+from dgo_compile.schedules.schedule import Schedule
 from reliability import cli
 
 
@@ -52,10 +53,14 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "dgo.toml"
 
 
 def test_the_readme_example_config_reads_as_documented(tmp_path):
-    """The quick start's `compile --config examples/dgo.toml`: steps:21 over 50 DDIM steps, nothing else;
-    channel pruning and fine-tuning are documented there as commented-out tables that read when enabled."""
+    """The quick start's `compile --config examples/dgo.toml`: the learned schedule committed beside it (read
+    from the file's folder, 15 of 50 DDIM calls computed) and 32 report images, nothing else; channel pruning
+    and fine-tuning are documented there as commented-out tables that read when enabled."""
     config = read_config(EXAMPLE, {"output": "artifact"})
-    assert (config.schedule, config.steps, config.output, config.verify_samples) == ("steps:21", 50, "artifact", 16)
+    assert (config.schedule, config.steps, config.output, config.verify_samples) == (
+        str(EXAMPLE.parent / "learned_30.json"), 50, "artifact", 32)
+    plan = Schedule.load(config.schedule)
+    assert len(plan.compute) == 50 and sum(any(call) for call in plan.compute) == 15
     assert config.prune is None and config.finetune is None and config.optimize is None
     # uncommenting the [prune] and [finetune] blocks (the documented option) gives a valid config
     lines, enabled, on = EXAMPLE.read_text().splitlines(), [], False
