@@ -5,7 +5,7 @@ original model with report.md's own metric and noise, for candidate `steps:K` / 
 
 The noise, class labels (0-9 cycled) and seed are `compile --config`'s verify stage's (VERIFY_SEED), so the
 first 16 images are exactly report.md's; the folded PyTorch graphs stand in for the artifact (parity
-~1e-6). Prints one JSON line per schedule: kept MACs, mean SSIM / PSNR on the first 16 and on all n.
+~1e-6). Prints one JSON line per schedule: kept MACs, mean SSIM / PSNR on the first 16, the first 32 and all n.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ def main() -> None:
         plan = Schedule.load(spec) if spec.endswith(".json") else builtin_for(spec, len(timesteps), traced)
         images = sample(fold(traced, plan, timesteps), loaded.scheduler_config, noise, args.steps, **run)
         s, p = ssim(images, reference), psnr(images, reference).clamp(max=100)
-        print(json.dumps({"schedule": spec, "kept_macs": round(cost.kept_ratio(cost.close(plan)), 4),
-                          "ssim_16": round(float(s[:16].mean()), 4), "psnr_16": round(float(p[:16].mean()), 2),
-                          f"ssim_{args.n}": round(float(s.mean()), 4), f"psnr_{args.n}": round(float(p.mean()), 2),
-                          f"ssim_min_{args.n}": round(float(s.min()), 3)}), flush=True)
+        row = {"schedule": spec, "kept_macs": round(cost.kept_ratio(cost.close(plan)), 4)}
+        for first in sorted({16, 32, args.n} & set(range(1, args.n + 1))):  # report.md's 16 or 32, and all
+            row |= {f"ssim_{first}": round(float(s[:first].mean()), 4),
+                    f"psnr_{first}": round(float(p[:first].mean()), 2)}
+        print(json.dumps({**row, f"ssim_min_{args.n}": round(float(s.min()), 3)}), flush=True)
 
 
 if __name__ == "__main__":
