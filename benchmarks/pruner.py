@@ -218,7 +218,11 @@ def main() -> None:
     if args.train_only is not None:
         return
     previous = read_json(RESULTS / f"{prefix}.json") or {}
-    optimization = {label: summary(p) for label, p in trained.items()} or previous.get("optimization", {})
+    # what trained the schedules in the table: kept from before only when its rows are (--stored, --merge,
+    # --returned); a pruner trained now replaces its entry
+    kept = args.stored or args.merge or args.returned
+    optimization = {**(previous.get("optimization", {}) if kept else {}),
+                    **{label: summary(p) for label, p in trained.items()}}
 
     classifier = load_digit_classifier()
     real_features = classifier_features(real_digit_sample(args.n, args.seed), classifier)
@@ -280,7 +284,7 @@ def main() -> None:
 
     for budget in args.budgets:
         learned = learned_schedules(args, subject, trained, budget, costs)  # trains the per-budget pruners
-        optimization.update({name: summary(p) for name, p in trained.items() if name not in optimization})
+        optimization.update({name: summary(p) for name, p in trained.items()})
         for label, plan in learned.items():
             if plan is None:
                 missing.append((budget, label))

@@ -27,8 +27,9 @@ def write(meta: dict, optimization: dict, rows: list[dict], missing: list, searc
              + (f" --model cond --guidance-scale {m['guidance_scale']:g}" if cond else "")
              + (f" --select {' '.join(map(str, selected))}" if len(selected) < len(pruners) else "")
              + (f" --learned {' '.join(m['learned'])}" if m.get("learned") else "")
-             + f" --budgets {' '.join(f'{b:g}' for b in asked)}` "
-             f"(torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] > 1)}). "
+             + f" --budgets {' '.join(f'{b:g}' for b in asked)}`"
+             + (", then the same with `--returned`" if any(r.get("returned") for r in rows) else "")
+             + f" (torch {m['torch']}, {m['threads']} thread{'s' * (m['threads'] > 1)}). "
              + ("Learned schedules: the ones stored in results/pruner_*_<budget>.json from the pruners below "
                 f"({m['iters']} iterations at batch {m['batch']}, trained towards {m['train_ratio']:.0%} kept MACs); "
                 if m.get("stored") else f"Pruners: {m['iters']} iterations at batch {m['batch']}, trained towards "

@@ -162,7 +162,10 @@ def test_shipped_unet2d_matches_deepcache_sd_helper_in_a_ddim_pipeline():
 
     pipe = DDIMPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
+    plain = run(pipe)
     package = _with_helper(pipe, run, 3, 0)
     loaded = load()
     ours = _with_schedule(pipe, run, trace(loaded, verify=False), loaded.scheduler_config, 3, 0)
-    assert abs(ours - package).max() < 1e-5
+    assert abs(package - plain).max() > 1e-2  # the package really reuses
+    # float32 rounding of the traced graph against eager over 7 steps, in images in [0, 1]
+    assert abs(ours - package).max() < 5e-5
