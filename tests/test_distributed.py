@@ -62,7 +62,10 @@ def test_finetune_on_two_processes_matches_one_at_the_same_global_batch(tmp_path
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote") == 1
     losses = [[h["loss"] for h in read_finetune(tmp_path / name).history] for name in ("one", "two")]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # step 1 is the same batch on the same weights; later steps carry Adam's division of float32 sum-order
+    # differences (1.6e-5 relative at step 3 on the shipped weights); half the batch would be off by percents
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-6)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     # The first moments are linear in the gradients: averaged over processes they match to float32 sum order (a
     # tensor whose gradient is itself sum-order noise, ~1e-12, as a bias before a norm has, is compared in the whole).
     moments = [torch.load(tmp_path / name / STATE, weights_only=True)["optimizer"]["state"] for name in ("one", "two")]
