@@ -1,7 +1,9 @@
 """Learned (DiP-GO) block schedules against every honest baseline on the shipped models.
 
-    python benchmarks/pruner.py --stored --threads 1 --learned pruner_block_lr0.03 pruner_block_lr0.03_notime \\
-        --budgets 0.25 0.2 0.5 0.35 0.15 0.1          # the committed table (see its header for what ran)
+    python benchmarks/pruner.py --threads 1 --select 6 --budgets 0.5 0.35 0.3 0.25 0.2 0.15 0.1
+    python benchmarks/pruner.py --threads 1 --returned --budgets 0.5 0.35 0.3 0.25 0.2 0.15 0.1
+        # the committed table (see its header for what ran)
+    python benchmarks/pruner.py --train-only 1 --pruners runs/pruners   # DiP-GO's own start (results/warm_start.md)
     python benchmarks/pruner.py                        # retrains the six pruners first (~2.5 h more)
     python benchmarks/pruner.py --model cond --select 6 --budgets 0.5 0.25 0.2 --threads 2  # the class-
         # conditional model under guidance, against one pruner per budget as `dgo-compile optimize` trains it

@@ -6,12 +6,12 @@ torchrun with 2 processes, through the CLI a user runs).
 1. `dgo-compile prune --channel-ratio 0.25` (Taylor, uniform: ~76% of the MACs per call).
 2. `dgo-compile finetune` for 600 steps at batch 32: ~11% of the 5,500 x 32 samples the shipped model
    was trained on, the low end of Diff-Pruning's 10-20%.
-3. `dgo-compile optimize` on the fine-tuned pruned model (trained towards the lowest budget), then its
-   schedules at each total budget, counted against the *unpruned* model's full run.
+3. `dgo-compile optimize` on the fine-tuned pruned model with its defaults, one pruner per total budget (as a
+   user runs it), then its schedule there, counted against the *unpruned* model's full run.
 4. Quality (DDIM 50, n samples from one noise seed; PSNR / SSIM against the unpruned model's images from
    the same noise, FD against real digits) of: width alone, width + learned schedule, the unpruned
-   model's learned schedules committed by `benchmarks/pruner.py`, and fewer DDIM steps on either model,
-   all at the same total MACs.
+   model's learned schedules committed by `benchmarks/pruner.py` (`optimize`'s defaults, one pruner per
+   budget: the best learned row there), and fewer DDIM steps on either model, all at the same total MACs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dgo_compile.schedules.schedule_cost import ScheduleCost, extract_schedule
 from dgo_compile.schedules.supernet import gateable_elements
 from dgo_compile.search.pruner import load_pruner
 
-UNPRUNED_SCHEDULES = {0.25: "pruner_block_lr0.03_25.json", 0.2: "pruner_block_lr0.03_20.json"}
+UNPRUNED_SCHEDULES = {0.25: "pruner_default_25.json", 0.2: "pruner_default_20.json"}
 READING_MARKER = "<!-- reading: kept by benchmarks/width_time.py on rewrite -->"
 STARTED = time.perf_counter()
 
@@ -87,9 +87,7 @@ def main() -> None:
                         help="channel pruning ratio (uniform, Taylor)")
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--finetune-batch", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=150, help="pruner iterations")
-    parser.add_argument("--keep-macs", dest="pruner_ratio", type=float, default=0.2,
-                        help="the pruner's training target (total MACs)")
+    parser.add_argument("--iters", type=int, default=None, help="pruner iterations (default: optimize's)")
     parser.add_argument("--totals", type=float, nargs="+", default=[0.25, 0.2],
                         help="total kept MACs per run, relative to the unpruned model's full run")
     parser.add_argument("--tp-ratio", type=float, default=0.425,
@@ -105,7 +103,7 @@ def main() -> None:
         temp = tempfile.TemporaryDirectory(prefix="width_time_")
         args.work = Path(temp.name)
     args.work.mkdir(parents=True, exist_ok=True)
-    pruned, tuned, pruner = args.work / "pruned", args.work / "finetuned", args.work / "pruner"
+    pruned, tuned = args.work / "pruned", args.work / "finetuned"
     seconds = {}
     if not pruned.is_dir():
         seconds["prune"] = cli(["prune", "--channel-ratio", args.ratio, "--batch", 8, "--max-timesteps", 1000, "-o",
@@ -128,12 +126,16 @@ def main() -> None:
     full_traced, tuned_traced = trace(loaded, verify=False), trace(tuned_model, verify=False)
     full_cost, tuned_cost = ScheduleCost(full_traced), ScheduleCost(tuned_traced)
     width = tuned_cost.full_macs / full_cost.full_macs  # the pruned model's full run, as a share of the unpruned one
-    if not (pruner.is_dir() and load_pruner(pruner, allow_unfinished=True).state.complete):
-        # the pruner's --ratio is the pruned model's own share: the total target divided by the width share
-        seconds["optimize"] = cli(["optimize", tuned, "--keep-macs", f"{args.pruner_ratio / width:.4f}", "--iters",
-                                   args.iters, "--batch", 2, "--steps", args.steps, "-o", pruner,
-                                   *(["--resume"] if pruner.is_dir() else [])], args.processes)
-    trained = load_pruner(pruner)
+    trained = {}
+    for total in args.totals:  # one pruner per total, as `dgo-compile optimize` is meant to be run
+        pruner = args.work / f"pruner_{total:g}"
+        if not (pruner.is_dir() and load_pruner(pruner, allow_unfinished=True).state.complete):
+            # the pruner's --keep-macs is the pruned model's own share: the total divided by the width share
+            iters = ["--iters", args.iters] if args.iters else []
+            seconds[f"optimize_{total:g}"] = cli(["optimize", tuned, "--keep-macs", f"{total / width:.4f}", *iters,
+                                                  "--steps", args.steps, "-o", pruner,
+                                                  *(["--resume"] if pruner.is_dir() else [])], args.processes)
+        trained[total] = load_pruner(pruner)
     names = gateable_elements(full_traced)
     scheduler_config = loaded.scheduler_config
 
@@ -159,7 +161,8 @@ def main() -> None:
         measure(tp_width, f"Torch-Pruning global {args.tp_ratio} + fine-tuned", tp_traced,
                 builtin("full", args.steps, names), tp_width)
     for total in args.totals:
-        schedule, kept = extract_schedule(trained.reuse_margins(), tuned_cost, total / width, f"dipgo:{total}")
+        schedule, kept = extract_schedule(trained[total].reuse_margins(), tuned_cost, total / width,
+                                          f"learned:{total}")
         measure(total, pruned_label, tuned_traced, schedule, kept * width)
         schedule.save(args.work / f"pruned_schedule_{total}.json")
         spec, kept = nearest_steps(tuned_cost, total / width, args.steps, names)
@@ -174,7 +177,9 @@ def main() -> None:
     report = {"dgo_compile": __version__, "torch": torch.__version__,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "work"},
               "width_share": width, "finetune_final_loss": finetune_record.final_loss,
-              "finetune_seconds": finetune_record.seconds, "pruner_seconds": trained.state.seconds,
+              "finetune_seconds": finetune_record.seconds,
+              "pruner": {f"{t:g}": {"seconds": p.state.seconds, "iters": p.state.config.iters,
+                                    "init": p.state.config.init} for t, p in trained.items()},
               **({"tp_finetune_final_loss": read_finetune(tp_tuned).final_loss,
                   "tp_finetune_seconds": read_finetune(tp_tuned).seconds} if args.tp_ratio else {}),
               "wall_seconds": seconds, "rows": rows, "total_s": time.perf_counter() - STARTED}
@@ -186,6 +191,8 @@ def main() -> None:
 
 def write_markdown(report: dict, path: Path) -> None:
     s = report["settings"]
+    pruners = "; ".join(f"{float(t):.0%}: {p['iters']} iterations from {p['init']}, {p['seconds'] / 60:.1f} min"
+                        for t, p in report["pruner"].items())
     lines = [
         "# Width + time on the shipped model",
         "",
@@ -195,9 +202,10 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Channel pruning: Taylor, uniform ratio {s['ratio']} ({report['width_share']:.1%} of the MACs per call), "
         f"fine-tuned {s['finetune_steps']} steps at batch {s['finetune_batch']} (final loss "
         f"{report['finetune_final_loss']:.4f}, {report['finetune_seconds'] / 60:.1f} min of process time) under "
-        f"torchrun with {s['processes']} processes. Pruner on the fine-tuned model: {s['iters']} iterations at "
-        f"batch 2 towards {s['pruner_ratio']:.0%} total ({report['pruner_seconds'] / 60:.1f} min). Unpruned learned "
-        "schedules: the ones `benchmarks/pruner.py` committed. Quality: DDIM "
+        f"torchrun with {s['processes']} processes. Learned schedules on the fine-tuned model: `dgo-compile optimize` "
+        f"with its defaults, one pruner per total budget ({pruners}). Unpruned learned schedules: `optimize`'s "
+        "defaults too, the per-budget pruners `benchmarks/pruner.py` committed (`pruner_default_*.json`, the best "
+        "learned row there). Quality: DDIM "
         f"{s['steps']}, {s['n']} samples from noise seed {s['seed']}; PSNR / SSIM against the unpruned model's "
         "images from the same noise, FD against real digits. Kept MACs: per run, relative to the unpruned "
         "model's full run (timestep-only work excluded, as the folded artifact runs it).",
