@@ -6,10 +6,12 @@
 Each run trains a block pruner on the shipped model towards one kept-MACs budget (DDIM 50, batch 2,
 lr 0.03, `--iters` iterations, `OptimizeConfig.init` as given), extracts its schedule at that budget, and
 samples it, `steps:K`, the committed `steps-searched:K` (results/steps_searched_K.json, searched on noise
-seed 30000) and the committed DiP-GO schedule of results/pruner.md (150 iterations from every gate
-kept, trained towards 20%) from the same N noises of seed 20000 (never used by any optimizer or
-search); PSNR / SSIM against the full 50-step model. The warm start's own K-step search runs on the
-optimizer's calibration noise (seed 0). Rows are appended to results/warm_start.json as they finish.
+seed 30000) and the committed DiP-GO schedule (results/pruner_block_lr0.03_B.json: DiP-GO's own start, every
+gate kept, 150 iterations towards 20%, trained by `python benchmarks/pruner.py --train-only 1 --pruners
+runs/pruners` and extracted by `dgo-compile schedule runs/pruners/pruner_block_lr0.03 --keep-macs B
+--calibration-samples 0`) from the same N noises of seed 20000 (never used by any optimizer or search);
+PSNR / SSIM against the full 50-step model. The warm start's own K-step search runs on the optimizer's
+calibration noise (seed 0). Rows are appended to results/warm_start.json as they finish.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def render(data: dict) -> None:
     lines = ["# Warm-started pruner: where the gates start", "",
              f"Reproduce: `python benchmarks/warm_start.py` (dgo-compile {data['version']}, torch {data['torch']}, "
              "1 thread). Shipped model, DDIM 50, block gates, lr 0.03, batch 2. PSNR / SSIM against the full "
-             "50-step model on the same N noises of seed 20000; kept MACs per run. `steps-searched:K` and "
-             "DiP-GO (150 iterations from every gate kept) are the committed schedules of results/pruner.md.", "",
+             "50-step model on the same N noises of seed 20000; kept MACs per run. `steps-searched:K`: the committed "
+             "schedules of results/pruner.md. DiP-GO: its own start (every gate kept), 150 iterations towards 20% "
+             "by `benchmarks/pruner.py --train-only 1`, its learned schedule at each budget as `dgo-compile schedule "
+             "--calibration-samples 0` extracts it (results/pruner_block_lr0.03_B.json).", "",
              "| budget | init | iterations | optimize time | learned | steps:K | steps-searched:K | DiP-GO (150 it.) |",
              "|---|---|---|---|---|---|---|---|"]
 
