@@ -4,8 +4,8 @@ Reproduce: `python benchmarks/width_time.py` (about 35 min on 2 cores; fine-tuni
 torchrun with 2 processes, through the CLI a user runs).
 
 1. `dgo-compile prune --channel-ratio 0.25` (Taylor, uniform: ~76% of the MACs per call).
-2. `dgo-compile finetune` for 600 steps at batch 32: ~11% of the 5,500 x 32 samples the shipped model
-   was trained on, the low end of Diff-Pruning's 10-20%.
+2. `dgo-compile finetune` for 600 steps at batch 32: 3.3% of the 585,600 samples the shipped model was
+   trained on (its recipe.json), under Diff-Pruning's 10-20% (results/finetune.md measures longer budgets).
 3. `dgo-compile optimize` on the fine-tuned pruned model with its defaults, one pruner per total budget (as a
    user runs it), then its schedule there, counted against the *unpruned* model's full run.
 4. Quality (DDIM 50, n samples from one noise seed; PSNR / SSIM against the unpruned model's images from
