@@ -90,8 +90,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help="pruner iterations (default: optimize's)")
     parser.add_argument("--totals", type=float, nargs="+", default=[0.25, 0.2],
                         help="total kept MACs per run, relative to the unpruned model's full run")
-    parser.add_argument("--tp-ratio", type=float, default=0.425,
-                        help="Torch-Pruning global ratio (its Taylor importance) landing near ours in MACs; 0 skips it")
+    parser.add_argument("--tp-ratio", type=float, default=0.375,
+                        help="Torch-Pruning global ratio (its Taylor importance): 73.6%% of the MACs on the shipped "
+                             "model (channel_pruning.md's search), the nearest it lands to ours; 0 skips it")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for finetune and optimize")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("-n", type=int, default=100, help="evaluation samples")
@@ -191,18 +192,20 @@ def main() -> None:
 
 def write_markdown(report: dict, path: Path) -> None:
     s = report["settings"]
+    processes = "" if s["processes"] == 2 else f" --processes {s['processes']}"
     pruners = "; ".join(f"{float(t):.0%}: {p['iters']} iterations from {p['init']}, {p['seconds'] / 60:.1f} min"
                         for t, p in report["pruner"].items())
     lines = [
         "# Width + time on the shipped model",
         "",
-        f"Reproduce: `python benchmarks/width_time.py` (dgo-compile {report['dgo_compile']}, torch {report['torch']}; "
-        f"{report['total_s'] / 60:.0f} min on 2 cores).",
+        f"Reproduce: `python benchmarks/width_time.py{processes}` (dgo-compile {report['dgo_compile']}, torch "
+        f"{report['torch']}; {report['total_s'] / 60:.0f} min on the 2-core machine).",
         "",
         f"Channel pruning: Taylor, uniform ratio {s['ratio']} ({report['width_share']:.1%} of the MACs per call), "
         f"fine-tuned {s['finetune_steps']} steps at batch {s['finetune_batch']} (final loss "
-        f"{report['finetune_final_loss']:.4f}, {report['finetune_seconds'] / 60:.1f} min of process time) under "
-        f"torchrun with {s['processes']} processes. Learned schedules on the fine-tuned model: `dgo-compile optimize` "
+        f"{report['finetune_final_loss']:.4f}, {report['finetune_seconds'] / 60:.1f} min of process time) "
+        + (f"under torchrun with {s['processes']} processes" if s["processes"] > 1 else "in one process")
+        + ". Learned schedules on the fine-tuned model: `dgo-compile optimize` "
         f"with its defaults, one pruner per total budget ({pruners}). Unpruned learned schedules: `optimize`'s "
         "defaults too, the per-budget pruners `benchmarks/pruner.py` committed (`pruner_default_*.json`, the best "
         "learned row there). Quality: DDIM "
