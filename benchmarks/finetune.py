@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, ROOT, cost_of, log, quality, read_json, sample_images, write_json
 
-BUDGET_STEPS = 600  # 20% of the shipped model's 3000-step first training stage at batch 32
+BUDGET_SHARE = 0.2  # Diff-Pruning's claim: recovery within 10-20% of the original training
 SOURCES = ("data", "distill", "both")
 SSIM_GOAL = 0.9
 DIAG_N = 16  # evaluation noises of the trajectory-error breakdown
@@ -55,6 +55,16 @@ def finetune_config(args, source: str, steps: int):
     return FinetuneConfig(train_steps=steps, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, warmup=args.warmup,
                           checkpoint_every=every, distill=args.distill if source == "both" else 0.0,
                           distill_only=source == "distill", trajectory_steps=args.trajectory_steps)
+
+
+def training_budget(batch: int) -> dict:
+    """BUDGET_SHARE of the samples the shipped model was trained on (every stage of its recipe.json), as
+    steps at `batch`: the fine-tune budget the recovery claim allows."""
+    from dgo_compile import DEFAULT_MODEL
+
+    stages = read_json(Path(DEFAULT_MODEL) / "recipe.json")["stages"]
+    trained = sum(int(s["steps_done"]) * int(s["args"]["batch_size"]) for s in stages)
+    return {"trained_samples": trained, "budget_steps": int(BUDGET_SHARE * trained) // batch}
 
 
 def _gcd(values) -> int:
@@ -293,7 +303,8 @@ def main() -> None:
     kept = [r for r in old.get("runs", []) + old.get("probes", [])
             if r["recipe"] != recipe_key(args) or (r["ratio"], r["source"]) not in mine]
     report = {"dgo_compile": __version__, "torch": torch.__version__, "diffusers": version("diffusers"),
-              "threads": args.threads, "settings": settings, "recipe": recipe_key(args), "budget_steps": BUDGET_STEPS,
+              "threads": args.threads, "settings": settings, "recipe": recipe_key(args),
+              **training_budget(args.batch),
               "unpruned": unpruned, "runs": runs,
               "cuts": list(cuts.values()) + [c for c in old.get("cuts", []) if c["ratio"] not in cuts],
               "probes": [r for r in kept if r["recipe"] != recipe_key(args)]}

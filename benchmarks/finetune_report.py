@@ -61,8 +61,10 @@ def write_markdown(report: dict, path: Path) -> None:
              "**distill only**"
              f" (no data: the unpruned model's DDIM-{s['trajectory_steps']} trajectories from random noise, its "
              f"predictions as targets), **data + distill** (digits, plus {s['distill']:g} x the MSE towards the "
-             f"unpruned model's prediction). Budget cap: {budget} steps at batch 32 (19,200 samples), 20% of the "
-             "shipped model's first 3000-step training stage. Quality at each point: DDIM "
+             f"unpruned model's prediction). Budget cap (Diff-Pruning: 10-20% of the original training): {budget:,} "
+             f"steps at batch {s['batch']} ({budget * s['batch']:,} samples), 20% of the "
+             f"{report['trained_samples']:,} samples the shipped model was trained on (every stage of its "
+             "recipe.json). Quality at each point: DDIM "
              f"{s['steps']} from noise seed {s['seed']} (never used in training); PSNR / SSIM against the unpruned "
              "model's images from the same noise, FD against as many real digits on the shipped classifier's "
              f"features (unpruned: FD {report['unpruned']['fd'][str(s['n'])]:.1f} at n = {s['n']}). Intermediate "
@@ -91,13 +93,15 @@ def write_markdown(report: dict, path: Path) -> None:
                   "|---|---|---|---|", *summary, ""]
     if report.get("probes"):
         lines += ["## Recipe probes (other recipes measured by earlier invocations)", "",
-                  "| recipe | cut | source | step | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | n | wall time |",
+                  "| recipe | cut | source | step | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | n | "
+                  "time to this step |",
                   "|---|---|---|---|---|---|---|---|"]
-        for run in report["probes"]:
-            last = [p for p in run["curve"] if p["ema"]][-1]
-            lines.append(f"| `{run['recipe']}` | {run['kept_macs']:.0%} | {SOURCE_LABEL[run['source']]} | "
-                         f"{last['step']} | {_q(last['ema'])} | {_q(last['raw'])} | {last['ema']['n']} | "
-                         f"{run['train_seconds'] / 60:.1f} min |")
+        for run in report["probes"]:  # every point measured: a probe's curve, not only its end
+            for point in (p for p in run["curve"][1:] if p["ema"]):
+                seconds = point.get("seconds")
+                lines.append(f"| `{run['recipe']}` | {run['kept_macs']:.0%} | {SOURCE_LABEL[run['source']]} | "
+                             f"{point['step']} | {_q(point['ema'])} | {_q(point['raw'])} | {point['ema']['n']} | "
+                             f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
         lines.append("")
     lines += _trajectory_table(report, cuts)
     lines += ["## Verdict", ""]
@@ -106,8 +110,11 @@ def write_markdown(report: dict, path: Path) -> None:
         best = _best(everything, ratio, budget)
         if best is not None:
             reached = "reaches" if best[0] >= 0.9 else "does not reach"
+            longest = max(p["step"] for r in everything if r["ratio"] == ratio for p in r["curve"]
+                          if p["ema"] and p["step"] <= budget)
             lines.append(f"- {cut['kept_macs']:.1%} of the MACs: best SSIM {best[0]:.3f} ({best[1]}); {reached} "
-                         f"SSIM >= 0.9 within {budget} x {s['batch']} samples.")
+                         f"SSIM >= 0.9 in the fine-tunes measured (up to {longest:,} steps of the {budget:,}-step "
+                         "budget).")
     kept = ""
     if path.is_file() and READING_MARKER in path.read_text():
         kept = path.read_text().split(READING_MARKER, 1)[1]
