@@ -24,7 +24,8 @@ def _trajectory_table(report: dict, cuts: dict) -> list[str]:
     rows = [(f"{c['kept_macs']:.1%}", "pruned, before fine-tuning", 0, c["trajectory_error"])
             for c in cuts.values() if c.get("trajectory_error")]
     rows += [(f"{r['kept_macs']:.1%}", SOURCE_LABEL[r["source"]], r["trajectory_error"]["step"],
-              r["trajectory_error"]["raw"]) for r in report["runs"] if r.get("trajectory_error")]
+              r["trajectory_error"]["raw"]) for r in report["runs"] + report.get("probes", [])
+             if r.get("trajectory_error")]
     if not rows:
         return []
     bands = list(rows[0][3])
