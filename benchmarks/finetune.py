@@ -47,7 +47,8 @@ BANDS = ((750, 1001), (500, 750), (250, 500), (0, 250))
 def recipe_key(args) -> str:
     """What tells two recipes apart in results/finetune.json."""
     return (f"lr{args.lr:g}_w{args.warmup}_ema{args.ema_decay:g}_d{args.distill:g}_traj{args.trajectory_steps}"
-            f"_g{args.min_group_channels}_b{args.batch}_s{max(args.points)}")
+            f"_g{args.min_group_channels}_b{args.batch}_s{max(args.points)}"
+            + ("" if not args.stages else "_" + "-".join(args.stages)))
 
 
 def finetune_config(args, source: str, steps: int):
@@ -223,6 +224,9 @@ def main() -> None:
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--min-group-channels", type=int, default=2)
     parser.add_argument("--taylor-batch", type=int, default=8, help="as benchmarks/channel_pruning.py")
+    parser.add_argument("--stages", nargs="+", metavar="MACS:STEPS",
+                        help="gradual pruning instead of --ratios: each stage prunes the last one's fine-tuned model "
+                             "to MACS of the unpruned model's MACs, then fine-tunes it STEPS steps")
     parser.add_argument("--points", type=int, nargs="+", default=[150, 300, 600], help="curve points (steps)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -253,7 +257,7 @@ def main() -> None:
     (args.work / "samples").mkdir(parents=True, exist_ok=True)
     loaded = load()
     base = cost_of(loaded.model)
-    cuts = prune_cuts(args, loaded, args.work, base)
+    cuts = prune_cuts(args, loaded, args.work, base) if not args.stages else {}
     classifier = load_digit_classifier()
     counts = sorted({args.n, args.curve_n})
     noise = initial_noise(max(counts), (1, 32, 32), args.seed)
@@ -296,6 +300,12 @@ def main() -> None:
                          "trajectory_error": {"step": last, "raw": trajectory_error(pruned, ctx)},
                          **{k: record.get(k) for k in ("train_seconds", "peak_rss_mb", "final_loss", "unfinished")}})
             pruned = load(cut["folder"]).model
+    if args.stages:
+        from finetune_gradual import gradual_runs
+
+        for cut, run in gradual_runs(args, work, base, ctx, run_finetune, trajectory_error, evaluate):
+            cuts[cut["ratio"]] = cut
+            runs.append({"recipe": recipe_key(args), **run})
     from importlib.metadata import version
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

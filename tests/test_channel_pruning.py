@@ -403,3 +403,28 @@ class PaddedDownsample(nn.Module):
 def test_spatial_padding_keeps_the_channel_axis():
     plan = analyse_channels(exported(PaddedDownsample(), torch.randn(1, 3, 8, 8)))
     assert group_of(plan, "conv.weight", 0) == group_of(plan, "down.weight", 1)
+
+
+@pytest.mark.parametrize("family", ["unet2d", "dit"])
+def test_pruned_model_pruned_again_loads_back_exactly(config_dir, family, tmp_path):
+    # gradual pruning: the record of the second cut still rebuilds the model from the original config
+    original = load(config_dir / family / "config.json")
+    loaded = load(save_denoiser(original, original.model, tmp_path / "model"))
+    first = prune(loaded, PruneConfig(channel_ratio=0.5, importance="random"))
+    save_denoiser(loaded, first.model, tmp_path / "once", first.pruning)
+    once = load(tmp_path / "once")
+    second = prune(once, PruneConfig(channel_ratio=0.5, importance="random", seed=1))
+    assert second.pruning["macs"]["after"] < second.pruning["macs"]["before"] == first.pruning["macs"]["after"]
+    assert [e["config"]["seed"] for e in second.pruning["earlier"]] == [0]
+    assert set(second.pruning["modules"]) >= set(first.pruning["modules"])
+    for name, cut in first.pruning["tensors"].items():  # DiT's position table: indices of the original table
+        assert cut["keep"] != list(range(len(cut["keep"])))  # the first cut really re-indexes it
+        assert set(second.pruning["tensors"][name]["keep"]) < set(cut["keep"])
+    assert bool(first.pruning["tensors"]) == (family == "dit")
+    save_denoiser(once, second.model, tmp_path / "twice", second.pruning)
+    back = load(tmp_path / "twice")
+    state, expected = back.model.state_dict(), second.model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    inputs = tuple(back.family.example_inputs(back.model, 2).values())
+    with torch.no_grad():
+        assert torch.equal(back.family.adapter(back.model)(*inputs), back.family.adapter(second.model)(*inputs))

@@ -342,9 +342,35 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
     pruned_traced = trace(model, size=traced.sample_size)
     before, after = cost_report(traced).total, cost_report(pruned_traced).total
     pruning = {"format": PRUNING_FORMAT, "config": asdict(config), "source": str(loaded.source),
-               "taylor_losses": list(losses), **records,
+               "taylor_losses": list(losses), **merged_records(loaded.pruning, records),
                "params": {"before": before.params, "after": after.params},
                "macs": {"before": before.macs, "after": after.macs},
                "groups": {str(gid): {"size": next(g.size for g in plan.groups if g.id == gid), "kept": len(k)}
                           for gid, k in keep.items()}}
+    if loaded.pruning is not None:  # pruned again: the record still rebuilds from the original config
+        earlier = loaded.pruning.get("earlier", [])
+        pruning["earlier"] = earlier + [{k: loaded.pruning[k] for k in ("config", "source", "params", "macs")
+                                         if k in loaded.pruning}]
     return PrunedModel(model, pruning, keep, losses, pruned_traced)
+
+
+def merged_records(earlier: dict | None, records: dict) -> dict:
+    """The `modules` / `tensors` / `attributes` that rebuild a model pruned again (gradual pruning) from the
+    original config: the latest size of every module, index cuts composed (the new cut indexes the old)."""
+    if earlier is None:
+        return records
+    modules = {**earlier.get("modules", {}), **records["modules"]}
+    tensors = dict(earlier.get("tensors", {}))
+    for name, cut in records["tensors"].items():
+        before = tensors.get(name)
+        if before is None:
+            tensors[name] = cut
+        elif before["axis"] != cut["axis"]:
+            raise PruneError(f"{name} was cut along axis {before['axis']} and now along {cut['axis']}: a pruning "
+                             "record holds one axis per tensor; prune the original model instead")
+        else:
+            tensors[name] = {"axis": cut["axis"], "keep": [before["keep"][i] for i in cut["keep"]]}
+    attributes = {name: dict(values) for name, values in earlier.get("attributes", {}).items()}
+    for name, values in records["attributes"].items():
+        attributes.setdefault(name, {}).update(values)
+    return {"modules": modules, "tensors": tensors, "attributes": attributes}
