@@ -15,7 +15,7 @@ def _q(q: dict | None) -> str:
 def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | None:
     found = [(p[kind]["ssim"], f"{SOURCE_LABEL[r['source']]}, {kind.upper() if kind == 'ema' else kind} weights, "
               f"step {p['step']} ({r['recipe']})")
-             for r in runs if r["ratio"] == ratio for p in r["curve"] if 0 < p["step"] <= budget
+             for r in runs if r["ratio"] == ratio for p in r["curve"][1:] if p["step"] <= budget
              for kind in ("ema", "raw") if p[kind]]
     return max(found) if found else None
 
@@ -42,6 +42,25 @@ def _trajectory_table(report: dict, cuts: dict) -> list[str]:
     for macs, label, step, err in rows:
         lines.append(f"| {macs} | {label} | {step} | "
                      + " | ".join(f"{err[b]['eps_mse']:.4f} / {err[b]['mean_err']:.4f}" for b in bands) + " |")
+    return lines + [""]
+
+
+def _stage_lines(cut: dict) -> list[str]:
+    """A gradual cut's stages: each prunes the last one's fine-tuned model, then fine-tunes it."""
+    if not cut.get("stages"):
+        return []
+    lines = ["Each stage prunes the previous stage's fine-tuned (EMA) model (global Taylor, the ratio found to land "
+             "under the target), then fine-tunes it with its own warmup and cosine decay; steps count from the "
+             "first stage. Eps MSE: against the unpruned model along its DDIM trajectories (16 noises, mean of "
+             "the bands), right after the cut.", "",
+             "| stage | steps | target | ratio | kept MACs | kept params | eps MSE after the cut | prune time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, stage in enumerate(cut["stages"]):
+        err = stage["trajectory_error"]
+        mse = sum(b["eps_mse"] for b in err.values()) / len(err)
+        lines.append(f"| {i + 1} | {stage['start']:,}-{stage['start'] + stage['steps']:,} | {stage['target']:.0%} | "
+                     f"{stage['ratio']:g} | {stage['kept_macs']:.1%} | {stage['kept_params']:.1%} | {mse:.4f} | "
+                     f"{stage['prune_seconds'] / 60:.1f} min |")
     return lines + [""]
 
 
@@ -74,7 +93,9 @@ def write_markdown(report: dict, path: Path) -> None:
              "Fine-tune time: wall seconds of the training loop (checkpoints included); peak RSS: the whole "
              "training process.", ""]
     for ratio, cut in cuts.items():
-        lines += [f"## Cut {ratio}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params", "",
+        title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
+        lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params", "",
+                  *_stage_lines(cut),
                   f"Before fine-tuning: PSNR / SSIM / FD {_q(cut.get('start'))}. Recipe `{report['recipe']}`.", "",
                   "| source | step | samples seen | n | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | "
                   "time to this step |",

@@ -74,6 +74,10 @@ def prune(
     table.add_row("before", f"{params['before'] / 1e6:.2f} M", macs_text(macs["before"]))
     table.add_row("after", f"{params['after'] / 1e6:.2f} M", macs_text(macs["after"]))
     table.add_row("kept", f"{params['after'] / params['before']:.1%}", f"{macs['after'] / macs['before']:.1%}")
+    if pruned.pruning.get("earlier"):  # pruned again (gradual pruning): what is left of the original model
+        first = pruned.pruning["earlier"][0]
+        table.add_row("of the original", f"{params['after'] / first['params']['before']:.1%}",
+                      f"{macs['after'] / first['macs']['before']:.1%}")
     out.print(table)
     used = f"; Taylor gradients over {len(pruned.taylor_losses)} timesteps" if importance == "taylor" else ""
     out.print(f"wrote {output}{used}; fine-tune it with `dgo-compile finetune {output}`")

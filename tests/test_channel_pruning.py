@@ -363,6 +363,15 @@ def test_cli_prune_then_compile_carries_width_and_time(tmp_path):
     macs = json.loads((tmp_path / "a" / "manifest.json").read_text())["macs"]
     assert macs["full_total"] == 4 * stored["macs"]["after"]  # width: the pruned model is what runs
     assert macs["total"] < 0.8 * macs["full_total"]  # time: deepcache reuses blocks on top
+    # gradual pruning: the pruned model pruned again, its record still read from the original config
+    result = cli("prune", tmp_path / "p", "--importance", "magnitude", "--channel-ratio", "0.3", "-o", tmp_path / "p2")
+    assert result.returncode == 0, result.stderr
+    again = json.loads((tmp_path / "p2" / "unet" / "dgo_pruning.json").read_text())
+    assert again["macs"]["before"] == stored["macs"]["after"] > again["macs"]["after"]
+    assert again["earlier"][0]["macs"] == stored["macs"]
+    kept = f"{again['macs']['after'] / stored['macs']['before']:.1%}"
+    assert next(line for line in result.stdout.splitlines() if "of the original" in line).split("│")[-2].strip() == kept
+    assert load(tmp_path / "p2").pruning["macs"] == again["macs"]
 
 
 @pytest.mark.parametrize("args, message", [
