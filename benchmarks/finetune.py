@@ -3,6 +3,8 @@
     python benchmarks/finetune.py            # the curves: 2 cuts x 3 sources x 600 steps, ~60 min on 1 thread
     python benchmarks/finetune.py --ratios 0.6 --sources both --points 1220 2440 3660   # the whole 20% budget
         # (a probe, 40-50 min; also --ratios 0.3), then `python benchmarks/finetune.py --no-train` to report all
+    python benchmarks/finetune.py --stages 0.69:1220 0.5:2440 --sources both --points 2440 3050 3660
+        # gradual pruning (benchmarks/finetune_gradual.py): prune to 69%, fine-tune, prune that to 50%, fine-tune
     python benchmarks/finetune.py --quick    # smoke run of every piece, ~4 min
 
 The shipped MNIST DDPM is pruned once per --ratios (Taylor importance, global scope, GroupNorm groups
