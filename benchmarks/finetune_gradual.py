@@ -36,7 +36,8 @@ def stages_tag(stages: list[tuple[float, int]]) -> str:
 
 def ratio_for_macs(loaded, images, target_macs: float, args) -> float:
     """The smallest global channel ratio whose cut keeps at most `target_macs` (bisection on one set of
-    Taylor scores; `prune` recomputes the same scores from the same seed)."""
+    Taylor scores; `prune` recomputes the same scores from the same seed). Below the floor (every share cut
+    as far as --min-group-channels lets it: 50.1% of the shipped model's MACs at 2), the floor's ratio."""
     from dgo_compile.channels.channel_pruning import PruneConfig, apply_pruning, importance, plan_channels, select
 
     config = PruneConfig(channel_ratio=0.5, scope="global", importance="taylor", batch=args.taylor_batch,
@@ -50,6 +51,9 @@ def ratio_for_macs(loaded, images, target_macs: float, args) -> float:
         keep = select(plan, scores, dataclasses.replace(config, channel_ratio=mid))
         model, _ = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
         lo, hi = (mid, hi) if cost_of(model).macs > target_macs else (lo, mid)
+    if hi == 0.95:
+        log(f"{target_macs / 1e6:.1f} M MACs is below what global cuts reach with GroupNorm groups of >= "
+            f"{args.min_group_channels} channels: cutting to that floor")
     return round(hi, 4)
 
 

@@ -50,7 +50,8 @@ def _stage_lines(cut: dict) -> list[str]:
     if not cut.get("stages"):
         return []
     lines = ["Each stage prunes the previous stage's fine-tuned (EMA) model (global Taylor, the ratio found to land "
-             "under the target), then fine-tunes it with its own warmup and cosine decay; steps count from the "
+             "under the target, or the floor where every group is cut as far as its GroupNorm minimum allows), "
+             "then fine-tunes it with its own warmup and cosine decay; steps count from the "
              "first stage. Eps MSE: against the unpruned model along its DDIM trajectories (16 noises, mean of "
              "the bands), right after the cut.", "",
              "| stage | steps | target | ratio | kept MACs | kept params | eps MSE after the cut | prune time |",
