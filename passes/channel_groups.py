@@ -33,9 +33,10 @@ from torch import fx
 from . import annotations as ann
 from .annotations import CHANNEL_PLAN_KEY
 from .base import AnalysisPass, PassResult
+from .boundaries import data_inputs
 from .channel_plan import AttentionSite, ChannelGroup, ChannelPlan, ChannelRuleError, ParamSlice
 from .channel_rules import RULES
-from .channel_spaces import Walk, shape_of
+from .channel_spaces import MODEL_PREFIX, Walk, shape_of
 
 aten = torch.ops.aten
 
@@ -93,7 +94,30 @@ def analyse_channels(graph_module: fx.GraphModule, equal_sizes: tuple[tuple[str,
         walk.tied.append((a, b))
         walk.constraints.append((f"same size as {second} (a shape in the model's code)", 1, a))
         walk.constraints.append((f"same size as {first} (a shape in the model's code)", 1, b))
-    return _plan(walk)
+    return _plan(walk, _timestep_only_params(graph_module))
+
+
+TIMESTEP_ONLY = ("timestep-only (the time MLP: a compiled schedule folds it into per-step constants, so "
+                 "pruning it saves no MACs there and starves every block of the timestep)")
+
+
+def _timestep_only_params(graph_module: fx.GraphModule, timestep: str = "timestep") -> set[str]:
+    """Weights that only timestep-only nodes read. Cutting their channels saves next to nothing (a [batch, C]
+    MLP per call, and nothing once folded), and global Taylor scores rank them cheapest: the shipped model's
+    time MLP went to 1 channel of 128 at a 50% cut, which broke it (benchmarks/results/finetune.md)."""
+    placeholder = next((n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == timestep), None)
+    if placeholder is None:
+        return set()
+    deps: dict[fx.Node, frozenset[fx.Node]] = {}
+    for node in graph_module.graph.nodes:
+        deps[node] = frozenset({node}) if node.op == "placeholder" else frozenset().union(
+            *(deps[a] for a in data_inputs(node)))
+    found = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and node.users and all(deps[u] == {placeholder} for u in node.users):
+            name = str(node.target)
+            found.add(name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name)
+    return found
 
 
 def _output_parts(walk: Walk, module: str) -> tuple[int, ...]:
@@ -110,7 +134,7 @@ def _flat_nodes(args):
     return out
 
 
-def _plan(walk: Walk) -> ChannelPlan:
+def _plan(walk: Walk, timestep_params: set[str]) -> ChannelPlan:
     spaces = walk.spaces
     leaf_ids: dict[int, int] = {}
     slices: dict[int, list[ParamSlice]] = {}
@@ -127,6 +151,9 @@ def _plan(walk: Walk) -> ChannelPlan:
     for param, axis, parts in walk.uses:
         for leaf, offset in spans(parts):
             slices.setdefault(leaf, []).append(ParamSlice(param, axis, offset))
+    for leaf, found in slices.items():
+        if all(s.param in timestep_params for s in found):
+            spaces.fixed.setdefault(spaces.find(leaf), TIMESTEP_ONLY)
     norm_group: dict[int, int] = {}
     for groups, parts in walk.norms:
         per_group = walk.size(parts) // groups

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from dgo_compile.passes.channel_groups import analyse_channels
+from dgo_compile.passes.channel_groups import TIMESTEP_ONLY, analyse_channels
 from dgo_compile.passes.channel_plan import ChannelRuleError
 from dgo_compile.passes.channel_rules import RULES, register_channel_rule
 from torch import nn
@@ -143,6 +143,24 @@ def test_class_embedding_and_output_keep_their_size(config_dir):
     (down, _), = group_of(plan, "down_blocks.0.downsamplers.0.conv.weight", 0)
     assert plan.groups[down].prunable and ("down_blocks.1.resnets.0.conv1.weight", 1, 0) in \
         [(s.param, s.axis, s.start) for s in plan.groups[down].slices]
+
+
+@pytest.mark.parametrize("family", ["unet2d", "dit"])
+def test_time_mlp_is_kept_whole(config_dir, family):
+    # timestep-only weights save no MACs once a schedule is folded; a global cut ranked them cheapest
+    loaded = load(config_dir / family / "config.json")
+    _, plan = plan_channels(loaded)
+    prefix = "time_embedding" if family == "unet2d" else "transformer_blocks.0.norm1.emb.timestep_embedder"
+    hidden = group_of(plan, f"{prefix}.linear_1.weight", 0)  # DiT's final layer calls block 0's embedder again
+    assert hidden and all(plan.groups[g].fixed == TIMESTEP_ONLY for g, _ in hidden)
+    if family == "unet2d":  # its output only feeds the resnets' time projections
+        (out, _), = group_of(plan, f"{prefix}.linear_2.weight", 0)
+        assert plan.groups[out].fixed == TIMESTEP_ONLY
+        (joined, _), = group_of(plan, "down_blocks.0.resnets.0.time_emb_proj.weight", 0)
+        assert plan.groups[joined].prunable  # the projection's output is the resnet's features
+    pruned = prune(loaded, PruneConfig(channel_ratio=0.9, importance="random", scope="global"))
+    assert pruned.model.get_submodule(f"{prefix}.linear_1").out_features == \
+        loaded.model.get_submodule(f"{prefix}.linear_1").out_features
 
 
 class RowModulation(nn.Module):
@@ -345,7 +363,7 @@ def test_taylor_accumulates_timesteps_until_the_loss_falls_below_the_threshold()
 def test_cli_dry_run_lists_groups_and_writes_nothing(tmp_path):
     result = cli("prune", "--dry-run", "--channel-ratio", "0.5", "-o", tmp_path / "p")
     assert result.returncode == 0, result.stderr
-    assert "57 channel groups, 56 prunable" in result.stdout
+    assert "57 channel groups, 54 prunable" in result.stdout and "timestep-only (the time MLP" in result.stdout
     assert "GroupNorm(16) conv_norm_out" in result.stdout and "the model output" in result.stdout
     assert not (tmp_path / "p").exists()
 
@@ -393,7 +411,7 @@ def test_prune_config_errors():
     with pytest.raises(PruneError, match="`min_group_channels` must be at least 1, got 0"):
         PruneConfig(min_group_channels=0)
     _, plan = plan_channels(load())
-    assert len(plan.prunable()) == 56
+    assert len(plan.prunable()) == 54  # of 57: the model output and the two time-MLP groups are fixed
 
 
 class PaddedDownsample(nn.Module):
