@@ -157,7 +157,7 @@ def run_finetune(args, source: str, pruned: Path, run_dir: Path) -> dict | None:
 def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
     """Our Taylor global cut per ratio, saved in --work (reused when there)."""
     from dgo_compile.channels.channel_pruning import PruneConfig, calibration_images, prune
-    from dgo_compile.frontend.loading import save_denoiser
+    from dgo_compile.frontend.loading import load, save_denoiser
 
     cuts, images = {}, None
     for ratio in args.ratios:
@@ -175,7 +175,11 @@ def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
             write_json(folder / "bench_meta.json", {"seconds": seconds, "params": cost.params, "macs": cost.macs,
                                                     "timesteps": len(pruned.taylor_losses)})
         meta = read_json(folder / "bench_meta.json")
+        if "time_mlp_channels" not in meta:  # what the cut left of the time MLP (kept whole since 985bbb8)
+            meta["time_mlp_channels"] = load(folder).model.time_embedding.linear_1.out_features
+            write_json(folder / "bench_meta.json", meta)
         cuts[ratio] = {"ratio": ratio, "folder": str(folder), "prune_seconds": meta["seconds"],
+                       "time_mlp_channels": meta["time_mlp_channels"],
                        "params": meta["params"], "macs": meta["macs"], "kept_macs": meta["macs"] / base.macs,
                        "kept_params": meta["params"] / base.params}
     return cuts

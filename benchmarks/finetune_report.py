@@ -94,8 +94,13 @@ def write_markdown(report: dict, path: Path) -> None:
              "Fine-tune time: wall seconds of the training loop (checkpoints included); peak RSS: the whole "
              "training process.", ""]
     for ratio, cut in cuts.items():
+        if not any(r["ratio"] == ratio for r in report["runs"]):
+            continue  # measured by another recipe: its stages are listed here, its points under the probes
         title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
-        lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params", "",
+        mlp = (f"time MLP {cut['time_mlp_channels']} of 128 channels" if cut.get("time_mlp_channels")
+               else "cut before `985bbb8`, when the time MLP was prunable")
+        lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params ({mlp})",
+                  "",
                   *_stage_lines(cut),
                   f"Before fine-tuning: PSNR / SSIM / FD {_q(cut.get('start'))}. Recipe `{report['recipe']}`.", "",
                   "| source | step | samples seen | n | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | "
@@ -114,6 +119,12 @@ def write_markdown(report: dict, path: Path) -> None:
                            f"{rss} | {run['final_loss']:.4f} |")
         lines += ["", "| source | fine-tune wall time | peak RSS | final training loss (mean of last 50 steps) |",
                   "|---|---|---|---|", *summary, ""]
+    for ratio, cut in cuts.items():
+        if cut.get("stages") and not any(r["ratio"] == ratio for r in report["runs"]):
+            lines += [f"## Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]} (a probe): "
+                      f"{cut['kept_macs']:.1%} of the MACs"
+                      + ("" if cut.get("time_mlp_channels") else " (cut before `985bbb8`, when the time MLP was "
+                         "prunable)"), "", *_stage_lines(cut)]
     if report.get("probes"):
         lines += ["## Recipe probes (other recipes measured by earlier invocations)", "",
                   "| recipe | cut | source | step | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | n | "
