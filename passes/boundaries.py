@@ -37,6 +37,15 @@ def sample_dependent(graph_module: fx.GraphModule, sample: str = SAMPLE_INPUT) -
     return found
 
 
+def input_dependencies(graph_module: fx.GraphModule) -> dict[fx.Node, frozenset[fx.Node]]:
+    """Per node, the graph inputs (placeholders) its value depends on, through data edges only."""
+    deps: dict[fx.Node, frozenset[fx.Node]] = {}
+    for node in graph_module.graph.nodes:
+        deps[node] = frozenset({node}) if node.op == "placeholder" else frozenset().union(
+            *(deps[a] for a in data_inputs(node)))
+    return deps
+
+
 def data_inputs(node: fx.Node) -> list[fx.Node]:
     """Inputs whose values (not just shapes) a node reads: a batch-size query reads no data."""
     return [] if node.target in SHAPE_QUERIES else node.all_input_nodes

@@ -33,10 +33,10 @@ from torch import fx
 from . import annotations as ann
 from .annotations import CHANNEL_PLAN_KEY
 from .base import AnalysisPass, PassResult
-from .boundaries import data_inputs
+from .boundaries import input_dependencies
 from .channel_plan import AttentionSite, ChannelGroup, ChannelPlan, ChannelRuleError, ParamSlice
 from .channel_rules import RULES
-from .channel_spaces import MODEL_PREFIX, Walk, shape_of
+from .channel_spaces import Walk, param_name, shape_of
 
 aten = torch.ops.aten
 
@@ -108,16 +108,9 @@ def _timestep_only_params(graph_module: fx.GraphModule, timestep: str = "timeste
     placeholder = next((n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == timestep), None)
     if placeholder is None:
         return set()
-    deps: dict[fx.Node, frozenset[fx.Node]] = {}
-    for node in graph_module.graph.nodes:
-        deps[node] = frozenset({node}) if node.op == "placeholder" else frozenset().union(
-            *(deps[a] for a in data_inputs(node)))
-    found = set()
-    for node in graph_module.graph.nodes:
-        if node.op == "get_attr" and node.users and all(deps[u] == {placeholder} for u in node.users):
-            name = str(node.target)
-            found.add(name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name)
-    return found
+    deps = input_dependencies(graph_module)
+    return {param_name(node) for node in graph_module.graph.nodes
+            if node.op == "get_attr" and node.users and all(deps[u] == {placeholder} for u in node.users)}
 
 
 def _output_parts(walk: Walk, module: str) -> tuple[int, ...]:

@@ -16,6 +16,12 @@ from dgo_compile.frontend.tracing import MODEL_PREFIX
 from .channel_plan import ChannelRuleError
 
 
+def param_name(get_attr: fx.Node) -> str:
+    """The model's own name of the parameter a get_attr node reads."""
+    name = str(get_attr.target)
+    return name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
+
+
 @dataclass(frozen=True)
 class Axis:
     """A tensor's channels: which dims index them and which spaces they are."""
@@ -133,8 +139,7 @@ class Walk:
         if not isinstance(node, fx.Node) or node.op != "get_attr":
             raise ChannelRuleError(f"node {what.name} ({what.target}) takes a weight that is not a model "
                                    "parameter; channel pruning needs the layer's own weights")
-        name = str(node.target)
-        return name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
+        return param_name(node)
 
     def tensor(self, node: fx.Node) -> torch.Tensor:
         value = self.gm

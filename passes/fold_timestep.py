@@ -21,7 +21,7 @@ from torch import fx
 from . import annotations as ann
 from .annotations import CONSTANTS_KEY, EMBEDDER_KEY, mark_glue
 from .base import PassResult, TransformPass, editable_copy
-from .boundaries import data_inputs
+from .boundaries import input_dependencies
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,7 @@ class FoldTimestep(TransformPass):
 def _frontier(graph_module: fx.GraphModule, timestep: fx.Node) -> tuple[list[fx.Node], set[str]]:
     """Timestep-only tensor nodes with a batch-leading shape read by something that is not, and
     the names of all timestep-only nodes."""
-    deps: dict[fx.Node, frozenset[fx.Node]] = {}
-    for node in graph_module.graph.nodes:
-        deps[node] = frozenset({node}) if node.op == "placeholder" else frozenset().union(
-            *(deps[a] for a in data_inputs(node)))
+    deps = input_dependencies(graph_module)
     only = {n for n in graph_module.graph.nodes if n is not timestep and deps[n] == {timestep}
             and isinstance(n.meta.get("val"), torch.Tensor)}
     while True:
