@@ -45,6 +45,11 @@ def _trajectory_table(report: dict, cuts: dict) -> list[str]:
     return lines + [""]
 
 
+def _time_mlp(cut: dict) -> str:
+    return (f"time MLP {cut['time_mlp_channels']} of 128 channels" if cut.get("time_mlp_channels")
+            else "cut before `985bbb8`, when the time MLP was prunable")
+
+
 def _stage_lines(cut: dict) -> list[str]:
     """A gradual cut's stages: each prunes the last one's fine-tuned model, then fine-tunes it."""
     if not cut.get("stages"):
@@ -97,9 +102,8 @@ def write_markdown(report: dict, path: Path) -> None:
         if not any(r["ratio"] == ratio for r in report["runs"]):
             continue  # measured by another recipe: its stages are listed here, its points under the probes
         title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
-        mlp = (f"time MLP {cut['time_mlp_channels']} of 128 channels" if cut.get("time_mlp_channels")
-               else "cut before `985bbb8`, when the time MLP was prunable")
-        lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params ({mlp})",
+        lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params "
+                  f"({_time_mlp(cut)})",
                   "",
                   *_stage_lines(cut),
                   f"Before fine-tuning: PSNR / SSIM / FD {_q(cut.get('start'))}. Recipe `{report['recipe']}`.", "",
@@ -122,9 +126,7 @@ def write_markdown(report: dict, path: Path) -> None:
     for ratio, cut in cuts.items():
         if cut.get("stages") and not any(r["ratio"] == ratio for r in report["runs"]):
             lines += [f"## Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]} (a probe): "
-                      f"{cut['kept_macs']:.1%} of the MACs"
-                      + ("" if cut.get("time_mlp_channels") else " (cut before `985bbb8`, when the time MLP was "
-                         "prunable)"), "", *_stage_lines(cut)]
+                      f"{cut['kept_macs']:.1%} of the MACs ({_time_mlp(cut)})", "", *_stage_lines(cut)]
     if report.get("probes"):
         lines += ["## Recipe probes (other recipes measured by earlier invocations)", "",
                   "| recipe | cut | source | step | EMA: PSNR / SSIM / FD | raw: PSNR / SSIM / FD | n | "
