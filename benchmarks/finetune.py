@@ -50,6 +50,7 @@ def recipe_key(args) -> str:
     """What tells two recipes apart in results/finetune.json."""
     return (f"lr{args.lr:g}_w{args.warmup}_ema{args.ema_decay:g}_d{args.distill:g}_traj{args.trajectory_steps}"
             f"_g{args.min_group_channels}_b{args.batch}_s{max(args.points)}"
+            + (f"_snr{args.snr_gamma:g}" if args.snr_gamma else "")
             + ("" if not args.stages else "_" + "-".join(args.stages)))
 
 
@@ -59,7 +60,8 @@ def finetune_config(args, source: str, steps: int):
     every = min(args.points) if len(args.points) == 1 else _gcd(args.points)
     return FinetuneConfig(train_steps=steps, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, warmup=args.warmup,
                           checkpoint_every=every, distill=args.distill if source == "both" else 0.0,
-                          distill_only=source == "distill", trajectory_steps=args.trajectory_steps)
+                          distill_only=source == "distill", trajectory_steps=args.trajectory_steps,
+                          snr_gamma=args.snr_gamma)
 
 
 def training_budget(batch: int) -> dict:
@@ -239,6 +241,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--distill", type=float, default=1.0, help="the distillation weight of 'both'")
+    parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weights (default: off)")
     parser.add_argument("--trajectory-steps", type=int, default=50, help="'distill': the teacher's DDIM steps")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation")
     parser.add_argument("-n", type=int, default=100, help="evaluation samples at the last point")

@@ -83,7 +83,9 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{s['min_group_channels']}), then fine-tuned by `dgo_compile.channels.finetune` at batch "
              f"{s['batch']}, AdamW lr "
              f"{s['lr']:g}, {s['warmup']} warmup steps then cosine decay to 2%, EMA {s['ema_decay']:g} (diffusers' "
-             f"EMAModel with warmup), gradient clipping 1. Sources: **data only** (the shipped digits), "
+             f"EMAModel with warmup), gradient clipping 1"
+             + (f", Min-SNR-{s['snr_gamma']:g} loss weights" if s.get("snr_gamma") else ", every timestep weighted 1")
+             + ". Sources: **data only** (the shipped digits), "
              "**distill only**"
              f" (no data: the unpruned model's DDIM-{s['trajectory_steps']} trajectories from random noise, its "
              f"predictions as targets), **data + distill** (digits, plus {s['distill']:g} x the MSE towards the "

@@ -101,6 +101,9 @@ def finetune(
         show_default=False)] = None,
     trajectory_steps: Annotated[Optional[int], typer.Option(
         help="DDIM steps of the teacher's trajectories with --distill-only. (default: 20)", show_default=False)] = None,
+    snr_gamma: Annotated[Optional[float], typer.Option(
+        help="Min-SNR-gamma loss weighting (diffusers' --snr_gamma; the paper uses 5): timesteps whose SNR is "
+             "above it count less. (default: off)", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup steps. (default: 0)",
                                                   show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the batches and the noise. (default: 0)",
@@ -123,7 +126,7 @@ def finetune(
     given = dict(train_steps=train_steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill, warmup=warmup,
                  seed=seed, checkpoint_every=checkpoint_every, distill_only=distill_only,
                  trajectory_steps=trajectory_steps, data=str(data) if data is not None else None,
-                 prompts=str(prompts) if prompts is not None else None)
+                 prompts=str(prompts) if prompts is not None else None, snr_gamma=snr_gamma)
     if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)
         with_overrides(FinetuneConfig, given)
         check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher, data, prompts],

@@ -124,6 +124,7 @@ def test_distilling_from_the_model_itself_adds_nothing_until_it_moves(plain, tmp
     (dict(ema_decay=1.0), "`ema_decay` must be in [0, 1)"),
     (dict(distill=-1.0), "`distill` must be 0 or more, got -1.0"),
     (dict(warmup=-1), "`warmup` must be 0 or more, got -1"),
+    (dict(snr_gamma=0.0), "`snr_gamma` must be positive (the SNR cap of Min-SNR weighting), got 0.0"),
 ])
 def test_config_is_validated(options, message):
     with pytest.raises(FinetuneError) as info:

@@ -1,5 +1,6 @@
 """The fine-tuning loss follows the pipeline's scheduler: its noise schedule and prediction type
-(epsilon, v_prediction, sample); anything else is refused, never trained as epsilon."""
+(epsilon, v_prediction, sample), and Min-SNR-gamma weights for that prediction type; anything else
+is refused, never trained as epsilon."""
 
 import json
 
@@ -11,8 +12,9 @@ import pipelines
 from dgo_compile import load
 from dgo_compile.channels.data_folder import open_data
 from dgo_compile.channels.finetune import FinetuneConfig, FinetuneError, finetune
-from dgo_compile.channels.finetune_data import noise_schedule
+from dgo_compile.channels.finetune_data import TeacherTrajectories, noise_schedule
 from dgo_compile.frontend.families import family_of
+from dgo_compile.frontend.loading import save_denoiser
 from model_configs import TINY_UNET2D
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -68,6 +70,68 @@ def test_the_first_step_loss_is_towards_the_configured_target(tmp_path, predicti
     loss = result.record.history[0]["loss"]
     assert loss == pytest.approx(torch.nn.functional.mse_loss(predicted, target).item(), rel=1e-5)
     assert loss != pytest.approx(torch.nn.functional.mse_loss(predicted, noise).item(), rel=1e-2)  # not epsilon
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_follow_the_prediction_type(prediction):
+    gamma = 2.0
+    schedule = noise_schedule({**SCHEDULER, "prediction_type": prediction}, "model")
+    t = torch.tensor([0, 10, 100, 300, 500, 999])
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[t]
+    snr = alpha_bar / (1 - alpha_bar)  # the Min-SNR paper's weights, per prediction type
+    expected = {"epsilon": snr.clamp(max=gamma) / snr, "v_prediction": snr.clamp(max=gamma) / (snr + 1),
+                "sample": snr.clamp(max=gamma)}[prediction].float()
+    torch.testing.assert_close(schedule.snr_weights(t.float(), gamma), expected)
+    if prediction == "epsilon":  # low-noise steps count less, the rest 1
+        assert schedule.snr_weights(t.float(), gamma)[0] < 0.01 and expected[3:].eq(1).all()
+
+
+def test_min_snr_weight_of_zero_snr_is_its_limit():
+    schedule = noise_schedule({**SCHEDULER, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, "m")
+    weights = schedule.snr_weights(torch.tensor([998.0, 999.0]), 5.0)
+    assert weights.tolist() == [1.0, 1.0]  # not 0 / 0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_first_step_loss_is_min_snr_weighted(tmp_path, prediction):
+    model, data = _pipeline_with(tmp_path, prediction_type=prediction)
+    config = FinetuneConfig(train_steps=1, batch=4, ema_decay=0, data=str(data), snr_gamma=0.05)
+    result = finetune(model, config, tmp_path / "out")
+    loaded = load(model)
+    batch = noise_schedule(loaded.scheduler_config, str(model)).batch(
+        open_data(data, loaded, tmp_path / "cache").rows(torch.randint(0, 8, (4,), generator=(
+            replay := torch.Generator().manual_seed(0))))["latents"], (), replay)
+    schedule = noise_schedule(loaded.scheduler_config, str(model))
+    with torch.no_grad():
+        rows = (family_of(loaded.model).call(loaded.model, *batch.inputs) - batch.target).pow(2).mean(dim=(1, 2, 3))
+    weights = schedule.snr_weights(batch.inputs[1], 0.05)
+    assert weights.min() < 0.5  # the batch has steps that count less
+    loss = result.record.history[0]["loss"]
+    assert loss == pytest.approx((rows * weights).mean().item(), rel=1e-5)
+    assert loss < 0.9 * rows.mean().item()
+
+
+def test_distill_only_weights_the_teachers_states_by_their_timestep(tmp_path):
+    teacher = pipelines.write_model_pipeline(tmp_path / "teacher", TINY_UNET2D)
+    loaded = load(teacher)
+    with torch.no_grad():  # a student away from the teacher
+        for p in loaded.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    student = save_denoiser(loaded, loaded.model, tmp_path / "student")
+    config = FinetuneConfig(train_steps=1, batch=4, ema_decay=0, distill_only=True, trajectory_steps=4,
+                            snr_gamma=0.05)
+    result = finetune(student, config, tmp_path / "out", teacher=teacher)
+    teacher_model = load(teacher).model
+    batch = TeacherTrajectories(teacher_model, loaded.scheduler_config, 4, 4, seed=0).draw(1)
+    model = load(student).model.train()  # the student's first step runs in train mode
+    with torch.no_grad():
+        rows = (family_of(model).call(model, *batch.inputs) - batch.target).pow(2).mean(dim=(1, 2, 3))
+    weights = noise_schedule(loaded.scheduler_config, "m").snr_weights(batch.inputs[1], 0.05)
+    assert weights.min() < 0.5 and weights.max() == 1.0  # states of low and of high noise
+    loss = result.record.history[0]["loss"]
+    assert loss == pytest.approx((rows * weights).mean().item(), rel=1e-4)
+    assert loss < 0.9 * rows.mean().item()
 
 
 @pytest.mark.parametrize("scheduler, message", [

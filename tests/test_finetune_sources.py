@@ -162,9 +162,10 @@ def test_cli_distill_only(tmp_path):
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "out"
     result = run(student, "--distill-only", "--teacher", teacher, "--trajectory-steps", "4", "--train-steps", "2",
-                 "--batch", "2", "-o", out)
+                 "--batch", "2", "--snr-gamma", "5", "-o", out)
     assert result.returncode == 0, result.stderr
     record = read_finetune(out)
     assert record.complete and record.config.distill_only and record.config.trajectory_steps == 4
+    assert record.config.snr_gamma == 5.0
     result = cli("finetune", "--resume", "-o", out)  # the stored settings, teacher included, carry over
     assert result.returncode == 0, result.stderr

@@ -5,8 +5,8 @@ the shipped model's own (scripts/train_default_model.py): the MSE towards what t
 scheduler says the model predicts (noise, velocity or clean sample; `finetune_data`) on the
 shipped MNIST digits or, with `data`, the user's images or latents (`data_folder`), AdamW,
 gradient clipping at 1, optional linear warmup then cosine decay to 2% of the learning rate, and
-an EMA of the weights with warmup (diffusers' EMAModel). An
-optional distillation term pulls the prediction towards an unpruned teacher's on the same
+an EMA of the weights with warmup (diffusers' EMAModel), and optionally Min-SNR-gamma weights
+per timestep (`snr_gamma`). An optional distillation term pulls the prediction towards an unpruned teacher's on the same
 noisy input. With `distill_only` there is no data: the teacher's own DDIM trajectories are the
 inputs and its predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
 DiT denoisers of any size.
@@ -37,7 +37,13 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from dgo_compile.channels.data import mnist_digits
-from dgo_compile.channels.finetune_data import TeacherTrajectories, data_batch, digit_batch, noise_schedule
+from dgo_compile.channels.finetune_data import (
+    TeacherTrajectories,
+    data_batch,
+    digit_batch,
+    noise_schedule,
+    weighted_mse,
+)
 from dgo_compile.channels.finetune_models import check_distill_only, check_student, load_teacher, trajectory_prompts
 from dgo_compile.core.configs import FinetuneConfig, FinetuneError  # noqa: F401  (re-exported)
 from dgo_compile.core.distributed import current_world
@@ -178,6 +184,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                                            config.trajectory_steps, config.batch, config.seed,
                                            *trajectory_prompts(config, teacher_loaded))
         teacher_model = None
+        schedule = noise_schedule(loaded.scheduler_config, str(loaded.source)) if config.snr_gamma else None
     else:
         trajectories = None
         teacher_model = load_teacher(teacher, loaded, None if data else conditional) if teacher is not None else None
@@ -243,13 +250,14 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             inputs = tuple(x[rows] for x in batch.inputs)  # this process's share
             prediction = family.call(model, *inputs)
             target = batch.target[rows]
+            weights = schedule.snr_weights(inputs[1], config.snr_gamma) if config.snr_gamma else None
             # a learned-sigma model (DiT) predicts the variance too: the data loss is on the first half only
-            loss = nn.functional.mse_loss(prediction if batch.teacher else prediction[:, :target.shape[1]], target)
+            loss = weighted_mse(prediction if batch.teacher else prediction[:, :target.shape[1]], target, weights)
             distill = loss if batch.teacher else None
             if teacher_model is not None:
                 with torch.no_grad():
                     target = family.call(teacher_model, *inputs)
-                distill = nn.functional.mse_loss(prediction, target)
+                distill = weighted_mse(prediction, target, weights)
                 loss = loss + config.distill * distill
             mean_loss = world.mean(loss.item())
             check_finite(torch.tensor(mean_loss), f"the training loss at step {step}",

@@ -15,6 +15,11 @@ batches as an uninterrupted one and every data-parallel process draws the same g
   teacher's own prediction there, is a training example. Runs are made in pools of one batch of
   trajectories; a pool's states are shuffled and used once each, so a pool lasts as many steps as
   a trajectory has, and the teacher costs one prediction per trained row.
+
+With `snr_gamma`, every row's squared error is weighted by Min-SNR-gamma (Hang et al. 2023, as
+diffusers' training scripts do it, `compute_snr`): a timestep whose signal-to-noise ratio exceeds
+gamma counts gamma / SNR as much, for an epsilon model. The low-noise steps, whose error is mostly the
+unpredictable noise, stop crowding out the mid-noise steps that decide what a sample shows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Callable
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from dgo_compile.backend.sampling import make_scheduler
@@ -72,6 +78,26 @@ class NoiseSchedule:
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(x0, noise, t)
         return x0
+
+    def snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weight of each row at timestep `t`, for what the model predicts: min(SNR, gamma)
+        divided by SNR (epsilon) or by SNR + 1 (v_prediction), or not divided (sample). A timestep of zero
+        SNR (a zero-terminal-SNR schedule) weighs 1, the limit, instead of dividing by zero."""
+        snr = compute_snr(self.scheduler, t.long())
+        weights = snr.clamp(max=gamma)
+        if self.prediction_type == "epsilon":
+            weights = torch.where(snr > 0, weights / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0)
+        elif self.prediction_type == "v_prediction":
+            weights = weights / (snr + 1)
+        return weights
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared error, each row's scaled by its weight (None: plain MSE)."""
+    if weights is None:
+        return nn.functional.mse_loss(prediction, target)
+    rows = (prediction - target).pow(2).flatten(1).mean(dim=1)
+    return (rows * weights).mean()
 
 
 def noise_schedule(scheduler_config: dict, where: str) -> NoiseSchedule:

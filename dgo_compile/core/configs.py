@@ -102,6 +102,7 @@ class FinetuneConfig:
     trajectory_steps: int = 20  # DDIM steps of those trajectories (the timesteps the student is trained at)
     data: str | None = None  # the user's folder of images or latents (data_folder); None: the shipped digits
     prompts: str | None = None  # --distill-only on a text-conditional teacher: one prompt per line
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (diffusers' --snr_gamma); None: every timestep weighs 1
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)

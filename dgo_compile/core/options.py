@@ -116,6 +116,7 @@ SPECS: dict[str, dict[str, Spec]] = {
         "distill": _float(0, 1e6), "warmup": _int(0, 10**7), "seed": SEED, "checkpoint_every": _int(1, 10**7),
         "distill_only": Spec("bool"), "trajectory_steps": _int(1, 1000), "data": Spec("str", optional=True),
         "prompts": Spec("str", optional=True),
+        "snr_gamma": _float(0, 1e6, low_open=True, optional=True, what="the SNR cap of Min-SNR weighting"),
     },
     "optimize": {
         "keep_macs": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),
