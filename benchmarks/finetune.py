@@ -38,12 +38,11 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, ROOT, cost_of, log, quality, read_json, sample_images, write_json
+from finetune_diagnostics import band_ssim, trajectory_error
 
 BUDGET_SHARE = 0.2  # Diff-Pruning's claim: recovery within 10-20% of the original training
 SOURCES = ("data", "distill", "both")
 SSIM_GOAL = 0.9
-DIAG_N = 16  # evaluation noises of the trajectory-error breakdown
-BANDS = ((750, 1001), (500, 750), (250, 500), (0, 250))
 
 
 def recipe_key(args) -> str:
@@ -192,29 +191,13 @@ def evaluate(model, name: str, n: int, ctx: dict) -> dict:
     return {"n": n, **quality(images, ctx["full"][:n], ctx["classifier"], ctx["real"][n])}
 
 
-@torch.no_grad()
-def trajectory_error(model, ctx: dict) -> dict:
-    """Per timestep band, along the unpruned model's own DDIM trajectories from the first DIAG_N evaluation
-    noises: the student's eps MSE against the teacher's, and the error of the per-image mean of its eps beside
-    the teacher's own mean (what a GroupNorm with few channels per group hardly sees). At high t a small eps
-    error is a large error of the image the step aims at, and that is where a sample's content is decided."""
-    from dgo_compile.backend.sampling import make_scheduler
-
-    scheduler = make_scheduler(ctx["config"], "ddim")
-    scheduler.set_timesteps(ctx["steps"])
-    x = ctx["noise"][:DIAG_N].clone()
-    sums: dict[str, list[float]] = {}
-    for t in scheduler.timesteps:
-        step = t.float().expand(len(x))
-        want, got = ctx["teacher"](x, step).sample, model(x, step).sample
-        band = next(f"{lo}-{hi}" for lo, hi in BANDS if lo <= int(t) < hi)
-        row = sums.setdefault(band, [0.0, 0.0, 0.0, 0])
-        row[0] += float((got - want).pow(2).mean())
-        row[1] += float((got - want).mean(dim=(1, 2, 3)).abs().mean())
-        row[2] += float(want.mean(dim=(1, 2, 3)).abs().mean())
-        row[3] += 1
-        x = scheduler.step(want, t, x, eta=0.0).prev_sample
-    return {band: {"eps_mse": a / k, "mean_err": b / k, "teacher_mean": c / k} for band, (a, b, c, k) in sums.items()}
+def cached_band_ssim(model, run_dir: Path, step: int, ctx: dict) -> dict:
+    """`band_ssim` of the EMA weights at `step` (loaded into `model`), kept beside the run's points."""
+    file = run_dir / "points" / f"band_ssim_ema_{step}_{ctx['steps']}.json"
+    if not file.is_file():
+        model.load_state_dict(torch.load(run_dir / "points" / f"ema_{step}.pt", weights_only=True))
+        write_json(file, {"step": step, "weights": "ema", **band_ssim(model, ctx)})
+    return read_json(file)
 
 
 def main() -> None:
@@ -304,9 +287,10 @@ def main() -> None:
                 curve.append(point)
                 log(f"{ratio} {source} step {step}: EMA {point['ema']}, raw {point['raw']}")
             last = max((p["step"] for p in curve if p["raw"]), default=0)
+            errors = {"step": last, "raw": trajectory_error(pruned, ctx)}
             runs.append({"recipe": recipe_key(args), "ratio": ratio, "kept_macs": cut["kept_macs"],
-                         "source": source, "curve": curve,
-                         "trajectory_error": {"step": last, "raw": trajectory_error(pruned, ctx)},
+                         "source": source, "curve": curve, "trajectory_error": errors,
+                         "band_ssim": cached_band_ssim(pruned, run_dir, last, ctx) if last else None,
                          **{k: record.get(k) for k in ("train_seconds", "peak_rss_mb", "final_loss", "unfinished")}})
             pruned = load(cut["folder"]).model
     if args.stages:

@@ -45,6 +45,24 @@ def _trajectory_table(report: dict, cuts: dict) -> list[str]:
     return lines + [""]
 
 
+def _band_ssim_table(report: dict) -> list[str]:
+    runs = [r for r in report["runs"] + report.get("probes", []) if r.get("band_ssim")]
+    if not runs:
+        return []
+    bands = [k for k in runs[0]["band_ssim"] if k not in ("step", "weights", "all", "n")]
+    lines = ["## Which timesteps cost image quality", "",
+             f"SSIM against the unpruned model's samples (first {runs[0]['band_ssim']['n']} evaluation noises, DDIM "
+             f"{report['settings']['steps']}) when the student (EMA weights at its last point) denoises every step, "
+             "or only the steps of one band with the unpruned model doing the rest. 1.0 = the band costs nothing.",
+             "", "| recipe | MACs | source | step | every step | " + " | ".join(f"only t {b}" for b in bands) + " |",
+             "|---|---|---|---|---|" + "---|" * len(bands)]
+    for r in runs:
+        b = r["band_ssim"]
+        lines.append(f"| `{r['recipe']}` | {r['kept_macs']:.1%} | {SOURCE_LABEL[r['source']]} | {b['step']} | "
+                     f"{b['all']:.3f} | " + " | ".join(f"{b[k]:.3f}" for k in bands) + " |")
+    return lines + [""]
+
+
 def _time_mlp(cut: dict) -> str:
     return (f"time MLP {cut['time_mlp_channels']} of 128 channels" if cut.get("time_mlp_channels")
             else "cut before `985bbb8`, when the time MLP was prunable")
@@ -142,6 +160,7 @@ def write_markdown(report: dict, path: Path) -> None:
                              f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
         lines.append("")
     lines += _trajectory_table(report, cuts)
+    lines += _band_ssim_table(report)
     lines += ["## Verdict", ""]
     everything = report["runs"] + report.get("probes", [])
     for ratio, cut in cuts.items():

@@ -1,0 +1,72 @@
+"""Where a fine-tuned student departs from its unpruned teacher (benchmarks/finetune.py's diagnostics).
+
+- `trajectory_error`: per timestep band, the student's eps error along the teacher's own trajectories.
+- `band_ssim`: per timestep band, the SSIM of samples that the student denoises in that band alone,
+  the teacher everywhere else, against the teacher's own samples from the same noise. It says which
+  band's errors cost image quality, which eps errors alone cannot: a step at high t may err and
+  still land on the same digit, an error in the middle band moves strokes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DIAG_N = 16  # evaluation noises of the trajectory-error breakdown
+BAND_N = 50  # evaluation noises of the band SSIM
+BANDS = ((750, 1001), (500, 750), (250, 500), (0, 250))
+
+
+def _band(t: int) -> str:
+    return next(f"{lo}-{hi}" for lo, hi in BANDS if lo <= t < hi)
+
+
+def _ddim(ctx: dict):
+    from dgo_compile.backend.sampling import make_scheduler
+
+    scheduler = make_scheduler(ctx["config"], "ddim")
+    scheduler.set_timesteps(ctx["steps"])
+    return scheduler
+
+
+@torch.no_grad()
+def trajectory_error(model, ctx: dict) -> dict:
+    """Per timestep band, along the unpruned model's own DDIM trajectories from the first DIAG_N evaluation
+    noises: the student's eps MSE against the teacher's, and the error of the per-image mean of its eps beside
+    the teacher's own mean (what a GroupNorm with few channels per group hardly sees). At high t a small eps
+    error is a large error of the image the step aims at, and that is where a sample's content is decided."""
+    scheduler = _ddim(ctx)
+    x = ctx["noise"][:DIAG_N].clone()
+    sums: dict[str, list[float]] = {}
+    for t in scheduler.timesteps:
+        step = t.float().expand(len(x))
+        want, got = ctx["teacher"](x, step).sample, model(x, step).sample
+        row = sums.setdefault(_band(int(t)), [0.0, 0.0, 0.0, 0])
+        row[0] += float((got - want).pow(2).mean())
+        row[1] += float((got - want).mean(dim=(1, 2, 3)).abs().mean())
+        row[2] += float(want.mean(dim=(1, 2, 3)).abs().mean())
+        row[3] += 1
+        x = scheduler.step(want, t, x, eta=0.0).prev_sample
+    return {band: {"eps_mse": a / k, "mean_err": b / k, "teacher_mean": c / k} for band, (a, b, c, k) in sums.items()}
+
+
+@torch.no_grad()
+def _hybrid(model, ctx: dict, student_bands: set[str]) -> torch.Tensor:
+    scheduler = _ddim(ctx)
+    x = ctx["noise"][:BAND_N].clone() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        denoiser = model if _band(int(t)) in student_bands else ctx["teacher"]
+        x = scheduler.step(denoiser(x, t.float().expand(len(x))).sample, t, x, eta=0.0).prev_sample
+    return x.clamp(-1, 1)
+
+
+def band_ssim(model, ctx: dict) -> dict:
+    """SSIM against the teacher's samples (first BAND_N evaluation noises, same DDIM) when the student denoises
+    every step ("all") or only the steps of one band, the teacher the rest."""
+    from dgo_compile.core.metrics import ssim
+
+    if "teacher_band_images" not in ctx:
+        ctx["teacher_band_images"] = _hybrid(ctx["teacher"], ctx, set())
+    reference = ctx["teacher_band_images"]
+    bands = [f"{lo}-{hi}" for lo, hi in BANDS]
+    return {"n": len(reference), **{name: float(ssim(_hybrid(model, ctx, set(chosen)), reference).mean())
+                                    for name, chosen in [("all", bands), *((b, [b]) for b in bands)]}}
