@@ -1,0 +1,108 @@
+"""Channel-group analysis (`prune --dry-run`) on full-size published configs (random weights).
+
+    python benchmarks/full_size_prune.py                 # SD-1.5, SD-2.1-768, SDXL, DiT-XL/2; minutes
+    python benchmarks/full_size_prune.py --models dit_xl_2
+
+Each model runs in a fresh process, as `dgo-compile prune CONFIG --dry-run --scope global` does:
+build the model from its config.json, trace it, analyse its channel groups and plan a global cut.
+Measured: wall time and peak RSS of that process, the groups, how many are prunable, and why the
+rest are fixed (the time MLP, the model's input/output, an embedding table, ...). Results go to
+results/full_size_prune.json and .md. Thread counts are pinned (`--threads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from common import RESULTS, log, model_configs, read_json, write_json
+
+CONFIGS = model_configs()
+MODELS = {**CONFIGS.FULL_SIZE, "dit_xl_2": CONFIGS.DIT_XL_2}
+REASONS = (("timestep-only", "the time MLP (timestep-only)"), ("the model input", "the model input"),
+           ("the model output", "the model output"), ("embedding table", "an embedding table"),
+           ("shares GroupNorm groups or heads", "shares a split with fixed channels"))
+
+
+def reason_kind(reason: str) -> str:
+    return next((label for key, label in REASONS if key in reason), reason.split(" (")[0][:60])
+
+
+def child(config_file: Path, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from dgo_compile import load
+    from dgo_compile.channels.channel_pruning import plan_channels, planned_cut
+    from dgo_compile.core.configs import PruneConfig
+
+    started = time.perf_counter()
+    _, plan = plan_channels(load(config_file))
+    cut = planned_cut(plan, PruneConfig(scope="global", channel_ratio=0.3))
+    seconds = time.perf_counter() - started
+    fixed = Counter(reason_kind(g.fixed) for g in plan.groups if g.fixed)
+    timestep_only = sorted({m for g in plan.groups if g.fixed and "timestep-only" in g.fixed for m in g.modules})
+    print(json.dumps({"seconds": seconds, "groups": len(plan.groups), "prunable": len(plan.prunable()),
+                      "fixed": dict(fixed), "timestep_only_modules": timestep_only[:8],
+                      "timestep_only_module_count": len(timestep_only), "planned_groups": len(cut),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = ["# Channel-group analysis on full-size configs (random weights)", "",
+             f"Reproduce: `python benchmarks/full_size_prune.py` (dgo-compile {report['dgo_compile']}, torch "
+             f"{report['torch']}, {report['threads']} thread(s), each model in a fresh process). What "
+             "`dgo-compile prune CONFIG --dry-run --scope global` does: build from config.json, trace, analyse the "
+             "channel groups, plan a global cut. Time: that work in the process; peak RSS: the whole process."
+             + (f" Machine load: {report['beside']}." if report.get("beside") else ""), "",
+             "| model | time | peak RSS | groups | prunable | fixed: why (groups) | "
+             "modules of the timestep-only groups |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in report["models"].items():
+        fixed = "; ".join(f"{k} ({v})" for k, v in sorted(row["fixed"].items(), key=lambda kv: -kv[1]))
+        shown = ", ".join(f"`{m}`" for m in row["timestep_only_modules"][:3])
+        more = row["timestep_only_module_count"] - min(3, len(row["timestep_only_modules"]))
+        lines.append(f"| {name} | {row['seconds']:.1f} s | {row['peak_rss_mb'] / 1024:.1f} GB | {row['groups']} | "
+                     f"{row['prunable']} | {fixed} | {shown}{f' +{more}' if more > 0 else ''} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile, for the report")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        return child(args.child, args.threads)
+    import torch
+
+    from dgo_compile import __version__
+
+    old = read_json(RESULTS / "full_size_prune.json") or {}
+    report = {"dgo_compile": __version__, "torch": torch.__version__, "threads": args.threads, "beside": args.beside,
+              "models": old.get("models", {})}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            config_file = Path(folder) / name / "config.json"
+            config_file.parent.mkdir()
+            config_file.write_text(json.dumps(MODELS[name]))
+            done = subprocess.run([sys.executable, __file__, "--child", str(config_file), "--threads",
+                                   str(args.threads)], capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            report["models"][name] = row
+            log(f"{name}: {row}")
+    write_json(RESULTS / "full_size_prune.json", report)
+    write_markdown(report, RESULTS / "full_size_prune.md")
+
+
+if __name__ == "__main__":
+    main()
