@@ -139,8 +139,10 @@ def write_markdown(report: dict, path: Path) -> None:
                              f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
             unfinished = f" (stopped at step {run['unfinished']})" if run.get("unfinished") else ""
             rss = "not measured" if run.get("peak_rss_mb") is None else f"{run['peak_rss_mb']:.0f} MB"
-            summary.append(f"| {SOURCE_LABEL[run['source']]} | {run['train_seconds'] / 60:.1f} min{unfinished} | "
-                           f"{rss} | {run['final_loss']:.4f} |")
+            # a run still going (rendered by --no-train beside it) may have no time or loss yet
+            seconds = "not measured" if run.get("train_seconds") is None else f"{run['train_seconds'] / 60:.1f} min"
+            loss = "not measured" if run.get("final_loss") is None else f"{run['final_loss']:.4f}"
+            summary.append(f"| {SOURCE_LABEL[run['source']]} | {seconds}{unfinished} | {rss} | {loss} |")
         lines += ["", "| source | fine-tune wall time | peak RSS | final training loss (mean of last 50 steps) |",
                   "|---|---|---|---|", *summary, ""]
     for ratio, cut in cuts.items():
