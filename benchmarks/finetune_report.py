@@ -140,9 +140,9 @@ def write_markdown(report: dict, path: Path) -> None:
             unfinished = f" (stopped at step {run['unfinished']})" if run.get("unfinished") else ""
             rss = "not measured" if run.get("peak_rss_mb") is None else f"{run['peak_rss_mb']:.0f} MB"
             # a run still going (rendered by --no-train beside it) may have no time or loss yet
-            seconds = "not measured" if run.get("train_seconds") is None else f"{run['train_seconds'] / 60:.1f} min"
+            wall = "not measured" if run.get("train_seconds") is None else f"{run['train_seconds'] / 60:.1f} min"
             loss = "not measured" if run.get("final_loss") is None else f"{run['final_loss']:.4f}"
-            summary.append(f"| {SOURCE_LABEL[run['source']]} | {seconds}{unfinished} | {rss} | {loss} |")
+            summary.append(f"| {SOURCE_LABEL[run['source']]} | {wall}{unfinished} | {rss} | {loss} |")
         lines += ["", "| source | fine-tune wall time | peak RSS | final training loss (mean of last 50 steps) |",
                   "|---|---|---|---|", *summary, ""]
     for ratio, cut in cuts.items():

@@ -99,10 +99,10 @@ def test_the_first_step_loss_is_min_snr_weighted(tmp_path, prediction):
     config = FinetuneConfig(train_steps=1, batch=4, ema_decay=0, data=str(data), snr_gamma=0.05)
     result = finetune(model, config, tmp_path / "out")
     loaded = load(model)
-    batch = noise_schedule(loaded.scheduler_config, str(model)).batch(
-        open_data(data, loaded, tmp_path / "cache").rows(torch.randint(0, 8, (4,), generator=(
-            replay := torch.Generator().manual_seed(0))))["latents"], (), replay)
     schedule = noise_schedule(loaded.scheduler_config, str(model))
+    replay = torch.Generator().manual_seed(0)  # the run's first batch (seed 0): rows, noise, timesteps
+    x0 = open_data(data, loaded, tmp_path / "cache").rows(torch.randint(0, 8, (4,), generator=replay))["latents"]
+    batch = schedule.batch(x0, (), replay)
     with torch.no_grad():
         rows = (family_of(loaded.model).call(loaded.model, *batch.inputs) - batch.target).pow(2).mean(dim=(1, 2, 3))
     weights = schedule.snr_weights(batch.inputs[1], 0.05)
