@@ -50,6 +50,7 @@ def recipe_key(args) -> str:
     return (f"lr{args.lr:g}_w{args.warmup}_ema{args.ema_decay:g}_d{args.distill:g}_traj{args.trajectory_steps}"
             f"_g{args.min_group_channels}_b{args.batch}_s{max(args.points)}"
             + (f"_snr{args.snr_gamma:g}" if args.snr_gamma else "")
+            + (f"_ln{args.logit_mean:g},{args.logit_std:g}" if args.timestep_sampling == "logit_normal" else "")
             + ("" if not args.stages else "_" + "-".join(args.stages)))
 
 
@@ -60,7 +61,9 @@ def finetune_config(args, source: str, steps: int):
     return FinetuneConfig(train_steps=steps, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, warmup=args.warmup,
                           checkpoint_every=every, distill=args.distill if source == "both" else 0.0,
                           distill_only=source == "distill", trajectory_steps=args.trajectory_steps,
-                          snr_gamma=args.snr_gamma)
+                          snr_gamma=args.snr_gamma,
+                          **({"timestep_sampling": args.timestep_sampling, "logit_mean": args.logit_mean,
+                              "logit_std": args.logit_std} if source != "distill" else {}))
 
 
 def training_budget(batch: int) -> dict:
@@ -225,6 +228,10 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--distill", type=float, default=1.0, help="the distillation weight of 'both'")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weights (default: off)")
+    parser.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"), default="uniform",
+                        help="data batches' timesteps (distill-only trains on every trajectory state)")
+    parser.add_argument("--logit-mean", type=float, default=0.0)
+    parser.add_argument("--logit-std", type=float, default=1.0)
     parser.add_argument("--trajectory-steps", type=int, default=50, help="'distill': the teacher's DDIM steps")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation")
     parser.add_argument("-n", type=int, default=100, help="evaluation samples at the last point")

@@ -103,6 +103,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{s['lr']:g}, {s['warmup']} warmup steps then cosine decay to 2%, EMA {s['ema_decay']:g} (diffusers' "
              f"EMAModel with warmup), gradient clipping 1"
              + (f", Min-SNR-{s['snr_gamma']:g} loss weights" if s.get("snr_gamma") else ", every timestep weighted 1")
+             + (f", data timesteps drawn logit-normal (sigmoid of N({s['logit_mean']:g}, {s['logit_std']:g}), as "
+                "SD3's scripts)" if s.get("timestep_sampling") == "logit_normal" else "")
              + ". Sources: **data only** (the shipped digits), "
              "**distill only**"
              f" (no data: the unpruned model's DDIM-{s['trajectory_steps']} trajectories from random noise, its "

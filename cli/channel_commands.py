@@ -104,6 +104,13 @@ def finetune(
     snr_gamma: Annotated[Optional[float], typer.Option(
         help="Min-SNR-gamma loss weighting (diffusers' --snr_gamma; the paper uses 5): timesteps whose SNR is "
              "above it count less. (default: off)", show_default=False)] = None,
+    timestep_sampling: Annotated[Optional[str], typer.Option(
+        help="How data batches draw timesteps: uniform, or logit_normal (SD3's scripts: sigmoid of a normal, "
+             "more rows mid-schedule). (default: uniform)", show_default=False)] = None,
+    logit_mean: Annotated[Optional[float], typer.Option(
+        help="Mean of logit_normal timestep sampling. (default: 0)", show_default=False)] = None,
+    logit_std: Annotated[Optional[float], typer.Option(
+        help="Standard deviation of logit_normal timestep sampling. (default: 1)", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Linear learning-rate warmup steps. (default: 0)",
                                                   show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the batches and the noise. (default: 0)",
@@ -126,7 +133,8 @@ def finetune(
     given = dict(train_steps=train_steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill, warmup=warmup,
                  seed=seed, checkpoint_every=checkpoint_every, distill_only=distill_only,
                  trajectory_steps=trajectory_steps, data=str(data) if data is not None else None,
-                 prompts=str(prompts) if prompts is not None else None, snr_gamma=snr_gamma)
+                 prompts=str(prompts) if prompts is not None else None, snr_gamma=snr_gamma,
+                 timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std)
     if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)
         with_overrides(FinetuneConfig, given)
         check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher, data, prompts],

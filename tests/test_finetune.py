@@ -125,6 +125,10 @@ def test_distilling_from_the_model_itself_adds_nothing_until_it_moves(plain, tmp
     (dict(distill=-1.0), "`distill` must be 0 or more, got -1.0"),
     (dict(warmup=-1), "`warmup` must be 0 or more, got -1"),
     (dict(snr_gamma=0.0), "`snr_gamma` must be positive (the SNR cap of Min-SNR weighting), got 0.0"),
+    (dict(timestep_sampling="mode"), "`timestep_sampling` must be one of uniform, logit_normal"),
+    (dict(logit_std=0.0), "`logit_std` must be"),
+    (dict(distill_only=True, timestep_sampling="logit_normal"), "`timestep_sampling` logit_normal draws the "
+     "timesteps of data batches; `distill_only` trains on every state of the teacher's trajectories"),
 ])
 def test_config_is_validated(options, message):
     with pytest.raises(FinetuneError) as info:

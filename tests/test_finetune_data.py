@@ -274,9 +274,11 @@ def run(*args):
 def test_cli_finetune_on_a_data_folder(tmp_path):
     model = pipelines.write_model_pipeline(tmp_path / "m", TINY_UNET2D_CLASS_COND)
     data = _colour_folder(tmp_path / "data", per_class=1)
-    result = run(model, "--data", data, "--train-steps", "2", "--batch", "2", "-o", tmp_path / "out")
+    result = run(model, "--data", data, "--train-steps", "2", "--batch", "2", "--timestep-sampling", "logit_normal",
+                 "--logit-mean", "0.5", "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert read_finetune(tmp_path / "out").config.data == str(data)
+    config = read_finetune(tmp_path / "out").config
+    assert config.data == str(data) and (config.timestep_sampling, config.logit_mean) == ("logit_normal", 0.5)
     (data / "blue" / "0.png").write_bytes(b"broken")
     result = run(model, "--data", data, "-o", tmp_path / "other")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -1,6 +1,6 @@
 """The fine-tuning loss follows the pipeline's scheduler: its noise schedule and prediction type
-(epsilon, v_prediction, sample), and Min-SNR-gamma weights for that prediction type; anything else
-is refused, never trained as epsilon."""
+(epsilon, v_prediction, sample), Min-SNR-gamma weights for that prediction type and the configured
+timestep sampling; anything else is refused, never trained as epsilon."""
 
 import json
 
@@ -110,6 +110,44 @@ def test_the_first_step_loss_is_min_snr_weighted(tmp_path, prediction):
     loss = result.record.history[0]["loss"]
     assert loss == pytest.approx((rows * weights).mean().item(), rel=1e-5)
     assert loss < 0.9 * rows.mean().item()
+
+
+def test_logit_normal_timesteps_are_sd3s_draws():
+    schedule = noise_schedule(SCHEDULER, "model", ("logit_normal", -1.0, 0.5))
+    x0 = torch.zeros(4000, 1, 1, 1)
+    t = schedule.batch(x0, (), torch.Generator().manual_seed(3)).inputs[1]
+    replay = torch.Generator().manual_seed(3)  # noise first, then t / 1000 = sigmoid(N(-1, 0.5))
+    torch.randn(x0.shape, generator=replay)
+    expected = (torch.sigmoid(torch.randn(4000, generator=replay) * 0.5 - 1.0) * 1000).long()
+    assert torch.equal(t, expected)
+    assert abs(t.float().median().item() - 1000 * torch.sigmoid(torch.tensor(-1.0)).item()) < 10  # 269
+
+
+def test_logit_normal_puts_more_rows_mid_schedule():
+    generator = torch.Generator().manual_seed(0)
+    middle = {scheme: noise_schedule(SCHEDULER, "m", (scheme, 0.0, 1.0)).timesteps(20000, generator)
+              for scheme in ("uniform", "logit_normal")}
+    share = {k: ((t >= 250) & (t < 750)).float().mean().item() for k, t in middle.items()}
+    assert share["uniform"] == pytest.approx(0.5, abs=0.015)
+    assert share["logit_normal"] == pytest.approx(0.727, abs=0.015)  # P(|N(0, 1)| < ln 3)
+    assert 0 <= middle["logit_normal"].min() and middle["logit_normal"].max() <= 999
+
+
+def test_the_first_step_trains_at_the_configured_timesteps(tmp_path):
+    model, data = _pipeline_with(tmp_path)
+    config = FinetuneConfig(train_steps=1, batch=4, ema_decay=0, data=str(data), timestep_sampling="logit_normal",
+                            logit_mean=3.0)
+    result = finetune(model, config, tmp_path / "out")
+    loaded = load(model)
+    replay = torch.Generator().manual_seed(0)  # the run's first batch (seed 0): rows, noise, timesteps
+    x0 = open_data(data, loaded, tmp_path / "cache").rows(torch.randint(0, 8, (4,), generator=replay))["latents"]
+    batch = noise_schedule(loaded.scheduler_config, "m", ("logit_normal", 3.0, 1.0)).batch(x0, (), replay)
+    assert batch.inputs[1].min() > 500  # sigmoid(3 + N(0, 1)): noisy steps
+    with torch.no_grad():
+        predicted = family_of(loaded.model).call(loaded.model, *batch.inputs)
+    loss = result.record.history[0]["loss"]
+    assert loss == pytest.approx(torch.nn.functional.mse_loss(predicted, batch.target).item(), rel=1e-5)
+    assert result.record.config.timestep_sampling == "logit_normal"
 
 
 def test_distill_only_weights_the_teachers_states_by_their_timestep(tmp_path):

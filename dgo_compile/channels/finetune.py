@@ -6,9 +6,10 @@ scheduler says the model predicts (noise, velocity or clean sample; `finetune_da
 shipped MNIST digits or, with `data`, the user's images or latents (`data_folder`), AdamW,
 gradient clipping at 1, optional linear warmup then cosine decay to 2% of the learning rate, and
 an EMA of the weights with warmup (diffusers' EMAModel), and optionally Min-SNR-gamma weights
-per timestep (`snr_gamma`). An optional distillation term pulls the prediction towards an unpruned teacher's on the same
-noisy input. With `distill_only` there is no data: the teacher's own DDIM trajectories are the
-inputs and its predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
+per timestep (`snr_gamma`) and logit-normal timestep sampling (`timestep_sampling`). An optional
+distillation term pulls the prediction towards an unpruned teacher's on the same noisy input.
+With `distill_only` there is no data: the teacher's own DDIM trajectories are the inputs and its
+predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
 DiT denoisers of any size.
 
 The output folder is always a complete model that `load` reads (the EMA weights), plus
@@ -188,7 +189,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     else:
         trajectories = None
         teacher_model = load_teacher(teacher, loaded, None if data else conditional) if teacher is not None else None
-        schedule = noise_schedule(loaded.scheduler_config, str(loaded.source))
+        schedule = noise_schedule(loaded.scheduler_config, str(loaded.source),
+                                  (config.timestep_sampling, config.logit_mean, config.logit_std))
         if data is None:
             images, labels = mnist_digits()
         null_label = family_of(loaded.model).null_class_label(loaded.model)

@@ -20,6 +20,11 @@ With `snr_gamma`, every row's squared error is weighted by Min-SNR-gamma (Hang e
 diffusers' training scripts do it, `compute_snr`): a timestep whose signal-to-noise ratio exceeds
 gamma counts gamma / SNR as much, for an epsilon model. The low-noise steps, whose error is mostly the
 unpredictable noise, stop crowding out the mid-noise steps that decide what a sample shows.
+
+With `timestep_sampling="logit_normal"`, data batches draw their timesteps as diffusers' SD3 training
+scripts do (`compute_density_for_timestep_sampling`): t / T = sigmoid(N(logit_mean, logit_std)), so
+more rows land in the middle of the schedule, where a pruned student's errors change what a sample
+shows, and fewer at its two ends, where they cost little. The loss per row is unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Callable
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 from torch import nn
 
 from dgo_compile.backend.sampling import make_scheduler
@@ -59,13 +64,25 @@ class NoiseSchedule:
 
     scheduler: DDPMScheduler
     prediction_type: str
+    timestep_sampling: str = "uniform"  # or "logit_normal": see the module docstring
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n training timesteps (indices into the schedule): uniform, or logit-normal as SD3's scripts draw them."""
+        count = self.scheduler.config.num_train_timesteps
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, count, (n,), generator=generator)
+        u = compute_density_for_timestep_sampling(self.timestep_sampling, n, self.logit_mean, self.logit_std,
+                                                  generator=generator)
+        return (u * count).long().clamp(max=count - 1)  # sigmoid may round to 1.0 in float32
 
     def batch(self, x0: torch.Tensor, conditions: tuple[torch.Tensor, ...], generator: torch.Generator,
               null_label: int | None = None) -> Batch:
-        """`x0` noised at uniform timesteps; the target is what the model predicts for it (noise, velocity or
+        """`x0` noised at `timesteps`; the target is what the model predicts for it (noise, velocity or
         x0). With `null_label`, a CLASS_DROPOUT share of the class labels (the last condition) become it."""
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        t = self.timesteps(len(x0), generator)
         if null_label is not None:
             dropped = torch.rand(len(x0), generator=generator) < CLASS_DROPOUT
             conditions = (*conditions[:-1], torch.where(dropped, null_label, conditions[-1]))
@@ -100,9 +117,11 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.
     return (rows * weights).mean()
 
 
-def noise_schedule(scheduler_config: dict, where: str) -> NoiseSchedule:
-    """The training schedule of `scheduler_config` (from the pipeline folder `where`); schedulers and
-    prediction types the loss cannot be built for are refused, naming the field."""
+def noise_schedule(scheduler_config: dict, where: str, sampling: tuple[str, float, float] = ("uniform", 0.0, 1.0)
+                   ) -> NoiseSchedule:
+    """The training schedule of `scheduler_config` (from the pipeline folder `where`), drawing timesteps by
+    `sampling` (scheme, logit mean, logit std); schedulers and prediction types the loss cannot be built
+    for are refused, naming the field."""
     name = scheduler_config.get("_class_name")
     if name not in BETA_SCHEDULERS:
         raise FinetuneError(f"{where}/scheduler/scheduler_config.json: _class_name {name} is not a DDPM-style "
@@ -112,19 +131,19 @@ def noise_schedule(scheduler_config: dict, where: str) -> NoiseSchedule:
     if prediction not in PREDICTION_TYPES:
         raise FinetuneError(f"{where}/scheduler/scheduler_config.json: prediction_type {prediction!r} is not one "
                             f"finetune trains ({', '.join(PREDICTION_TYPES)})")
-    return NoiseSchedule(DDPMScheduler.from_config(scheduler_config), prediction)
+    return NoiseSchedule(DDPMScheduler.from_config(scheduler_config), prediction, *sampling)
 
 
 def digit_batch(images: torch.Tensor, labels: torch.Tensor, conditional: bool, schedule: NoiseSchedule,
                 batch: int, generator: torch.Generator) -> Batch:
-    """A batch of shipped digits at uniform timesteps, noised by the model's schedule."""
+    """A batch of shipped digits at the schedule's timesteps, noised by the model's schedule."""
     index = torch.randint(0, len(images), (batch,), generator=generator)
     return schedule.batch(images[index], (labels[index],) if conditional else (), generator)
 
 
 def data_batch(data, schedule: NoiseSchedule, batch: int, generator: torch.Generator,
                null_label: int | None = None) -> Batch:
-    """A batch of rows of `data` (a `data_folder.DataSource`) at uniform timesteps."""
+    """A batch of rows of `data` (a `data_folder.DataSource`) at the schedule's timesteps."""
     index = torch.randint(0, len(data), (batch,), generator=generator)
     rows = data.rows(index)
     return schedule.batch(rows[data.names[0]], tuple(rows[n] for n in data.names[1:]), generator, null_label)

@@ -103,6 +103,9 @@ class FinetuneConfig:
     data: str | None = None  # the user's folder of images or latents (data_folder); None: the shipped digits
     prompts: str | None = None  # --distill-only on a text-conditional teacher: one prompt per line
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (diffusers' --snr_gamma); None: every timestep weighs 1
+    timestep_sampling: str = "uniform"  # data batches' timesteps; "logit_normal": SD3's sigmoid(N(mean, std))
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
@@ -121,6 +124,10 @@ class FinetuneConfig:
         if self.data is not None and self.distill_only:
             raise FinetuneError("`data` and `distill_only` exclude each other: `distill_only` trains on the "
                                 "teacher's trajectories instead of data", field=("data", "distill_only"))
+        if self.distill_only and self.timestep_sampling != "uniform":
+            raise FinetuneError(f"`timestep_sampling` {self.timestep_sampling} draws the timesteps of data batches; "
+                                "`distill_only` trains on every state of the teacher's trajectories: leave it "
+                                "\"uniform\"", field=("timestep_sampling", "distill_only"))
         if self.prompts is not None and not self.distill_only:
             raise FinetuneError("`prompts` is read by `distill_only` (with `data`, captions come from its "
                                 "metadata.jsonl): set `distill_only` or leave `prompts` out",

@@ -117,6 +117,8 @@ SPECS: dict[str, dict[str, Spec]] = {
         "distill_only": Spec("bool"), "trajectory_steps": _int(1, 1000), "data": Spec("str", optional=True),
         "prompts": Spec("str", optional=True),
         "snr_gamma": _float(0, 1e6, low_open=True, optional=True, what="the SNR cap of Min-SNR weighting"),
+        "timestep_sampling": _choice("uniform", "logit_normal"), "logit_mean": _float(-20, 20),
+        "logit_std": _float(0, 20, low_open=True),
     },
     "optimize": {
         "keep_macs": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),
