@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, ROOT, cost_of, log, quality, read_json, sample_images, write_json
-from finetune_diagnostics import band_ssim, trajectory_error
+from finetune_diagnostics import band_ssim, paired_ssim, trajectory_error
 
 BUDGET_SHARE = 0.2  # Diff-Pruning's claim: recovery within 10-20% of the original training
 SOURCES = ("data", "distill", "both")
@@ -321,6 +321,7 @@ def main() -> None:
               "cuts": list(cuts.values()) + [c for c in old.get("cuts", []) if c["ratio"] not in cuts],
               "probes": [r for r in kept if r["recipe"] != recipe_key(args)]}
     report["runs"] += [r for r in kept if r["recipe"] == recipe_key(args)]
+    report["paired"] = paired_ssim(report["runs"] + report["probes"], recipe_key(args), ctx, args.n)
     write_json(args.results / "finetune.json", report)
     from finetune_report import write_markdown
 

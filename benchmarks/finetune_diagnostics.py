@@ -5,6 +5,7 @@
   the teacher everywhere else, against the teacher's own samples from the same noise. It says which
   band's errors cost image quality, which eps errors alone cannot: a step at high t may err and
   still land on the same digit, an error in the middle band moves strokes.
+- `paired_ssim`: how sure the final SSIMs are, and whether two recipes differ beyond sampling error.
 """
 
 from __future__ import annotations
@@ -70,3 +71,35 @@ def band_ssim(model, ctx: dict) -> dict:
     bands = [f"{lo}-{hi}" for lo, hi in BANDS]
     return {"n": len(reference), **{name: float(ssim(_hybrid(model, ctx, set(chosen)), reference).mean())
                                     for name, chosen in [("all", bands), *((b, [b]) for b in bands)]}}
+
+
+def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[dict]:
+    """Per run, the per-image SSIM of its last EMA point (samples cached by `evaluate`) against the unpruned
+    model's: its mean with a standard error, and the paired difference from the main recipe's data + distill
+    run at the same cut on the same noises. Two recipes' means can differ by their sampling error alone (an
+    image's SSIM spreads ~0.15); the paired difference says whether a recipe is better on the same noises."""
+    from dgo_compile.core.metrics import ssim
+
+    def per_image(run: dict) -> tuple[int, torch.Tensor] | None:
+        points = [p for p in run["curve"][1:] if p["ema"] and p["ema"]["n"] == n]
+        if not points:
+            return None
+        step = points[-1]["step"]
+        file = ctx["samples"] / f"{run['recipe']}_r{run['ratio']}_{run['source']}_ema{step}_n{n}.pt"
+        return (step, ssim(torch.load(file, weights_only=True), ctx["full"][:n])) if file.is_file() else None
+
+    measured = [(run, found) for run in runs if (found := per_image(run)) is not None]
+    reference = {run["ratio"]: values for run, (_, values) in measured
+                 if run["recipe"] == main_recipe and run["source"] == "both"}
+    rows = []
+    for run, (step, values) in measured:
+        row = {"recipe": run["recipe"], "ratio": run["ratio"], "kept_macs": run["kept_macs"], "source": run["source"],
+               "step": step, "n": n, "ssim": float(values.mean()), "se": float(values.std() / n ** 0.5)}
+        base = reference.get(run["ratio"])
+        if run["recipe"] == main_recipe and run["source"] == "both":
+            row["reference"] = True
+        elif base is not None:
+            diff = values - base
+            row.update(diff=float(diff.mean()), diff_se=float(diff.std() / n ** 0.5))
+        rows.append(row)
+    return rows

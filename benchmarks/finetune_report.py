@@ -63,6 +63,24 @@ def _band_ssim_table(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _paired_table(report: dict) -> list[str]:
+    rows = report.get("paired") or []
+    if not rows:
+        return []
+    lines = ["## How sure the final SSIMs are", "",
+             f"Per image SSIM at each run's last point (EMA weights, the same {rows[0]['n']} evaluation noises): mean "
+             "+- its standard error, and the paired difference from the main recipe's data + distill run at the same "
+             "cut (mean +- standard error of the per-image differences). A difference within about two standard "
+             "errors of 0 is not a measured difference.", "",
+             "| recipe | MACs | source | step | SSIM +- se | minus main data + distill |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["kept_macs"], r["recipe"] != report["recipe"], r["recipe"], r["source"])):
+        diff = (f"{r['diff']:+.3f} +- {r['diff_se']:.3f}" if "diff" in r else "(the reference)" if r.get("reference")
+                else "no main-recipe run at this cut")
+        lines.append(f"| `{r['recipe']}` | {r['kept_macs']:.1%} | {SOURCE_LABEL[r['source']]} | {r['step']} | "
+                     f"{r['ssim']:.3f} +- {r['se']:.3f} | {diff} |")
+    return lines + [""]
+
+
 def _time_mlp(cut: dict) -> str:
     return (f"time MLP {cut['time_mlp_channels']} of 128 channels" if cut.get("time_mlp_channels")
             else "cut before `985bbb8`, when the time MLP was prunable")
@@ -165,6 +183,7 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append("")
     lines += _trajectory_table(report, cuts)
     lines += _band_ssim_table(report)
+    lines += _paired_table(report)
     lines += ["## Verdict", ""]
     everything = report["runs"] + report.get("probes", [])
     for ratio, cut in cuts.items():
