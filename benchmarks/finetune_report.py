@@ -142,6 +142,8 @@ def write_markdown(report: dict, path: Path) -> None:
         if not any(r["ratio"] == ratio for r in report["runs"]):
             continue  # measured by another recipe: its stages are listed here, its points under the probes
         title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
+        if ratio == 0:  # nothing cut: what the recipe alone does to the unpruned model's samples
+            title = "Control, cut 0 (the unpruned model fine-tuned by the same recipe)"
         lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params "
                   f"({_time_mlp(cut)})",
                   "",
@@ -188,7 +190,10 @@ def write_markdown(report: dict, path: Path) -> None:
     everything = report["runs"] + report.get("probes", [])
     for ratio, cut in cuts.items():
         best = _best(everything, ratio, budget)
-        if best is not None:
+        if best is not None and ratio == 0:
+            lines.append(f"- Control, nothing cut: the recipe alone leaves the unpruned model at SSIM {best[0]:.3f} "
+                         f"against its own samples at best ({best[1]}): a ceiling for the pruned cuts' SSIM under it.")
+        elif best is not None:
             reached = "reaches" if best[0] >= 0.9 else "does not reach"
             longest = max(p["step"] for r in everything if r["ratio"] == ratio for p in r["curve"]
                           if p["ema"] and p["step"] <= budget)
