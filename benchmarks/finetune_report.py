@@ -192,7 +192,8 @@ def write_markdown(report: dict, path: Path) -> None:
         best = _best(everything, ratio, budget)
         if best is not None and ratio == 0:
             lines.append(f"- Control, nothing cut: the recipe alone leaves the unpruned model at SSIM {best[0]:.3f} "
-                         f"against its own samples at best ({best[1]}): a ceiling for the pruned cuts' SSIM under it.")
+                         f"against its own samples at best ({best[1]}): what the recipe's drift costs with no "
+                         "channel removed.")
         elif best is not None:
             reached = "reaches" if best[0] >= 0.9 else "does not reach"
             longest = max(p["step"] for r in everything if r["ratio"] == ratio for p in r["curve"]
