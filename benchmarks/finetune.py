@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, ROOT, cost_of, log, quality, read_json, sample_images, write_json
-from finetune_diagnostics import band_ssim, paired_ssim, trajectory_error
+from finetune_diagnostics import band_ssim, paired_ssim, point_name, samples_file, trajectory_error
 
 BUDGET_SHARE = 0.2  # Diff-Pruning's claim: recovery within 10-20% of the original training
 SOURCES = ("data", "distill", "both")
@@ -190,7 +190,7 @@ def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
 
 
 def evaluate(model, name: str, n: int, ctx: dict) -> dict:
-    images = sample_images(model, ctx["config"], ctx["noise"][:n], ctx["steps"], ctx["samples"] / f"{name}_n{n}.pt")
+    images = sample_images(model, ctx["config"], ctx["noise"][:n], ctx["steps"], samples_file(ctx, name, n))
     return {"n": n, **quality(images, ctx["full"][:n], ctx["classifier"], ctx["real"][n])}
 
 
@@ -290,7 +290,7 @@ def main() -> None:
                     continue
                 for kind in ("ema", "raw"):
                     pruned.load_state_dict(torch.load(run_dir / "points" / f"{kind}_{step}.pt", weights_only=True))
-                    point[kind] = evaluate(pruned, f"{recipe_key(args)}_r{ratio}_{source}_{kind}{step}", n, ctx)
+                    point[kind] = evaluate(pruned, point_name(recipe_key(args), ratio, source, kind, step), n, ctx)
                 curve.append(point)
                 log(f"{ratio} {source} step {step}: EMA {point['ema']}, raw {point['raw']}")
             last = max((p["step"] for p in curve if p["raw"]), default=0)

@@ -17,6 +17,16 @@ BAND_N = 50  # evaluation noises of the band SSIM
 BANDS = ((750, 1001), (500, 750), (250, 500), (0, 250))
 
 
+def point_name(recipe: str, ratio, source: str, kind: str, step: int) -> str:
+    """The name a run's curve point (EMA or raw weights at `step`) is evaluated and its samples cached under."""
+    return f"{recipe}_r{ratio}_{source}_{kind}{step}"
+
+
+def samples_file(ctx: dict, name: str, n: int):
+    """Where `name`'s first n evaluation samples are cached."""
+    return ctx["samples"] / f"{name}_n{n}.pt"
+
+
 def _band(t: int) -> str:
     return next(f"{lo}-{hi}" for lo, hi in BANDS if lo <= t < hi)
 
@@ -85,18 +95,20 @@ def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[d
         if not points:
             return None
         step = points[-1]["step"]
-        file = ctx["samples"] / f"{run['recipe']}_r{run['ratio']}_{run['source']}_ema{step}_n{n}.pt"
+        file = samples_file(ctx, point_name(run["recipe"], run["ratio"], run["source"], "ema", step), n)
         return (step, ssim(torch.load(file, weights_only=True), ctx["full"][:n])) if file.is_file() else None
 
+    def is_reference(run: dict) -> bool:
+        return run["recipe"] == main_recipe and run["source"] == "both"
+
     measured = [(run, found) for run in runs if (found := per_image(run)) is not None]
-    reference = {run["ratio"]: values for run, (_, values) in measured
-                 if run["recipe"] == main_recipe and run["source"] == "both"}
+    reference = {run["ratio"]: values for run, (_, values) in measured if is_reference(run)}
     rows = []
     for run, (step, values) in measured:
         row = {"recipe": run["recipe"], "ratio": run["ratio"], "kept_macs": run["kept_macs"], "source": run["source"],
                "step": step, "n": n, "ssim": float(values.mean()), "se": float(values.std() / n ** 0.5)}
         base = reference.get(run["ratio"])
-        if run["recipe"] == main_recipe and run["source"] == "both":
+        if is_reference(run):
             row["reference"] = True
         elif base is not None:
             diff = values - base
