@@ -8,7 +8,8 @@
     python benchmarks/finetune.py --quick    # smoke run of every piece, ~4 min
 
 The shipped MNIST DDPM is pruned once per --ratios (Taylor importance, global scope, GroupNorm groups
-keep >= --min-group-channels; 0.3 and 0.5 keep ~71% and ~54% of the MACs) and each cut is
+keep >= --min-group-channels; 0.3 and 0.5 keep ~71% and ~54% of the MACs; with --groupnorm-cut groups
+whole groups go instead, and 0.3 keeps 50.5%) and each cut is
 fine-tuned by `dgo_compile.channels.finetune` with one recipe, three ways:
 
 - data: the denoising loss on the shipped digits;
@@ -45,10 +46,15 @@ SOURCES = ("data", "distill", "both")
 SSIM_GOAL = 0.9
 
 
+def cut_tag(args) -> str:
+    """How GroupNorms are cut: "w" when whole groups go, else the channels each group keeps at least."""
+    return "w" if args.groupnorm_cut == "groups" else str(args.min_group_channels)
+
+
 def recipe_key(args) -> str:
     """What tells two recipes apart in results/finetune.json."""
     return (f"lr{args.lr:g}_w{args.warmup}_ema{args.ema_decay:g}_d{args.distill:g}_traj{args.trajectory_steps}"
-            f"_g{args.min_group_channels}_b{args.batch}_s{max(args.points)}"
+            f"_g{cut_tag(args)}_b{args.batch}_s{max(args.points)}"
             + (f"_snr{args.snr_gamma:g}" if args.snr_gamma else "")
             + (f"_ln{args.logit_mean:g},{args.logit_std:g}" if args.timestep_sampling == "logit_normal" else "")
             + ("" if not args.stages else "_" + "-".join(args.stages)))
@@ -165,11 +171,11 @@ def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
 
     cuts, images = {}, None
     for ratio in args.ratios:
-        folder = work / f"pruned_r{ratio}_g{args.min_group_channels}_b{args.taylor_batch}"
+        folder = work / f"pruned_r{ratio}_g{cut_tag(args)}_b{args.taylor_batch}"
         if not (folder / "bench_meta.json").is_file():
             images = calibration_images(loaded) if images is None else images
             config = PruneConfig(channel_ratio=ratio, scope="global", importance="taylor", batch=args.taylor_batch,
-                                 min_group_channels=args.min_group_channels)
+                                 min_group_channels=args.min_group_channels, groupnorm_cut=args.groupnorm_cut)
             log(f"prune: {config}")
             started = time.perf_counter()
             pruned = prune(loaded, config, images)
@@ -182,7 +188,8 @@ def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
         if "time_mlp_channels" not in meta:  # what the cut left of the time MLP (kept whole since 985bbb8)
             meta["time_mlp_channels"] = load(folder).model.time_embedding.linear_1.out_features
             write_json(folder / "bench_meta.json", meta)
-        cuts[ratio] = {"ratio": ratio, "folder": str(folder), "prune_seconds": meta["seconds"],
+        key = ratio if args.groupnorm_cut == "channels" else f"{ratio}w"  # results key cuts by ratio
+        cuts[key] = {"ratio": key, "folder": str(folder), "prune_seconds": meta["seconds"],
                        "time_mlp_channels": meta["time_mlp_channels"],
                        "params": meta["params"], "macs": meta["macs"], "kept_macs": meta["macs"] / base.macs,
                        "kept_params": meta["params"] / base.params}
@@ -217,6 +224,9 @@ def main() -> None:
                         help="global channel ratios (with --min-group-channels 2: 71.0%% and 50.1%% of the MACs)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--min-group-channels", type=int, default=2)
+    parser.add_argument("--groupnorm-cut", choices=("channels", "groups"), default="channels",
+                        help="groups: remove whole GroupNorm groups (cuts keyed '<ratio>w'; 0.3 keeps 50.5%% of "
+                             "the MACs)")
     parser.add_argument("--taylor-batch", type=int, default=8, help="as benchmarks/channel_pruning.py")
     parser.add_argument("--stages", nargs="+", metavar="MACS:STEPS",
                         help="gradual pruning instead of --ratios: each stage prunes the last one's fine-tuned model "
@@ -272,7 +282,7 @@ def main() -> None:
     runs = []
     for ratio, cut in cuts.items():
         pruned = load(cut["folder"]).model
-        cut["start"] = evaluate(pruned, f"pruned_r{ratio}_g{args.min_group_channels}_s{args.seed}", args.n, ctx)
+        cut["start"] = evaluate(pruned, f"pruned_r{ratio}_g{cut_tag(args)}_s{args.seed}", args.n, ctx)
         cut["trajectory_error"] = trajectory_error(pruned, ctx)
         log(f"cut {ratio}: {cut['kept_macs']:.1%} of the MACs, before fine-tuning {cut['start']}")
         for source in args.sources:

@@ -103,11 +103,17 @@ def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[d
 
     measured = [(run, found) for run in runs if (found := per_image(run)) is not None]
     reference = {run["ratio"]: values for run, (_, values) in measured if is_reference(run)}
+    reference_macs = {run["ratio"]: run["kept_macs"] for run, _ in measured if is_reference(run)}
     rows = []
     for run, (step, values) in measured:
         row = {"recipe": run["recipe"], "ratio": run["ratio"], "kept_macs": run["kept_macs"], "source": run["source"],
                "step": step, "n": n, "ssim": float(values.mean()), "se": float(values.std() / n ** 0.5)}
         base = reference.get(run["ratio"])
+        if base is None:  # a cut the main recipe did not run: against its run at the nearest MACs (within 1%)
+            near = [r for r, macs in reference_macs.items() if abs(macs - run["kept_macs"]) <= 0.01]
+            if near:
+                row["against"] = min(near, key=lambda r: abs(reference_macs[r] - run["kept_macs"]))
+                base = reference[row["against"]]
         if is_reference(run):
             row["reference"] = True
         elif base is not None:

@@ -41,7 +41,7 @@ def ratio_for_macs(loaded, images, target_macs: float, args) -> float:
     from dgo_compile.channels.channel_pruning import PruneConfig, apply_pruning, importance, plan_channels, select
 
     config = PruneConfig(channel_ratio=0.5, scope="global", importance="taylor", batch=args.taylor_batch,
-                         min_group_channels=args.min_group_channels)
+                         min_group_channels=args.min_group_channels, groupnorm_cut=args.groupnorm_cut)
     traced, plan = plan_channels(loaded)
     scores, _ = importance(traced, plan, config, images, loaded.scheduler_config)
     example = tuple(traced.example_inputs(1).values())
@@ -75,7 +75,7 @@ def gradual_chain(args, source: str, work: Path, base, ctx: dict, run_finetune, 
             started = time.perf_counter()
             ratio = ratio_for_macs(loaded, images, target * base.macs, args)
             config = PruneConfig(channel_ratio=ratio, scope="global", importance="taylor", batch=args.taylor_batch,
-                                 min_group_channels=args.min_group_channels)
+                                 min_group_channels=args.min_group_channels, groupnorm_cut=args.groupnorm_cut)
             log(f"{source} stage {i}: prune {previous} to {target:.0%} of the MACs: {config}")
             result = prune(loaded, config, images)
             save_denoiser(loaded, result.model, pruned, result.pruning)

@@ -70,12 +70,15 @@ def _paired_table(report: dict) -> list[str]:
     lines = ["## How sure the final SSIMs are", "",
              f"Per image SSIM at each run's last point (EMA weights, the same {rows[0]['n']} evaluation noises): mean "
              "+- its standard error, and the paired difference from the main recipe's data + distill run at the same "
-             "cut (mean +- standard error of the per-image differences). A difference within about two standard "
+             "cut, or at a cut within 1% of the MACs where it did not run that one (mean +- standard error of the "
+             "per-image differences). A difference within about two standard "
              "errors of 0 is not a measured difference.", "",
              "| recipe | MACs | source | step | SSIM +- se | minus main data + distill |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["kept_macs"], r["recipe"] != report["recipe"], r["recipe"], r["source"])):
         diff = (f"{r['diff']:+.3f} +- {r['diff_se']:.3f}" if "diff" in r else "(the reference)" if r.get("reference")
                 else "no main-recipe run at this cut")
+        if "against" in r:
+            diff += f" (its cut {r['against']}, {r['kept_macs']:.1%} here)"
         lines.append(f"| `{r['recipe']}` | {r['kept_macs']:.1%} | {SOURCE_LABEL[r['source']]} | {r['step']} | "
                      f"{r['ssim']:.3f} +- {r['se']:.3f} | {diff} |")
     return lines + [""]
@@ -116,7 +119,8 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Protocol: the shipped MNIST DDPM ({report['unpruned']['params'] / 1e6:.2f} M params, "
              f"{report['unpruned']['macs'] / 1e9:.3f} G MACs/call) pruned by `prune` (Taylor importance on batch "
              f"{s['taylor_batch']} of the shipped digits, global scope, GroupNorm groups keep >= "
-             f"{s['min_group_channels']}), then fine-tuned by `dgo_compile.channels.finetune` at batch "
+             f"{s['min_group_channels']} channels, or with cuts marked w whole groups go and the rest keep all "
+             "theirs), then fine-tuned by `dgo_compile.channels.finetune` at batch "
              f"{s['batch']}, AdamW lr "
              f"{s['lr']:g}, {s['warmup']} warmup steps then cosine decay to 2%, EMA {s['ema_decay']:g} (diffusers' "
              f"EMAModel with warmup), gradient clipping 1"
@@ -142,6 +146,8 @@ def write_markdown(report: dict, path: Path) -> None:
         if not any(r["ratio"] == ratio for r in report["runs"]):
             continue  # measured by another recipe: its stages are listed here, its points under the probes
         title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
+        if str(ratio).endswith("w"):
+            title = f"Cut {ratio[:-1]}, whole GroupNorm groups removed"
         if ratio == 0:  # nothing cut: what the recipe alone does to the unpruned model's samples
             title = "Control, cut 0 (the unpruned model fine-tuned by the same recipe)"
         lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params "

@@ -35,23 +35,41 @@ def reason_kind(reason: str) -> str:
     return next((label for key, label in REASONS if key in reason), reason.split(" (")[0][:60])
 
 
-def child(config_file: Path, threads: int) -> None:
+def child(config_file: Path, threads: int, surgery: bool) -> None:
     import torch
 
     torch.set_num_threads(threads)
     from dgo_compile import load
-    from dgo_compile.channels.channel_pruning import plan_channels, planned_cut
+    from dgo_compile.channels.channel_pruning import apply_pruning, importance, plan_channels, planned_cut, select
     from dgo_compile.core.configs import PruneConfig
 
     started = time.perf_counter()
-    _, plan = plan_channels(load(config_file))
+    traced, plan = plan_channels(load(config_file))
     cut = planned_cut(plan, PruneConfig(scope="global", channel_ratio=0.3))
     seconds = time.perf_counter() - started
+    # whole GroupNorm groups (`--groupnorm-cut groups`): the units, and a global magnitude cut at 0.3
+    units = plan.units()
+    config = PruneConfig(scope="global", channel_ratio=0.3, importance="magnitude", groupnorm_cut="groups")
+    started = time.perf_counter()
+    scores, _ = importance(traced, plan, config)
+    keep = select(plan, scores, config)
+    groups = {"unit_shares": len(units), "units": sum(len(u) for u in units.values()),
+              "largest_unit": max((sum(s for _, _, s in unit) for us in units.values() for unit in us), default=0),
+              "select_seconds": time.perf_counter() - started,
+              "kept_channels": sum(len(k) for k in keep.values()) / sum(g.size for g in plan.prunable())}
+    if surgery:  # the cut modules, their GroupNorms regrouped, and one forward pass of the cut model
+        example = tuple(traced.example_inputs(1).values())
+        started = time.perf_counter()
+        model, records = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
+        groups["surgery_seconds"] = time.perf_counter() - started
+        groups["regrouped_norms"] = sum(1 for name, shape in records["modules"].items() if shape["kind"] == "GroupNorm"
+                                        and shape["groups"] < traced.model.get_submodule(name).num_groups)
     fixed = Counter(reason_kind(g.fixed) for g in plan.groups if g.fixed)
     timestep_only = sorted({m for g in plan.groups if g.fixed and "timestep-only" in g.fixed for m in g.modules})
     print(json.dumps({"seconds": seconds, "groups": len(plan.groups), "prunable": len(plan.prunable()),
                       "fixed": dict(fixed), "timestep_only_modules": timestep_only[:8],
                       "timestep_only_module_count": len(timestep_only), "planned_groups": len(cut),
+                      "whole_groups": groups,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -71,6 +89,20 @@ def write_markdown(report: dict, path: Path) -> None:
         more = row["timestep_only_module_count"] - min(3, len(row["timestep_only_modules"]))
         lines.append(f"| {name} | {row['seconds']:.1f} s | {row['peak_rss_mb'] / 1024:.1f} GB | {row['groups']} | "
                      f"{row['prunable']} | {fixed} | {shown}{f' +{more}' if more > 0 else ''} |")
+    lines += ["", "## Whole GroupNorm groups (`--groupnorm-cut groups`)", "",
+              "Units: the smallest sets of channels that are whole groups of every GroupNorm over them (partitions "
+              "that disagree, as at a skip `cat`, merge into larger units). Select: magnitude importance and a global "
+              "cut at channel ratio 0.3. Surgery (where run): the cut modules built and one forward pass.", "",
+              "| model | shares cut by units | units | largest unit | importance + select | kept channels | "
+              "surgery | GroupNorms regrouped |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in report["models"].items():
+        g = row.get("whole_groups")
+        if g is None:
+            continue
+        surgery = f"{g['surgery_seconds']:.1f} s" if "surgery_seconds" in g else "not run"
+        lines.append(f"| {name} | {g['unit_shares']} | {g['units']} | {g['largest_unit']} | "
+                     f"{g['select_seconds']:.1f} s | {g['kept_channels']:.1%} | {surgery} | "
+                     f"{g.get('regrouped_norms', '')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -79,10 +111,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile, for the report")
+    parser.add_argument("--surgery", nargs="*", default=["sd15", "sd21_768", "dit_xl_2"],
+                        help="models whose groups cut is also built (SDXL's copy does not fit beside other work)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        return child(args.child, args.threads)
+        return child(args.child, args.threads, args.child.parent.name in (args.surgery or ()))
     import torch
 
     from dgo_compile import __version__
@@ -96,7 +130,8 @@ def main() -> None:
             config_file.parent.mkdir()
             config_file.write_text(json.dumps(MODELS[name]))
             done = subprocess.run([sys.executable, __file__, "--child", str(config_file), "--threads",
-                                   str(args.threads)], capture_output=True, text=True, check=True)
+                                   str(args.threads), "--surgery", *(args.surgery or ())],
+                                  capture_output=True, text=True, check=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             report["models"][name] = row
             log(f"{name}: {row}")

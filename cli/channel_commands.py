@@ -28,6 +28,9 @@ def prune(
     seed: Annotated[int, typer.Option(help="Seed of the calibration batch, noise and random importance.")] = 0,
     min_group_channels: Annotated[int, typer.Option(
         help="Channels every GroupNorm group keeps at least (1 turns it into an instance norm).")] = 2,
+    groupnorm_cut: Annotated[str, typer.Option(
+        help="channels (every GroupNorm group thinned alike) or groups (whole groups removed, the rest kept whole).")]
+    = "channels",
     dry_run: Annotated[bool, typer.Option(help="List the dependency groups and the planned cut; write nothing.")]
     = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Pruned model folder to write.")] = Path("pruned"),
@@ -37,7 +40,8 @@ def prune(
     from dgo_compile.core.outputs import check_output
 
     config = PruneConfig(channel_ratio=channel_ratio, importance=importance, scope=scope, threshold=threshold,
-                         batch=batch, max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels)
+                         batch=batch, max_timesteps=max_timesteps, seed=seed, min_group_channels=min_group_channels,
+                         groupnorm_cut=groupnorm_cut)
     if not dry_run:
         check_output(output, "model", protected=[model or DEFAULT_MODEL, images],
                      exists_hint="choose another `output` or remove it")

@@ -23,6 +23,7 @@ union-find and walk state in `channel_spaces`, the op rules and their registry i
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,7 +35,7 @@ from . import annotations as ann
 from .annotations import CHANNEL_PLAN_KEY
 from .base import AnalysisPass, PassResult
 from .boundaries import input_dependencies
-from .channel_plan import AttentionSite, ChannelGroup, ChannelPlan, ChannelRuleError, ParamSlice
+from .channel_plan import AttentionSite, ChannelGroup, ChannelPlan, ChannelRuleError, ParamSlice, Unit
 from .channel_rules import RULES
 from .channel_spaces import Walk, param_name, shape_of
 
@@ -205,4 +206,30 @@ def _plan(walk: Walk, timestep_params: set[str]) -> ChannelPlan:
         leaf = spaces.find(spaces.leaves(walk.axis(query).parts)[0])
         attention.append(AttentionSite(node.name, weight, walk.param(bias, producer) if bias is not None else None,
                                        int(shape_of(query)[-1]), "scale" in node.kwargs, leaf_ids.get(leaf, -1)))
-    return ChannelPlan(tuple(groups), tuple(attention))
+    return ChannelPlan(tuple(groups), tuple(attention), _norm_units(walk, spans, cuts, share_of, leaf_ids))
+
+
+def _norm_units(walk: Walk, spans, cuts: dict[int, set[int]], share_of: dict[int, int],
+                leaf_ids: dict[int, int]) -> tuple[tuple[int, tuple[Unit, ...]], ...]:
+    """Each share's units: atoms linked when one group of any GroupNorm covers them, so that removing a
+    unit leaves every GroupNorm whole groups of its original size (statistics of kept channels unchanged)."""
+    sizes = walk.spaces.size
+    norm_keys = Counter((groups, parts) for groups, parts in walk.norms)
+    other = Counter((groups, parts) for _, groups, parts in walk.constraints) - norm_keys
+    excluded = {share_of[leaf] for (_, parts) in other for leaf, _ in spans(parts)}  # heads, shape ties
+    excluded |= {share_of[leaf] for a, b in walk.tied for leaf, _ in (*spans(a), *spans(b))}
+    linked = nx.Graph()
+    for index, (groups, parts) in enumerate(walk.norms):
+        per = walk.size(parts) // groups
+        for leaf, offset in spans(parts):
+            if leaf not in share_of or share_of[leaf] in excluded:
+                continue
+            bounds = [0, *sorted(cuts.get(leaf, ())), sizes[leaf]]
+            for a, b in zip(bounds, bounds[1:]):
+                linked.add_edge((leaf, a, b - a), ("norm", index, (offset + a) // per))
+    by_share: dict[int, list[Unit]] = {}
+    for component in nx.connected_components(linked):
+        atoms = sorted(node for node in component if node[0] != "norm")
+        by_share.setdefault(share_of[atoms[0][0]], []).append(tuple((leaf_ids[leaf], a, size)
+                                                                     for leaf, a, size in atoms))
+    return tuple((share, tuple(sorted(units))) for share, units in sorted(by_share.items()))

@@ -63,10 +63,17 @@ class AttentionSite:
     group: int  # the group holding the query/key channels
 
 
+Stretch = tuple[int, int, int]  # (group id, start, size): channels [start, start + size) of a group
+Unit = tuple[Stretch, ...]  # channels removed together when whole GroupNorm groups go
+
+
 @dataclass(frozen=True)
 class ChannelPlan:
     groups: tuple[ChannelGroup, ...]
     attention: tuple[AttentionSite, ...]
+    # share -> its units: the smallest sets of channels that are whole groups of every GroupNorm over them.
+    # Only shares that GroupNorms alone constrain (no heads, no shape ties) have units.
+    norm_units: tuple[tuple[int, tuple[Unit, ...]], ...] = ()
 
     def prunable(self) -> tuple[ChannelGroup, ...]:
         return tuple(g for g in self.groups if g.prunable)
@@ -77,6 +84,11 @@ class ChannelPlan:
         for g in self.prunable():
             out.setdefault(g.share, []).append(g)
         return {k: tuple(v) for k, v in out.items()}
+
+    def units(self) -> dict[int, tuple[Unit, ...]]:
+        """Prunable shares' units, for removing whole GroupNorm groups instead of thinning each."""
+        shares = self.shares()
+        return {share: units for share, units in self.norm_units if share in shares}
 
     def coupling_graph(self) -> nx.Graph:
         """Modules as nodes, an edge per group they share: the dependency structure to inspect."""

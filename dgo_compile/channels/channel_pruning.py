@@ -5,9 +5,8 @@
    (small noise first) on one fixed batch and noise, stopping at the first t whose denoising loss
    falls below `threshold` x the running maximum (Diff-Pruning, Fang et al. 2023); or magnitude
    or random, as ablations. Summed per channel over every weight slice of its group.
-3. `select`: which channels each group keeps. GroupNorm groups and attention heads stay whole:
-   every atom (a stretch that one GroupNorm group or head covers) loses the same share, so each
-   group keeps its channels and the model stays valid without re-grouping.
+3. `select` (`channel_selection`): which channels each group keeps: every GroupNorm group and head
+   thinned alike, or whole GroupNorm groups removed.
 4. `apply_pruning`: new, smaller modules in a copy of the model (the user's is untouched), the
    attention scale kept at its original 1/sqrt(head_dim), checked by re-tracing.
 """
@@ -22,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dgo_compile.channels.channel_selection import max_step, planned_cut, select, uniform_step  # noqa: F401  (re-exported)
 from dgo_compile.core.configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
 from dgo_compile.frontend.channel_surgery import PRUNING_FORMAT, module_shape, resized
 from dgo_compile.frontend.loading import LoadedModel
@@ -29,7 +29,7 @@ from dgo_compile.frontend.tracing import TracedDenoiser, trace
 from dgo_compile.passes import PassManager
 from dgo_compile.passes.annotations import channel_plan
 from dgo_compile.passes.channel_groups import ChannelGroups, ChannelGroupsConfig
-from dgo_compile.passes.channel_plan import NORMALIZED_SHAPE, ChannelGroup, ChannelPlan
+from dgo_compile.passes.channel_plan import NORMALIZED_SHAPE, ChannelPlan
 from dgo_compile.schedules.cost import cost_report
 
 
@@ -103,83 +103,6 @@ def _taylor_scores(traced: TracedDenoiser, images: torch.Tensor, config: PruneCo
             break
     scores = {name: (p.detach() * p.grad).abs() for name, p in model.named_parameters() if p.grad is not None}
     return scores, tuple(losses)
-
-
-def select(plan: ChannelPlan, scores: dict[int, torch.Tensor], config: PruneConfig) -> dict[int, torch.Tensor]:
-    """Kept channel indices per group. A share (groups tied by a GroupNorm or head split) is cut in
-    equal steps; each step removes the same share of every atom, lowest importance first."""
-    shares = plan.shares()
-    steps = {share: 0 for share in shares}
-    if config.scope == "uniform":
-        for share, members in shares.items():
-            steps[share] = uniform_step(members, config)
-    else:  # global: remove the cheapest step anywhere until `channel_ratio` of all prunable channels are gone
-        total = sum(g.size for g in plan.prunable())
-        removed = 0
-        normalised = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in plan.prunable()}
-        limits = {share: max_step(members, config.min_group_channels) for share, members in shares.items()}
-        while removed < config.channel_ratio * total:
-            candidates = [(share, _step_cost(members, normalised, steps[share] + 1))
-                          for share, members in shares.items() if steps[share] < limits[share]]
-            if not candidates:
-                break
-            share, _ = min(candidates, key=lambda c: c[1])
-            steps[share] += 1
-            removed += sum(g.size // g.steps for g in shares[share])
-    return {g.id: _kept(g, scores[g.id], steps[share]) for share, members in shares.items() for g in members}
-
-
-def max_step(members: tuple[ChannelGroup, ...], min_group_channels: int) -> int:
-    """The most steps a share may be cut: every atom keeps a channel, every GroupNorm group keeps
-    `min_group_channels` (or all it had)."""
-    steps = members[0].steps
-    limit = steps - 1
-    for group in members:
-        if group.norm_group:
-            keep = min(min_group_channels, group.norm_group)
-            limit = min(limit, (group.norm_group - keep) * steps // group.norm_group)
-    return limit
-
-
-def uniform_step(members: tuple[ChannelGroup, ...], config: PruneConfig) -> int:
-    """Steps a uniform cut at `config.channel_ratio` takes from a share."""
-    return min(round(config.channel_ratio * members[0].steps), max_step(members, config.min_group_channels))
-
-
-def planned_cut(plan: ChannelPlan, config: PruneConfig) -> dict[int, int | None]:
-    """Channels each prunable group keeps under `config`, before any importance is computed: exact for
-    the uniform scope; None for the global scope, whose cut depends on the importance scores."""
-    shares = plan.shares()
-    return {g.id: (g.size - g.size // g.steps * uniform_step(shares[g.share], config)
-                   if config.scope == "uniform" else None) for g in plan.prunable()}
-
-
-def _atoms(group: ChannelGroup):
-    start = 0
-    for size in group.atoms:
-        yield start, size
-        start += size
-
-
-def _kept(group: ChannelGroup, score: torch.Tensor, step: int) -> torch.Tensor:
-    keep = []
-    for start, size in _atoms(group):
-        drop = size * step // group.steps
-        order = torch.argsort(score[start:start + size], stable=True)
-        keep.append(torch.sort(order[drop:]).values + start)
-    return torch.cat(keep)
-
-
-def _step_cost(members: tuple[ChannelGroup, ...], score: dict[int, torch.Tensor], step: int) -> float:
-    """Mean normalised importance of the channels the `step`-th step removes from a share."""
-    cost, count = 0.0, 0
-    for group in members:
-        for start, size in _atoms(group):
-            ordered = torch.sort(score[group.id][start:start + size]).values
-            lo, hi = size * (step - 1) // group.steps, size * step // group.steps
-            cost += float(ordered[lo:hi].sum())
-            count += hi - lo
-    return cost / max(count, 1)
 
 
 def apply_pruning(model: nn.Module, plan: ChannelPlan, keep: dict[int, torch.Tensor],

@@ -64,6 +64,10 @@ class PruneConfig:
     # noise's per-image mean, and DDIM integrates that error into images that drift (measured:
     # benchmarks/results/channel_pruning.md).
     min_group_channels: int = 2
+    # "channels": every GroupNorm group loses the same share of its channels (Diff-Pruning, Torch-Pruning);
+    # "groups": whole GroupNorm groups go and the kept ones keep every channel and their statistics, so
+    # GroupNorms of few channels per group (2 on the shipped model) can be cut below min_group_channels' floor.
+    groupnorm_cut: str = "channels"
 
     def __post_init__(self) -> None:
         check("prune", {f.name: getattr(self, f.name) for f in fields(self)}, error=PruneError, skip_none=False)

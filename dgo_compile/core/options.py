@@ -109,6 +109,7 @@ SPECS: dict[str, dict[str, Spec]] = {
         "importance": _choice("taylor", "magnitude", "random"), "scope": _choice("uniform", "global"),
         "threshold": _float(0, 1, low_open=True, high_open=True), "batch": _int(1, 4096),
         "max_timesteps": _int(1, 100_000), "seed": SEED, "min_group_channels": _int(1, 4096),
+        "groupnorm_cut": _choice("channels", "groups"),
     },
     "finetune": {
         "train_steps": _int(1, 10**7), "batch": _int(1, 65536), "lr": _float(0, 1e6, low_open=True),

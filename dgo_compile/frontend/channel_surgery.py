@@ -22,15 +22,19 @@ from dgo_compile.frontend.bounds import check_numbers, read_json_object
 __all__ = ["PRUNING_FILE", "PRUNING_FORMAT", "SurgeryError", "apply_record", "check_record", "has_record",
            "module_shape", "read_record", "resized", "write_record"]
 PRUNING_FILE = "dgo_pruning.json"
-PRUNING_FORMAT = 1
+PRUNING_FORMAT = 2  # 2: a GroupNorm's record gives its groups (whole groups can be removed)
+READABLE_FORMATS = (1, PRUNING_FORMAT)
 
 
 class SurgeryError(DgoError):
     """A module cannot be resized, or a recorded pruning does not fit the model."""
 
 
-def resized(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None) -> nn.Module:
-    """A new module like `module` with only the kept input/output channels (None keeps all)."""
+def resized(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None,
+            num_groups: int | None = None) -> nn.Module:
+    """A new module like `module` with only the kept input/output channels (None keeps all). A GroupNorm
+    keeps `num_groups` groups; by default its kept channels say: whole groups kept or gone drop the gone
+    ones, an equal share of every group keeps them all."""
     new = copy.deepcopy(module)
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -54,11 +58,11 @@ def resized(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Ten
             return new
         size = len(keep)
         if isinstance(module, nn.GroupNorm):
-            if size % module.num_groups:
+            groups = num_groups if num_groups is not None else _kept_groups(module, keep)
+            if size % groups:
                 raise SurgeryError(f"GroupNorm({module.num_groups}, {module.num_channels}) cannot keep {size} "
-                                   f"channels: "
-                                   "not a multiple of its groups")
-            new.num_channels = size
+                                   f"channels in {groups} groups: not a multiple of its groups")
+            new.num_channels, new.num_groups = size, groups
         else:
             if len(module.normalized_shape) != 1:
                 raise SurgeryError(f"{module} normalizes over several dims; only 1-D LayerNorm can be resized")
@@ -72,6 +76,14 @@ def resized(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Ten
                        "GroupNorm and LayerNorm")
 
 
+def _kept_groups(module: nn.GroupNorm, keep: torch.Tensor) -> int:
+    """The groups a GroupNorm keeps: fewer when each of its groups is kept whole or not at all."""
+    per_group = module.num_channels // module.num_groups
+    counts = torch.bincount(keep // per_group, minlength=module.num_groups)
+    whole = bool(((counts == 0) | (counts == per_group)).all()) and len(keep) < module.num_channels
+    return int((counts > 0).sum()) if whole else module.num_groups
+
+
 def module_shape(module: nn.Module) -> dict[str, Any]:
     """What `dgo_pruning.json` records of a resized module."""
     if isinstance(module, nn.Conv2d):
@@ -79,7 +91,7 @@ def module_shape(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, nn.Linear):
         return {"kind": "Linear", "in": module.in_features, "out": module.out_features}
     if isinstance(module, nn.GroupNorm):
-        return {"kind": "GroupNorm", "channels": module.num_channels}
+        return {"kind": "GroupNorm", "channels": module.num_channels, "groups": module.num_groups}
     if isinstance(module, nn.LayerNorm):
         return {"kind": "LayerNorm", "channels": module.normalized_shape[0]}
     raise SurgeryError(f"cannot record the shape of a {type(module).__name__}")
@@ -98,7 +110,8 @@ def apply_record(model: nn.Module, pruning: dict[str, Any]) -> nn.Module:
             raise SurgeryError(f"{PRUNING_FILE} records {name} as {shape['kind']}, but the model has "
                                f"{type(module).__name__}")
         if "channels" in shape:
-            new = resized(module, None, torch.arange(shape["channels"]))
+            groups = shape.get("groups", getattr(module, "num_groups", None))  # format 1: groups were kept
+            new = resized(module, None, torch.arange(shape["channels"]), groups)
         else:
             new = resized(module, torch.arange(shape["in"]), torch.arange(shape["out"]))
         model.set_submodule(name, new)
@@ -125,9 +138,9 @@ def read_record(folder: Path, original: nn.Module | None) -> dict[str, Any]:
     original architecture (`original`, built on the meta device) before anything is resized."""
     where = folder / PRUNING_FILE
     pruning = read_json_object(where)
-    if pruning.get("format") != PRUNING_FORMAT:
-        raise ModelLoadError(f"{where} has format {pruning.get('format')!r}; this dgo-compile reads "
-                             f"format {PRUNING_FORMAT}: prune the model again with this version")
+    if pruning.get("format") not in READABLE_FORMATS:
+        raise ModelLoadError(f"{where} has format {pruning.get('format')!r}; this dgo-compile reads formats "
+                             f"{', '.join(map(str, READABLE_FORMATS))}: prune the model again with this version")
     check_record(original, pruning, where)
     return pruning
 
@@ -151,7 +164,7 @@ def check_record(model: torch.nn.Module | None, pruning: dict[str, Any], where: 
             original = module_shape(model.get_submodule(name))
         except (AttributeError, SurgeryError):
             continue  # applying the record names the problem
-        for key in ("in", "out", "channels"):
+        for key in ("in", "out", "channels", "groups"):
             if key not in shape or key not in original:
                 continue
             value = shape[key]
