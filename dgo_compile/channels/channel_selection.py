@@ -37,11 +37,17 @@ def select(plan: ChannelPlan, scores: dict[int, torch.Tensor], config: PruneConf
         total = sum(g.size for g in plan.prunable())
         removed = 0
         limits = {share: max_step(shares[share], config.min_group_channels) for share in steps}
+
+        def next_cut(share: int) -> tuple[float, int | None] | None:
+            """A share's cheapest next cut (a step, or the index of a unit); it changes only when that share is cut."""
+            if share in units:
+                return removal.cheapest(share)
+            return (_step_cost(shares[share], normalised, steps[share] + 1), None) \
+                if steps[share] < limits[share] else None
+
+        pending = {share: next_cut(share) for share in (*steps, *units)}
         while removed < config.channel_ratio * total:
-            candidates = [(_step_cost(shares[share], normalised, steps[share] + 1), share, None)
-                          for share in steps if steps[share] < limits[share]]
-            candidates += [(found[0], share, found[1]) for share in units
-                           if (found := removal.cheapest(share)) is not None]
+            candidates = [(cut[0], share, cut[1]) for share, cut in pending.items() if cut is not None]
             if not candidates:
                 break
             _, share, unit = min(candidates, key=lambda c: c[0])
@@ -50,6 +56,7 @@ def select(plan: ChannelPlan, scores: dict[int, torch.Tensor], config: PruneConf
                 removed += sum(g.size // g.steps for g in shares[share])
             else:
                 removed += removal.remove(share, unit)
+            pending[share] = next_cut(share)
     kept = {g.id: _kept(g, scores[g.id], step) for share, step in steps.items() for g in shares[share]}
     return {**kept, **removal.kept()}
 
