@@ -7,7 +7,7 @@
         # gradual pruning (benchmarks/finetune_gradual.py): prune to 69%, fine-tune, prune that to 50%, fine-tune
     python benchmarks/finetune.py --quick    # smoke run of every piece, ~4 min
 
-The shipped MNIST DDPM is pruned once per --ratios (Taylor importance, global scope, GroupNorm groups
+The shipped MNIST DDPM is pruned once per --ratios (Taylor importance, global scope or --scope uniform, GroupNorm groups
 keep >= --min-group-channels; 0.3 and 0.5 keep ~71% and ~54% of the MACs; with --groupnorm-cut groups
 whole groups go instead, and 0.3 keeps 50.5%) and each cut is
 fine-tuned by `dgo_compile.channels.finetune` with one recipe, three ways:
@@ -171,10 +171,11 @@ def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
 
     cuts, images = {}, None
     for ratio in args.ratios:
-        folder = work / f"pruned_r{ratio}_g{cut_tag(args)}_b{args.taylor_batch}"
+        uniform = "_uniform" if args.scope == "uniform" else ""
+        folder = work / f"pruned_r{ratio}_g{cut_tag(args)}{uniform}_b{args.taylor_batch}"
         if not (folder / "bench_meta.json").is_file():
             images = calibration_images(loaded) if images is None else images
-            config = PruneConfig(channel_ratio=ratio, scope="global", importance="taylor", batch=args.taylor_batch,
+            config = PruneConfig(channel_ratio=ratio, scope=args.scope, importance="taylor", batch=args.taylor_batch,
                                  min_group_channels=args.min_group_channels, groupnorm_cut=args.groupnorm_cut)
             log(f"prune: {config}")
             started = time.perf_counter()
@@ -188,7 +189,9 @@ def prune_cuts(args, loaded, work: Path, base) -> dict[float, dict]:
         if "time_mlp_channels" not in meta:  # what the cut left of the time MLP (kept whole since 985bbb8)
             meta["time_mlp_channels"] = load(folder).model.time_embedding.linear_1.out_features
             write_json(folder / "bench_meta.json", meta)
-        key = ratio if args.groupnorm_cut == "channels" else f"{ratio}w"  # results key cuts by ratio
+        # results key cuts by ratio: "w" marks whole GroupNorm groups, "u" the uniform scope
+        flags = ("w" if args.groupnorm_cut == "groups" else "") + ("u" if args.scope == "uniform" else "")
+        key = f"{ratio}{flags}" if flags else ratio
         cuts[key] = {"ratio": key, "folder": str(folder), "prune_seconds": meta["seconds"],
                        "time_mlp_channels": meta["time_mlp_channels"],
                        "params": meta["params"], "macs": meta["macs"], "kept_macs": meta["macs"] / base.macs,
@@ -224,6 +227,8 @@ def main() -> None:
                         help="global channel ratios (with --min-group-channels 2: 71.0%% and 50.1%% of the MACs)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--min-group-channels", type=int, default=2)
+    parser.add_argument("--scope", choices=("global", "uniform"), default="global",
+                        help="uniform: every share loses the ratio, as Diff-Pruning's scripts (cuts keyed '<ratio>u')")
     parser.add_argument("--groupnorm-cut", choices=("channels", "groups"), default="channels",
                         help="groups: remove whole GroupNorm groups (cuts keyed '<ratio>w'; 0.3 keeps 50.5%% of "
                              "the MACs)")

@@ -146,8 +146,10 @@ def write_markdown(report: dict, path: Path) -> None:
         if not any(r["ratio"] == ratio for r in report["runs"]):
             continue  # measured by another recipe: its stages are listed here, its points under the probes
         title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
-        if str(ratio).endswith("w"):
-            title = f"Cut {ratio[:-1]}, whole GroupNorm groups removed"
+        if isinstance(ratio, str) and not cut.get("stages"):  # "0.33wu": whole groups (w), uniform scope (u)
+            value = ratio.rstrip("wu")
+            title = f"Cut {value}" + (", uniform" if "u" in ratio[len(value):] else "") + \
+                (", whole GroupNorm groups removed" if "w" in ratio[len(value):] else "")
         if ratio == 0:  # nothing cut: what the recipe alone does to the unpruned model's samples
             title = "Control, cut 0 (the unpruned model fine-tuned by the same recipe)"
         lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params "
