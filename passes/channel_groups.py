@@ -216,8 +216,8 @@ def _norm_units(walk: Walk, spans, cuts: dict[int, set[int]], share_of: dict[int
     sizes = walk.spaces.size
     norm_keys = Counter((groups, parts) for groups, parts in walk.norms)
     other = Counter((groups, parts) for _, groups, parts in walk.constraints) - norm_keys
-    excluded = {share_of[leaf] for (_, parts) in other for leaf, _ in spans(parts)}  # heads, shape ties
-    excluded |= {share_of[leaf] for a, b in walk.tied for leaf, _ in (*spans(a), *spans(b))}
+    excluded = {share_of.get(leaf) for (_, parts) in other for leaf, _ in spans(parts)}  # heads, shape ties
+    excluded |= {share_of.get(leaf) for a, b in walk.tied for leaf, _ in (*spans(a), *spans(b))}
     linked = nx.Graph()
     for index, (groups, parts) in enumerate(walk.norms):
         per = walk.size(parts) // groups

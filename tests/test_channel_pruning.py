@@ -299,14 +299,17 @@ def test_unknown_op_is_named_with_how_to_register_it():
     assert plan.groups[group_of(plan, "conv.weight", 0)[0][0]].fixed == "the model output"
 
 
-@pytest.mark.parametrize("family", ["unet2d", "sd", "sdxl", "dit", "pixart"])
+@pytest.mark.parametrize("family, groupnorm_cut", [*((f, "channels") for f in ("unet2d", "sd", "sdxl", "dit",
+                                                                                "pixart")),
+                                                    ("sd", "groups"), ("sdxl", "groups")])
 @pytest.mark.slow
-def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, tmp_path):
+def test_pruned_tiny_models_run_and_match_onnxruntime(config_dir, family, groupnorm_cut, tmp_path):
     import onnxruntime as ort
 
     loaded = load(config_dir / family / "config.json")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="magnitude"))  # re-traces and checks itself
+    config = PruneConfig(channel_ratio=0.5, importance="magnitude", groupnorm_cut=groupnorm_cut)
+    pruned = prune(loaded, config)  # re-traces and checks itself
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())  # user's model untouched
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert params(pruned.model) < 0.8 * params(loaded.model)

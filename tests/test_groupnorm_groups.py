@@ -9,7 +9,15 @@ from dgo_compile.passes.channel_groups import analyse_channels
 from torch import nn
 
 from dgo_compile import load
-from dgo_compile.channels.channel_pruning import PruneConfig, PruneError, apply_pruning, planned_cut, prune, select
+from dgo_compile.channels.channel_pruning import (
+    PruneConfig,
+    PruneError,
+    apply_pruning,
+    plan_channels,
+    planned_cut,
+    prune,
+    select,
+)
 from dgo_compile.core.errors import ModelLoadError
 from dgo_compile.frontend.channel_surgery import PRUNING_FILE
 from dgo_compile.frontend.loading import save_denoiser
@@ -92,18 +100,22 @@ def test_units_go_cheapest_first_and_every_group_keeps_a_unit():
 
 
 def test_heads_are_still_thinned_when_groupnorm_groups_go(config_dir):
-    loaded = load(config_dir / "unet2d" / "config.json")
+    loaded = load(config_dir / "sd" / "config.json")
+    traced, plan = plan_channels(loaded)
+    headed = {g.share for g in plan.prunable() if any("heads" in c for c in g.constraints)}
+    assert headed and not headed & plan.units().keys() and plan.units()
     pruned = prune(loaded, PruneConfig(channel_ratio=0.5, importance="random", scope="global",
-                                       groupnorm_cut="groups"))
-    original = dict(loaded.model.named_modules())
-    cut_groups = 0
+                                       groupnorm_cut="groups"), traced=traced)
+    modules = dict(loaded.model.named_modules())
+    regrouped = 0
     for name, module in pruned.model.named_modules():
-        if isinstance(module, nn.GroupNorm):
-            before = original[name]
-            # every kept group is whole: channels per group unchanged
+        if isinstance(module, nn.GroupNorm):  # every kept group is whole: channels per group unchanged
+            before = modules[name]
             assert module.num_channels // module.num_groups == before.num_channels // before.num_groups, name
-            cut_groups += module.num_groups < before.num_groups
-    assert cut_groups > 0
+            regrouped += module.num_groups < before.num_groups
+        elif type(module).__name__ == "Attention":  # the same heads, each thinned
+            assert module.heads == modules[name].heads and module.to_q.out_features % module.heads == 0
+    assert regrouped > 0
 
 
 def test_a_groups_cut_saves_and_loads_back_exactly_and_other_formats_are_refused(config_dir, tmp_path):
