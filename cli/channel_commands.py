@@ -58,8 +58,10 @@ def prune(
                     "fixed because"):
             table.add_column(col, justify="right" if col in ("group", "share", "channels", "cut step") else "left")
         cut = planned_cut(plan, config)
+        units = plan.units() if groupnorm_cut == "groups" else {}
         for g in plan.groups:
-            step = g.size // g.steps
+            sizes = sorted({sum(size for _, _, size in unit) for unit in units.get(g.share, ())})
+            step = g.size // g.steps if not sizes else f"units of {', '.join(map(str, sizes))} ch"
             kept = "-" if g.id not in cut else "by importance" if cut[g.id] is None else str(cut[g.id])
             mods = ", ".join(g.modules[:3]) + (f" +{len(g.modules) - 3}" if len(g.modules) > 3 else "")
             table.add_row(str(g.id), str(g.share), str(g.size), str(step), kept, "; ".join(g.constraints[:2]) +

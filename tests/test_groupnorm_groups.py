@@ -158,6 +158,8 @@ def test_cli_prune_groupnorm_cut(tmp_path):
     record = json.loads((tmp_path / "p" / "unet" / PRUNING_FILE).read_text())  # a pipeline folder, as its input
     assert record["config"]["groupnorm_cut"] == "groups"
     assert any(s["groups"] < 16 for s in record["modules"].values() if s["kind"] == "GroupNorm")
+    dry = cli("prune", "--dry-run", "--groupnorm-cut", "groups", "-o", str(tmp_path / "q"))
+    assert dry.returncode == 0 and "units of 2 ch" in dry.stdout and "units of 4 ch" in dry.stdout, dry.stderr
     bad = cli("prune", "--groupnorm-cut", "layers", "-o", str(tmp_path / "q"))
     assert bad.returncode == 1 and not (tmp_path / "q").exists()
     assert "--groupnorm-cut must be one of channels, groups" in bad.stderr
