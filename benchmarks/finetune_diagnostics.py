@@ -114,6 +114,7 @@ def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[d
             if near:
                 row["against"] = min(near, key=lambda r: abs(reference_macs[r] - run["kept_macs"]))
                 base = reference[row["against"]]
+                row["against_macs"] = reference_macs[row["against"]]
         if is_reference(run):
             row["reference"] = True
         elif base is not None:

@@ -20,10 +20,18 @@ def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | No
     return max(found) if found else None
 
 
+def _macs(run: dict, digits: int = 1) -> str:
+    """A run's kept MACs, and its cut's flags where it is not the plain global thinning (0.33wu: uniform, whole
+    GroupNorm groups), since runs of one recipe can differ in the cut alone."""
+    flags = str(run["ratio"])[len(str(run["ratio"]).rstrip("wu")):]
+    named = {"w": "whole groups", "u": "uniform"}
+    return f"{run['kept_macs']:.{digits}%}" + (f" ({', '.join(named[f] for f in flags)})" if flags else "")
+
+
 def _trajectory_table(report: dict, cuts: dict) -> list[str]:
-    rows = [(f"{c['kept_macs']:.1%}", "pruned, before fine-tuning", 0, c["trajectory_error"])
+    rows = [(_macs(c), "pruned, before fine-tuning", 0, c["trajectory_error"])
             for c in cuts.values() if c.get("trajectory_error")]
-    rows += [(f"{r['kept_macs']:.1%}", SOURCE_LABEL[r["source"]], r["trajectory_error"]["step"],
+    rows += [(_macs(r), SOURCE_LABEL[r["source"]], r["trajectory_error"]["step"],
               r["trajectory_error"]["raw"]) for r in report["runs"] + report.get("probes", [])
              if r.get("trajectory_error")]
     if not rows:
@@ -58,7 +66,7 @@ def _band_ssim_table(report: dict) -> list[str]:
              "|---|---|---|---|---|" + "---|" * len(bands)]
     for r in runs:
         b = r["band_ssim"]
-        lines.append(f"| `{r['recipe']}` | {r['kept_macs']:.1%} | {SOURCE_LABEL[r['source']]} | {b['step']} | "
+        lines.append(f"| `{r['recipe']}` | {_macs(r)} | {SOURCE_LABEL[r['source']]} | {b['step']} | "
                      f"{b['all']:.3f} | " + " | ".join(f"{b[k]:.3f}" for k in bands) + " |")
     return lines + [""]
 
@@ -78,8 +86,8 @@ def _paired_table(report: dict) -> list[str]:
         diff = (f"{r['diff']:+.3f} +- {r['diff_se']:.3f}" if "diff" in r else "(the reference)" if r.get("reference")
                 else "no main-recipe run at this cut")
         if "against" in r:
-            diff += f" (its cut {r['against']}, {r['kept_macs']:.1%} here)"
-        lines.append(f"| `{r['recipe']}` | {r['kept_macs']:.1%} | {SOURCE_LABEL[r['source']]} | {r['step']} | "
+            diff += f" (against cut {r['against']}, {r['against_macs']:.1%} of the MACs)"
+        lines.append(f"| `{r['recipe']}` | {_macs(r)} | {SOURCE_LABEL[r['source']]} | {r['step']} | "
                      f"{r['ssim']:.3f} +- {r['se']:.3f} | {diff} |")
     return lines + [""]
 
@@ -187,7 +195,7 @@ def write_markdown(report: dict, path: Path) -> None:
         for run in report["probes"]:  # every point measured: a probe's curve, not only its end
             for point in (p for p in run["curve"][1:] if p["ema"]):
                 seconds = point.get("seconds")
-                lines.append(f"| `{run['recipe']}` | {run['kept_macs']:.0%} | {SOURCE_LABEL[run['source']]} | "
+                lines.append(f"| `{run['recipe']}` | {_macs(run, 0)} | {SOURCE_LABEL[run['source']]} | "
                              f"{point['step']} | {_q(point['ema'])} | {_q(point['raw'])} | {point['ema']['n']} | "
                              f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
         lines.append("")
