@@ -52,8 +52,9 @@ def ratio_for_macs(loaded, images, target_macs: float, args) -> float:
         model, _ = apply_pruning(traced.model, plan, keep, lambda m: traced.family.adapter(m)(*example))
         lo, hi = (mid, hi) if cost_of(model).macs > target_macs else (lo, mid)
     if hi == 0.95:
-        log(f"{target_macs / 1e6:.1f} M MACs is below what global cuts reach with GroupNorm groups of >= "
-            f"{args.min_group_channels} channels: cutting to that floor")
+        floor = ("whole GroupNorm groups removed, each group of channels keeping one" if args.groupnorm_cut == "groups"
+                 else f"GroupNorm groups of >= {args.min_group_channels} channels")
+        log(f"{target_macs / 1e6:.1f} M MACs is below what global cuts reach with {floor}: cutting to that floor")
     return round(hi, 4)
 
 
