@@ -9,7 +9,7 @@
 
 The shipped MNIST DDPM is pruned once per --ratios (Taylor importance, global scope or --scope uniform, GroupNorm groups
 keep >= --min-group-channels; 0.3 and 0.5 keep ~71% and ~54% of the MACs; with --groupnorm-cut groups
-whole groups go instead, and 0.3 keeps 50.5%) and each cut is
+whole groups go instead, and 0.3 keeps 49.8%) and each cut is
 fine-tuned by `dgo_compile.channels.finetune` with one recipe, three ways:
 
 - data: the denoising loss on the shipped digits;
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--scope", choices=("global", "uniform"), default="global",
                         help="uniform: every share loses the ratio, as Diff-Pruning's scripts (cuts keyed '<ratio>u')")
     parser.add_argument("--groupnorm-cut", choices=("channels", "groups"), default="channels",
-                        help="groups: remove whole GroupNorm groups (cuts keyed '<ratio>w'; 0.3 keeps 50.5%% of "
+                        help="groups: remove whole GroupNorm groups (cuts keyed '<ratio>w'; 0.3 keeps 49.8%% of "
                              "the MACs)")
     parser.add_argument("--taylor-batch", type=int, default=8, help="as benchmarks/channel_pruning.py")
     parser.add_argument("--stages", nargs="+", metavar="MACS:STEPS",

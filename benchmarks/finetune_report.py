@@ -20,12 +20,20 @@ def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | No
     return max(found) if found else None
 
 
+CUT_FLAGS = {"w": "whole groups", "u": "uniform"}  # benchmarks/finetune.py keys such cuts "<ratio><flags>"
+
+
+def _cut_style(ratio) -> tuple[str, list[str]]:
+    """A cut key's ratio and what its flags name (0.33wu: 0.33, whole groups, uniform)."""
+    value = str(ratio).rstrip("".join(CUT_FLAGS))
+    return value, [CUT_FLAGS[f] for f in str(ratio)[len(value):]]
+
+
 def _macs(run: dict, digits: int = 1) -> str:
-    """A run's kept MACs, and its cut's flags where it is not the plain global thinning (0.33wu: uniform, whole
-    GroupNorm groups), since runs of one recipe can differ in the cut alone."""
-    flags = str(run["ratio"])[len(str(run["ratio"]).rstrip("wu")):]
-    named = {"w": "whole groups", "u": "uniform"}
-    return f"{run['kept_macs']:.{digits}%}" + (f" ({', '.join(named[f] for f in flags)})" if flags else "")
+    """A run's kept MACs, and its cut's style where it is not the plain global thinning, since runs of one
+    recipe can differ in the cut alone."""
+    style = _cut_style(run["ratio"])[1]
+    return f"{run['kept_macs']:.{digits}%}" + (f" ({', '.join(style)})" if style else "")
 
 
 def _trajectory_table(report: dict, cuts: dict) -> list[str]:
@@ -155,9 +163,8 @@ def write_markdown(report: dict, path: Path) -> None:
             continue  # measured by another recipe: its stages are listed here, its points under the probes
         title = f"Cut {ratio}" if not cut.get("stages") else f"Gradual pruning, {SOURCE_LABEL[ratio.rsplit('_', 1)[1]]}"
         if isinstance(ratio, str) and not cut.get("stages"):  # "0.33wu": whole groups (w), uniform scope (u)
-            value = ratio.rstrip("wu")
-            title = f"Cut {value}" + (", uniform" if "u" in ratio[len(value):] else "") + \
-                (", whole GroupNorm groups removed" if "w" in ratio[len(value):] else "")
+            value, style = _cut_style(ratio)
+            title = f"Cut {value}, " + ", ".join(style)
         if ratio == 0:  # nothing cut: what the recipe alone does to the unpruned model's samples
             title = "Control, cut 0 (the unpruned model fine-tuned by the same recipe)"
         lines += [f"## {title}: {cut['kept_macs']:.1%} of the MACs, {cut['kept_params']:.1%} of the params "
