@@ -57,6 +57,7 @@ def recipe_key(args) -> str:
             f"_g{cut_tag(args)}_b{args.batch}_s{max(args.points)}"
             + (f"_snr{args.snr_gamma:g}" if args.snr_gamma else "")
             + (f"_ln{args.logit_mean:g},{args.logit_std:g}" if args.timestep_sampling == "logit_normal" else "")
+            + (f"_sr{args.student_rollouts:g}" if args.student_rollouts else "")
             + ("" if not args.stages else "_" + "-".join(args.stages)))
 
 
@@ -68,6 +69,7 @@ def finetune_config(args, source: str, steps: int):
                           checkpoint_every=every, distill=args.distill if source == "both" else 0.0,
                           distill_only=source == "distill", trajectory_steps=args.trajectory_steps,
                           snr_gamma=args.snr_gamma,
+                          student_rollouts=args.student_rollouts if source == "distill" else 0.0,
                           **({"timestep_sampling": args.timestep_sampling, "logit_mean": args.logit_mean,
                               "logit_std": args.logit_std} if source != "distill" else {}))
 
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--logit-mean", type=float, default=0.0)
     parser.add_argument("--logit-std", type=float, default=1.0)
     parser.add_argument("--trajectory-steps", type=int, default=50, help="'distill': the teacher's DDIM steps")
+    parser.add_argument("--student-rollouts", type=float, default=0.0,
+                        help="'distill': the share of trajectories the student runs itself (on-policy)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation")
     parser.add_argument("-n", type=int, default=100, help="evaluation samples at the last point")
     parser.add_argument("--curve-n", type=int, default=50, help="evaluation samples at the other points")

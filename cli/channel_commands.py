@@ -107,6 +107,9 @@ def finetune(
         show_default=False)] = None,
     trajectory_steps: Annotated[Optional[int], typer.Option(
         help="DDIM steps of the teacher's trajectories with --distill-only. (default: 20)", show_default=False)] = None,
+    student_rollouts: Annotated[Optional[float], typer.Option(
+        help="With --distill-only: the share of trajectories the student runs itself, the teacher predicting at "
+             "the states it reaches (on-policy distillation). (default: 0)", show_default=False)] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(
         help="Min-SNR-gamma loss weighting (diffusers' --snr_gamma; the paper uses 5): timesteps whose SNR is "
              "above it count less. (default: off)", show_default=False)] = None,
@@ -138,7 +141,8 @@ def finetune(
 
     given = dict(train_steps=train_steps, batch=batch, lr=lr, ema_decay=ema_decay, distill=distill, warmup=warmup,
                  seed=seed, checkpoint_every=checkpoint_every, distill_only=distill_only,
-                 trajectory_steps=trajectory_steps, data=str(data) if data is not None else None,
+                 trajectory_steps=trajectory_steps, student_rollouts=student_rollouts,
+                 data=str(data) if data is not None else None,
                  prompts=str(prompts) if prompts is not None else None, snr_gamma=snr_gamma,
                  timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std)
     if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)

@@ -71,7 +71,7 @@ def test_saved_weights_are_the_ema_of_the_raw_weights(plain, tmp_path):
     assert [h["lr"] for h in plain.record.history] == pytest.approx([2e-4, 1e-4])  # cosine over 2 steps
 
 
-def finetune_interrupted_at(step, model, config, output):
+def finetune_interrupted_at(step, model, config, output, **options):
     """Run `finetune` and stop it by an exception raised once `step` has trained (after its checkpoint, if any)."""
     class Interrupt(Exception):
         pass
@@ -81,7 +81,7 @@ def finetune_interrupted_at(step, model, config, output):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        finetune(model, config, output, on_step=interrupt)
+        finetune(model, config, output, on_step=interrupt, **options)
 
 
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):

@@ -10,7 +10,8 @@ per timestep (`snr_gamma`) and logit-normal timestep sampling (`timestep_samplin
 distillation term pulls the prediction towards an unpruned teacher's on the same noisy input.
 With `distill_only` there is no data: the teacher's own DDIM trajectories are the inputs and its
 predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
-DiT denoisers of any size.
+DiT denoisers of any size; with `student_rollouts`, part of those trajectories are the student's
+own, and the checkpoint keeps the pool in use, since it depends on the weights it was run with.
 
 The output folder is always a complete model that `load` reads (the EMA weights), plus
 `finetune.json` (settings, sources, progress, loss history) and `finetune_state.pt` (raw
@@ -183,7 +184,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
     if teacher_loaded is not None:
         trajectories = TeacherTrajectories(teacher_loaded.model, teacher_loaded.scheduler_config,
                                            config.trajectory_steps, config.batch, config.seed,
-                                           *trajectory_prompts(config, teacher_loaded))
+                                           *trajectory_prompts(config, teacher_loaded),
+                                           student_share=config.student_rollouts)
         teacher_model = None
         schedule = noise_schedule(loaded.scheduler_config, str(loaded.source)) if config.snr_gamma else None
     else:
@@ -223,6 +225,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "trajectory_pool": trajectories.pool if trajectories and trajectories.student_rows else None,
                 "steps_done": record.steps_done, "history": record.history, "seconds": record.seconds}
 
     with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from the global RNG: seed it, save it
@@ -237,6 +240,8 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             record.steps_done, record.history, record.seconds = state["steps_done"], state["history"], state["seconds"]
+            if trajectories is not None and trajectories.student_rows:
+                trajectories.pool = state.get("trajectory_pool")
         world.barrier()  # every process has checked the output folder before process 0 creates it
         if not resume and world.is_main:
             _write_checkpoint(output, loaded, saved_model(), record, training_state())  # resumable from step 0
@@ -244,7 +249,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         started = time.perf_counter()
         for step in range(record.steps_done + 1, config.train_steps + 1):
             if trajectories is not None:
-                batch = trajectories.draw(step)
+                batch = trajectories.draw(step, model)
             elif data is not None:
                 batch = data_batch(data, schedule, config.batch, generator, null_label)
             else:

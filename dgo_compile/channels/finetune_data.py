@@ -14,7 +14,11 @@ batches as an uninterrupted one and every data-parallel process draws the same g
   with deterministic DDIM; every state x_t it visits, with its timestep, conditions and the
   teacher's own prediction there, is a training example. Runs are made in pools of one batch of
   trajectories; a pool's states are shuffled and used once each, so a pool lasts as many steps as
-  a trajectory has, and the teacher costs one prediction per trained row.
+  a trajectory has, and the teacher costs one prediction per trained row. With `student_share`, that
+  share of each pool's trajectories is run by the student being trained instead (on-policy
+  distillation, as DAgger): the teacher still predicts at every state, but the states are the ones
+  the student reaches, so the student also learns to correct the errors its own steps make, which
+  compound along a sampling run. The student's rollouts cost one more prediction per row of theirs.
 
 With `snr_gamma`, every row's squared error is weighted by Min-SNR-gamma (Hang et al. 2023, as
 diffusers' training scripts do it, `compute_snr`): a timestep whose signal-to-noise ratio exceeds
@@ -166,10 +170,12 @@ class TeacherTrajectories:
 
     A text-conditional teacher (UNet2DConditionModel, PixArt) runs each trajectory on one of
     `prompts`, encoded per pool by `encode` (its pipeline's text encoder), or, a CLASS_DROPOUT share
-    of the time, on the empty prompt, so the unconditional prediction guidance needs is trained too."""
+    of the time, on the empty prompt, so the unconditional prediction guidance needs is trained too.
+    `student_share` of each pool's trajectories is run by the student `draw` is given."""
 
     def __init__(self, teacher: nn.Module, scheduler_config: dict, steps: int, batch: int, seed: int,
-                 prompts: list[str] | None = None, encode: Callable[[list[str]], torch.Tensor] | None = None):
+                 prompts: list[str] | None = None, encode: Callable[[list[str]], torch.Tensor] | None = None,
+                 student_share: float = 0.0):
         self.teacher = teacher.eval().requires_grad_(False)
         self.family = family_of(teacher)
         self.scheduler_config = scheduler_config
@@ -177,21 +183,27 @@ class TeacherTrajectories:
         self.labels = label_count(teacher)
         self.conditions = self.family.input_names(teacher)[2:]
         self.prompts, self.encode = prompts, encode
-        self._pool: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.student_rows = round(student_share * batch)  # of each pool's `batch` trajectories
+        # (index, states) of the pool in use; a checkpoint keeps it when it holds student rollouts, which
+        # depend on the weights the pool was run with
+        self.pool: tuple[int, dict[str, torch.Tensor]] | None = None
 
-    def draw(self, step: int) -> Batch:
-        """The batch of training step `step` (1-based): a slice of its pool's shuffled states."""
+    def draw(self, step: int, student: nn.Module | None = None) -> Batch:
+        """The batch of training step `step` (1-based): a slice of its pool's shuffled states; a new pool's
+        student rollouts are run by `student` as it is now."""
         pool, within = divmod(step - 1, self.steps)
-        states = self._states(pool)
+        states = self._states(pool, student)
         rows = states["order"][within * self.batch:(within + 1) * self.batch]
         inputs = tuple(states[name][rows] for name in ("sample", "timestep", *self.conditions))
         return Batch(inputs, states["prediction"][rows], teacher=True)
 
-    def _states(self, pool: int) -> dict[str, torch.Tensor]:
-        if self._pool is None or self._pool[0] != pool:
-            self._pool = pool, self.run(torch.Generator().manual_seed(self.seed * POOL_SEED_STRIDE + pool),
-                                        self.batch)
-        return self._pool[1]
+    def _states(self, pool: int, student: nn.Module | None) -> dict[str, torch.Tensor]:
+        if self.pool is None or self.pool[0] != pool:
+            if self.student_rows and student is None:
+                raise ValueError("a pool with student rollouts needs the student")
+            self.pool = pool, self.run(torch.Generator().manual_seed(self.seed * POOL_SEED_STRIDE + pool),
+                                        self.batch, student if self.student_rows else None)
+        return self.pool[1]
 
     def _condition_rows(self, generator: torch.Generator, n: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Each trajectory's conditions: a class label, or a prompt's embedding (PixArt: and its size)."""
@@ -209,9 +221,10 @@ class TeacherTrajectories:
         return rows
 
     @torch.no_grad()
-    def run(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
-        """n teacher trajectories: every (sample, timestep, conditions, prediction) they pass, n * steps of
-        each, and `order`, a seeded shuffle of them."""
+    def run(self, generator: torch.Generator, n: int, student: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """n trajectories: every (sample, timestep, conditions, teacher's prediction) they pass, n * steps of
+        each, and `order`, a seeded shuffle of them. With `student`, the first `student_rows` of them step
+        with its predictions instead of the teacher's."""
         cfg = self.teacher.config
         size = (cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
         x = torch.randn((n, cfg.in_channels, *size), generator=generator)
@@ -220,15 +233,27 @@ class TeacherTrajectories:
         scheduler = make_scheduler(self.scheduler_config, "ddim")
         scheduler.set_timesteps(self.steps)
         x = x * scheduler.init_noise_sigma
+        k = min(self.student_rows, n) if student is not None else 0
+        training = student.training if student is not None else False
+        if student is not None:
+            student.eval()
         seen: dict[str, list[torch.Tensor]] = {"sample": [], "timestep": [], "prediction": []}
-        for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)
-            timestep = t.float().expand(n)
-            prediction = self.family.call(self.teacher, x_in, timestep, *extra)
-            for key, value in (("sample", x_in), ("timestep", timestep), ("prediction", prediction)):
-                seen[key].append(value)
-            noise = prediction[:, :cfg.in_channels]  # learned sigma: DDIM steps with the noise half
-            x = scheduler.step(noise, t, x, eta=0.0).prev_sample
+        try:
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(x, t)
+                timestep = t.float().expand(n)
+                prediction = self.family.call(self.teacher, x_in, timestep, *extra)
+                for key, value in (("sample", x_in), ("timestep", timestep), ("prediction", prediction)):
+                    seen[key].append(value)
+                steered = prediction
+                if k:
+                    own = self.family.call(student, x_in[:k], timestep[:k], *(e[:k] for e in extra))
+                    steered = torch.cat([own, prediction[k:]])
+                noise = steered[:, :cfg.in_channels]  # learned sigma: DDIM steps with the noise half
+                x = scheduler.step(noise, t, x, eta=0.0).prev_sample
+        finally:
+            if student is not None:
+                student.train(training)
         states = {k: torch.cat(v) for k, v in seen.items()}
         states.update({name: value.repeat(self.steps, *([1] * (value.ndim - 1))) for name, value in conditions.items()})
         states["order"] = torch.randperm(n * self.steps, generator=generator)

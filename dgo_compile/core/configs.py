@@ -104,6 +104,8 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     distill_only: bool = False  # no data: the teacher's DDIM trajectories are the inputs, its predictions the targets
     trajectory_steps: int = 20  # DDIM steps of those trajectories (the timesteps the student is trained at)
+    # share of those trajectories the student runs itself, the teacher predicting at its states (on-policy)
+    student_rollouts: float = 0.0
     data: str | None = None  # the user's folder of images or latents (data_folder); None: the shipped digits
     prompts: str | None = None  # --distill-only on a text-conditional teacher: one prompt per line
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (diffusers' --snr_gamma); None: every timestep weighs 1
@@ -132,6 +134,10 @@ class FinetuneConfig:
             raise FinetuneError(f"`timestep_sampling` {self.timestep_sampling} draws the timesteps of data batches; "
                                 "`distill_only` trains on every state of the teacher's trajectories: leave it "
                                 "\"uniform\"", field=("timestep_sampling", "distill_only"))
+        if self.student_rollouts and not self.distill_only:
+            raise FinetuneError("`student_rollouts` is the share of `distill_only`'s trajectories that the student "
+                                "runs: set `distill_only` or leave `student_rollouts` out",
+                                field=("student_rollouts", "distill_only"))
         if self.prompts is not None and not self.distill_only:
             raise FinetuneError("`prompts` is read by `distill_only` (with `data`, captions come from its "
                                 "metadata.jsonl): set `distill_only` or leave `prompts` out",
