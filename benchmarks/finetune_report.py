@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 READING_MARKER = "<!-- reading: kept by benchmarks/finetune.py on rewrite -->"
 SOURCE_LABEL = {"data": "data only", "distill": "distill only (teacher trajectories)", "both": "data + distill"}
+
+
+def _source(run: dict) -> str:
+    """A run's source; distill-only runs with student rollouts (recipe keys ending "_sr<share>") say so."""
+    share = re.search(r"_sr([0-9.]+)", run.get("recipe", ""))
+    label = SOURCE_LABEL[run["source"]]
+    return label.replace("teacher trajectories", f"{float(share[1]):.0%} student rollouts") if share else label
 
 
 def _q(q: dict | None) -> str:
@@ -13,7 +21,7 @@ def _q(q: dict | None) -> str:
 
 
 def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | None:
-    found = [(p[kind]["ssim"], f"{SOURCE_LABEL[r['source']]}, {kind.upper() if kind == 'ema' else kind} weights, "
+    found = [(p[kind]["ssim"], f"{_source(r)}, {kind.upper() if kind == 'ema' else kind} weights, "
               f"step {p['step']} ({r['recipe']})")
              for r in runs if r["ratio"] == ratio for p in r["curve"][1:] if p["step"] <= budget
              for kind in ("ema", "raw") if p[kind]]
@@ -39,7 +47,7 @@ def _macs(run: dict, digits: int = 1) -> str:
 def _trajectory_table(report: dict, cuts: dict) -> list[str]:
     rows = [(_macs(c), "pruned, before fine-tuning", 0, c["trajectory_error"])
             for c in cuts.values() if c.get("trajectory_error")]
-    rows += [(_macs(r), SOURCE_LABEL[r["source"]], r["trajectory_error"]["step"],
+    rows += [(_macs(r), _source(r), r["trajectory_error"]["step"],
               r["trajectory_error"]["raw"]) for r in report["runs"] + report.get("probes", [])
              if r.get("trajectory_error")]
     if not rows:
@@ -74,7 +82,7 @@ def _band_ssim_table(report: dict) -> list[str]:
              "|---|---|---|---|---|" + "---|" * len(bands)]
     for r in runs:
         b = r["band_ssim"]
-        lines.append(f"| `{r['recipe']}` | {_macs(r)} | {SOURCE_LABEL[r['source']]} | {b['step']} | "
+        lines.append(f"| `{r['recipe']}` | {_macs(r)} | {_source(r)} | {b['step']} | "
                      f"{b['all']:.3f} | " + " | ".join(f"{b[k]:.3f}" for k in bands) + " |")
     return lines + [""]
 
@@ -95,7 +103,7 @@ def _paired_table(report: dict) -> list[str]:
                 else "no main-recipe run at this cut")
         if "against" in r:
             diff += f" (against cut {r['against']}, {r['against_macs']:.1%} of the MACs)"
-        lines.append(f"| `{r['recipe']}` | {_macs(r)} | {SOURCE_LABEL[r['source']]} | {r['step']} | "
+        lines.append(f"| `{r['recipe']}` | {_macs(r)} | {_source(r)} | {r['step']} | "
                      f"{r['ssim']:.3f} +- {r['se']:.3f} | {diff} |")
     return lines + [""]
 
@@ -179,7 +187,7 @@ def write_markdown(report: dict, path: Path) -> None:
         for run in (r for r in report["runs"] if r["ratio"] == ratio):
             for p in run["curve"][1:]:
                 seconds = p.get("seconds")
-                lines.append(f"| {SOURCE_LABEL[run['source']]} | {p['step']} | {p['step'] * s['batch']:,} | "
+                lines.append(f"| {_source(run)} | {p['step']} | {p['step'] * s['batch']:,} | "
                              f"{(p['ema'] or {}).get('n', '')} | {_q(p['ema'])} | {_q(p['raw'])} | "
                              f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
             unfinished = f" (stopped at step {run['unfinished']})" if run.get("unfinished") else ""
@@ -187,7 +195,7 @@ def write_markdown(report: dict, path: Path) -> None:
             # a run still going (rendered by --no-train beside it) may have no time or loss yet
             wall = "not measured" if run.get("train_seconds") is None else f"{run['train_seconds'] / 60:.1f} min"
             loss = "not measured" if run.get("final_loss") is None else f"{run['final_loss']:.4f}"
-            summary.append(f"| {SOURCE_LABEL[run['source']]} | {wall}{unfinished} | {rss} | {loss} |")
+            summary.append(f"| {_source(run)} | {wall}{unfinished} | {rss} | {loss} |")
         lines += ["", "| source | fine-tune wall time | peak RSS | final training loss (mean of last 50 steps) |",
                   "|---|---|---|---|", *summary, ""]
     for ratio, cut in cuts.items():
@@ -202,7 +210,7 @@ def write_markdown(report: dict, path: Path) -> None:
         for run in report["probes"]:  # every point measured: a probe's curve, not only its end
             for point in (p for p in run["curve"][1:] if p["ema"]):
                 seconds = point.get("seconds")
-                lines.append(f"| `{run['recipe']}` | {_macs(run, 0)} | {SOURCE_LABEL[run['source']]} | "
+                lines.append(f"| `{run['recipe']}` | {_macs(run, 0)} | {_source(run)} | "
                              f"{point['step']} | {_q(point['ema'])} | {_q(point['raw'])} | {point['ema']['n']} | "
                              f"{'' if seconds is None else f'{seconds / 60:.1f} min'} |")
         lines.append("")
