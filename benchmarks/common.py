@@ -7,6 +7,7 @@ need them: `full_size.py` keeps its parent process free of torch (its children a
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -42,6 +43,34 @@ def read_json(path: Path):
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
+
+
+def full_size_rows(script: str, models: dict[str, dict], names: list[str], child_args: list[str]):
+    """Each named model's config.json, written to a temporary folder, measured by `script --child CONFIG
+    *child_args` in a fresh process (so that its peak RSS is its own): yields (name, the JSON row its last
+    stdout line holds)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            config_file = Path(folder) / name / "config.json"
+            config_file.parent.mkdir()
+            config_file.write_text(json.dumps(models[name]))
+            done = subprocess.run([sys.executable, script, "--child", str(config_file), *child_args],
+                                  capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            log(f"{name}: {row}")
+            yield name, row
+
+
+def full_size_arguments(description: str, models: dict) -> argparse.ArgumentParser:
+    """The options every full-size benchmark takes: --models, --threads, --beside, and the hidden --child."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=list(models), choices=list(models))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile, for the report")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    return parser
 
 
 def model_configs() -> ModuleType:

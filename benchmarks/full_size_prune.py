@@ -12,17 +12,13 @@ results/full_size_prune.json and .md. Thread counts are pinned (`--threads`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from common import RESULTS, log, model_configs, read_json, write_json
+from common import RESULTS, full_size_arguments, full_size_rows, model_configs, read_json, write_json
 
 CONFIGS = model_configs()
 MODELS = {**CONFIGS.FULL_SIZE, "dit_xl_2": CONFIGS.DIT_XL_2}
@@ -107,13 +103,9 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile, for the report")
+    parser = full_size_arguments(__doc__.split("\n")[0], MODELS)
     parser.add_argument("--surgery", nargs="*", default=["sd15", "sd21_768", "dit_xl_2"],
                         help="models whose groups cut is also built (SDXL's copy does not fit beside other work)")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         return child(args.child, args.threads, args.child.parent.name in (args.surgery or ()))
@@ -124,17 +116,9 @@ def main() -> None:
     old = read_json(RESULTS / "full_size_prune.json") or {}
     report = {"dgo_compile": __version__, "torch": torch.__version__, "threads": args.threads, "beside": args.beside,
               "models": old.get("models", {})}
-    with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            config_file = Path(folder) / name / "config.json"
-            config_file.parent.mkdir()
-            config_file.write_text(json.dumps(MODELS[name]))
-            done = subprocess.run([sys.executable, __file__, "--child", str(config_file), "--threads",
-                                   str(args.threads), "--surgery", *(args.surgery or ())],
-                                  capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            report["models"][name] = row
-            log(f"{name}: {row}")
+    for name, row in full_size_rows(__file__, MODELS, args.models,
+                                    ["--threads", str(args.threads), "--surgery", *(args.surgery or ())]):
+        report["models"][name] = row
     write_json(RESULTS / "full_size_prune.json", report)
     write_markdown(report, RESULTS / "full_size_prune.md")
 

@@ -15,16 +15,12 @@ Results go to results/full_size_rollouts.json and .md; thread counts are pinned 
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, log, model_configs, write_json
+from common import RESULTS, full_size_arguments, full_size_rows, model_configs, read_json, write_json
 
 CONFIGS = model_configs()
 MODELS = {"dit_xl_2": CONFIGS.DIT_XL_2, "sd15": CONFIGS.SD15_UNET}
@@ -79,13 +75,9 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser = full_size_arguments(__doc__.split("\n")[0], MODELS)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile, for the report")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         return child(args.child, args.threads, args.batch, args.steps)
@@ -94,17 +86,11 @@ def main() -> None:
     from dgo_compile import __version__
 
     report = {"dgo_compile": __version__, "torch": torch.__version__, "threads": args.threads, "batch": args.batch,
-              "steps": args.steps, "beside": args.beside, "models": {}}
-    with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            config_file = Path(folder) / name / "config.json"
-            config_file.parent.mkdir()
-            config_file.write_text(json.dumps(MODELS[name]))
-            done = subprocess.run([sys.executable, __file__, "--child", str(config_file), "--threads",
-                                   str(args.threads), "--batch", str(args.batch), "--steps", str(args.steps)],
-                                  capture_output=True, text=True, check=True)
-            report["models"][name] = row = json.loads(done.stdout.strip().splitlines()[-1])
-            log(f"{name}: {row}")
+              "steps": args.steps, "beside": args.beside,
+              "models": (read_json(RESULTS / "full_size_rollouts.json") or {}).get("models", {})}
+    report["models"].update(full_size_rows(__file__, MODELS, args.models, ["--threads", str(args.threads),
+                                                                           "--batch", str(args.batch),
+                                                                           "--steps", str(args.steps)]))
     write_json(RESULTS / "full_size_rollouts.json", report)
     write_markdown(report, RESULTS / "full_size_rollouts.md")
 
