@@ -202,7 +202,7 @@ class TeacherTrajectories:
             if self.student_rows and student is None:
                 raise ValueError("a pool with student rollouts needs the student")
             self.pool = pool, self.run(torch.Generator().manual_seed(self.seed * POOL_SEED_STRIDE + pool),
-                                        self.batch, student if self.student_rows else None)
+                                        self.batch, student)
         return self.pool[1]
 
     def _condition_rows(self, generator: torch.Generator, n: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -234,8 +234,8 @@ class TeacherTrajectories:
         scheduler.set_timesteps(self.steps)
         x = x * scheduler.init_noise_sigma
         k = min(self.student_rows, n) if student is not None else 0
-        training = student.training if student is not None else False
-        if student is not None:
+        training = k and student.training
+        if k:
             student.eval()
         seen: dict[str, list[torch.Tensor]] = {"sample": [], "timestep": [], "prediction": []}
         try:
@@ -252,7 +252,7 @@ class TeacherTrajectories:
                 noise = steered[:, :cfg.in_channels]  # learned sigma: DDIM steps with the noise half
                 x = scheduler.step(noise, t, x, eta=0.0).prev_sample
         finally:
-            if student is not None:
+            if k:
                 student.train(training)
         states = {k: torch.cat(v) for k, v in seen.items()}
         states.update({name: value.repeat(self.steps, *([1] * (value.ndim - 1))) for name, value in conditions.items()})
