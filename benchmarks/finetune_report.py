@@ -20,10 +20,16 @@ def _q(q: dict | None) -> str:
     return "not measured" if not q else f"{q['psnr']:.1f} / {q['ssim']:.3f} / {q['fd']:.0f}"
 
 
-def _best(runs: list[dict], ratio: float, budget: int) -> tuple[float, str] | None:
+def _samples(run: dict, step: int) -> int:
+    """Samples a run has seen at `step`: its batch is in its recipe key ("_b<batch>_"), so that runs at
+    other batch sizes are held to the same budget of samples."""
+    return step * int(re.search(r"_b(\d+)_", run["recipe"]).group(1))
+
+
+def _best(runs: list[dict], ratio: float, budget_samples: int) -> tuple[float, str] | None:
     found = [(p[kind]["ssim"], f"{_source(r)}, {kind.upper() if kind == 'ema' else kind} weights, "
               f"step {p['step']} ({r['recipe']})")
-             for r in runs if r["ratio"] == ratio for p in r["curve"][1:] if p["step"] <= budget
+             for r in runs if r["ratio"] == ratio for p in r["curve"][1:] if _samples(r, p["step"]) <= budget_samples
              for kind in ("ema", "raw") if p[kind]]
     return max(found) if found else None
 
@@ -100,7 +106,7 @@ def _paired_table(report: dict) -> list[str]:
              "| recipe | MACs | source | step | SSIM +- se | minus main data + distill |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["kept_macs"], r["recipe"] != report["recipe"], r["recipe"], r["source"])):
         diff = (f"{r['diff']:+.3f} +- {r['diff_se']:.3f}" if "diff" in r else "(the reference)" if r.get("reference")
-                else "no main-recipe run at this cut")
+                else r.get("unpaired", "no main-recipe run at this cut"))
         if "against" in r:
             diff += f" (against cut {r['against']}, {r['against_macs']:.1%} of the MACs)"
         lines.append(f"| `{r['recipe']}` | {_macs(r)} | {_source(r)} | {r['step']} | "
@@ -220,18 +226,18 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["## Verdict", ""]
     everything = report["runs"] + report.get("probes", [])
     for ratio, cut in cuts.items():
-        best = _best(everything, ratio, budget)
+        best = _best(everything, ratio, budget * s["batch"])
         if best is not None and ratio == 0:
             lines.append(f"- Control, nothing cut: the recipe alone leaves the unpruned model at SSIM {best[0]:.3f} "
                          f"against its own samples at best ({best[1]}): what the recipe's drift costs with no "
                          "channel removed.")
         elif best is not None:
             reached = "reaches" if best[0] >= 0.9 else "does not reach"
-            longest = max(p["step"] for r in everything if r["ratio"] == ratio for p in r["curve"]
-                          if p["ema"] and p["step"] <= budget)
+            longest = max(_samples(r, p["step"]) for r in everything if r["ratio"] == ratio for p in r["curve"]
+                          if p["ema"] and _samples(r, p["step"]) <= budget * s["batch"])
             lines.append(f"- {cut['kept_macs']:.1%} of the MACs: best SSIM {best[0]:.3f} ({best[1]}); {reached} "
-                         f"SSIM >= 0.9 in the fine-tunes measured (up to {longest:,} steps of the {budget:,}-step "
-                         "budget).")
+                         f"SSIM >= 0.9 in the fine-tunes measured (up to {longest:,} samples of the "
+                         f"{budget * s['batch']:,}-sample budget).")
     kept = ""
     if path.is_file() and READING_MARKER in path.read_text():
         kept = path.read_text().split(READING_MARKER, 1)[1]
