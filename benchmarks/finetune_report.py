@@ -225,19 +225,20 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += _paired_table(report)
     lines += ["## Verdict", ""]
     everything = report["runs"] + report.get("probes", [])
+    budget_samples = budget * s["batch"]
     for ratio, cut in cuts.items():
-        best = _best(everything, ratio, budget * s["batch"])
+        best = _best(everything, ratio, budget_samples)
         if best is not None and ratio == 0:
             lines.append(f"- Control, nothing cut: the recipe alone leaves the unpruned model at SSIM {best[0]:.3f} "
                          f"against its own samples at best ({best[1]}): what the recipe's drift costs with no "
                          "channel removed.")
         elif best is not None:
             reached = "reaches" if best[0] >= 0.9 else "does not reach"
-            longest = max(_samples(r, p["step"]) for r in everything if r["ratio"] == ratio for p in r["curve"]
-                          if p["ema"] and _samples(r, p["step"]) <= budget * s["batch"])
+            longest = max(seen for r in everything if r["ratio"] == ratio for p in r["curve"] if p["ema"]
+                          if (seen := _samples(r, p["step"])) <= budget_samples)
             lines.append(f"- {cut['kept_macs']:.1%} of the MACs: best SSIM {best[0]:.3f} ({best[1]}); {reached} "
                          f"SSIM >= 0.9 in the fine-tunes measured (up to {longest:,} samples of the "
-                         f"{budget * s['batch']:,}-sample budget).")
+                         f"{budget_samples:,}-sample budget).")
     kept = ""
     if path.is_file() and READING_MARKER in path.read_text():
         kept = path.read_text().split(READING_MARKER, 1)[1]
