@@ -58,6 +58,7 @@ def recipe_key(args) -> str:
             + (f"_snr{args.snr_gamma:g}" if args.snr_gamma else "")
             + (f"_ln{args.logit_mean:g},{args.logit_std:g}" if args.timestep_sampling == "logit_normal" else "")
             + (f"_sr{args.student_rollouts:g}" if args.student_rollouts else "")
+            + (f"_fd{args.feature_distill:g}" if args.feature_distill else "")
             + ("" if not args.stages else "_" + "-".join(args.stages)))
 
 
@@ -70,6 +71,7 @@ def finetune_config(args, source: str, steps: int):
                           distill_only=source == "distill", trajectory_steps=args.trajectory_steps,
                           snr_gamma=args.snr_gamma,
                           student_rollouts=args.student_rollouts if source == "distill" else 0.0,
+                          feature_distill=args.feature_distill if source != "data" else 0.0,
                           **({"timestep_sampling": args.timestep_sampling, "logit_mean": args.logit_mean,
                               "logit_std": args.logit_std} if source != "distill" else {}))
 
@@ -134,7 +136,8 @@ def train_child(spec_file: Path) -> None:
         "train_seconds": result.record.seconds, "wall_seconds": time.perf_counter() - started, "resumed": resume,
         "seconds_at": at, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": result.record.final_loss,
-        "history": [{k: h[k] for k in ("step", "loss", "distill") if k in h} for h in result.record.history]})
+        "history": [{k: h[k] for k in ("step", "loss", "distill", "features") if k in h}
+                    for h in result.record.history]})
 
 
 def run_finetune(args, source: str, pruned: Path, run_dir: Path) -> dict | None:
@@ -252,6 +255,8 @@ def main() -> None:
     parser.add_argument("--trajectory-steps", type=int, default=50, help="'distill': the teacher's DDIM steps")
     parser.add_argument("--student-rollouts", type=float, default=0.0,
                         help="'distill': the share of trajectories the student runs itself (on-policy)")
+    parser.add_argument("--feature-distill", type=float, default=0.0,
+                        help="'distill' and 'both': the weight of the block-output term on the kept channels")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation")
     parser.add_argument("-n", type=int, default=100, help="evaluation samples at the last point")
     parser.add_argument("--curve-n", type=int, default=50, help="evaluation samples at the other points")

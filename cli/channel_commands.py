@@ -110,6 +110,10 @@ def finetune(
     student_rollouts: Annotated[Optional[float], typer.Option(
         help="With --distill-only: the share of trajectories the student runs itself, the teacher predicting at "
              "the states it reaches (on-policy distillation). (default: 0)", show_default=False)] = None,
+    feature_distill: Annotated[Optional[float], typer.Option(
+        help="With --distill or --distill-only: weight of a term matching every block's output to --teacher's at "
+             "the channels pruning kept (0.05 recovers fastest on the shipped model). (default: 0)",
+        show_default=False)] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(
         help="Min-SNR-gamma loss weighting (diffusers' --snr_gamma; the paper uses 5): timesteps whose SNR is "
              "above it count less. (default: off)", show_default=False)] = None,
@@ -144,7 +148,8 @@ def finetune(
                  trajectory_steps=trajectory_steps, student_rollouts=student_rollouts,
                  data=str(data) if data is not None else None,
                  prompts=str(prompts) if prompts is not None else None, snr_gamma=snr_gamma,
-                 timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std)
+                 timestep_sampling=timestep_sampling, logit_mean=logit_mean, logit_std=logit_std,
+                 feature_distill=feature_distill)
     if not resume:  # settings and -o are checked before torch is imported (finetune checks them again)
         with_overrides(FinetuneConfig, given)
         check_output(output, "finetune", protected=[model or DEFAULT_MODEL, teacher, data, prompts],
@@ -160,6 +165,7 @@ def finetune(
 
     def note(entry: dict) -> str:
         return (f"loss {entry['loss']:.4f}" + (f"  distill {entry['distill']:.4f}" if "distill" in entry else "")
+                + (f"  features {entry['features']:.4f}" if "features" in entry else "")
                 + f"  EMA decay {entry['ema_decay']:.3f}")
 
     with ConsoleStages(err, enabled=MAIN_PROCESS) as stages, stages.stage(

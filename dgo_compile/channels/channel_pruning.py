@@ -23,7 +23,7 @@ from torch import nn
 
 from dgo_compile.channels.channel_selection import max_step, planned_cut, select, uniform_step  # noqa: F401  (re-exported)
 from dgo_compile.core.configs import IMPORTANCES, SCOPES, PruneConfig, PruneError  # noqa: F401  (re-exported)
-from dgo_compile.frontend.channel_surgery import PRUNING_FORMAT, module_shape, resized
+from dgo_compile.frontend.channel_surgery import BLOCK_CHANNELS, PRUNING_FORMAT, module_shape, resized
 from dgo_compile.frontend.loading import LoadedModel
 from dgo_compile.frontend.tracing import TracedDenoiser, trace
 from dgo_compile.passes import PassManager
@@ -273,11 +273,48 @@ def prune(loaded: LoadedModel, config: PruneConfig, images: torch.Tensor | None 
                "macs": {"before": before.macs, "after": after.macs},
                "groups": {str(gid): {"size": next(g.size for g in plan.groups if g.id == gid), "kept": len(k)}
                           for gid, k in keep.items()}}
+    channels = block_channels(traced.model, plan, keep, traced.family.blocks(traced.model), loaded.pruning)
+    if channels is not None:
+        pruning[BLOCK_CHANNELS] = channels
     if loaded.pruning is not None:  # pruned again: the record still rebuilds from the original config
         earlier = loaded.pruning.get("earlier", [])
         pruning["earlier"] = earlier + [{k: loaded.pruning[k] for k in ("config", "source", "params", "macs")
                                          if k in loaded.pruning}]
     return PrunedModel(model, pruning, keep, losses, pruned_traced)
+
+
+def block_channels(model: nn.Module, plan: ChannelPlan | None, keep: dict[int, torch.Tensor], blocks,
+                   earlier: dict | None) -> dict[str, dict] | None:
+    """Per gateable block, which channels of its output the cut keeps, numbered as in the original model
+    (composed with `earlier`'s when the model was pruned before; None when that record has none).
+
+    A block's output channels are those of its last Conv2d or Linear: a sampler's conv, or the last writer
+    to the residual stream the block hands on (resnet, attention, feed-forward), which shares its channels.
+    Channel pruning only removes channels, so the student's channel j there is the original's keep[j]:
+    what feature distillation (`finetune`'s `feature_distill`) compares. With no `keep` (and no `plan`),
+    every channel of `model`'s blocks."""
+    if earlier is not None and BLOCK_CHANNELS not in earlier:
+        return None
+    found = {}
+    for spec in blocks:
+        block = model.get_submodule(spec.name)
+        writers = [(name, m) for name, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not writers:
+            continue
+        name, module = writers[-1]
+        param = f"{spec.name}.{name}.weight"
+        parts = [(s.start, group.size, keep[group.id] + s.start) for group in (plan.groups if keep else ())
+                 if group.id in keep
+                 for s in group.slices if s.param == param and s.axis == 0]
+        kept, size = _merge(parts, module.weight.shape[0]).tolist(), module.weight.shape[0]
+        if earlier is not None:
+            before = earlier[BLOCK_CHANNELS].get(spec.name)
+            if before is None:
+                continue
+            kept, size = [before["keep"][i] for i in kept], before["size"]
+        found[spec.name] = {"module": f"{spec.name}.{name}", "axis": 1 if isinstance(module, nn.Conv2d) else -1,
+                            "size": size, "keep": kept}
+    return found
 
 
 def merged_records(earlier: dict | None, records: dict) -> dict:

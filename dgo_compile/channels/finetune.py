@@ -12,6 +12,8 @@ With `distill_only` there is no data: the teacher's own DDIM trajectories are th
 predictions the targets (`finetune_data.TeacherTrajectories`), for UNet2DModel and
 DiT denoisers of any size; with `student_rollouts`, part of those trajectories are the student's
 own, and the checkpoint keeps the pool in use, since it depends on the weights it was run with.
+With a teacher, `feature_distill` adds a term pulling every block's output towards the teacher's at the
+channels the pruning kept (`feature_distill`).
 
 The output folder is always a complete model that `load` reads (the EMA weights), plus
 `finetune.json` (settings, sources, progress, loss history) and `finetune_state.pt` (raw
@@ -30,6 +32,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,6 +42,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from dgo_compile.channels.data import mnist_digits
+from dgo_compile.channels.feature_distill import FeatureDistillation
 from dgo_compile.channels.finetune_data import (
     TeacherTrajectories,
     data_batch,
@@ -75,7 +79,8 @@ class FinetuneRecord:
     teacher: str | None = None
     data: dict | None = None  # what --data was: path, kind, rows, digest, class label map (data_folder)
     steps_done: int = 0
-    history: list[dict] = field(default_factory=list)  # per step: loss, distill (with a teacher), lr, ema_decay
+    # per step: loss, distill (with a teacher), features (with feature_distill), lr, ema_decay
+    history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -142,7 +147,9 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
 
     `teacher`, the unpruned model, adds `config.distill` times the MSE between the two
     predictions; with `config.distill_only` that MSE on the teacher's trajectories is the whole
-    loss and no data is read. `on_step` gets each step's history record after any checkpoint of that step.
+    loss and no data is read; `config.feature_distill` adds the block-output term (`feature_distill`), at
+    one more teacher forward per step with `distill_only`. `on_step` gets each step's history record after
+    any checkpoint of that step.
     """
     output = Path(output)
     world = current_world()
@@ -197,6 +204,9 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             images, labels = mnist_digits()
         null_label = family_of(loaded.model).null_class_label(loaded.model)
     family = family_of(loaded.model)
+    features = None
+    if config.feature_distill:
+        features = FeatureDistillation(loaded, teacher_loaded.model if teacher_loaded else teacher_model)
     model = copy.deepcopy(loaded.model).train().requires_grad_(True)  # the loaded model stays untouched
     # DiT's label embedding drops labels itself in train mode; our batches drop them (data) or draw the null
     # class (trajectories) instead, so that a teacher predicts for the very labels the student sees
@@ -255,17 +265,26 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
             else:
                 batch = digit_batch(images, labels, conditional, schedule, config.batch, generator)
             inputs = tuple(x[rows] for x in batch.inputs)  # this process's share
-            prediction = family.call(model, *inputs)
+            with features.capture(model) if features else nullcontext({}) as student_blocks:
+                prediction = family.call(model, *inputs)
             target = batch.target[rows]
             weights = schedule.snr_weights(inputs[1], config.snr_gamma) if config.snr_gamma else None
             # a learned-sigma model (DiT) predicts the variance too: the data loss is on the first half only
             loss = weighted_mse(prediction if batch.teacher else prediction[:, :target.shape[1]], target, weights)
             distill = loss if batch.teacher else None
+            teacher_blocks: dict = {}
             if teacher_model is not None:
-                with torch.no_grad():
+                teacher_capture = features.capture(teacher_model) if features else nullcontext({})
+                with torch.no_grad(), teacher_capture as teacher_blocks:
                     target = family.call(teacher_model, *inputs)
                 distill = weighted_mse(prediction, target, weights)
                 loss = loss + config.distill * distill
+            elif features is not None:  # distill_only: the trajectories hold the teacher's predictions, not its blocks
+                with torch.no_grad(), features.capture(teacher_loaded.model) as teacher_blocks:
+                    family.call(teacher_loaded.model, *inputs)
+            feature_term = features.loss(student_blocks, teacher_blocks, weights) if features else None
+            if feature_term is not None:
+                loss = loss + config.feature_distill * feature_term
             mean_loss = world.mean(loss.item())
             check_finite(torch.tensor(mean_loss), f"the training loss at step {step}",
                          f"training stopped; {output} keeps its last checkpoint (step {checkpointed}): lower "
@@ -281,6 +300,7 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                 ema.step(params)
             entry = {"step": step, "loss": mean_loss,
                      **({"distill": world.mean(distill.item())} if distill is not None else {}),
+                     **({"features": world.mean(feature_term.item())} if feature_term is not None else {}),
                      "lr": lr, "ema_decay": ema.cur_decay_value if ema else 0.0}
             record.history.append(entry)
             record.steps_done = step

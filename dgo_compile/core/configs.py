@@ -112,6 +112,8 @@ class FinetuneConfig:
     timestep_sampling: str = "uniform"  # data batches' timesteps; "logit_normal": SD3's sigmoid(N(mean, std))
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # weight of the block-output term on the pruned model's kept channels (feature_distill), beside `distill`'s
+    feature_distill: float = 0.0
 
     def __post_init__(self) -> None:
         check("finetune", {f.name: getattr(self, f.name) for f in fields(self)}, error=FinetuneError, skip_none=False)
@@ -138,6 +140,10 @@ class FinetuneConfig:
             raise FinetuneError("`student_rollouts` is the share of `distill_only`'s trajectories that the student "
                                 "runs: set `distill_only` or leave `student_rollouts` out",
                                 field=("student_rollouts", "distill_only"))
+        if self.feature_distill and not (self.distill_only or self.distill):
+            raise FinetuneError("`feature_distill` matches each block's output to a teacher's: set `distill` W > 0 "
+                                "(with data) or `distill_only`, with `teacher`",
+                                field=("feature_distill", "distill", "distill_only", "teacher"))
         if self.prompts is not None and not self.distill_only:
             raise FinetuneError("`prompts` is read by `distill_only` (with `data`, captions come from its "
                                 "metadata.jsonl): set `distill_only` or leave `prompts` out",

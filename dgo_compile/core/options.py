@@ -121,7 +121,7 @@ SPECS: dict[str, dict[str, Spec]] = {
         "prompts": Spec("str", optional=True),
         "snr_gamma": _float(0, 1e6, low_open=True, optional=True, what="the SNR cap of Min-SNR weighting"),
         "timestep_sampling": _choice("uniform", "logit_normal"), "logit_mean": _float(-20, 20),
-        "logit_std": _float(0, 20, low_open=True),
+        "logit_std": _float(0, 20, low_open=True), "feature_distill": _float(0, 1e6),
     },
     "optimize": {
         "keep_macs": KEPT, "steps": SAMPLER_STEPS, "scheduler": SCHEDULER, "iters": _int(1, 10**7),

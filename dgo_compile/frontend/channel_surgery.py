@@ -19,9 +19,10 @@ from torch import nn
 from dgo_compile.core.errors import DgoError, ModelLoadError
 from dgo_compile.frontend.bounds import check_numbers, read_json_object
 
-__all__ = ["PRUNING_FILE", "PRUNING_FORMAT", "SurgeryError", "apply_record", "check_record", "has_record",
-           "module_shape", "read_record", "resized", "write_record"]
+__all__ = ["BLOCK_CHANNELS", "PRUNING_FILE", "PRUNING_FORMAT", "SurgeryError", "apply_record", "check_record",
+           "has_record", "module_shape", "read_record", "resized", "write_record"]
 PRUNING_FILE = "dgo_pruning.json"
+BLOCK_CHANNELS = "block_channels"  # per block: the original's output channels the cut keeps (feature distillation)
 PRUNING_FORMAT = 2  # 2: a GroupNorm's record gives its groups (whole groups can be removed)
 READABLE_FORMATS = (1, PRUNING_FORMAT)
 
