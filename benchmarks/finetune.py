@@ -22,7 +22,9 @@ Each run is checkpointed at --points and both its EMA and its raw weights are sa
 images from the same noise, FD against real digits on the shipped classifier's features. Intermediate
 points use the first --curve-n noises, the last point -n. Runs train in a child process (its peak RSS
 is the run's), one at a time. Finished runs and samples stay in --work and are reused; runs of other
-recipes already in results/finetune.json are kept there and listed as probes.
+recipes already in results/finetune.json are kept there and listed as probes, and so are their rows of
+the paired table when their samples are not in --work. --report-recipe keeps the report built around its
+main recipe while a probe is added; --compare-with pairs this run with other recipes' runs.
 """
 
 from __future__ import annotations
@@ -263,6 +265,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20_000, help="evaluation noise seed")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report-recipe", default=None,
+                        help="build the report around this recipe key (the committed report's main one) and list "
+                             "this run as a probe; default: this run's recipe")
+    parser.add_argument("--compare-with", nargs="+", default=[], metavar="RECIPE",
+                        help="also the paired SSIM difference of this run from these recipes' runs (same cut, source)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child is not None:
@@ -336,16 +343,22 @@ def main() -> None:
                 if k not in ("work", "results", "child")}
     old = read_json(args.results / "finetune.json") or {}
     mine = {(r["ratio"], r["source"]) for r in runs}
-    kept = [r for r in old.get("runs", []) + old.get("probes", [])
-            if r["recipe"] != recipe_key(args) or (r["ratio"], r["source"]) not in mine]
+    every = runs + [r for r in old.get("runs", []) + old.get("probes", [])
+                    if r["recipe"] != recipe_key(args) or (r["ratio"], r["source"]) not in mine]
+    main_recipe = args.report_recipe or recipe_key(args)
+    if main_recipe != recipe_key(args) and old.get("recipe") != main_recipe:
+        raise SystemExit(f"--report-recipe {main_recipe} is not the main recipe of {args.results / 'finetune.json'}")
+    # the report's own settings, budget and thread count are its main recipe's: an earlier report's when kept
+    about = ({"threads": args.threads, "settings": settings, **training_budget(args.batch)}
+             if main_recipe == recipe_key(args) else {k: old[k] for k in ("threads", "settings", "trained_samples",
+                                                                           "budget_steps")})
     report = {"dgo_compile": __version__, "torch": torch.__version__, "diffusers": version("diffusers"),
-              "threads": args.threads, "settings": settings, "recipe": recipe_key(args),
-              **training_budget(args.batch),
-              "unpruned": unpruned, "runs": runs,
+              **about, "recipe": main_recipe, "unpruned": unpruned,
+              "runs": [r for r in every if r["recipe"] == main_recipe],
               "cuts": list(cuts.values()) + [c for c in old.get("cuts", []) if c["ratio"] not in cuts],
-              "probes": [r for r in kept if r["recipe"] != recipe_key(args)]}
-    report["runs"] += [r for r in kept if r["recipe"] == recipe_key(args)]
-    report["paired"] = paired_ssim(report["runs"] + report["probes"], recipe_key(args), ctx, args.n)
+              "probes": [r for r in every if r["recipe"] != main_recipe]}
+    report["paired"] = paired_ssim(report["runs"] + report["probes"], main_recipe, ctx, args.n, old.get("paired", []),
+                                   (recipe_key(args), args.compare_with) if args.compare_with else None)
     write_json(args.results / "finetune.json", report)
     from finetune_report import write_markdown
 

@@ -83,11 +83,16 @@ def band_ssim(model, ctx: dict) -> dict:
                                     for name, chosen in [("all", bands), *((b, [b]) for b in bands)]}}
 
 
-def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[dict]:
+def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int, earlier: list[dict] = (),
+                compare: tuple[str, list[str]] | None = None) -> list[dict]:
     """Per run, the per-image SSIM of its last EMA point (samples cached by `evaluate`) against the unpruned
     model's: its mean with a standard error, and the paired difference from the main recipe's data + distill
     run at the same cut on the same noises. Two recipes' means can differ by their sampling error alone (an
-    image's SSIM spreads ~0.15); the paired difference says whether a recipe is better on the same noises."""
+    image's SSIM spreads ~0.15); the paired difference says whether a recipe is better on the same noises.
+
+    `earlier` rows (a previous report's) whose run has no samples here are kept as they were. `compare`,
+    (recipe, other recipes): that recipe's rows also get `versus`, the paired difference from each other
+    recipe's run of the same cut and source."""
     from dgo_compile.core.metrics import ssim
 
     def per_image(run: dict) -> tuple[int, torch.Tensor] | None:
@@ -102,6 +107,9 @@ def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[d
         return run["recipe"] == main_recipe and run["source"] == "both"
 
     measured = [(run, found) for run in runs if (found := per_image(run)) is not None]
+    by_run = {(run["recipe"], run["ratio"], run["source"]): values for run, (_, values) in measured}
+    unsampled = {run["ratio"] for run in runs if is_reference(run)} - {r["ratio"] for r, _ in measured
+                                                                       if is_reference(r)}
     reference = {run["ratio"]: values for run, (_, values) in measured if is_reference(run)}
     reference_macs = {run["ratio"]: run["kept_macs"] for run, _ in measured if is_reference(run)}
     rows = []
@@ -120,5 +128,12 @@ def paired_ssim(runs: list[dict], main_recipe: str, ctx: dict, n: int) -> list[d
         elif base is not None:
             diff = values - base
             row.update(diff=float(diff.mean()), diff_se=float(diff.std() / n ** 0.5))
+        elif run["ratio"] in unsampled:
+            row["unpaired"] = "not measured: the reference run's samples were not kept"
+        if compare is not None and run["recipe"] == compare[0]:
+            others = [(other, by_run.get((other, run["ratio"], run["source"]))) for other in compare[1]]
+            row["versus"] = [{"recipe": other, "diff": float((values - v).mean()),
+                              "diff_se": float((values - v).std() / n ** 0.5)} for other, v in others if v is not None]
         rows.append(row)
-    return rows
+    done = {(r["recipe"], r["ratio"], r["source"]) for r in rows}
+    return rows + [r for r in earlier if (r["recipe"], r["ratio"], r["source"]) not in done]

@@ -109,6 +109,8 @@ def _paired_table(report: dict) -> list[str]:
                 else r.get("unpaired", "no main-recipe run at this cut"))
         if "against" in r:
             diff += f" (against cut {r['against']}, {r['against_macs']:.1%} of the MACs)"
+        for other in r.get("versus", []):
+            diff += f"; minus `{other['recipe']}`: {other['diff']:+.3f} +- {other['diff_se']:.3f}"
         lines.append(f"| `{r['recipe']}` | {_macs(r)} | {_source(r)} | {r['step']} | "
                      f"{r['ssim']:.3f} +- {r['se']:.3f} | {diff} |")
     return lines + [""]
