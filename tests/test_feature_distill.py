@@ -19,6 +19,7 @@ from dgo_compile.frontend.loading import save_denoiser
 from model_configs import TINY_DIT, TINY_PIXART, TINY_SD, TINY_UNET2D
 from reliability import cli
 from test_finetune import finetune_interrupted_at
+from test_finetune_data import _image
 
 CUT = PruneConfig(channel_ratio=0.5, importance="magnitude", min_group_channels=1)
 
@@ -170,7 +171,12 @@ def test_feature_distill_refusals_write_nothing(tmp_path):
     with pytest.raises(FinetuneError, match="block_channels mid_block: keep must be increasing channel numbers below "
                                             "size 32"):
         finetune(old, settings, out, teacher=teacher)
-    assert not out.exists()
+    images = tmp_path / "images"  # with data: refused before the data's cache folder is made
+    for i in range(2):
+        _image(images / f"{i}.png", (16, 16), seed=i)
+    with pytest.raises(FinetuneError, match="block_channels mid_block: keep must be"):
+        finetune(old, FinetuneConfig(data=str(images), distill=1.0, feature_distill=0.05), out, teacher=teacher)
+    assert not out.exists() and not out.with_name("out.work").exists()
     result = cli("finetune", student, "--feature-distill", "0.05", "-o", out)
     assert result.returncode == 1 and result.stderr.strip() == (
         "error: --feature-distill matches each block's output to a teacher's: set --distill W > 0 (with data) or "

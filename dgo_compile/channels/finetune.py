@@ -173,6 +173,11 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
         conditional = check_distill_only(loaded, teacher_loaded)
     elif config.data is None:
         conditional = check_student(loaded)
+    teacher_model = load_teacher(teacher, loaded, None if config.data is not None else conditional) \
+        if teacher is not None and teacher_loaded is None else None
+    # the feature term's record is checked against both models before `data` makes its cache folder
+    features = FeatureDistillation(loaded, teacher_loaded.model if teacher_loaded else teacher_model) \
+        if config.feature_distill else None
     record = FinetuneRecord(config, str(loaded.source.resolve()), str(Path(teacher).resolve()) if teacher else None)
     data = _open_data(config.data, loaded, output, world) if config.data is not None else None
     if data is not None:
@@ -193,20 +198,15 @@ def finetune(model_path: str | os.PathLike | None, config: FinetuneConfig, outpu
                                            config.trajectory_steps, config.batch, config.seed,
                                            *trajectory_prompts(config, teacher_loaded),
                                            student_share=config.student_rollouts)
-        teacher_model = None
         schedule = noise_schedule(loaded.scheduler_config, str(loaded.source)) if config.snr_gamma else None
     else:
         trajectories = None
-        teacher_model = load_teacher(teacher, loaded, None if data else conditional) if teacher is not None else None
         schedule = noise_schedule(loaded.scheduler_config, str(loaded.source),
                                   (config.timestep_sampling, config.logit_mean, config.logit_std))
         if data is None:
             images, labels = mnist_digits()
         null_label = family_of(loaded.model).null_class_label(loaded.model)
     family = family_of(loaded.model)
-    features = None
-    if config.feature_distill:
-        features = FeatureDistillation(loaded, teacher_loaded.model if teacher_loaded else teacher_model)
     model = copy.deepcopy(loaded.model).train().requires_grad_(True)  # the loaded model stays untouched
     # DiT's label embedding drops labels itself in train mode; our batches drop them (data) or draw the null
     # class (trajectories) instead, so that a teacher predicts for the very labels the student sees
