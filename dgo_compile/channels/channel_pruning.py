@@ -306,7 +306,8 @@ def block_channels(model: nn.Module, plan: ChannelPlan | None, keep: dict[int, t
         parts = [(s.start, group.size, keep[group.id] + s.start) for group in (plan.groups if keep else ())
                  if group.id in keep
                  for s in group.slices if s.param == param and s.axis == 0]
-        kept, size = _merge(parts, module.weight.shape[0]).tolist(), module.weight.shape[0]
+        size = module.weight.shape[0]
+        kept = _merge(parts, size).tolist()
         if earlier is not None:
             before = earlier[BLOCK_CHANNELS].get(spec.name)
             if before is None:
